@@ -1,0 +1,1 @@
+"""Data: datasets (ImageFolder, built-in), view sampling and exact replay."""

@@ -1,0 +1,1 @@
+"""Teachers: the frozen network a student learns from (registry, download, conversion, loading)."""
