@@ -1,0 +1,305 @@
+"""Top-level verbs: run, pretrain, methods, students, recipes. Each maps flags to recipe keys."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from distillctl.cli_common import console, print_json
+
+methods_app = typer.Typer(help="The method catalogue.\n\nExample: distillctl methods show simreg", no_args_is_help=True)
+students_app = typer.Typer(help="Student architectures.\n\nExample: distillctl students list", no_args_is_help=True)
+recipes_app = typer.Typer(help="Versioned YAML recipes.\n\nExample: distillctl recipes show quickstart", no_args_is_help=True)
+
+# flag → recipe key (every `run` flag maps to exactly one key; --set reaches everything else)
+RUN_FLAG_KEYS = {
+    "teacher": "teacher.source", "teacher_arch": "teacher.arch", "teacher_format": "teacher.format",
+    "teacher_mode": "teacher.mode", "cache": "teacher.cache", "cache_views": "teacher.cache_views",
+    "accept_license": "teacher.accept_license", "teacher_bn": "teacher.bn",
+    "student": "student.arch", "method": "method.name", "data": "data.train", "val_data": "data.val",
+    "image_size": "data.image_size", "workers": "data.num_workers",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "optimizer": "train.optimizer",
+    "amp": "train.amp", "channels_last": "train.channels_last", "compile": "train.compile",
+    "device": "train.device", "seed": "train.seed", "max_steps": "train.max_steps",
+    "tensorboard": "train.tensorboard", "out": "out", "name": "name", "export_formats": "export.formats",
+}
+
+
+def _overrides_from_flags(values: dict) -> list[str]:
+    overrides = []
+    for flag, key in RUN_FLAG_KEYS.items():
+        value = values.get(flag)
+        if value is None or value is False:
+            continue
+        if flag == "export_formats":
+            value = "[" + ",".join(v.strip() for v in value.split(",") if v.strip()) + "]"
+        if isinstance(value, bool):
+            value = "true"
+        overrides.append(f"{key}={value}")
+    return overrides
+
+
+def _latency_ms(model, image_size: int, repeats: int = 20) -> float:
+    import torch
+
+    model = model.eval()
+    x = torch.randn(1, 3, image_size, image_size)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+def _render_summary(summary: dict) -> None:
+    from distillctl.students import count_parameters, load_student
+
+    table = Table(title=f"distillctl · {summary['method']} · {summary['run_dir']}")
+    for column in ("model", "kNN top-1", "params", "latency b=1 (CPU eager)"):
+        table.add_column(column)
+    image_size = summary["recipe"]["data"]["image_size"]
+    student, _ = load_student(summary["run_dir"])
+    teacher = summary.get("teacher")
+    if teacher:
+        from distillctl.pipeline import RunDir, load_run_as_teacher
+
+        teacher_row = [f"teacher {teacher['arch']}", _pct(teacher.get("knn_top1")), "", ""]
+        source = teacher.get("source", "")
+        if source.startswith("pretrain:"):
+            loaded = load_run_as_teacher(RunDir(source.split(":", 1)[1]), teacher["name"])
+            teacher_row[2] = f"{count_parameters(loaded.backbone) / 1e6:.2f}M"
+            teacher_row[3] = f"{_latency_ms(loaded.backbone, image_size):.2f} ms"
+        table.add_row(*teacher_row)
+    table.add_row(f"student {summary['student']['arch']}", _pct(summary["student"].get("knn_top1")),
+                  f"{summary['student']['params'] / 1e6:.2f}M", f"{_latency_ms(student, image_size):.2f} ms")
+    random_student = summary.get("eval", {}).get("random_student")
+    if random_student:
+        table.add_row("random-init student", _pct(random_student.get("knn_top1")), "", "")
+    console.print(table)
+    onnx = (summary.get("export") or {}).get("onnx")
+    if onnx:
+        parity = onnx.get("parity", {})
+        console.print(f"ONNX: {onnx.get('path')} · parity passed={parity.get('passed')} "
+                      f"max|Δ|={parity.get('max_abs')} min cos={parity.get('min_cosine')}")
+    console.print(f"summary: {summary['run_dir']}/summary.json · wall {summary['wall_s']:.0f}s")
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.1f}%"
+
+
+def run(
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (recipes/<name>.yaml) or YAML path."),
+    teacher: Optional[str] = typer.Option(None, help="Registry name (r50-moco), timm:<name>, a checkpoint path, or 'pretrain'."),
+    teacher_arch: Optional[str] = typer.Option(None, help="timm architecture of a local teacher checkpoint."),
+    teacher_format: Optional[str] = typer.Option(None, help="Checkpoint family of a local file (moco, swav, dino, …)."),
+    teacher_mode: Optional[str] = typer.Option(None, help="auto | online | cached (auto: cached where the method allows)."),
+    teacher_bn: Optional[str] = typer.Option(None, help="Frozen teacher BatchNorm: method | eval | train."),
+    cache: Optional[str] = typer.Option(None, help="Feature-cache directory (built if missing, reused if it matches)."),
+    cache_views: Optional[int] = typer.Option(None, help="Stored views per image in the cache."),
+    accept_license: bool = typer.Option(False, "--accept-license", help="Accept a non-commercial/custom teacher licence."),
+    student: Optional[str] = typer.Option(None, help="Student architecture (mobilenetv2, resnet18, any timm name)."),
+    method: Optional[str] = typer.Option(None, help="Distillation method (see: distillctl methods list)."),
+    data: Optional[str] = typer.Option(None, help="Training data: ImageFolder dir, train/+val/ layout, or builtin:digits."),
+    val_data: Optional[str] = typer.Option(None, help="Labelled evaluation ImageFolder."),
+    image_size: Optional[int] = typer.Option(None, help="Input resolution."),
+    workers: Optional[int] = typer.Option(None, help="Data-loading worker processes."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size (split across ranks)."),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd | adamw | lars."),
+    amp: Optional[str] = typer.Option(None, help="none | bf16 | fp16."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the student."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    seed: Optional[int] = typer.Option(None, help="Run seed (data order, views, init)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps (schedule still spans --epochs)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log metrics to TensorBoard."),
+    export_formats: Optional[str] = typer.Option(None, "--export", help="Export formats, e.g. onnx,onnx-int8."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<name>)."),
+    name: Optional[str] = typer.Option(None, help="Run name."),
+    set_: list[str] = typer.Option([], "--set", help="Override any recipe key: --set train.lr=0.1 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint (required to exist)."),
+    restart: bool = typer.Option(False, "--restart", help="Discard checkpoints and finished stages of this run."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+) -> None:
+    """Distil a teacher into a student: teacher → cache → distill → eval → export.
+
+    Examples:\n
+      distillctl run --recipe quickstart\n
+      distillctl run --teacher ./r50.safetensors --teacher-arch resnet50 --student mobilenetv2 --method simreg --data /data/train --val-data /data/val --epochs 100
+    """
+    from distillctl.config import load_recipe
+    from distillctl.errors import UsageError
+    from distillctl.pipeline import RunOptions, run_pipeline
+
+    if resume and restart:
+        raise UsageError("--resume and --restart are mutually exclusive")
+    flags = dict(locals())
+    overrides = _overrides_from_flags(flags) + list(set_)
+    if recipe is None and flags.get("teacher") is None and flags.get("method") is None:
+        raise UsageError("nothing to run: pass --recipe, or --teacher/--method/--data", hint="distillctl run --recipe quickstart")
+    resolved = load_recipe(recipe, overrides)
+    summary = run_pipeline(resolved, RunOptions(resume=resume, restart=restart))
+    if json_out:
+        print_json(summary)
+    else:
+        _render_summary(summary)
+
+
+def pretrain(
+    method: str = typer.Option("mocov2", help="SSL method: mocov2, simclr, ssl-small, byol, dino."),
+    arch: str = typer.Option("resnet18", help="Architecture to pretrain."),
+    data: str = typer.Option("builtin:digits", help="Training data."),
+    val_data: Optional[str] = typer.Option(None, help="Labelled evaluation data."),
+    epochs: int = typer.Option(20, help="Epochs."),
+    batch_size: int = typer.Option(128, help="Global batch size."),
+    lr: float = typer.Option(0.06, help="Base learning rate."),
+    image_size: int = typer.Option(32, help="Input resolution."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory."),
+    set_: list[str] = typer.Option([], "--set", help="Override any recipe key."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Self-supervised training without a teacher (teachers for quickstarts; the 'student alone' baseline).
+
+    Example: distillctl pretrain --method mocov2 --arch resnet18 --data builtin:digits --epochs 20
+    """
+    from distillctl.config import build_recipe
+    from distillctl.errors import UsageError
+    from distillctl.methods.base import get_method
+    from distillctl.pipeline import RunOptions, run_pipeline
+
+    if get_method(method).kind != "ssl":
+        raise UsageError(f"{method} is a distillation method; pretrain takes SSL methods",
+                         hint="distillctl methods list shows the kind of each method")
+    base = {"name": f"pretrain-{method}-{arch}", "teacher": {"source": "none"}, "student": {"arch": arch},
+            "method": {"name": method}, "data": {"train": data, "val": val_data, "image_size": image_size,
+                                                  "crop_pct": 1.0},
+            "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr}, "export": {"enabled": False}}
+    if out:
+        base["out"] = out
+    summary = run_pipeline(build_recipe(base, list(set_)), RunOptions(resume=resume))
+    if json_out:
+        print_json(summary)
+    else:
+        _render_summary(summary)
+
+
+@methods_app.command("list")
+def methods_list(json_out: bool = typer.Option(False, "--json", help="JSON output.")) -> None:
+    """List every method with its kind and teacher mode.
+
+    Example: distillctl methods list --json
+    """
+    from distillctl.methods.base import TeacherDims, registry
+
+    rows = []
+    for name, cls in sorted(registry().items()):
+        try:
+            instance = cls(cls.Params(), 64, TeacherDims(64, 32))
+            mode = instance.requirements(32).teacher_mode
+        except Exception as exc:  # noqa: BLE001 - listing must not fail on one method
+            mode = f"? ({type(exc).__name__})"
+        rows.append({"name": name, "kind": cls.kind, "teacher_mode": mode, "title": cls.title})
+    if json_out:
+        print_json({"methods": rows})
+        return
+    table = Table(title="distillctl methods")
+    for column in ("name", "kind", "teacher mode", "paper"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["kind"], row["teacher_mode"], row["title"])
+    console.print(table)
+
+
+@methods_app.command("show")
+def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help="JSON output.")) -> None:
+    """Objective, defaults, cache compatibility and published numbers of one method.
+
+    Example: distillctl methods show seed
+    """
+    from distillctl.methods.base import TeacherDims, get_method
+
+    cls = get_method(name)
+    defaults = cls.Params().model_dump(mode="json")
+    mode = cls(cls.Params(), 64, TeacherDims(64, 32)).requirements(32).teacher_mode
+    info = {"name": name, "kind": cls.kind, "title": cls.title, "objective": cls.objective,
+            "published": cls.published, "teacher_mode": mode, "defaults": defaults}
+    if json_out:
+        print_json(info)
+        return
+    console.print(f"[bold]{cls.title}[/]\n\n{cls.objective}\n\n[bold]teacher mode:[/] {mode}\n"
+                  f"[bold]published:[/] {cls.published}\n[bold]defaults (method.params):[/]")
+    for key, value in defaults.items():
+        console.print(f"  {key}: {value}", highlight=False)
+
+
+@students_app.command("list")
+def students_list(json_out: bool = typer.Option(False, "--json", help="JSON output.")) -> None:
+    """Student aliases and the timm models they map to (any timm name works too).
+
+    Example: distillctl students list
+    """
+    from distillctl.students import STUDENT_ALIASES
+
+    if json_out:
+        print_json({"students": STUDENT_ALIASES})
+        return
+    table = Table(title="student aliases (any timm model name is accepted too)")
+    table.add_column("alias")
+    table.add_column("timm model")
+    for alias, arch in STUDENT_ALIASES.items():
+        table.add_row(alias, arch)
+    console.print(table)
+
+
+@recipes_app.command("list")
+def recipes_list(json_out: bool = typer.Option(False, "--json", help="JSON output.")) -> None:
+    """Recipes shipped in recipes/.
+
+    Example: distillctl recipes list
+    """
+    from distillctl.config import list_recipes, read_yaml
+
+    rows = [{"name": p.stem, "path": str(p), "description": (read_yaml(p).get("description") or "").strip()}
+            for p in list_recipes()]
+    if json_out:
+        print_json({"recipes": rows})
+        return
+    table = Table(title="recipes")
+    table.add_column("name")
+    table.add_column("description")
+    for row in rows:
+        table.add_row(row["name"], row["description"])
+    console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str, resolved: bool = typer.Option(False, "--resolved", help="Show with every default filled in.")) -> None:
+    """Print a recipe (as written, or fully resolved).
+
+    Example: distillctl recipes show quickstart --resolved
+    """
+    from distillctl.config import find_recipe, load_recipe
+
+    path = find_recipe(name)
+    text = load_recipe(str(path)).to_yaml() if resolved else path.read_text()
+    typer.echo(text.rstrip())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.command("pretrain")(pretrain)
+    app.add_typer(methods_app, name="methods")
+    app.add_typer(students_app, name="students")
+    app.add_typer(recipes_app, name="recipes")

@@ -1,0 +1,244 @@
+"""Recipes: strict pydantic models, YAML loading (safe_load only) and ``--set a.b=value`` overrides.
+
+Every CLI flag of ``distillctl run`` maps to one key here; the fully resolved recipe is written into the
+run directory as ``recipe.yaml``. Unknown keys are errors that name the key and the nearest valid ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from distillctl.errors import InputError, UsageError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PretrainSpec(Strict):
+    """An SSL teacher trained first by the tool itself (``teacher.source: pretrain``)."""
+
+    method: str = "mocov2"
+    arch: str = "resnet18"
+    epochs: int = Field(20, ge=1, le=100000)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.06, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherConfig(Strict):
+    source: str = "pretrain"  # registry name/alias, timm:<name>, a local file, or "pretrain"
+    arch: str | None = None  # for local files: a timm model name
+    format: str | None = None  # checkpoint family for local files (auto-detected when None)
+    bn: Literal["eval", "train", "method"] = "method"  # "method": the method's documented default
+    mode: Literal["auto", "online", "cached"] = "auto"  # auto: cached when the method allows it
+    cache: str | None = None  # cache directory (default: <run>/cache)
+    cache_views: int = Field(4, ge=1, le=64)
+    accept_license: bool = False
+    sha256: str | None = None
+    no_verify: bool = False
+    mirror: str | None = None
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+
+
+class StudentSpec(Strict):
+    arch: str = "mobilenetv2"
+
+
+class MethodConfig(Strict):
+    name: str = "simreg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(Strict):
+    train: str = "builtin:digits"
+    val: str | None = None
+    image_size: int = Field(224, ge=8, le=1024)
+    crop_pct: float = Field(0.875, gt=0, le=1.0)
+    mean: tuple[float, float, float] | None = None  # default: the teacher's preprocessing
+    std: tuple[float, float, float] | None = None
+    num_workers: int = Field(0, ge=0, le=128)
+    subset: int | None = Field(None, ge=1)  # first N images of a seeded permutation
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(100, ge=1, le=100000)
+    batch_size: int = Field(256, ge=2, le=1 << 20)  # global batch, whatever the world size
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=100)
+    lr_scaling: Literal["none", "linear"] = "none"  # linear: lr × batch/256
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    grad_clip: float | None = Field(None, gt=0)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    device: str = "auto"
+    seed: int = 0
+    max_steps: int | None = Field(None, ge=1)  # stop early (debug/benchmarks); the schedule still spans epochs
+    log_every: int = Field(10, ge=1)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_minutes: float | None = Field(15.0, gt=0)
+    keep_last: int = Field(2, ge=1, le=100)
+    tensorboard: bool = False
+
+
+class EvalConfig(Strict):
+    knn_k: list[int] = Field(default_factory=lambda: [20])
+    knn_temperature: float = Field(0.07, gt=0)
+    linear: bool = False
+    teacher: bool = True  # evaluate the teacher too, under the same protocol
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("knn_k")
+    @classmethod
+    def _positive_k(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("knn_k must be a non-empty list of positive integers")
+        return value
+
+
+class ExportConfig(Strict):
+    formats: list[Literal["onnx", "onnx-fp16", "onnx-int8", "engine"]] = Field(default_factory=lambda: ["onnx"])
+    calib_size: int = Field(512, ge=1)
+    max_drop: float = Field(1.0, ge=0)
+    exporter: Literal["dynamo", "legacy"] = "dynamo"
+    enabled: bool = True
+
+
+class Recipe(Strict):
+    name: str = "run"
+    description: str | None = None
+    out: str | None = None  # default: runs/<name>
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _valid_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None) if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "recipe") -> UsageError:
+    """First validation problem as one line; unknown keys name the nearest valid ones."""
+    error = exc.errors()[0]
+    location = [str(p) for p in error["loc"]]
+    dotted = ".".join(location)
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys(model, location[:-1])
+        close = difflib.get_close_matches(location[-1], valid, n=3, cutoff=0.5)
+        hint = f"did you mean: {', '.join(close)}?" if close else (f"valid keys: {', '.join(valid)}" if valid else None)
+        return UsageError(f"{prefix}: unknown key '{dotted}'", hint=hint)
+    return UsageError(f"{prefix}: invalid value for '{dotted}': {error['msg']}")
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values are parsed as YAML scalars/lists (safe_load): 0.1, true, [10,20], null, strings."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` assignments to a nested dict (creating dicts on the way)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, got '{item}'", hint="e.g. --set train.lr=0.1")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise UsageError(f"--set has an empty key in '{item}'")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return data
+
+
+def recipe_search_dirs() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    return [Path.cwd() / "recipes", here.parent / "recipes", here / "recipes"]
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        raise InputError(f"recipe file not found: {name_or_path}")
+    for directory in recipe_search_dirs():
+        candidate = directory / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    from distillctl.errors import unknown_name
+
+    raise unknown_name("recipe", name_or_path, [p.stem for p in list_recipes()])
+
+
+def list_recipes() -> list[Path]:
+    seen: dict[str, Path] = {}
+    for directory in recipe_search_dirs():
+        if directory.is_dir():
+            for path in sorted(directory.glob("*.yaml")):
+                seen.setdefault(path.stem, path)
+    return [seen[k] for k in sorted(seen)]
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read recipe {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UsageError(f"recipe {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {path} must be a mapping of sections (teacher:, student:, method:, …)")
+    return data
+
+
+def build_recipe(base: dict | None = None, overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(dict(base or {}), overrides or [])
+    try:
+        return Recipe(**data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, Recipe) from None
+
+
+def load_recipe(name_or_path: str | None, overrides: list[str] | None = None) -> Recipe:
+    base = read_yaml(find_recipe(name_or_path)) if name_or_path else {}
+    return build_recipe(base, overrides)

@@ -1,0 +1,85 @@
+"""MoCo v2 (Chen et al. 2020) as an SSL-only method: used by ``pretrain`` for teachers and as the
+"student trained alone" baseline. ``ssl-small`` is the same objective with the tuned small-model
+recipe of Shi et al. (AAAI 2022): wide MLP head, τ=0.1, stronger colour jitter."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillctl.data.views import ViewSpec
+from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
+from distillctl.methods.common import EMA, FeatureQueue, cosine_momentum, info_nce, mlp_relu
+
+
+class MocoV2Params(MethodParams):
+    queue_size: int = 65536
+    temperature: float = 0.2
+    momentum: float = 0.999
+    hidden_dim: int | None = None  # default: the student's feature dim (MoCo v2: 2048 for R50)
+    out_dim: int = 128
+    symmetric: bool = True  # both views as queries (2 loss terms per step); MoCo v2 used one
+    augmentation: str = "mocov2"
+    momentum_schedule: bool = False  # cosine ramp of the EMA momentum to 1 (BYOL-style)
+
+
+class _Encoder(nn.Module):
+    """Backbone + projection head; the EMA key encoder is a copy of this."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+@register
+class MocoV2(Method):
+    name = "mocov2"
+    kind = "ssl"
+    title = "MoCo v2: Improved baselines with momentum contrastive learning (Chen et al., 2020)"
+    objective = (
+        "Two MoCo-v2 augmentations of each image; queries q = n(g(S(x1))), keys k = n(g_ema(S_ema(x2))) from a "
+        "momentum (EMA, m=0.999) copy of student+head; InfoNCE over [q·k+, q·Q]/τ with a queue Q of past keys "
+        "(K=65536, τ=0.2). No teacher."
+    )
+    published = "ResNet-50, 200 epochs: 67.5 linear top-1 (800 epochs: 71.1) on ImageNet (facebookresearch/moco)."
+    Params = MocoV2Params
+
+    def __init__(self, params: MocoV2Params, student_dim: int, teacher_dims=None) -> None:
+        super().__init__(params, student_dim, teacher_dims)
+        self.head = mlp_relu([student_dim, params.hidden_dim or student_dim, params.out_dim])
+        self.queue = FeatureQueue(params.queue_size, params.out_dim)
+        self.key_encoder: EMA | None = None
+
+    def setup(self, student: nn.Module) -> None:
+        self.key_encoder = EMA(_Encoder(student, self.head))
+
+    def requirements(self, image_size: int) -> Requirements:
+        view = MethodView(ViewSpec(size=image_size, family=self.params.augmentation), teacher=False)
+        return Requirements(views=(view, view), teacher_outputs=frozenset(), teacher_mode="none")
+
+    def _keys(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.normalize(self.key_encoder(images), dim=1)
+
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+        queries = [F.normalize(self.head(f), dim=1) for f in inputs.student_features]
+        keys = [self._keys(img) for img in inputs.images]
+        negatives = self.queue.data.to(queries[0].dtype)
+        tau = self.params.temperature
+        loss = info_nce(queries[0], keys[1].to(queries[0].dtype), negatives, tau)
+        if self.params.symmetric:
+            loss = (loss + info_nce(queries[1], keys[0].to(queries[1].dtype), negatives, tau)) / 2
+        inputs.extras["keys"] = keys[1] if not self.params.symmetric else torch.cat(keys)
+        return loss, {}
+
+    @torch.no_grad()
+    def after_step(self, inputs: MethodInputs) -> None:
+        progress = inputs.epoch / max(1, inputs.total_epochs)
+        momentum = cosine_momentum(self.params.momentum, progress) if self.params.momentum_schedule else self.params.momentum
+        self.key_encoder.update(_Encoder(inputs.student, self.head), momentum)
+        self.queue.enqueue(inputs.extras["keys"].float())

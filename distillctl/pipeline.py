@@ -1,0 +1,392 @@
+"""``distillctl run``: teacher → cache → distill → eval → export, each stage recorded in the run
+manifest with a fingerprint of its inputs. A stage whose fingerprint is unchanged is skipped; one
+whose inputs changed is redone (and so is everything downstream, whose fingerprints include it).
+No ML logic lives here: each stage calls one module's entry function.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distillctl import __version__
+from distillctl.cli_common import console
+from pydantic import ValidationError
+
+from distillctl.config import Recipe, format_validation_error
+from distillctl.data.datasets import ImageDataset, open_dataset, resolve_splits
+from distillctl.errors import InputError, UsageError
+from distillctl.methods.base import TeacherDims, build_method, get_method
+from distillctl.rundir import RunDir, file_sha256, fingerprint
+from distillctl.students import StudentConfig, count_parameters, create_backbone, feature_dim, resolve_arch
+from distillctl.teachers.base import Preprocess, Teacher
+from distillctl.train.checkpoint import atomic_write_text
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class RunOptions:
+    resume: bool = False  # require a checkpoint to continue from
+    restart: bool = False  # discard checkpoints and finished stages
+    quiet: bool = False
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"train.device={name} but no CUDA GPU is available", hint="use train.device=cpu or auto")
+    return name
+
+
+def run_dir_for(recipe: Recipe) -> RunDir:
+    return RunDir(recipe.out or f"runs/{recipe.name}")
+
+
+def validate(recipe: Recipe) -> tuple[ImageDataset, ImageDataset | None]:
+    """Cheap checks before anything is written: names, values, data."""
+    method_cls = get_method(recipe.method.name)
+    resolve_arch(recipe.student.arch)
+    try:
+        method_cls.Params(**recipe.method.params)
+    except ValidationError as exc:
+        raise format_validation_error(exc, method_cls.Params, prefix=f"method.params ({recipe.method.name})") from None
+    train_source, val_source = resolve_splits(recipe.data.train, recipe.data.val)
+    train_data = open_dataset(train_source, "train")
+    val_data = open_dataset(val_source, "test") if val_source else None
+    if recipe.data.subset:
+        import numpy as np
+
+        order = np.random.default_rng(recipe.train.seed).permutation(len(train_data))[: recipe.data.subset]
+        train_data = train_data.subset(np.sort(order))
+    if method_cls.kind == "distill" and recipe.teacher.source in ("none", ""):
+        raise UsageError(f"method {recipe.method.name} distils from a teacher; set --teacher")
+    if recipe.teacher.source not in ("pretrain", "none") and not recipe.teacher.source.startswith("timm:"):
+        candidate = Path(recipe.teacher.source).expanduser()
+        looks_like_path = "/" in recipe.teacher.source or candidate.suffix in (".pth", ".pt", ".tar", ".safetensors", ".bin")
+        if looks_like_path and not candidate.is_file():
+            raise InputError(f"teacher checkpoint not found: {recipe.teacher.source}")
+    return train_data, val_data
+
+
+# --- teacher -----------------------------------------------------------------------------------
+
+def _projection_from_state(state: dict[str, torch.Tensor]) -> torch.nn.Sequential:
+    """Rebuild a Linear/BN/ReLU head saved by a method (keys ``<i>.weight`` …)."""
+    layers: list[torch.nn.Module] = []
+    indices = sorted({int(key.split(".")[0]) for key in state})
+    for i in range(indices[-1] + 1):
+        weight = state.get(f"{i}.weight")
+        if weight is not None and weight.ndim == 2:
+            layers.append(torch.nn.Linear(weight.shape[1], weight.shape[0], bias=f"{i}.bias" in state))
+        elif f"{i}.running_mean" in state:
+            layers.append(torch.nn.BatchNorm1d(state[f"{i}.running_mean"].shape[0], affine=weight is not None))
+        else:
+            layers.append(torch.nn.ReLU())
+    head = torch.nn.Sequential(*layers)
+    head.load_state_dict(state, strict=True)
+    return head.eval()
+
+
+def load_run_as_teacher(run: RunDir, name: str) -> Teacher:
+    """A finished run's student (+ its SSL projection head) as a frozen teacher."""
+    from safetensors.torch import load_file
+
+    from distillctl.students import load_student
+
+    backbone, config = load_student(run.path)
+    heads_path = run.student_dir / "heads.safetensors"
+    projection, proj_dim = None, None
+    if heads_path.is_file():
+        heads = load_file(str(heads_path))
+        head_state = {k[len("head."):]: v for k, v in heads.items() if k.startswith("head.")}
+        if head_state:
+            projection = _projection_from_state(head_state)
+            proj_dim = [m for m in projection if isinstance(m, torch.nn.Linear)][-1].out_features
+    return Teacher(name=name, arch=config.arch, backbone=backbone, embed_dim=config.num_features,
+                   sha256=file_sha256(run.student_dir / "model.safetensors"), projection=projection,
+                   proj_dim=proj_dim, license="self-trained", source=f"pretrain:{run.path}",
+                   preprocess=Preprocess(mean=tuple(config.mean), std=tuple(config.std),
+                                         input_size=config.input_size[-1], resize=None))
+
+
+def pretrain_recipe(recipe: Recipe, out: Path) -> Recipe:
+    spec = recipe.teacher.pretrain
+    data = recipe.data.model_dump()
+    return Recipe(
+        name=f"{recipe.name}-teacher", out=str(out),
+        teacher={"source": "none"}, student={"arch": spec.arch},
+        method={"name": spec.method, "params": spec.params}, data=data,
+        train={**recipe.train.model_dump(), "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
+               "max_steps": None},
+        eval={**recipe.eval.model_dump(), "teacher": False}, export={"enabled": False},
+    )
+
+
+def resolve_teacher(recipe: Recipe, run: RunDir, options: RunOptions, device: str) -> Teacher | None:
+    source = recipe.teacher.source
+    if source in ("none", ""):
+        return None
+    if source == "pretrain":
+        nested = run_pipeline(pretrain_recipe(recipe, run.path / "teacher_pretrain"), options)
+        return load_run_as_teacher(RunDir(nested["run_dir"]), name=f"pretrain:{recipe.teacher.pretrain.method}-"
+                                   f"{recipe.teacher.pretrain.arch}")
+    try:
+        from distillctl.teachers.resolve import load_teacher
+    except ModuleNotFoundError as exc:  # pragma: no cover - the registry ships with the package
+        raise UsageError(f"teacher registry unavailable: {exc}") from None
+    return load_teacher(source, recipe.teacher.arch, recipe.teacher.format, accept_license=recipe.teacher.accept_license,
+                        sha256=recipe.teacher.sha256, no_verify=recipe.teacher.no_verify, mirror=recipe.teacher.mirror,
+                        device=device)
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+def _teacher_mode(recipe: Recipe, method_mode: str) -> str:
+    if method_mode == "none":
+        return "none"
+    requested = recipe.teacher.mode
+    if requested == "cached" and method_mode == "online":
+        raise UsageError(f"method {recipe.method.name} needs the teacher online (its targets depend on per-step "
+                         "views); use --teacher-mode online")
+    if requested == "auto":
+        return "cached" if method_mode in ("cached_exact", "cached_approx") else "online"
+    return requested
+
+
+def _write_student(run: RunDir, student, method, recipe: Recipe, teacher: Teacher | None, mean, std) -> StudentConfig:
+    from safetensors.torch import save_file
+
+    run.student_dir.mkdir(parents=True, exist_ok=True)
+    arch = resolve_arch(recipe.student.arch)
+    config = StudentConfig(arch=arch, num_features=feature_dim(student), input_size=[3, recipe.data.image_size,
+                           recipe.data.image_size], mean=list(mean), std=list(std),
+                           teacher=teacher.describe() if teacher else {}, method=recipe.method.name,
+                           license=teacher.license if teacher else None)
+    tmp_model = run.student_dir / ".model.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp_model))
+    tmp_model.replace(run.student_dir / "model.safetensors")
+    tmp_heads = run.student_dir / ".heads.safetensors.tmp"
+    heads = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    save_file(heads, str(tmp_heads))
+    tmp_heads.replace(run.student_dir / "heads.safetensors")
+    atomic_write_text(run.student_dir / "config.json", config.to_json())
+    return config
+
+
+def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
+    """Run every stage (skipping finished ones); returns the summary dict."""
+    options = options or RunOptions()
+    started = time.monotonic()
+    device = resolve_device(recipe.train.device)
+    train_data, val_data = validate(recipe)
+    run = run_dir_for(recipe)
+    run.write_recipe(recipe)
+    method_cls = get_method(recipe.method.name)
+
+    teacher = resolve_teacher(recipe, run, options, device)
+    mean = tuple(recipe.data.mean or (teacher.preprocess.mean if teacher else IMAGENET_MEAN))
+    std = tuple(recipe.data.std or (teacher.preprocess.std if teacher else IMAGENET_STD))
+    data_hash = train_data.manifest_hash()
+    teacher_id = teacher.describe() if teacher else None
+    run.record_stage("teacher", fingerprint(teacher_id), "done", teacher_id)
+
+    student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
+    teacher_dims = TeacherDims(teacher.embed_dim, teacher.proj_dim) if teacher else None
+    method = build_method(recipe.method.name, recipe.method.params, feature_dim(student), teacher_dims)
+    requirements = method.requirements(recipe.data.image_size)
+    mode = _teacher_mode(recipe, requirements.teacher_mode)
+    teacher_bn = requirements.teacher_bn if recipe.teacher.bn == "method" else recipe.teacher.bn
+
+    cache = None
+    if mode == "cached":
+        cache = _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device)
+
+    distill_fp = fingerprint(teacher_id, data_hash, recipe.student.model_dump(), recipe.method.model_dump(),
+                             recipe.train.model_dump(exclude={"log_every", "tensorboard", "checkpoint_every_minutes",
+                                                               "keep_last", "device", "max_steps"}),
+                             recipe.data.model_dump(exclude={"num_workers", "val", "max_bad_fraction"}), mode, teacher_bn,
+                             recipe.train.max_steps)
+    train_summary = _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std,
+                                   mode, teacher_bn, device, distill_fp)
+    student_sha = file_sha256(run.student_dir / "model.safetensors")
+
+    eval_result = _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha)
+    export_result = _export_stage(recipe, run, student_sha)
+
+    summary = {
+        "distillctl_version": __version__,
+        "run_dir": str(run.path),
+        "method": recipe.method.name,
+        "method_kind": method_cls.kind,
+        "teacher": ({**teacher_id, "knn_top1": eval_result.get("teacher", {}).get("knn_top1"),
+                     "bn_mode": teacher_bn, "mode": mode} if teacher else None),
+        "student": {"arch": resolve_arch(recipe.student.arch), "checkpoint": str(run.student_dir / "model.safetensors"),
+                    "sha256": student_sha, "params": count_parameters(student),
+                    "knn_top1": eval_result.get("student", {}).get("knn_top1"),
+                    "knn": eval_result.get("student", {}).get("knn")},
+        "train": train_summary,
+        "eval": eval_result,
+        "export": export_result,
+        "data": {"train": recipe.data.train, "images": len(train_data), "manifest_sha256": data_hash,
+                 "eval_images": len(val_data) if val_data else 0},
+        "recipe": recipe.model_dump(mode="json"),
+        "wall_s": round(time.monotonic() - started, 2),
+    }
+    full = run.update_summary(summary)
+    full["export"] = run.summary().get("export", export_result)
+    return full
+
+
+def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device):
+    from distillctl.cache.build import build_cache, cache_fingerprint
+    from distillctl.cache.store import FeatureCache
+
+    spec = next(view.spec for view in requirements.views if view.teacher)
+    outputs = set(requirements.teacher_outputs)
+    cache_dir = Path(recipe.teacher.cache) if recipe.teacher.cache else run.path / "cache"
+    data_hash = train_data.manifest_hash()
+    cache_fp = cache_fingerprint(teacher.sha256, outputs, data_hash, spec, recipe.teacher.cache_views, mean, std,
+                                 recipe.train.seed)
+    if (cache_dir / "manifest.json").is_file():
+        cache = FeatureCache.open(cache_dir)
+        cache.check_compatible(teacher_sha256=teacher.sha256, outputs=outputs, dataset_hash=data_hash, spec=spec,
+                               mean=mean, std=std)
+        if cache.is_complete():
+            run.record_stage("cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
+            return cache
+    cache = build_cache(teacher, train_data, cache_dir, spec=spec, views=recipe.teacher.cache_views, outputs=outputs,
+                        mean=mean, std=std, batch_size=recipe.eval.batch_size, device=device, amp=recipe.train.amp,
+                        channels_last=recipe.train.channels_last, seed=recipe.train.seed,
+                        num_workers=recipe.data.num_workers)
+    run.record_stage("cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
+    return cache
+
+
+def _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std, mode, teacher_bn,
+                   device, distill_fp) -> dict:
+    from distillctl.train.checkpoint import CheckpointManager
+    from distillctl.train.loop import TrainJob, train
+
+    checkpoints = CheckpointManager(run.path / "distill" / "checkpoints", recipe.train.keep_last)
+    if options.restart:
+        checkpoints.clear()
+    elif run.stage_done("distill", distill_fp) and (run.student_dir / "model.safetensors").is_file():
+        if not options.quiet:
+            console.print("distill: finished earlier with the same inputs; skipped")
+        return run.stage("distill")["result"]
+    if options.resume and not checkpoints.list():
+        raise UsageError(f"--resume: no checkpoint to resume from in {checkpoints.directory}")
+    run.record_stage("distill", distill_fp, "running")
+    job = TrainJob(
+        method=method, student=student, dataset=train_data, out_dir=run.path / "distill",
+        metrics_path=run.metrics_path, fingerprint=distill_fp, epochs=recipe.train.epochs,
+        batch_size=recipe.train.batch_size,
+        lr=recipe.train.lr * (recipe.train.batch_size / 256 if recipe.train.lr_scaling == "linear" else 1.0),
+        optimizer=recipe.train.optimizer, weight_decay=recipe.train.weight_decay, momentum=recipe.train.momentum,
+        warmup_epochs=recipe.train.warmup_epochs, min_lr_ratio=recipe.train.min_lr_ratio, mean=mean, std=std,
+        image_size=recipe.data.image_size, teacher=teacher if mode == "online" else None, teacher_bn=teacher_bn,
+        cache=cache, amp=recipe.train.amp, channels_last=recipe.train.channels_last, compile=recipe.train.compile,
+        grad_clip=recipe.train.grad_clip, grad_accum=recipe.train.grad_accum, device=device, seed=recipe.train.seed,
+        max_steps=recipe.train.max_steps, log_every=recipe.train.log_every,
+        checkpoint_every_steps=recipe.train.checkpoint_every_steps,
+        checkpoint_every_minutes=recipe.train.checkpoint_every_minutes, keep_last=recipe.train.keep_last,
+        num_workers=recipe.data.num_workers, max_bad_fraction=recipe.data.max_bad_fraction, resume=not options.restart,
+        stage="pretrain" if teacher is None and method.kind == "ssl" else "distill",
+        tensorboard_dir=run.path / "tensorboard" if recipe.train.tensorboard else None,
+    )
+    result = train(job)
+    student.cpu()
+    method.cpu()
+    _write_student(run, student, method, recipe, teacher, mean, std)
+    summary = {**result.to_dict(), "teacher_mode": mode, "teacher_bn": teacher_bn,
+               "lr": job.lr, "lr_scaling": recipe.train.lr_scaling, "global_batch": recipe.train.batch_size}
+    if result.bad_images:
+        atomic_write_text(run.path / "bad_images.txt", "\n".join(result.bad_images) + "\n")
+    run.record_stage("distill", distill_fp, "done", summary)
+    return summary
+
+
+def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha) -> dict:
+    eval_fp = fingerprint(student_sha, teacher.sha256 if teacher else None, recipe.eval.model_dump(),
+                          train_data.manifest_hash(), val_data.manifest_hash() if val_data else None, mean, std)
+    if run.stage_done("eval", eval_fp):
+        return run.stage("eval")["result"]
+    if val_data is None:
+        result = {"skipped": "no labelled eval split (pass --val-data or use a train/ + val/ layout)"}
+        run.record_stage("eval", eval_fp, "done", result)
+        return result
+    from distillctl.eval.features import embed_dataset
+    from distillctl.eval.knn import knn_evaluate
+    from distillctl.students import load_student
+
+    ks = tuple(recipe.eval.knn_k)
+    protocol = {"kind": "weighted-knn", "k": list(ks), "temperature": recipe.eval.knn_temperature,
+                "metric": "cosine", "bank": "train split", "transform": "centre crop",
+                "crop_pct": recipe.data.crop_pct, "image_size": recipe.data.image_size, "bn": "eval"}
+
+    def knn_of(encoder) -> dict:
+        kwargs = dict(input_size=recipe.data.image_size, mean=mean, std=std, crop_pct=recipe.data.crop_pct,
+                      batch_size=recipe.eval.batch_size, device=device)
+        bank, bank_labels = embed_dataset(encoder, train_data, **kwargs)
+        queries, query_labels = embed_dataset(encoder, val_data, **kwargs)
+        scores = knn_evaluate(bank, bank_labels, queries, query_labels, ks=ks, temperature=recipe.eval.knn_temperature)
+        return {"knn": {str(k): round(v, 3) for k, v in scores.items()}, "knn_top1": round(scores[ks[0]], 3)}
+
+    student, _ = load_student(run.path)
+    result = {"protocol": protocol, "student": knn_of(student.to(device))}
+    if teacher is not None and recipe.eval.teacher:
+        result["teacher"] = knn_of(teacher.backbone.to(device).eval())
+    random_student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
+    torch.manual_seed(recipe.train.seed)
+    result["random_student"] = knn_of(random_student.eval().to(device))
+    if recipe.eval.linear:
+        from distillctl.eval.linear import linear_probe
+
+        result["student"]["linear"] = linear_probe(student, train_data, val_data, input_size=recipe.data.image_size,
+                                                   mean=mean, std=std, crop_pct=recipe.data.crop_pct,
+                                                   device=device, seed=recipe.train.seed).to_dict()
+    run.record_stage("eval", eval_fp, "done", result)
+    return result
+
+
+def _export_stage(recipe, run, student_sha) -> dict:
+    if not recipe.export.enabled or not recipe.export.formats:
+        return {}
+    export_fp = fingerprint(student_sha, recipe.export.model_dump())
+    if run.stage_done("export", export_fp):
+        return run.stage("export")["result"]
+    from distillctl.export.api import export_run
+
+    result = export_run(run.path, list(recipe.export.formats), calib_size=recipe.export.calib_size,
+                        max_drop=recipe.export.max_drop, exporter=recipe.export.exporter)
+    run.record_stage("export", export_fp, "done", result)
+    return result
+
+
+def summary_table_rows(summary: dict) -> list[tuple[str, str, str, str]]:
+    """Teacher vs student rows for the closing Rich table: name, kNN top-1, params, latency."""
+    rows = []
+    teacher = summary.get("teacher")
+    if teacher:
+        rows.append(("teacher " + teacher["arch"], _pct(teacher.get("knn_top1")), "", ""))
+    student = summary["student"]
+    rows.append(("student " + student["arch"], _pct(student.get("knn_top1")), f"{student['params'] / 1e6:.2f}M", ""))
+    random_student = summary.get("eval", {}).get("random_student")
+    if random_student:
+        rows.append(("random-init student", _pct(random_student.get("knn_top1")), "", ""))
+    return rows
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.1f}%"
+
+
+def dumps(summary: dict) -> str:
+    return json.dumps(summary, indent=2, sort_keys=True, default=str)

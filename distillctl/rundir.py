@@ -1,0 +1,129 @@
+"""The run directory: layout, stage manifest with fingerprints, summary updates (all atomic).
+
+```
+<run>/recipe.yaml            fully resolved recipe
+<run>/manifest.json          stages {teacher, cache, distill, eval, export}: fingerprint, status, result
+<run>/summary.json           the single machine-readable result (architecture contract)
+<run>/metrics.jsonl          one JSON object per logged step
+<run>/teacher/               converted or pretrained teacher (safetensors + config.json)
+<run>/student/               model.safetensors, config.json, heads.safetensors (train-only heads)
+<run>/distill/checkpoints/   resumable training checkpoints
+<run>/export/                ONNX artefacts and model_card.json
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from distillctl.errors import InputError
+from distillctl.train.checkpoint import atomic_write_text
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of the canonical JSON of ``parts`` (stage inputs)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # --- layout -----------------------------------------------------------------------------
+    @property
+    def student_dir(self) -> Path:
+        return self.path / "student"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.path / "teacher"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def exists(self) -> bool:
+        return (self.path / "manifest.json").is_file() or (self.path / "recipe.yaml").is_file()
+
+    def require(self) -> "RunDir":
+        if not self.path.is_dir():
+            raise InputError(f"run directory not found: {self.path}")
+        if not (self.path / "recipe.yaml").is_file():
+            raise InputError(f"{self.path} is not a distillctl run directory (no recipe.yaml)")
+        return self
+
+    # --- recipe -----------------------------------------------------------------------------
+    def recipe(self):
+        from distillctl.config import build_recipe, read_yaml
+
+        return build_recipe(read_yaml(self.require().path / "recipe.yaml"))
+
+    def write_recipe(self, recipe) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "recipe.yaml", recipe.to_yaml())
+
+    def eval_data(self) -> tuple[str, str | None, float]:
+        """(train source, labelled eval source or None, crop_pct) used by this run's evaluation."""
+        from distillctl.data.datasets import resolve_splits
+
+        recipe = self.recipe()
+        train, val = resolve_splits(recipe.data.train, recipe.data.val)
+        return train, val, recipe.data.crop_pct
+
+    # --- manifest ---------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        path = self.path / "manifest.json"
+        if not path.is_file():
+            return {"stages": {}}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise InputError(f"{path} is corrupt (not JSON)", hint="remove the run directory or use a new --out") from None
+
+    def stage(self, name: str) -> dict | None:
+        return self.manifest()["stages"].get(name)
+
+    def stage_done(self, name: str, stage_fingerprint: str) -> bool:
+        entry = self.stage(name)
+        return bool(entry and entry.get("status") == "done" and entry.get("fingerprint") == stage_fingerprint)
+
+    def record_stage(self, name: str, stage_fingerprint: str, status: str, result: dict | None = None) -> None:
+        manifest = self.manifest()
+        manifest["stages"][name] = {"fingerprint": stage_fingerprint, "status": status, "result": result or {}}
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+    # --- summary ----------------------------------------------------------------------------
+    def summary(self) -> dict:
+        path = self.path / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def update_summary(self, patch: dict) -> dict:
+        summary = self.summary()
+        _deep_merge(summary, patch)
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str))
+        return summary
+
+
+def _deep_merge(target: dict, patch: dict) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value)
+        else:
+            target[key] = value

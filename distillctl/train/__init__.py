@@ -1,0 +1,1 @@
+"""Training: the method-agnostic loop, checkpoints and torchrun helpers."""

@@ -1,0 +1,117 @@
+"""Atomic, complete training checkpoints for exact resume.
+
+A checkpoint holds everything the next step depends on: student, method state (heads, queues, EMA
+encoders), optimizer, AMP scaler, the global step, and the torch RNG states. The LR schedule is a pure
+function of the step and the data order / augmentations are keyed by (seed, epoch, index), so nothing
+else is needed. Files are written to a temporary name, fsynced and renamed; the newest loadable one
+wins, and a truncated file falls back to the previous one with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillctl.cli_common import console
+from distillctl.errors import InputError
+
+_NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        from distillctl.errors import TrainingError
+
+        raise TrainingError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous checkpoint is intact",
+                            hint="free disk space, then resume with --resume") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class CheckpointManager:
+    """``<dir>/ckpt_<step>.pt`` files, keep-last-N, newest-loadable lookup."""
+
+    def __init__(self, directory: Path, keep_last: int = 2) -> None:
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def list(self) -> list[tuple[int, Path]]:
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            match = _NAME.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"ckpt_{step:09d}.pt"
+        atomic_torch_save(state, path)
+        for _, old in self.list()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, fingerprint: str | None = None) -> dict[str, Any] | None:
+        """The newest checkpoint that loads (``weights_only=True``) and matches ``fingerprint``."""
+        for step, path in reversed(self.list()):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # truncated or corrupt file: fall back to the previous one
+                console.print(f"[yellow]warning:[/] checkpoint {path.name} is unreadable ({type(exc).__name__}); "
+                              "falling back to the previous one")
+                continue
+            if fingerprint is not None and state.get("fingerprint") != fingerprint:
+                raise InputError(
+                    f"checkpoint {path} belongs to a different configuration (fingerprint mismatch)",
+                    hint="use --restart to discard it, or rerun with the original recipe",
+                )
+            return state
+        return None
+
+    def clear(self) -> None:
+        for _, path in self.list():
+            path.unlink(missing_ok=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,106 @@
+"""Training data: per-sample views from keyed randomness (or replayed from the feature cache), and a
+deterministic, resumable, rank-sharded batch order.
+
+The global batch order of epoch e is a permutation keyed by (seed, e); rank r of W takes rows
+[r·B/W, (r+1)·B/W) of every global batch, so the global batch is the same whatever the world size and a
+resumed run continues at the exact batch where it stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from distillctl.data.datasets import ImageDataset
+from distillctl.data.views import ViewSpec, apply_view_uint8, sample_rng, sample_view
+from distillctl.errors import InputError
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    rng = np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFFFFFFFFFF, (epoch + 1) << 20]))
+    return rng.permutation(num_items)
+
+
+class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """This rank's share of each global batch of one epoch, from ``start_step`` on (drop_last)."""
+
+    def __init__(self, num_items: int, global_batch: int, seed: int, epoch: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise InputError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        self.order = epoch_permutation(num_items, seed, epoch)
+        self.global_batch = global_batch
+        self.per_rank = global_batch // world_size
+        self.rank = rank
+        self.start_step = start_step
+        self.steps = num_items // global_batch
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.steps):
+            batch = self.order[step * self.global_batch:(step + 1) * self.global_batch]
+            yield batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Item ``i`` → (uint8 views per slot, label, index, stored-view id per slot (−1 = live sample)).
+
+    ``teacher_slots`` are the view slots whose teacher targets come from ``cache`` (cached mode): those
+    views are replayed from the cache's stored parameters instead of being sampled.
+    """
+
+    def __init__(self, base: ImageDataset, specs: Sequence[ViewSpec], seed: int, epoch: int = 0,
+                 cache=None, cached_slots: Sequence[int] = ()) -> None:
+        self.base = base
+        self.specs = list(specs)
+        self.seed = seed
+        self.epoch = epoch
+        self.cache = cache
+        self.cached_slots = list(cached_slots)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def stored_views(self, index: int) -> dict[int, int]:
+        """Which stored view (k) each cached slot replays this epoch: distinct when K allows."""
+        rng = sample_rng(self.seed, self.epoch, index, 1 << 16)
+        total = self.cache.views
+        picks = rng.permutation(total)[: len(self.cached_slots)] if len(self.cached_slots) <= total else \
+            rng.integers(0, total, size=len(self.cached_slots))
+        return {slot: int(k) for slot, k in zip(self.cached_slots, picks)}
+
+    def __getitem__(self, index: int):
+        try:
+            image = self.base.load_image(index)
+        except Exception as exc:  # corrupt/unreadable image: the trainer counts and skips it
+            return None, index, f"{type(exc).__name__}: {exc}"
+        height, width = image.shape[-2:]
+        stored = self.stored_views(index) if self.cache is not None and self.cached_slots else {}
+        views, ks = [], []
+        for slot, spec in enumerate(self.specs):
+            if slot in stored:
+                params = self.cache.view_params(index, stored[slot])
+                ks.append(stored[slot])
+            else:
+                params = sample_view(spec, height, width, sample_rng(self.seed, self.epoch, index, slot))
+                ks.append(-1)
+            views.append(apply_view_uint8(image, params, spec))
+        return views, self.base.labels[index], index, torch.tensor(ks, dtype=torch.long)
+
+
+def collate_views(items):
+    """Stack each view slot; drop unreadable images and report them."""
+    good = [item for item in items if item[0] is not None]
+    bad = [(item[1], item[2]) for item in items if item[0] is None]
+    if not good:
+        return None, bad
+    num_views = len(good[0][0])
+    views = [torch.stack([item[0][v] for item in good]) for v in range(num_views)]
+    labels = torch.tensor([item[1] for item in good], dtype=torch.long)
+    index = torch.tensor([item[2] for item in good], dtype=torch.long)
+    stored = torch.stack([item[3] for item in good])
+    return (views, labels, index, stored), bad
