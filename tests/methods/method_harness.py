@@ -1,0 +1,83 @@
+"""Shared test scaffolding for tests/methods: tiny student/teacher networks and MethodInputs builders.
+
+Kept framework-free (no trainer): views are random tensors of the sizes a method requests, the
+teacher is a frozen random CNN, the student a tiny CNN, so each test runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distillctl.methods.base import Method, MethodInputs, TeacherDims
+
+STUDENT_DIM = 8
+TEACHER_DIMS = TeacherDims(pooled=12, proj=6)
+
+
+class TinyNet(nn.Module):
+    """conv–BN–ReLU–pool–linear; a stand-in backbone returning pooled features."""
+
+    def __init__(self, out_dim: int, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, out_dim))
+        self.num_features = out_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+
+class TinyTeacher(nn.Module):
+    """Frozen random teacher with a pooled feature and a projection output."""
+
+    def __init__(self, dims: TeacherDims = TEACHER_DIMS, seed: int = 1) -> None:
+        super().__init__()
+        self.backbone = TinyNet(dims.pooled, seed=seed)
+        self.proj = nn.Linear(dims.pooled, dims.proj) if dims.proj else None
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.backbone(images)
+        out = {"pooled": pooled}
+        if self.proj is not None:
+            out["proj"] = self.proj(pooled)
+        return out
+
+
+def make_images(method: Method, batch: int, image_size: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    views = method.requirements(image_size).views
+    return [torch.randn(batch, 3, v.spec.size, v.spec.size, generator=generator) for v in views]
+
+
+def teacher_outputs_for(method: Method, images: list[torch.Tensor],
+                        teachers: list[TinyTeacher]) -> list[dict[str, torch.Tensor] | None]:
+    """Per view: the requested teacher outputs; keys ``name_k`` come from teacher k (multi-teacher)."""
+    req = method.requirements(images[0].shape[-1])
+    outputs: list[dict[str, torch.Tensor] | None] = []
+    for view, img in zip(req.views, images):
+        if not view.teacher:
+            outputs.append(None)
+            continue
+        out: dict[str, torch.Tensor] = {}
+        for key in req.teacher_outputs:
+            name, _, k = key.partition("_")
+            out[key] = teachers[int(k) if k else 0](img)[name]
+        outputs.append(out)
+    return outputs
+
+
+def make_inputs(method: Method, student: nn.Module, teachers: list[TinyTeacher] | None, images: list[torch.Tensor],
+                step: int = 0, epoch: float = 0.0, total_epochs: int = 10, index: torch.Tensor | None = None,
+                ) -> MethodInputs:
+    req = method.requirements(images[0].shape[-1])
+    student_features = [student(img) for view, img in zip(req.views, images) if view.student]
+    teacher = teacher_outputs_for(method, images, teachers) if teachers else [None] * len(images)
+    batch = images[0].shape[0]
+    return MethodInputs(student_features=student_features, teacher_outputs=teacher, images=images,
+                        index=index if index is not None else torch.arange(batch), epoch=epoch, step=step,
+                        total_epochs=total_epochs, student=student)
