@@ -10,7 +10,8 @@ from distillctl.eval.features import (
     load_encoder,
     register_artifact_loader,
 )
-from distillctl.eval.knn import knn_evaluate
+from distillctl.eval.knn import knn_evaluate, knn_protocol
+from distillctl.eval.linear import LinearProbeConfig, LinearProbeResult, linear_probe, linear_probe_embeddings
 
 __all__ = [
     "Encoder",
@@ -19,7 +20,12 @@ __all__ = [
     "TorchEncoder",
     "embed_dataset",
     "embed_dataset_cached",
+    "LinearProbeConfig",
+    "LinearProbeResult",
     "knn_evaluate",
+    "knn_protocol",
+    "linear_probe",
+    "linear_probe_embeddings",
     "load_encoder",
     "register_artifact_loader",
 ]

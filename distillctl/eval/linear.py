@@ -24,13 +24,15 @@ same inputs, seed and device.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from distillctl.errors import InputError
+from distillctl.eval.features import FeatureCache, eval_transform
 
 _BN_EPS = 1e-5
 
@@ -143,7 +145,7 @@ def _top1(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, b
     return 100.0 * (logits.argmax(dim=2) == labels[None, :]).float().mean(dim=1)
 
 
-def linear_probe(
+def linear_probe_embeddings(
     train_emb: torch.Tensor,
     train_labels: torch.Tensor,
     val_emb: torch.Tensor,
@@ -213,3 +215,41 @@ def linear_probe(
         sweep=sweep,
         protocol=protocol,
     )
+
+
+def linear_probe(
+    encoder: Any,
+    train_data: Any,
+    val_data: Any,
+    *,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_pct: float = 0.875,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    config: LinearProbeConfig | None = None,
+    cache: FeatureCache | None = None,
+    encoder_sha256: str | None = None,
+    num_workers: int = 0,
+) -> LinearProbeResult:
+    """Embed both splits once (through ``cache`` when given) and run :func:`linear_probe_embeddings`.
+
+    ``encoder`` is an ``nn.Module`` or any :class:`distillctl.eval.features.Encoder`; ``seed``
+    overrides ``config.seed``. The eval transform is added to the recorded protocol.
+    """
+    from distillctl.eval.features import embed_dataset_cached
+
+    config = config or LinearProbeConfig()
+    if seed is not None:
+        config = replace(config, seed=int(seed))
+    kwargs = dict(cache=cache, encoder_sha256=encoder_sha256, input_size=input_size, mean=mean, std=std,
+                  crop_pct=crop_pct, batch_size=batch_size, device=device, num_workers=num_workers)
+    train_emb, train_labels, _ = embed_dataset_cached(encoder, train_data, **kwargs)
+    val_emb, val_labels, _ = embed_dataset_cached(encoder, val_data, **kwargs)
+    num_classes = len(getattr(train_data, "classes", []) or []) or None
+    result = linear_probe_embeddings(train_emb, train_labels, val_emb, val_labels, config, num_classes=num_classes,
+                                     device=device)
+    result.protocol["transform"] = eval_transform(input_size, mean, std, crop_pct)
+    return result

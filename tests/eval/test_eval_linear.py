@@ -9,7 +9,13 @@ import torch
 from distillctl.data.datasets import open_dataset
 from distillctl.errors import InputError
 from distillctl.eval.features import embed_dataset
-from distillctl.eval.linear import LinearProbeConfig, linear_probe, stratified_holdout, train_linear
+from distillctl.eval.linear import (
+    LinearProbeConfig,
+    linear_probe,
+    linear_probe_embeddings,
+    stratified_holdout,
+    train_linear,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +34,8 @@ def digit_embeddings():
 def test_probe_beats_chance_and_is_reproducible(digit_embeddings):
     (train_x, train_y), (val_x, val_y) = digit_embeddings
     config = LinearProbeConfig(epochs=20, seed=3)
-    first = linear_probe(train_x, train_y, val_x, val_y, config)
-    second = linear_probe(train_x, train_y, val_x, val_y, config)
+    first = linear_probe_embeddings(train_x, train_y, val_x, val_y, config)
+    second = linear_probe_embeddings(train_x, train_y, val_x, val_y, config)
     assert first.top1 > 50.0  # chance is 10 %
     assert first.to_dict() == second.to_dict()
     assert (first.lr, first.weight_decay) in {(r["lr"], r["weight_decay"]) for r in first.sweep}
@@ -40,7 +46,7 @@ def test_probe_beats_chance_and_is_reproducible(digit_embeddings):
     assert protocol["n_train"] == 1437 and protocol["n_val"] == 360 and protocol["num_classes"] == 10
     assert protocol["n_heldout"] == pytest.approx(144, abs=5) and protocol["seed"] == 3
     # A different seed gives a different held-out split (and in general different numbers).
-    other = linear_probe(train_x, train_y, val_x, val_y, LinearProbeConfig(epochs=20, seed=4))
+    other = linear_probe_embeddings(train_x, train_y, val_x, val_y, LinearProbeConfig(epochs=20, seed=4))
     assert other.sweep != first.sweep
 
 
@@ -80,12 +86,12 @@ def test_divergent_setting_is_reported_not_chosen():
     centres = torch.randn(3, 8, generator=gen) * 4
     y = torch.arange(3).repeat(30)
     x = centres[y] + torch.randn(90, 8, generator=gen)
-    result = linear_probe(x, y, x, y, LinearProbeConfig(lrs=(0.1, 1e38), weight_decays=(0.0,), epochs=5))
+    result = linear_probe_embeddings(x, y, x, y, LinearProbeConfig(lrs=(0.1, 1e38), weight_decays=(0.0,), epochs=5))
     rows = {r["lr"]: r for r in result.sweep}
     assert rows[1e38]["diverged"] and rows[1e38]["heldout_top1"] is None
     assert not rows[0.1]["diverged"] and result.lr == 0.1 and result.top1 > 90.0
     with pytest.raises(InputError, match="diverged"):
-        linear_probe(x, y, x, y, LinearProbeConfig(lrs=(1e38,), weight_decays=(0.0,), epochs=5))
+        linear_probe_embeddings(x, y, x, y, LinearProbeConfig(lrs=(1e38,), weight_decays=(0.0,), epochs=5))
 
 
 def test_stratified_holdout_is_seeded_and_per_class():
@@ -96,3 +102,21 @@ def test_stratified_holdout_is_seeded_and_per_class():
     again_fit, again_held = stratified_holdout(labels, 0.1, seed=0)
     assert np.array_equal(held, again_held) and np.array_equal(fit, again_fit)
     assert not np.array_equal(held, stratified_holdout(labels, 0.1, seed=1)[1])
+
+
+def test_encoder_level_probe_on_raw_pixels_with_cache(tmp_path):
+    """The pipeline's call shape: encoder + datasets; features cached once and reused by a second probe."""
+    from distillctl.eval.features import FeatureCache
+
+    train = open_dataset("builtin:digits", "train")
+    val = open_dataset("builtin:digits", "test")
+    pixels = torch.nn.Flatten()  # a raw-pixel encoder: 3x16x16 centre view → 768-d
+    cache = FeatureCache(tmp_path)
+    kwargs = dict(input_size=16, mean=[0.5] * 3, std=[0.25] * 3, crop_pct=1.0, seed=0,
+                  config=LinearProbeConfig(epochs=10, lrs=(0.01, 0.1), weight_decays=(0.0, 1e-3)),
+                  cache=cache, encoder_sha256="raw-pixels")
+    first = linear_probe(pixels, train, val, **kwargs)
+    assert len(list(tmp_path.glob("*.emb.npy"))) == 2  # train + val features written once
+    second = linear_probe(lambda batch: pytest.fail("features should come from the cache"), train, val, **kwargs)
+    assert first.top1 > 85.0 and first.to_dict() == second.to_dict()
+    assert first.protocol["transform"]["view"]["size"] == 16 and first.protocol["epochs"] == 10
