@@ -1,0 +1,318 @@
+"""``export_run``: the export stage of a run — ONNX (+ fp16, INT8, TensorRT), gated and carded.
+
+Order: fp32 ONNX → fp32 parity gate → the other formats, each with its own gate → model card
+(embedded in every ONNX, and ``export/model_card.json`` last) → ``summary.json['export']``.
+Gates are evaluated as the artefacts are made but raised only after the report is written, so a
+failed export still leaves the numbers that explain the failure. If the fp32 graph fails parity,
+nothing is derived from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distillctl.errors import GateError, InputError, UsageError
+from distillctl.export import card as card_module
+from distillctl.export.onnx import (BATCH_DIM, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, default_opset,
+                                    export_onnx, set_metadata)
+from distillctl.export.parity import ParityResult, check_parity, ort_runner, parity_batches
+from distillctl.export.quantize import (CALIBRATION_METHODS, check_tensorrt_compatible, convert_fp16,
+                                        quantize_int8)
+
+EXPORT_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "engine", "engine-int8")
+FILES = {"onnx": "student.onnx", "onnx-fp16": "student.fp16.onnx", "onnx-int8": "student.int8.onnx",
+         "onnx-int8-trt": "student.int8.trt.onnx"}
+
+
+def parse_formats(formats: list[str] | str) -> list[str]:
+    """Validate and order the requested formats (comma-separated strings accepted)."""
+    if isinstance(formats, str):
+        formats = [formats]
+    names = [name.strip() for item in formats for name in item.split(",") if name.strip()]
+    unknown = [name for name in names if name not in EXPORT_FORMATS]
+    if unknown or not names:
+        raise UsageError(f"unknown export format(s) {', '.join(unknown) or '(none)'}; valid: {', '.join(EXPORT_FORMATS)}")
+    return [name for name in EXPORT_FORMATS if name in names]
+
+
+def export_run(
+    run_dir: str | Path,
+    formats: list[str] | None = None,
+    *,
+    calib_data: str | None = None,
+    calib_size: int = 512,
+    calib_method: str = "minmax",
+    max_drop: float = 1.0,
+    half: bool = False,
+    exporter: str = "dynamo",
+    parity_images: int = 64,
+    data: str | None = None,
+    val_data: str | None = None,
+    crop_pct: float | None = None,
+) -> dict[str, Any]:
+    """Export the student of ``run_dir`` to ``<run>/export`` and return the per-format report.
+
+    ``data``/``val_data``/``crop_pct`` override the labelled splits recorded in the run.
+    Raises :class:`GateError` (exit 3) after writing the report if any gate failed.
+    """
+    from distillctl.students import count_parameters, load_student
+
+    formats = parse_formats(formats or ["onnx"])
+    if calib_method not in CALIBRATION_METHODS:
+        raise UsageError(f"unknown calibration method '{calib_method}'; valid: {', '.join(CALIBRATION_METHODS)}")
+    if calib_size < 1 or parity_images < 1:
+        raise UsageError("--calib-size and the number of parity images must be >= 1")
+    engine_precision = {"engine": "fp16" if half else "fp32", "engine-int8": "int8"}
+    if half and not any(name.startswith("engine") for name in formats):
+        raise UsageError("--half applies to --format engine", hint="for an fp16 ONNX file use --format onnx-fp16")
+    engines_wanted = [name for name in formats if name.startswith("engine")]
+    major = 0
+    if engines_wanted:  # fail fast (exit 2) before minutes of export work
+        from distillctl.export.tensorrt import require_tensorrt, trt_major
+
+        major = trt_major(require_tensorrt())
+
+    run_dir = Path(run_dir)
+    model, config = load_student(run_dir, exportable=True)
+    size = int(config.input_size[-1])
+    splits = _labelled_splits(run_dir, data, val_data, crop_pct)
+    parity_set = _eval_images(splits.test, _spread(len(splits.test), parity_images), size, config, splits.crop_pct)
+    export_dir = run_dir / "export"
+    export_dir.mkdir(parents=True, exist_ok=True)
+
+    report: dict[str, Any] = {}
+    failures: list[GateError] = []
+    quantization: dict[str, Any] = {}
+    engines: dict[str, Any] = {}
+
+    def gate(result: ParityResult | Any, what: str) -> None:
+        try:
+            result.raise_if_failed(what) if isinstance(result, ParityResult) else result.raise_if_failed()
+        except GateError as exc:
+            failures.append(exc)
+
+    onnx_path = export_onnx(model, export_dir / FILES["onnx"], size, exporter=exporter,
+                           metadata=card_module.card_to_metadata({"input": _input_spec(config, splits.crop_pct)}))
+    fp32 = check_parity(model, ort_runner(onnx_path), parity_set, precision="fp32")
+    report["onnx"] = {"path": _rel(onnx_path, run_dir), "opset": default_opset(onnx_path), "exporter": exporter,
+                      "parity": fp32.to_dict()}
+    gate(fp32, "student.onnx")
+
+    if fp32.passed:
+        if "onnx-fp16" in formats or ("engine" in formats and half and major >= 11):
+            fp16_path = convert_fp16(onnx_path, export_dir / FILES["onnx-fp16"])
+            fp16 = check_parity(model, ort_runner(fp16_path), parity_set, precision="fp16")
+            report["onnx-fp16"] = {"path": _rel(fp16_path, run_dir), "parity": fp16.to_dict()}
+            gate(fp16, fp16_path.name)
+        if "onnx-int8" in formats or "engine-int8" in formats:
+            report["onnx-int8"], quantization = _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set,
+                                                      calib_data, calib_size, calib_method, max_drop, gate)
+        for name in engines_wanted:
+            engines[name], report[name] = _engine(model, export_dir, run_dir, size, engine_precision[name], config,
+                                                  parity_set, gate)
+    else:
+        for name in formats:
+            if name != "onnx":
+                report[name] = {"skipped": "the fp32 ONNX failed its parity gate"}
+
+    report["passed"] = not failures
+    card = card_module.build_model_card(
+        student={"arch": config.arch, "num_features": config.num_features, "params": count_parameters(model)},
+        teacher=dict(config.teacher or {}), method=config.method, license=config.license,
+        input_spec=_input_spec(config, splits.crop_pct),
+        output_spec={"name": OUTPUT_NAME, "dim": config.num_features, "l2_normalized": False,
+                     "dynamic_dims": {"0": BATCH_DIM}},
+        data=splits.describe(),
+        export={"exporter": exporter, "opset": DEFAULT_OPSET[exporter], "formats": formats},
+        evaluation=_eval_section(run_dir, report),
+        parity={name: entry["parity"] for name, entry in _flat_entries(report) if "parity" in entry},
+        quantization=quantization or None, engines=engines or None,
+    )
+    artefacts = [run_dir / entry["path"] for _, entry in _flat_entries(report) if "path" in entry]
+    props = card_module.card_to_metadata(card)
+    for artefact in artefacts:
+        if artefact.suffix == ".onnx":
+            set_metadata(artefact, props)
+    card_path = card_module.write_model_card(export_dir / "model_card.json", card, artefacts)
+    report["model_card"] = _rel(card_path, run_dir)
+    _merge_summary(run_dir, report)
+    if failures:
+        message = failures[0].message if len(failures) == 1 else \
+            f"{len(failures)} export gates failed: " + " | ".join(f.message for f in failures)
+        raise GateError(message, hint=failures[0].hint)
+    return report
+
+
+def _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set, calib_data, calib_size, calib_method,
+          max_drop, gate) -> tuple[dict, dict]:
+    """Both INT8 artefacts (ORT and TensorRT-compatible), their parity and the kNN accuracy report."""
+    from distillctl.data.datasets import open_dataset
+    from distillctl.export.accuracy import compare_knn
+
+    calib_dataset = open_dataset(calib_data, "train") if calib_data else splits.train
+    indices = np.sort(np.random.default_rng(0).permutation(len(calib_dataset))[:calib_size])
+    calib = _eval_images(calib_dataset, indices, int(config.input_size[-1]), config, splits.crop_pct).numpy()
+    knn_args = dict(input_size=int(config.input_size[-1]), mean=list(config.mean), std=list(config.std),
+                    crop_pct=splits.crop_pct, max_drop=max_drop)
+    entries: dict[str, dict] = {}
+    reference_top1 = None
+    for key, trt in (("onnx-int8", False), ("onnx-int8-trt", True)):
+        info = quantize_int8(onnx_path, export_dir / FILES[key], calib, method=calib_method, tensorrt=trt)
+        parity = check_parity(model, ort_runner(info.path), parity_set, precision="int8")
+        gate(parity, FILES[key])
+        accuracy = compare_knn(onnx_path, info.path, splits.train, splits.test, reference_top1=reference_top1, **knn_args)
+        reference_top1 = accuracy.reference_top1
+        gate(accuracy, None)
+        entry = {"path": _rel(Path(info.path), run_dir), "parity": parity.to_dict(), "accuracy": accuracy.to_dict(),
+                 "quantization": info.to_dict() | {"path": _rel(Path(info.path), run_dir)}}
+        if trt:
+            check_tensorrt_compatible(info.path)  # quantize_int8 checked already; cheap, and explicit here
+            entry["tensorrt_compatible"] = True
+        entries[key] = entry
+    calibration = {"data": calib_data or splits.train_spec, "images": int(len(indices)), "method": calib_method,
+                   "data_manifest_sha256": calib_dataset.manifest_hash(),
+                   "indices_sha256": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
+                   "transform": "eval (centre crop)", "per_channel": True, "activation_type": "QInt8",
+                   "weight_type": "QInt8", "format": "QDQ"}
+    result = entries["onnx-int8"] | {"tensorrt_variant": entries["onnx-int8-trt"]}
+    return result, {"calibration": calibration, FILES["onnx-int8"]: entries["onnx-int8"]["quantization"],
+                    FILES["onnx-int8-trt"]: entries["onnx-int8-trt"]["quantization"]}
+
+
+def _engine(model, export_dir, run_dir, size, precision, config, parity_set, gate) -> tuple[dict, dict]:
+    from distillctl.export.tensorrt import EngineRunner, build_engine
+
+    info = build_engine(export_dir, input_size=size, precision=precision, mean=list(config.mean), std=list(config.std))
+    tolerance = {"fp32": "gpu-fp32", "fp16": "fp16", "int8": "int8"}[precision]
+    parity = check_parity(model, EngineRunner(info.path), parity_set, precision=tolerance)
+    gate(parity, Path(info.path).name)
+    return info.to_dict(), {"path": _rel(Path(info.path), run_dir), "precision": precision, "parity": parity.to_dict(),
+                            "gpu": info.gpu, "tensorrt_version": info.tensorrt_version}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the run's labelled splits and the eval transform.
+
+
+class _Splits:
+    """Labelled train/test datasets of a run (test = val split, or every 5th train image when there is none)."""
+
+    def __init__(self, train_spec: str, val_spec: str | None, crop_pct: float) -> None:
+        from distillctl.data.datasets import open_dataset
+
+        self.train_spec, self.val_spec, self.crop_pct = train_spec, val_spec, float(crop_pct)
+        train = open_dataset(train_spec, "train")
+        if val_spec is not None:
+            self.train, self.test, self.holdout = train, open_dataset(val_spec, "val"), None
+        else:
+            every = np.arange(len(train))
+            self.train = train.subset(every[every % 5 != 0], name=f"{train.name}[holdout-train]")
+            self.test = train.subset(every[every % 5 == 0], name=f"{train.name}[holdout-test: every 5th]")
+            self.holdout = "no labelled val split: every 5th train image held out"
+
+    def describe(self) -> dict[str, Any]:
+        return {"train": self.train_spec, "val": self.val_spec, "holdout": self.holdout,
+                "train_manifest_sha256": self.train.manifest_hash(), "test_manifest_sha256": self.test.manifest_hash(),
+                "train_images": len(self.train), "test_images": len(self.test), "crop_pct": self.crop_pct}
+
+
+def _labelled_splits(run_dir: Path, data: str | None, val_data: str | None, crop_pct: float | None) -> _Splits:
+    from distillctl.data.datasets import resolve_splits
+
+    if data is None:
+        try:
+            from distillctl.rundir import RunDir
+        except ModuleNotFoundError:
+            raise UsageError(f"cannot tell which labelled data {run_dir} used",
+                             hint="pass --data (and --val-data) to distillctl export") from None
+        train_spec, val_spec, recorded_crop = RunDir(run_dir).eval_data()
+        return _Splits(train_spec, val_spec, crop_pct if crop_pct is not None else recorded_crop)
+    train_spec, val_spec = resolve_splits(data, val_data)
+    return _Splits(train_spec, val_spec, crop_pct if crop_pct is not None else 0.875)
+
+
+def _spread(n: int, count: int) -> np.ndarray:
+    """``count`` indices spread evenly over ``range(n)`` (all of them if count >= n)."""
+    return np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(np.int64))
+
+
+def _eval_images(dataset, indices, size: int, config, crop_pct: float) -> torch.Tensor:
+    """Normalised float batch of the centre (eval) views of ``indices``."""
+    from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
+
+    spec = ViewSpec(size=size, family="centre", crop_pct=crop_pct)
+    views = []
+    for index in indices:
+        image = dataset.load_image(int(index))
+        views.append(apply_view_uint8(image, sample_view(spec, int(image.shape[-2]), int(image.shape[-1]), None), spec))
+    return normalize(torch.stack(views), tuple(config.mean), tuple(config.std)).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report plumbing.
+
+
+def _input_spec(config, crop_pct: float) -> dict[str, Any]:
+    return {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "color": "RGB",
+            "size": list(config.input_size), "mean": list(config.mean), "std": list(config.std),
+            "resize": "centre crop of crop_pct x short side, resized to size", "crop_pct": crop_pct,
+            "interpolation": "bilinear+antialias", "dynamic_dims": {"0": BATCH_DIM}}
+
+
+def _flat_entries(report: dict[str, Any]):
+    """(name, entry) for every artefact entry, including the nested TensorRT INT8 variant."""
+    for name, entry in report.items():
+        if isinstance(entry, dict):
+            yield name, entry
+            if "tensorrt_variant" in entry:
+                yield f"{name}-trt", entry["tensorrt_variant"]
+
+
+def _eval_section(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    summary = _read_summary(run_dir)
+    section: dict[str, Any] = {}
+    for role in ("teacher", "student"):
+        if isinstance(summary.get(role), dict) and "knn_top1" in summary[role]:
+            section[f"{role}_knn_top1"] = summary[role]["knn_top1"]
+    if isinstance(summary.get("eval"), dict):
+        section["run"] = summary["eval"]
+    for name, entry in _flat_entries(report):
+        if "accuracy" in entry:
+            section[f"{name}_knn"] = entry["accuracy"]
+    return section
+
+
+def _read_summary(run_dir: Path, strict: bool = False) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        if strict:  # never replace a summary we cannot read with one that only holds the export
+            raise InputError(f"{path} is not a JSON object; the export report was not merged into it",
+                             hint="see export/model_card.json for the export numbers")
+        return {}
+    return value
+
+
+def _merge_summary(run_dir: Path, report: dict[str, Any]) -> None:
+    """Set ``summary['export']`` (other keys kept), written atomically."""
+    summary = _read_summary(run_dir, strict=True)
+    summary["export"] = report
+    card_module.write_json_atomic(run_dir / "summary.json", summary)
+
+
+def _rel(path: Path, run_dir: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path)
