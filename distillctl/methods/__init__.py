@@ -8,6 +8,7 @@ _METHOD_MODULES = (
     "simreg", "seed", "mocov2", "simclr",
     # Method catalogue I (issue 5)
     "smd", "disco", "bingo", "compress", "regression", "byol", "dino",
+    "seed_variants", "simreg_variants", "ssl_small",
 )
 
 for _name in _METHOD_MODULES:
