@@ -25,11 +25,11 @@ import torch
 from distillctl.cache import layout
 from distillctl.cache.progress import BuildProgress
 from distillctl.cache.shard import ShardPlan, ShardWriter, finish_sealed
-from distillctl.cache.store import FeatureCache, centre_spec, read_manifest
+from distillctl.cache.store import FeatureCache, centre_spec, manifest_differences, read_manifest
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import (PARAMS_DTYPE, ViewParams, ViewSpec, apply_view_uint8, normalize,
                                    params_to_record, sample_rng, sample_view, spec_dict)
-from distillctl.errors import InputError, TrainingError, UsageError
+from distillctl.errors import GateError, InputError, TrainingError, UsageError
 from distillctl.teachers.base import Teacher
 from distillctl.train import distributed
 
@@ -223,14 +223,21 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
     fingerprint = cache_fingerprint(teacher.sha256, outputs, dataset_hash, spec, views, mean, std, seed)
     existing = read_manifest(root) if (root / layout.MANIFEST).is_file() else None
     if existing is not None:
+        differences = manifest_differences(existing, teacher_sha256=teacher.sha256, outputs=outputs,
+                                           dataset_hash=dataset_hash, spec=spec, mean=mean, std=std, views=views,
+                                           seed=seed)
+        if differences:
+            raise GateError(f"{root} already holds a feature cache for another teacher/data/transform: "
+                            + "; ".join(differences),
+                            hint="choose another --out, or delete that directory to rebuild")
+        if existing.get("complete"):  # same inputs; its outputs may be a superset of the requested ones
+            return FeatureCache.open(root)
         if existing.get("fingerprint") != fingerprint:
-            raise InputError(f"{root} already holds a feature cache for another teacher/data/transform "
-                             f"(fingerprint {str(existing.get('fingerprint'))[:12]}…, this build {fingerprint[:12]}…)",
-                             hint="choose another --out, or delete that directory to rebuild")
+            raise GateError(f"{root} holds an unfinished build of outputs {sorted(existing['teacher']['outputs'])}; "
+                            f"this build asks for {sorted(outputs)}",
+                            hint="resume it with the same --outputs, or choose another --out")
         if int(existing["shard_size"]) != shard_size:
             raise UsageError(f"{root} was started with shard size {existing['shard_size']}; resume with the same")
-        if existing.get("complete"):
-            return FeatureCache.open(root)
 
     teacher.freeze()
     teacher.set_bn_mode("eval")

@@ -33,6 +33,39 @@ def centre_spec(spec: ViewSpec) -> ViewSpec:
     return ViewSpec(size=spec.size, family="centre", crop_pct=spec.crop_pct)
 
 
+def manifest_differences(manifest: dict, *, teacher_sha256: str, outputs: Iterable[str], dataset_hash: str,
+                         spec: ViewSpec, mean: Iterable[float], std: Iterable[float], views: int | None = None,
+                         seed: int | None = None) -> list[str]:
+    """Human-readable list of what differs between a cache manifest and what a run or build expects."""
+    differences: list[str] = []
+    cached_sha = manifest["teacher"]["sha256"]
+    if cached_sha != teacher_sha256:
+        differences.append(f"teacher sha256 {cached_sha[:12]}… (cache) vs {teacher_sha256[:12]}… (run)")
+    cached_outputs = sorted(manifest["teacher"]["outputs"])
+    missing = sorted(set(outputs) - set(cached_outputs))
+    if missing:
+        differences.append(f"teacher outputs {cached_outputs} (cache) lack {missing} (run)")
+    cached_data = manifest["dataset"]["manifest_hash"]
+    if cached_data != dataset_hash:
+        differences.append(f"dataset manifest {cached_data[:12]}… (cache) vs {dataset_hash[:12]}… (run)")
+    cached_spec = spec_from_dict(manifest["transform"]["spec"])
+    if spec != cached_spec:
+        changed = [name for name in ("size", "family", "scale", "ratio", "flip", "crop_pct")
+                   if getattr(spec, name) != getattr(cached_spec, name)]
+        differences.append("view spec " + ", ".join(f"{name}={getattr(cached_spec, name)!r} (cache) vs "
+                                                     f"{getattr(spec, name)!r} (run)" for name in changed))
+    for label, cached, wanted in (("mean", manifest["transform"]["mean"], list(mean)),
+                                  ("std", manifest["transform"]["std"], list(std))):
+        if len(cached) != len(wanted) or any(not math.isclose(float(a), float(b), abs_tol=1e-6)
+                                             for a, b in zip(cached, wanted)):
+            differences.append(f"normalisation {label} {list(cached)} (cache) vs {[float(v) for v in wanted]} (run)")
+    if views is not None and int(manifest["views"]) != views:
+        differences.append(f"views K={manifest['views']} (cache) vs {views} (run)")
+    if seed is not None and int(manifest["transform"]["seed"]) != seed:
+        differences.append(f"view seed {manifest['transform']['seed']} (cache) vs {seed} (run)")
+    return differences
+
+
 def read_manifest(path: str | Path) -> dict:
     """Parse ``<path>/manifest.json`` (complete or not). InputError if absent, GateError if unreadable."""
     root = Path(path).expanduser()
@@ -121,12 +154,18 @@ class FeatureCache:
 
     # ----------------------------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | Path, verify: bool = False) -> "FeatureCache":
-        """Open a complete cache. InputError when absent; GateError when incomplete or corrupt."""
+    def open(cls, path: str | Path, verify: bool = False, *, allow_incomplete: bool = False) -> "FeatureCache":
+        """Open a complete cache. InputError when absent; GateError when incomplete or corrupt.
+
+        ``allow_incomplete=True`` opens an interrupted build's manifest only (for ``check_compatible`` and
+        ``is_complete`` before resuming it with ``build_cache``); its rows cannot be looked up.
+        """
         root = Path(path).expanduser()
         manifest = read_manifest(root)
         shards = manifest.get("shards", [])
         unsealed = [s["id"] for s in shards if s.get("status") != "sealed"]
+        if allow_incomplete and (unsealed or not manifest.get("complete")):
+            return cls(root, manifest)
         if not manifest.get("complete") or unsealed or not shards:
             raise GateError(
                 f"feature cache at {root} is incomplete ({len(shards) - len(unsealed)}/{len(shards)} shards sealed)",
@@ -227,28 +266,17 @@ class FeatureCache:
     def check_compatible(self, *, teacher_sha256: str, outputs: Iterable[str], dataset_hash: str, spec: ViewSpec,
                          mean: Iterable[float], std: Iterable[float]) -> None:
         """Refuse (GateError, exit 3) a cache built for another teacher, dataset, output kind or transform."""
-        differences: list[str] = []
-        cached_sha = self.manifest["teacher"]["sha256"]
-        if cached_sha != teacher_sha256:
-            differences.append(f"teacher sha256 {cached_sha[:12]}… (cache) vs {teacher_sha256[:12]}… (run)")
-        missing = sorted(set(outputs) - set(self.outputs))
-        if missing:
-            differences.append(f"teacher outputs {sorted(self.outputs)} (cache) lack {missing} (run)")
-        cached_data = self.manifest["dataset"]["manifest_hash"]
-        if cached_data != dataset_hash:
-            differences.append(f"dataset manifest {cached_data[:12]}… (cache) vs {dataset_hash[:12]}… (run)")
-        if spec != self.spec:
-            changed = [name for name in ("size", "family", "scale", "ratio", "flip", "crop_pct")
-                       if getattr(spec, name) != getattr(self.spec, name)]
-            differences.append("view spec " + ", ".join(f"{name}={getattr(self.spec, name)!r} (cache) vs "
-                                                         f"{getattr(spec, name)!r} (run)" for name in changed))
-        for label, cached, wanted in (("mean", self.mean, tuple(mean)), ("std", self.std, tuple(std))):
-            if len(cached) != len(wanted) or any(not math.isclose(a, float(b), abs_tol=1e-6) for a, b in zip(cached, wanted)):
-                differences.append(f"normalisation {label} {list(cached)} (cache) vs {[float(v) for v in wanted]} (run)")
+        differences = manifest_differences(self.manifest, teacher_sha256=teacher_sha256, outputs=outputs,
+                                           dataset_hash=dataset_hash, spec=spec, mean=mean, std=std)
         if differences:
             raise GateError(f"feature cache at {self.path} does not match this run: " + "; ".join(differences),
-                            hint="rebuild it with `distillctl cache build` for this teacher/data/transform, "
-                                 "or use --teacher-mode online")
+                            hint="rebuild it with `distillctl cache build` for this teacher/data/transform "
+                                 "(another --out), or use --teacher-mode online")
+
+    def is_complete(self) -> bool:
+        """All shards sealed (always true for a cache opened without ``allow_incomplete``)."""
+        shards = self.manifest.get("shards", [])
+        return bool(self.manifest.get("complete")) and bool(shards) and all(s.get("status") == "sealed" for s in shards)
 
     # ------------------------------------------------------------------------------ verification
     def verify(self) -> VerifyReport:
