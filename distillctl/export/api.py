@@ -226,11 +226,11 @@ def _labelled_splits(run_dir: Path, data: str | None, val_data: str | None, crop
     from distillctl.data.datasets import resolve_splits
 
     if data is None:
-        try:
-            from distillctl.rundir import RunDir
-        except ModuleNotFoundError:
-            raise UsageError(f"cannot tell which labelled data {run_dir} used",
-                             hint="pass --data (and --val-data) to distillctl export") from None
+        if not (run_dir / "recipe.yaml").is_file():
+            raise UsageError(f"cannot tell which labelled data {run_dir} used (no recipe.yaml)",
+                             hint="pass --data (and --val-data) to distillctl export")
+        from distillctl.rundir import RunDir
+
         train_spec, val_spec, recorded_crop = RunDir(run_dir).eval_data()
         return _Splits(train_spec, val_spec, crop_pct if crop_pct is not None else recorded_crop)
     train_spec, val_spec = resolve_splits(data, val_data)

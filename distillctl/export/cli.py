@@ -1,0 +1,155 @@
+"""``distillctl export`` and ``distillctl bench`` (top-level commands, added by :func:`register`).
+
+Heavy imports (torch, onnx, onnxruntime) happen inside the commands, so ``distillctl --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distillctl.cli_common import console, print_json
+from distillctl.errors import UsageError
+
+EXPORT_HELP = """Export a run's student to ONNX (fp32 / fp16 / INT8) or a TensorRT engine, with parity and accuracy gates.
+
+Writes <run>/export/student.onnx (+ student.fp16.onnx, student.int8.onnx, student.int8.trt.onnx,
+student.<precision>.<gpu>.trt<ver>.engine) and export/model_card.json, and merges the report into
+summary.json. Exit 3 when a gate fails (the numbers are still written).
+
+Example: distillctl export runs/quickstart --format onnx,onnx-int8 --calib-size 512
+"""
+
+BENCH_HELP = """Latency (p50/p90) and throughput of the student per format and batch size.
+
+Example: distillctl bench runs/quickstart --formats torch,onnx,onnx-int8 --batch 1,32 --json
+"""
+
+
+def _split_csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _batches(value: str) -> list[int]:
+    try:
+        batches = [int(item) for item in _split_csv(value)]
+    except ValueError:
+        raise UsageError(f"--batch must be comma-separated integers, got '{value}'") from None
+    if not batches or min(batches) < 1:
+        raise UsageError(f"--batch sizes must be >= 1, got '{value}'")
+    return batches
+
+
+def export_command(
+    run_dir: Path = typer.Argument(..., help="Run directory with student/model.safetensors and student/config.json."),
+    format: str = typer.Option("onnx", "--format", "-f", help="Comma-separated: onnx, onnx-fp16, onnx-int8, engine, engine-int8."),
+    calib_data: str = typer.Option(None, "--calib-data", help="Images for INT8 calibration (ImageFolder or builtin:NAME); default: the run's train split."),
+    calib_size: int = typer.Option(512, "--calib-size", help="Number of calibration images (eval transform)."),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="INT8 calibration: minmax, percentile or entropy."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="INT8 budget: largest allowed kNN top-1 drop vs fp32, in points."),
+    half: bool = typer.Option(False, "--half", help="Build the TensorRT engine in fp16."),
+    exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (opset 18, default) or legacy (TorchScript, opset 17)."),
+    parity_images: int = typer.Option(64, "--parity-images", help="Held-out images for the parity gates."),
+    data: str = typer.Option(None, "--data", help="Labelled train data (overrides the run's recorded data)."),
+    val_data: str = typer.Option(None, "--val-data", help="Labelled eval data (overrides the run's recorded data)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the export report as one JSON object on stdout."),
+) -> None:
+    from distillctl.export.api import export_run
+    from distillctl.errors import GateError
+
+    if not run_dir.is_dir():
+        from distillctl.errors import InputError
+
+        raise InputError(f"run directory does not exist: {run_dir}")
+    try:
+        report = export_run(run_dir, _split_csv(format), calib_data=calib_data, calib_size=calib_size,
+                            calib_method=calib_method, max_drop=max_drop, half=half, exporter=exporter,
+                            parity_images=parity_images, data=data, val_data=val_data)
+    except GateError:
+        _render_export_from_summary(run_dir, json_out)
+        raise
+    _render_export(report, json_out)
+
+
+def _render_export_from_summary(run_dir: Path, json_out: bool) -> None:
+    """After a failed gate, still show what was measured (export_run wrote it before raising)."""
+    import json
+
+    try:
+        report = json.loads((run_dir / "summary.json").read_text()).get("export")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(report, dict):
+        _render_export(report, json_out)
+
+
+def _render_export(report: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        print_json(report)
+        return
+    from rich.table import Table
+
+    table = Table(title="distillctl export", show_lines=False)
+    for column in ("artefact", "gate", "max|Δ|", "min cos", "mean cos", "kNN top-1 (fp32 → this)", "passed"):
+        table.add_column(column, no_wrap=column == "artefact")
+    for name, entry in _entries(report):
+        parity = entry.get("parity")
+        if not parity:
+            table.add_row(name, "-", "-", "-", "-", entry.get("skipped", "-"), "-")
+            continue
+        accuracy = entry.get("accuracy")
+        knn = (f"{accuracy['reference_top1']:.2f} → {accuracy['candidate_top1']:.2f} (Δ {accuracy['drop']:+.2f}, "
+               f"budget {accuracy['max_drop']:g})") if accuracy else "-"
+        ok = parity["passed"] and (accuracy is None or accuracy["passed"])
+        table.add_row(Path(entry.get("path", name)).name, parity["tolerance"]["name"], f"{parity['max_abs']:.2e}",
+                      f"{parity['min_cosine']:.6f}", f"{parity['mean_cosine']:.6f}", knn,
+                      "[green]yes[/]" if ok else "[bold red]NO[/]")
+    console.print(table)
+    if "model_card" in report:
+        console.print(f"model card: {report['model_card']}")
+
+
+def _entries(report: dict[str, Any]):
+    for name, entry in report.items():
+        if isinstance(entry, dict):
+            yield name, entry
+            if isinstance(entry.get("tensorrt_variant"), dict):
+                yield f"{name} (TensorRT QDQ)", entry["tensorrt_variant"]
+
+
+def bench_command(
+    run_dir: Path = typer.Argument(..., help="Run directory (exported artefacts are read from <run>/export)."),
+    formats: str = typer.Option("torch,onnx", "--formats", help="Comma-separated: torch, onnx, onnx-int8, onnx-fp16, engine."),
+    batch: str = typer.Option("1,32", "--batch", help="Comma-separated batch sizes."),
+    repeats: int = typer.Option(20, "--repeats", help="Timed calls per (format, batch), after warm-up."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up calls per (format, batch)."),
+    json_out: bool = typer.Option(False, "--json", help="Print {'results': [...]} as one JSON object on stdout."),
+) -> None:
+    from distillctl.export.bench import bench_run
+
+    if not run_dir.is_dir():
+        from distillctl.errors import InputError
+
+        raise InputError(f"run directory does not exist: {run_dir}")
+    rows = bench_run(run_dir, _split_csv(formats), _batches(batch), repeats=repeats, warmup=warmup)
+    if json_out:
+        print_json({"results": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"distillctl bench (torch threads {rows[0]['torch_threads'] if rows else '?'})")
+    for column in ("format", "batch", "p50 ms", "p90 ms", "img/s", "size MB", "params"):
+        table.add_column(column, justify="right" if column != "format" else "left")
+    for row in rows:
+        table.add_row(row["format"], str(row["batch"]), f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}",
+                      f"{row['images_per_sec']:.1f}", f"{row['size_mb']:.2f}", f"{row['params']:,}")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``export`` and ``bench`` as top-level commands of the main app."""
+    app.command("export", help=EXPORT_HELP)(export_command)
+    app.command("bench", help=BENCH_HELP)(bench_command)
