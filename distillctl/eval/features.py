@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view, spec_dict
+from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
 from distillctl.errors import InputError, UsageError
 
 
@@ -138,9 +138,8 @@ class _CentreViews(torch.utils.data.Dataset):
 
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875) -> dict:
     """The evaluation transform as plain data (recorded in results and in cache keys)."""
-    spec = ViewSpec(size=int(input_size), family="centre", crop_pct=float(crop_pct))
-    return {"view": spec_dict(spec), "interpolation": "bilinear+antialias", "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std]}
+    return {"view": "centre", "size": int(input_size), "crop_pct": float(crop_pct), "interpolation": "bilinear+antialias",
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
 def embed_dataset(

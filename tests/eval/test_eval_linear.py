@@ -119,4 +119,4 @@ def test_encoder_level_probe_on_raw_pixels_with_cache(tmp_path):
     assert len(list(tmp_path.glob("*.emb.npy"))) == 2  # train + val features written once
     second = linear_probe(lambda batch: pytest.fail("features should come from the cache"), train, val, **kwargs)
     assert first.top1 > 85.0 and first.to_dict() == second.to_dict()
-    assert first.protocol["transform"]["view"]["size"] == 16 and first.protocol["epochs"] == 10
+    assert first.protocol["transform"]["size"] == 16 and first.protocol["epochs"] == 10

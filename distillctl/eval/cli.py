@@ -1,0 +1,282 @@
+"""``distillctl eval knn|linear TARGET``: evaluate frozen embeddings of a run, a student dir or an artefact.
+
+TARGET is a run directory, its ``student/`` directory, or an exported file (``.onnx``, INT8 ``.onnx``,
+``.engine`` where TensorRT is installed) — the same protocol for all, so an artefact's accuracy is
+directly comparable with its checkpoint's. Labelled splits come from ``--data/--val-data`` or, when
+TARGET lives in a run directory, from the run's recipe. Embeddings are cached under
+``<run>/eval_cache`` (or ``--cache-dir``) keyed by weights sha256 + data manifest + transform.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from distillctl.cli_common import console, print_json
+from distillctl.errors import UsageError
+
+app = typer.Typer(
+    help="Evaluate frozen embeddings (weighted kNN, linear probe) of a run, student or exported artefact.\n\n"
+         "Example: distillctl eval knn runs/quickstart --k 10,20,200",
+    no_args_is_help=True,
+)
+
+TARGET = typer.Argument(..., help="Run directory, student/ directory, or exported .onnx/.engine file.")
+DATA = typer.Option(None, "--data", help="Labelled train split (bank / probe training): ImageFolder dir or builtin:digits.")
+VAL_DATA = typer.Option(None, "--val-data", help="Labelled evaluation split (default: the run's, or builtin test split).")
+BATCH = typer.Option(256, "--batch-size", min=1, help="Images per forward pass.")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+WORKERS = typer.Option(0, "--num-workers", min=0, help="DataLoader workers decoding images.")
+CROP = typer.Option(None, "--crop-pct", help="Centre-crop fraction of the short side (default: the run's, else 0.875).")
+CACHE = typer.Option(None, "--cache-dir", help="Feature cache directory (default: <run>/eval_cache for targets in a run).")
+NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write cached embeddings.")
+JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+
+
+@dataclass
+class _Prepared:
+    """Everything both commands need: the encoder, its preprocessing and the two labelled splits."""
+
+    target: Path
+    encoder: Any
+    preprocess: dict
+    description: str
+    run_dir: Path | None
+    train: Any
+    val: Any
+    train_spec: str
+    val_spec: str
+    crop_pct: float
+    device: str
+    cache: Any
+    encoder_sha256: str | None
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} but no CUDA GPU is available", hint="use --device cpu or auto")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UsageError(f"unknown device '{name}'; valid: auto, cpu, cuda, cuda:N")
+    return name
+
+
+def _enclosing_run(target: Path, with_recipe: bool = False) -> Path | None:
+    """The run directory a target belongs to: the run itself, ``<run>/student`` or ``<run>/export/<file>``.
+
+    A run is a directory holding ``student/``; ``with_recipe`` also requires its ``recipe.yaml``
+    (needed to know the run's data splits).
+    """
+    candidates = [target, target.parent] if target.is_dir() else [target.parent.parent, target.parent]
+    for candidate in candidates:
+        if (candidate / "student").is_dir() and (not with_recipe or (candidate / "recipe.yaml").is_file()):
+            return candidate
+    return None
+
+
+def _resolve_splits(target: Path, data: str | None, val_data: str | None) -> tuple[str, str, float | None]:
+    from distillctl.data.datasets import resolve_splits
+
+    run_crop = None
+    if data is None:
+        run = _enclosing_run(target, with_recipe=True)
+        if run is None:
+            raise UsageError(f"no --data given and {target} is not inside a distillctl run directory",
+                             hint="pass --data TRAIN [--val-data VAL] (an ImageFolder or builtin:digits)")
+        from distillctl.rundir import RunDir
+
+        train_spec, val_spec, run_crop = RunDir(run).eval_data()
+        if val_data is not None:
+            val_spec = val_data
+    else:
+        train_spec, val_spec = resolve_splits(data, val_data)
+    if val_spec is None:
+        raise UsageError(f"no labelled evaluation split for {train_spec}",
+                         hint="pass --val-data DIR, or use a DATA dir with train/ and val/ (or test/) inside")
+    return train_spec, val_spec, run_crop
+
+
+def _prepare(target_arg: str, data: str | None, val_data: str | None, device: str, crop_pct: float | None,
+             cache_dir: str | None, no_cache: bool) -> _Prepared:
+    from distillctl.data.datasets import open_dataset
+    from distillctl.eval.features import FeatureCache, encoder_fingerprint, load_encoder
+
+    target = Path(target_arg).expanduser()
+    device = _resolve_device(device)
+    encoder, preprocess, description = load_encoder(target, device)
+    train_spec, val_spec, run_crop = _resolve_splits(target, data, val_data)
+    train = open_dataset(train_spec, "train")
+    val = open_dataset(val_spec, "test")  # builtin datasets: their held-out test split; folders: as given
+    crop = float(crop_pct if crop_pct is not None else run_crop if run_crop is not None else 0.875)
+    if not 0.0 < crop <= 1.0:
+        raise UsageError(f"--crop-pct must be in (0, 1], got {crop}")
+    run_dir = _enclosing_run(target)
+    cache = None
+    if not no_cache:
+        root = Path(cache_dir).expanduser() if cache_dir else (run_dir / "eval_cache" if run_dir else None)
+        cache = FeatureCache(root) if root is not None else None
+    sha = encoder_fingerprint(target) if cache is not None else None
+    return _Prepared(target, encoder, preprocess, description, run_dir, train, val, train_spec, val_spec, crop,
+                     device, cache, sha)
+
+
+def _embed_both(prep: _Prepared, batch_size: int, num_workers: int) -> tuple[tuple, tuple, dict]:
+    from distillctl.eval.features import embed_dataset_cached
+
+    kwargs = dict(cache=prep.cache, encoder_sha256=prep.encoder_sha256, crop_pct=prep.crop_pct, batch_size=batch_size,
+                  device=prep.device, num_workers=num_workers, **prep.preprocess)
+    timing: dict[str, Any] = {}
+    out = []
+    for name, dataset in (("train", prep.train), ("val", prep.val)):
+        console.print(f"[dim]embedding {name}: {len(dataset)} images ({prep.description})[/]", highlight=False)
+        start = time.perf_counter()
+        emb, labels, hit = embed_dataset_cached(prep.encoder, dataset, **kwargs)
+        timing[f"{name}_s"] = round(time.perf_counter() - start, 3)
+        timing[f"{name}_cached"] = hit
+        out.append((emb, labels))
+    return out[0], out[1], timing
+
+
+def _data_record(prep: _Prepared) -> dict:
+    return {"train": prep.train_spec, "val": prep.val_spec, "n_train": len(prep.train), "n_val": len(prep.val),
+            "train_manifest": prep.train.manifest_hash(), "val_manifest": prep.val.manifest_hash(),
+            "num_classes": len(prep.train.classes)}
+
+
+def _merge_summary(prep: _Prepared, student_patch: dict) -> None:
+    """Record the result in ``<run>/summary.json`` (atomic, other keys kept) when TARGET is the run itself."""
+    if prep.run_dir is None or prep.target.resolve() != prep.run_dir.resolve():
+        return
+    from distillctl.rundir import RunDir
+
+    RunDir(prep.run_dir).update_summary({"eval": {"student": student_patch}})
+    console.print(f"[dim]recorded in {prep.run_dir / 'summary.json'}[/]", highlight=False)
+
+
+def _parse_floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated numbers, got '{text}'") from None
+    if not values:
+        raise UsageError(f"{flag} needs at least one value")
+    return values
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        ks = ()
+    if not ks or min(ks) < 1:
+        raise UsageError(f"--k expects comma-separated positive integers, got '{text}'")
+    return ks
+
+
+@app.command(help="Weighted kNN top-1 (cosine, exp(sim/T) votes) for several k in one pass.\n\n"
+                  "Example: distillctl eval knn runs/quickstart --k 10,20,200\n\n"
+                  "Example: distillctl eval knn runs/r/export/student.int8.onnx --data builtin:digits --json")
+def knn(
+    target: str = TARGET,
+    data: Optional[str] = DATA,
+    val_data: Optional[str] = VAL_DATA,
+    k: str = typer.Option("20", "--k", help="Comma-separated neighbour counts, e.g. 10,20,200."),
+    temperature: float = typer.Option(0.07, "--t", "--temperature", help="Vote temperature T (DINO: 0.07)."),
+    batch_size: int = BATCH,
+    device: str = DEVICE,
+    num_workers: int = WORKERS,
+    crop_pct: Optional[float] = CROP,
+    cache_dir: Optional[str] = CACHE,
+    no_cache: bool = NO_CACHE,
+    json_output: bool = JSON,
+) -> None:
+    from distillctl.eval.features import eval_transform
+    from distillctl.eval.knn import knn_evaluate, knn_protocol
+
+    ks = _parse_ks(k)
+    if temperature <= 0:
+        raise UsageError(f"--t must be > 0, got {temperature}")
+    prep = _prepare(target, data, val_data, device, crop_pct, cache_dir, no_cache)
+    (train_emb, train_labels), (val_emb, val_labels), timing = _embed_both(prep, batch_size, num_workers)
+    start = time.perf_counter()
+    scores = knn_evaluate(train_emb, train_labels, val_emb, val_labels, ks=ks, temperature=temperature,
+                          num_classes=len(prep.train.classes), device=prep.device)
+    timing["knn_s"] = round(time.perf_counter() - start, 3)
+    protocol = {**knn_protocol(ks, temperature), "bank": "train split", "bn": "eval",
+                "transform": eval_transform(crop_pct=prep.crop_pct, **prep.preprocess)}
+    knn_result = {str(key): round(value, 4) for key, value in sorted(scores.items())}
+    _merge_summary(prep, {"knn": knn_result, "knn_protocol": protocol})
+    if json_output:
+        print_json({"target": str(prep.target), "encoder": prep.description, "knn": knn_result, "protocol": protocol,
+                    "data": _data_record(prep), "timing": timing, "embedding_dim": int(train_emb.shape[1])})
+        return
+    table = Table(title="weighted kNN")
+    table.add_column("k", justify="right")
+    table.add_column("top-1 %", justify="right")
+    for key, value in sorted(scores.items()):
+        table.add_row(str(key), f"{value:.2f}")
+    console.print(table)
+    console.print(f"[dim]{prep.description}: T={temperature}, cosine, bank {len(prep.train)} × {train_emb.shape[1]}-d "
+                  f"({prep.train_spec}), queries {len(prep.val)} ({prep.val_spec})[/]", highlight=False)
+
+
+@app.command(help="Linear probe: lr × weight-decay sweep selected on 10% of train, retrained, top-1 on val.\n\n"
+                  "Example: distillctl eval linear runs/r50-mnv2 --data /data/train --val-data /data/val\n\n"
+                  "Example: distillctl eval linear runs/quickstart --epochs 30 --json")
+def linear(
+    target: str = TARGET,
+    data: Optional[str] = DATA,
+    val_data: Optional[str] = VAL_DATA,
+    epochs: int = typer.Option(50, "--epochs", min=1, help="SGD epochs per setting (sweep and final retrain)."),
+    lrs: str = typer.Option("0.01,0.1,1.0", "--lrs", help="Learning rates swept (comma-separated)."),
+    wds: str = typer.Option("0,1e-4,1e-3,1e-2", "--wds", help="Weight decays swept (comma-separated)."),
+    probe_batch: int = typer.Option(256, "--probe-batch-size", min=1, help="Mini-batch size of the classifier."),
+    heldout: float = typer.Option(0.1, "--heldout", help="Fraction of train held out (stratified) to pick lr/wd."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and the mini-batch order."),
+    batch_size: int = BATCH,
+    device: str = DEVICE,
+    num_workers: int = WORKERS,
+    crop_pct: Optional[float] = CROP,
+    cache_dir: Optional[str] = CACHE,
+    no_cache: bool = NO_CACHE,
+    json_output: bool = JSON,
+) -> None:
+    from distillctl.eval.features import eval_transform
+    from distillctl.eval.linear import LinearProbeConfig, linear_probe_embeddings
+
+    config = LinearProbeConfig(lrs=_parse_floats(lrs, "--lrs"), weight_decays=_parse_floats(wds, "--wds"),
+                               epochs=epochs, batch_size=probe_batch, heldout_fraction=heldout, seed=seed)
+    if not 0.0 < heldout < 1.0:
+        raise UsageError(f"--heldout must be in (0, 1), got {heldout}")
+    prep = _prepare(target, data, val_data, device, crop_pct, cache_dir, no_cache)
+    (train_emb, train_labels), (val_emb, val_labels), timing = _embed_both(prep, batch_size, num_workers)
+    start = time.perf_counter()
+    result = linear_probe_embeddings(train_emb, train_labels, val_emb, val_labels, config,
+                                     num_classes=len(prep.train.classes), device=prep.device)
+    timing["probe_s"] = round(time.perf_counter() - start, 3)
+    result.protocol["transform"] = eval_transform(crop_pct=prep.crop_pct, **prep.preprocess)
+    result.protocol["bn"] = "eval"
+    _merge_summary(prep, {"linear": result.to_dict()})
+    if json_output:
+        print_json({"target": str(prep.target), "encoder": prep.description, "linear": result.to_dict(),
+                    "protocol": result.protocol, "data": _data_record(prep), "timing": timing})
+        return
+    table = Table(title="linear probe sweep")
+    for column in ("lr", "weight decay", "held-out top-1 %", ""):
+        table.add_column(column, justify="right")
+    for row in result.sweep:
+        chosen = row["lr"] == result.lr and row["weight_decay"] == result.weight_decay
+        accuracy = "diverged" if row["diverged"] else f"{row['heldout_top1']:.2f}"
+        table.add_row(f"{row['lr']:g}", f"{row['weight_decay']:g}", accuracy, "← chosen" if chosen else "")
+    console.print(table)
+    console.print(f"[bold]val top-1 {result.top1:.2f}%[/] · {prep.description} (lr {result.lr:g}, wd {result.weight_decay:g}, "
+                  f"retrained on {len(prep.train)} train images, {epochs} epochs; val {len(prep.val)} images)",
+                  highlight=False)
+

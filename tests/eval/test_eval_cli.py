@@ -1,0 +1,108 @@
+"""``distillctl eval knn|linear``: exit codes, JSON output, run-dir splits, summary.json merge, artefact targets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from distillctl.cli import main
+
+
+def _run(argv, capsys):
+    """Call the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A fresh copy of the tiny run (summary.json is written into it)."""
+    run_dir, _, _ = tiny_run
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def test_missing_target_exits_2(tmp_path, capsys):
+    code, out, err = _run(["eval", "knn", str(tmp_path / "missing"), "--data", "builtin:digits"], capsys)
+    assert code == 2 and out == ""
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_bad_inputs_exit_2(run_copy, tmp_path, capsys):
+    # No --data and no recipe.yaml in the run: nothing says which data to use.
+    code, _, err = _run(["eval", "knn", str(run_copy)], capsys)
+    assert code == 2 and "--data" in err
+    # An ImageFolder without a val split: exit 2 with a hint.
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "folder" / cls / "x.png")
+    code, _, err = _run(["eval", "knn", str(run_copy), "--data", str(tmp_path / "folder")], capsys)
+    assert code == 2 and "no labelled evaluation split" in err and "--val-data" in err
+    code, _, err = _run(["eval", "knn", str(run_copy), "--data", "builtin:digits", "--k", "0"], capsys)
+    assert code == 2 and "--k" in err
+    code, _, err = _run(["eval", "knn", str(run_copy), "--data", "builtin:digits", "--k", "5000"], capsys)
+    assert code == 2 and "exceeds" in err
+
+
+def test_knn_json_checkpoint_and_onnx_agree_and_summary_is_merged(run_copy, capsys):
+    (run_copy / "summary.json").write_text(json.dumps({"method": "simreg", "eval": {"teacher": {"knn_top1": 90.0}}}))
+    code, out, err = _run(["eval", "knn", str(run_copy), "--data", "builtin:digits", "--k", "1,20", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)  # exactly one JSON object on stdout
+    assert set(result["knn"]) == {"1", "20"} and result["protocol"]["temperature"] == 0.07
+    assert result["data"]["n_train"] == 1437 and result["data"]["n_val"] == 360
+    assert result["knn"]["20"] > 20.0
+    summary = json.loads((run_copy / "summary.json").read_text())
+    assert summary["method"] == "simreg" and summary["eval"]["teacher"] == {"knn_top1": 90.0}
+    assert summary["eval"]["student"]["knn"] == result["knn"]
+    assert not list(run_copy.glob("*.tmp")) and not list(run_copy.glob(".summary*"))
+    # The exported artefact, evaluated the same way, scores the same; the run's summary is left alone.
+    code, out, err = _run(["eval", "knn", str(run_copy / "export" / "student.onnx"), "--data", "builtin:digits",
+                           "--k", "1,20", "--json"], capsys)
+    assert code == 0, err
+    onnx_result = json.loads(out)
+    assert onnx_result["knn"] == result["knn"] and onnx_result["encoder"].startswith("onnx")
+    assert json.loads((run_copy / "summary.json").read_text()) == summary
+
+
+def test_run_dir_splits_come_from_the_recipe(run_copy, capsys):
+    from distillctl.config import build_recipe
+
+    (run_copy / "recipe.yaml").write_text(build_recipe({"data": {"train": "builtin:digits", "crop_pct": 1.0}}).to_yaml())
+    code, out, err = _run(["eval", "knn", str(run_copy), "--json", "--no-cache"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["protocol"]["transform"]["crop_pct"] == 1.0
+    assert result["data"]["val"] == "builtin:digits" and result["data"]["n_val"] == 360
+    assert not (run_copy / "eval_cache").exists()
+
+
+def test_linear_cli_records_protocol_and_reuses_cached_features(run_copy, capsys):
+    argv = ["eval", "linear", str(run_copy), "--data", "builtin:digits", "--epochs", "5", "--lrs", "0.1,1",
+            "--wds", "0,1e-3", "--json"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    first = json.loads(out)
+    linear = first["linear"]
+    assert linear["top1"] > 50.0 and len(linear["sweep"]) == 4
+    assert first["protocol"]["epochs"] == 5 and first["protocol"]["lrs"] == [0.1, 1.0]
+    assert first["timing"]["train_cached"] is False
+    code, out, err = _run(argv, capsys)
+    second = json.loads(out)
+    assert second["timing"]["train_cached"] is True and second["linear"] == linear
+    summary = json.loads((run_copy / "summary.json").read_text())
+    assert summary["eval"]["student"]["linear"]["top1"] == linear["top1"]
+    # Human output goes to stderr, never stdout.
+    code, out, err = _run(argv[:-1], capsys)
+    assert code == 0 and out == "" and "chosen" in err and "val top-1" in err
