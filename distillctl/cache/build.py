@@ -112,15 +112,15 @@ def _human(num: float) -> str:
     return f"{num:.1f} TB"
 
 
-def check_disk_space(root: Path, needed: int) -> None:
+def check_disk_space(root: Path, needed: int, detail: str = "") -> None:
     """InputError (exit 2) before anything is written when the filesystem cannot hold the cache."""
     probe = root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise InputError(f"not enough disk space for the feature cache at {root}: needs about {_human(needed)}, "
-                         f"{_human(free)} free on {probe}",
+        raise InputError(f"not enough disk space for the feature cache at {root}: needs about {_human(needed)} "
+                         f"({needed:,} bytes{detail}), {_human(free)} ({free:,} bytes) free on {probe}",
                          hint="free space, lower --views, cache fewer --outputs, or choose another --out")
 
 
@@ -182,19 +182,19 @@ def _forward(teacher: Teacher, batch: torch.Tensor, outputs: set[str], device: t
                 else contextlib.nullcontext())
     with autocast:
         result = teacher.forward(images, outputs)
-    return {name: result[name].float().cpu().numpy().astype(np.float16) for name in sorted(outputs)}
+    with np.errstate(over="ignore"):  # fp16 overflow becomes inf, which _check_rows reports
+        return {name: result[name].float().cpu().numpy().astype(np.float16) for name in sorted(outputs)}
 
 
 def _check_rows(features: dict[str, np.ndarray], indices: np.ndarray, views: int) -> None:
     """A non-finite value (incl. fp16 overflow) or an all-zero row would poison or hide in the cache."""
     for name, values in features.items():
-        bad = ~np.isfinite(values).all(axis=1) | ~values.any(axis=1)
-        if bad.any():
-            rows = np.flatnonzero(bad)
-            images = sorted({int(indices[row // views]) for row in rows})
-            raise TrainingError(f"teacher produced {int(bad.sum())} non-finite or all-zero {name} rows "
-                                f"(images {images[:5]}{'…' if len(images) > 5 else ''})",
-                                hint="check the teacher weights and input; with --amp fp16 try bf16 or none")
+        for label, bad in (("non-finite", ~np.isfinite(values).all(axis=1)), ("all-zero", ~values.any(axis=1))):
+            if bad.any():
+                images = sorted({int(indices[row // views]) for row in np.flatnonzero(bad)})
+                raise TrainingError(f"teacher produced {int(bad.sum())} {label} {name} rows "
+                                    f"(images {images[:5]}{'…' if len(images) > 5 else ''}); refusing to cache them",
+                                    hint="check the teacher weights and input; with --amp fp16 try bf16 or none")
 
 
 def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spec: ViewSpec, views: int,
@@ -251,7 +251,10 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
 
     plans = _shard_plans(len(dataset), views, shard_size)
     already = layout.dir_size(root) if root.exists() else 0
-    check_disk_space(root, max(0, estimate_bytes(len(dataset), views, dims, shard_size) - already))
+    row_bytes = 2 * sum(dims.values()) + PARAMS_DTYPE.itemsize
+    check_disk_space(root, max(0, estimate_bytes(len(dataset), views, dims, shard_size) - already),
+                     f" = {len(dataset)} images x {views} views x {row_bytes} B"
+                     + (f" + headers, minus {already:,} bytes already built" if already else " + headers"))
     header = _header(teacher, dataset, dataset_hash, fingerprint, spec, views, dims, mean, std, seed, shard_size)
     build_info = {"device": str(torch_device), "amp": amp, "channels_last": channels_last, "batch_size": batch_size,
                   "world_size": rank.world_size, "torch": torch.__version__,
@@ -298,6 +301,8 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
             except BaseException:
                 writer.flush()  # keep the finished rows for the resume (a kill -9 skips this; the bitmap covers it)
                 writer.close()
+                if rank.world_size == 1:
+                    write_manifest(root, header, plans, build_info)
                 raise
             writer.seal()
             if rank.world_size == 1:

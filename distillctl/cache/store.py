@@ -354,6 +354,12 @@ def cache_info(root: Path, manifest: dict) -> dict[str, Any]:
     shards = manifest.get("shards", [])
     sealed = sum(1 for s in shards if s.get("status") == "sealed")
     images = int(manifest["dataset"]["num_images"])
+    images_done = 0  # read from the seal records and bitmaps: after a kill the manifest lags behind them
+    for shard in shards:
+        if layout.seal_file(root, int(shard["id"])).is_file():
+            images_done += int(shard["stop"]) - int(shard["start"])
+        elif (bitmap := layout.bitmap_file(root, int(shard["id"]))).is_file():
+            images_done += int(np.unpackbits(np.fromfile(bitmap, dtype=np.uint8)).sum())
     size = layout.dir_size(root)
     return {
         "path": str(root),
@@ -361,6 +367,7 @@ def cache_info(root: Path, manifest: dict) -> dict[str, Any]:
         "complete": bool(manifest.get("complete")) and sealed == len(shards),
         "shards_sealed": sealed,
         "shards_total": len(shards),
+        "images_done": images_done,
         "teacher": manifest["teacher"],
         "transform": manifest["transform"],
         "dataset": manifest["dataset"],
