@@ -1,0 +1,168 @@
+"""DINO (Caron et al., ICCV 2021) with the SSLight settings (Chen et al., ICLR 2023) as an SSL-only method.
+
+SSLight keeps DINO's objective and changes what small networks find too hard: global crops
+cover 0.3–1 of the image, the six local crops are larger (128 px, scale 0.05–0.3), and the
+global–global and global–local terms are re-weighted 0.4 / 0.6 instead of DINO's implicit
+2/14 / 12/14. The teacher is an EMA of student + head; its outputs are centred (EMA centre) and
+sharpened with a temperature that warms up from 0.04 to 0.07.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillctl.data.views import ViewSpec
+from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
+from distillctl.methods.common import EMA, cosine_momentum
+from distillctl.methods.shared import BackboneWithHead, require_setup, require_student, scaled_crop_size
+from distillctl.train.distributed import all_reduce_mean
+
+
+class DINOParams(MethodParams):
+    out_dim: int = 4096
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    use_bn_in_head: bool = True
+    norm_last_layer: bool = True
+    freeze_last_layer_epochs: int = 1  # no gradient into the prototype layer during the first epoch(s)
+    momentum: float = 0.996  # teacher EMA, cosine to 1
+    student_temperature: float = 0.1
+    warmup_teacher_temperature: float = 0.04
+    teacher_temperature: float = 0.07
+    warmup_teacher_temperature_epochs: int = 50
+    center_momentum: float = 0.9
+    global_crop_scale: tuple[float, float] = (0.3, 1.0)  # DINO baseline: (0.14, 1)
+    local_crops: int = 6
+    local_crop_size: int = 128  # at 224 px, scaled with data.image_size; DINO baseline: 96
+    local_crop_scale: tuple[float, float] = (0.05, 0.3)  # DINO baseline: (0.05, 0.14)
+    loss_weights: tuple[float, float] = (0.4, 0.6)  # (global–global, global–local); DINO's mean ≈ (0.143, 0.857)
+
+
+class DINOHead(nn.Module):
+    """MLP (Linear–BN–GELU ×2, Linear to the bottleneck), L2 normalisation, weight-normalised prototypes."""
+
+    def __init__(self, in_dim: int, params: DINOParams) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dims = [in_dim, params.hidden_dim, params.hidden_dim]
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers.append(nn.Linear(a, b))
+            if params.use_bn_in_head:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(params.hidden_dim, params.bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.prototype_direction = nn.Parameter(torch.empty(params.out_dim, params.bottleneck_dim))
+        nn.init.trunc_normal_(self.prototype_direction, std=0.02)
+        # weight norm: W = g · v/‖v‖; with norm_last_layer g is fixed at 1
+        self.prototype_scale = nn.Parameter(torch.ones(params.out_dim, 1), requires_grad=not params.norm_last_layer)
+        self.freeze_prototypes = False
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        embedding = F.normalize(self.mlp(features), dim=-1)
+        weight = self.prototype_scale * F.normalize(self.prototype_direction, dim=1)
+        if self.freeze_prototypes:
+            weight = weight.detach()  # like DINO's cancel_gradients: the layer gets no gradient at all
+        return embedding @ weight.t()
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Sharpening with τ=0.04 needs more than half precision; keep float64 where a caller uses it."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def teacher_temperature(params: DINOParams, epoch: int) -> float:
+    """Linear warm-up over ``warmup_teacher_temperature_epochs`` epochs (np.linspace endpoints), then constant."""
+    warm = params.warmup_teacher_temperature_epochs
+    if epoch >= warm:
+        return params.teacher_temperature
+    if warm == 1:
+        return params.warmup_teacher_temperature
+    return params.warmup_teacher_temperature + (params.teacher_temperature - params.warmup_teacher_temperature) * epoch / (warm - 1)
+
+
+def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor],
+              weights: tuple[float, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of every student view against every *other* teacher (global) view; global–global
+    and global–local terms are averaged separately and mixed with ``weights`` (SSLight)."""
+    global_terms, local_terms = [], []
+    n_global = len(teacher_probs)
+    for iq, probs in enumerate(teacher_probs):
+        for v, logits in enumerate(student_logits):
+            if v == iq:
+                continue
+            term = torch.sum(-probs * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            (global_terms if v < n_global else local_terms).append(term)
+    global_loss = torch.stack(global_terms).mean()
+    if not local_terms:
+        return global_loss, {"global": float(global_loss.detach())}
+    local_loss = torch.stack(local_terms).mean()
+    loss = weights[0] * global_loss + weights[1] * local_loss
+    return loss, {"global": float(global_loss.detach()), "local": float(local_loss.detach())}
+
+
+@register
+class DINO(Method):
+    name = "dino"
+    kind = "ssl"
+    title = "DINO with SSLight view settings: effective SSL pre-training on low-compute networks (Chen et al., ICLR 2023)"
+    objective = (
+        "2 global crops (scale 0.3–1) and 6 local 128-px crops (scale 0.05–0.3). Student logits z = h(S(x))/τ_s with "
+        "h = 3-layer MLP (BN, GELU) → L2 norm → weight-normalised 4096 prototypes, τ_s = 0.1; the teacher is an EMA "
+        "of S and h (0.996 → 1, cosine) and sees the global crops; P_T = softmax((z_T − c)/τ_t) with the EMA centre "
+        "c (0.9) and τ_t warming from 0.04 to 0.07 over 50 epochs. L = 0.4·mean(global–global CE) + "
+        "0.6·mean(global–local CE), each CE = −Σ P_T log softmax(z_S) over pairs of different views. No teacher model."
+    )
+    published = (
+        "ImageNet linear, DINO baseline → SSLight (saic-fi/SSLight README): MobileNetV2 66.2 → 68.3, ResNet-18 "
+        "62.2 → 65.7, ResNet-34 67.7 → 69.7, ViT-Tiny/16 66.7 → 69.5. Recipe: LARS, base lr 0.48, min lr 0.0048, "
+        "wd 1e-6, 200 epochs, batch 128 per the config."
+    )
+    Params = DINOParams
+
+    def __init__(self, params: DINOParams, student_dim: int, teacher_dims=None) -> None:
+        super().__init__(params, student_dim, teacher_dims)
+        self.head = DINOHead(student_dim, params)
+        self.register_buffer("center", torch.zeros(1, params.out_dim))
+        self.teacher: EMA | None = None
+
+    def setup(self, student: nn.Module) -> None:
+        self.teacher = EMA(BackboneWithHead(student, self.head))
+
+    def requirements(self, image_size: int) -> Requirements:
+        scale = tuple(self.params.global_crop_scale)
+        globals_ = tuple(MethodView(ViewSpec(size=image_size, family=f, scale=scale), teacher=False)
+                         for f in ("byol1", "byol2"))
+        # DINO's local crops: jitter p=0.8, grayscale 0.2, blur 0.5, no solarisation — the mocov2 family
+        # (whose saturation jitter is 0.4 where DINO uses 0.2).
+        local = MethodView(ViewSpec(size=scaled_crop_size(image_size, self.params.local_crop_size), family="mocov2",
+                                    scale=tuple(self.params.local_crop_scale)), teacher=False)
+        return Requirements(views=globals_ + (local,) * self.params.local_crops, teacher_outputs=frozenset(),
+                            teacher_mode="none")
+
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+        teacher = require_setup(self.teacher, self.name)
+        epoch = int(inputs.epoch)
+        self.head.freeze_prototypes = epoch < self.params.freeze_last_layer_epochs
+        student_logits = [self.head(f) / self.params.student_temperature for f in inputs.student_features]
+        with torch.no_grad():
+            teacher_logits = [_at_least_float32(teacher(img)) for img in inputs.images[:2]]
+        inputs.extras["dino_teacher_logits"] = torch.cat(teacher_logits)
+        temperature = teacher_temperature(self.params, epoch)
+        probs = [F.softmax((t - self.center) / temperature, dim=-1).to(student_logits[0].dtype) for t in teacher_logits]
+        loss, logs = dino_loss(student_logits, probs, tuple(self.params.loss_weights))
+        logs["teacher_temperature"] = temperature
+        return loss, logs
+
+    @torch.no_grad()
+    def after_step(self, inputs: MethodInputs) -> None:
+        batch_center = all_reduce_mean(inputs.extras["dino_teacher_logits"].mean(dim=0, keepdim=True))
+        self.center.mul_(self.params.center_momentum).add_(batch_center, alpha=1 - self.params.center_momentum)
+        momentum = cosine_momentum(self.params.momentum, inputs.epoch / max(1, inputs.total_epochs))
+        self.teacher.update(BackboneWithHead(require_student(inputs.student, self.name), self.head), momentum)
