@@ -34,11 +34,16 @@ def exported(run_dir: Path) -> dict:
                       max_drop=3.0)
 
 
-def _copy_student(run_dir: Path, tmp_path: Path) -> Path:
-    """A fresh run dir with the same student and summary (no export yet)."""
+def _copy_student(run_dir: Path, tmp_path: Path, with_recipe: bool = False) -> Path:
+    """A fresh run dir with the same student and summary (no export yet), optionally a resolved recipe."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir / "student", copy / "student")
     shutil.copy(run_dir / "summary.json", copy / "summary.json")
+    if with_recipe:
+        from distillctl.config import build_recipe
+        from distillctl.rundir import RunDir
+
+        RunDir(copy).write_recipe(build_recipe({"data": {"train": DATA, "image_size": 32, "crop_pct": 1.0}}))
     return copy
 
 
@@ -139,15 +144,17 @@ def test_tampered_onnx_fails_parity_with_exit_3(run_dir: Path, tmp_path: Path, m
         return path
 
     monkeypatch.setattr(api, "export_onnx", tampering_export)
-    run = _copy_student(run_dir, tmp_path)
-    code = _cli(["export", str(run), "--format", "onnx,onnx-int8", "--data", DATA, "--parity-images", "16", "--json"])
+    run = _copy_student(run_dir, tmp_path, with_recipe=True)  # labelled data comes from the run's recipe
+    code = _cli(["export", str(run), "--format", "onnx,onnx-int8", "--parity-images", "16", "--json"])
     captured = capsys.readouterr()
     assert code == 3
     assert "parity gate failed for student.onnx" in captured.err and "over" in captured.err and "min cosine" in captured.err
     report = json.loads(captured.out)  # the numbers are still reported, as one JSON object
     assert report["onnx"]["parity"]["passed"] is False and report["onnx"]["parity"]["max_abs"] > 1e-3
     assert report["onnx-int8"] == {"skipped": "the fp32 ONNX failed its parity gate"}
-    assert json.loads((run / "export" / "model_card.json").read_text())["parity"]["onnx"]["passed"] is False
+    card = json.loads((run / "export" / "model_card.json").read_text())
+    assert card["parity"]["onnx"]["passed"] is False
+    assert card["data"]["train"] == DATA and card["data"]["crop_pct"] == 1.0  # read from recipe.yaml
 
 
 def test_parity_gate_direct_on_tampered_file(run_dir: Path, exported: dict, tmp_path: Path) -> None:
@@ -237,3 +244,17 @@ def test_bench_torch_and_onnx(run_dir: Path, exported: dict, capsys) -> None:
     payload = json.loads(capsys.readouterr().out)
     assert code == 0 and [r["format"] for r in payload["results"]] == ["torch", "onnx"]
     assert _cli(["bench", str(run_dir), "--formats", "torch", "--batch", "0"]) == 2
+
+
+def test_imagefolder_without_val_split_holds_out_every_fifth_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from distillctl.export.api import _labelled_splits
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index in range(10):
+            Image.new("RGB", (12, 10), color=(index * 20, 0, 0)).save(tmp_path / "data" / label / f"{index}.png")
+    splits = _labelled_splits(tmp_path, str(tmp_path / "data"), None, None)
+    assert len(splits.train) == 16 and len(splits.test) == 4 and splits.crop_pct == 0.875
+    assert "every 5th" in splits.describe()["holdout"]
