@@ -2,7 +2,8 @@
 
 TARGET is a run directory, its ``student/`` directory, or an exported file (``.onnx``, INT8 ``.onnx``,
 ``.engine`` where TensorRT is installed) — the same protocol for all, so an artefact's accuracy is
-directly comparable with its checkpoint's. Labelled splits come from ``--data/--val-data`` or, when
+directly comparable with its checkpoint's. ``teacher:<name|timm:tag|file>`` measures a teacher under the
+same protocol (its own input size and normalisation unless ``--input-size`` overrides). Labelled splits come from ``--data/--val-data`` or, when
 TARGET lives in a run directory, from the run's recipe. Embeddings are cached under
 ``<run>/eval_cache`` (or ``--cache-dir``) keyed by weights sha256 + data manifest + transform.
 """
@@ -27,7 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-TARGET = typer.Argument(..., help="Run directory, student/ directory, or exported .onnx/.engine file.")
+TARGET = typer.Argument(..., help="Run directory, student/ directory, exported .onnx/.engine file, or teacher:<name|file>.")
 DATA = typer.Option(None, "--data", help="Labelled train split (bank / probe training): ImageFolder dir or builtin:digits.")
 VAL_DATA = typer.Option(None, "--val-data", help="Labelled evaluation split (default: the run's, or builtin test split).")
 BATCH = typer.Option(256, "--batch-size", min=1, help="Images per forward pass.")
@@ -37,6 +38,18 @@ CROP = typer.Option(None, "--crop-pct", help="Centre-crop fraction of the short 
 CACHE = typer.Option(None, "--cache-dir", help="Feature cache directory (default: <run>/eval_cache for targets in a run).")
 NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write cached embeddings.")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+INPUT_SIZE = typer.Option(None, "--input-size", min=8, help="Override the model's input size (recorded in the protocol).")
+TEACHER_ARCH = typer.Option(None, "--teacher-arch", help="Architecture of a local teacher file (TARGET teacher:<file>).")
+ACCEPT = typer.Option(False, "--accept-license", help="Accept a non-commercial/custom teacher licence.")
+
+
+@dataclass
+class _TeacherOptions:
+    """Options that only matter for ``teacher:`` targets, plus the input-size override."""
+
+    arch: str | None = None
+    accept_license: bool = False
+    input_size: int | None = None
 
 
 @dataclass
@@ -74,6 +87,8 @@ def _enclosing_run(target: Path, with_recipe: bool = False) -> Path | None:
     A run is a directory holding ``student/``; ``with_recipe`` also requires its ``recipe.yaml``
     (needed to know the run's data splits).
     """
+    if str(target).startswith("teacher:"):
+        return None
     candidates = [target, target.parent] if target.is_dir() else [target.parent.parent, target.parent]
     for candidate in candidates:
         if (candidate / "student").is_dir() and (not with_recipe or (candidate / "recipe.yaml").is_file()):
@@ -104,13 +119,17 @@ def _resolve_splits(target: Path, data: str | None, val_data: str | None) -> tup
 
 
 def _prepare(target_arg: str, data: str | None, val_data: str | None, device: str, crop_pct: float | None,
-             cache_dir: str | None, no_cache: bool) -> _Prepared:
+             cache_dir: str | None, no_cache: bool, teacher: _TeacherOptions) -> _Prepared:
     from distillctl.data.datasets import open_dataset
     from distillctl.eval.features import FeatureCache, encoder_fingerprint, load_encoder
 
-    target = Path(target_arg).expanduser()
+    is_teacher = target_arg.startswith("teacher:")
+    target = Path(target_arg) if is_teacher else Path(target_arg).expanduser()
     device = _resolve_device(device)
-    encoder, preprocess, description = load_encoder(target, device)
+    encoder, preprocess, description = load_encoder(target_arg if is_teacher else target, device,
+                                                    teacher_arch=teacher.arch, accept_license=teacher.accept_license)
+    if teacher.input_size is not None:
+        preprocess = {**preprocess, "input_size": int(teacher.input_size)}
     train_spec, val_spec, run_crop = _resolve_splits(target, data, val_data)
     train = open_dataset(train_spec, "train")
     val = open_dataset(val_spec, "test")  # builtin datasets: their held-out test split; folders: as given
@@ -122,7 +141,7 @@ def _prepare(target_arg: str, data: str | None, val_data: str | None, device: st
     if not no_cache:
         root = Path(cache_dir).expanduser() if cache_dir else (run_dir / "eval_cache" if run_dir else None)
         cache = FeatureCache(root) if root is not None else None
-    sha = encoder_fingerprint(target) if cache is not None else None
+    sha = encoder_fingerprint(target_arg if is_teacher else target, encoder) if cache is not None else None
     return _Prepared(target, encoder, preprocess, description, run_dir, train, val, train_spec, val_spec, crop,
                      device, cache, sha)
 
@@ -195,6 +214,9 @@ def knn(
     crop_pct: Optional[float] = CROP,
     cache_dir: Optional[str] = CACHE,
     no_cache: bool = NO_CACHE,
+    input_size: Optional[int] = INPUT_SIZE,
+    teacher_arch: Optional[str] = TEACHER_ARCH,
+    accept_license: bool = ACCEPT,
     json_output: bool = JSON,
 ) -> None:
     from distillctl.eval.features import eval_transform
@@ -203,7 +225,8 @@ def knn(
     ks = _parse_ks(k)
     if temperature <= 0:
         raise UsageError(f"--t must be > 0, got {temperature}")
-    prep = _prepare(target, data, val_data, device, crop_pct, cache_dir, no_cache)
+    prep = _prepare(target, data, val_data, device, crop_pct, cache_dir, no_cache,
+                    _TeacherOptions(teacher_arch, accept_license, input_size))
     (train_emb, train_labels), (val_emb, val_labels), timing = _embed_both(prep, batch_size, num_workers)
     start = time.perf_counter()
     scores = knn_evaluate(train_emb, train_labels, val_emb, val_labels, ks=ks, temperature=temperature,
@@ -229,7 +252,8 @@ def knn(
 
 @app.command(help="Linear probe: lr × weight-decay sweep selected on 10% of train, retrained, top-1 on val.\n\n"
                   "Example: distillctl eval linear runs/r50-mnv2 --data /data/train --val-data /data/val\n\n"
-                  "Example: distillctl eval linear runs/quickstart --epochs 30 --json")
+                  "Example: distillctl eval linear runs/quickstart --epochs 30 --json\n\n"
+                  "Example: distillctl eval linear teacher:r50-moco --data /data/train --val-data /data/val")
 def linear(
     target: str = TARGET,
     data: Optional[str] = DATA,
@@ -246,6 +270,9 @@ def linear(
     crop_pct: Optional[float] = CROP,
     cache_dir: Optional[str] = CACHE,
     no_cache: bool = NO_CACHE,
+    input_size: Optional[int] = INPUT_SIZE,
+    teacher_arch: Optional[str] = TEACHER_ARCH,
+    accept_license: bool = ACCEPT,
     json_output: bool = JSON,
 ) -> None:
     from distillctl.eval.features import eval_transform
@@ -255,7 +282,8 @@ def linear(
                                epochs=epochs, batch_size=probe_batch, heldout_fraction=heldout, seed=seed)
     if not 0.0 < heldout < 1.0:
         raise UsageError(f"--heldout must be in (0, 1), got {heldout}")
-    prep = _prepare(target, data, val_data, device, crop_pct, cache_dir, no_cache)
+    prep = _prepare(target, data, val_data, device, crop_pct, cache_dir, no_cache,
+                    _TeacherOptions(teacher_arch, accept_license, input_size))
     (train_emb, train_labels), (val_emb, val_labels), timing = _embed_both(prep, batch_size, num_workers)
     start = time.perf_counter()
     result = linear_probe_embeddings(train_emb, train_labels, val_emb, val_labels, config,

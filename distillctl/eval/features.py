@@ -49,8 +49,9 @@ class TorchEncoder:
     evaluate its live student without side effects.
     """
 
-    def __init__(self, module: nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(self, module: nn.Module, device: str | torch.device = "cpu", sha256: str | None = None) -> None:
         self.module = module.to(device)
+        self.sha256 = sha256  # identifies the weights (feature-cache key) when known
         self.input_device = torch.device(device)
         first = next(iter(module.parameters()), None)
         self.dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
@@ -280,11 +281,28 @@ def _student_dir(path: Path) -> Path | None:
     return None
 
 
-def load_encoder(target: str | Path, device: str = "cpu") -> tuple[Encoder, dict, str]:
-    """Open what the user points at: a run dir, a ``student/`` dir, or an artefact (``.onnx``, ``.engine``).
+TEACHER_PREFIX = "teacher:"
+
+
+def _load_teacher_target(spec: str, device: str, teacher_arch: str | None, accept_license: bool) -> tuple[Encoder, dict, str]:
+    """A teacher (registry name, ``timm:<tag>`` or local checkpoint) evaluated like any student."""
+    from distillctl.teachers.resolve import load_teacher
+
+    teacher = load_teacher(spec, teacher_arch, None, accept_license=accept_license, device=device)
+    pre = teacher.preprocess
+    preprocess = {"input_size": int(pre.input_size), "mean": [float(v) for v in pre.mean], "std": [float(v) for v in pre.std]}
+    return TorchEncoder(teacher.backbone, device, sha256=teacher.sha256), preprocess, f"teacher {teacher.name} ({teacher.arch})"
+
+
+def load_encoder(target: str | Path, device: str = "cpu", *, teacher_arch: str | None = None,
+                 accept_license: bool = False) -> tuple[Encoder, dict, str]:
+    """Open what the user points at: a run dir, a ``student/`` dir, an artefact (``.onnx``, ``.engine``),
+    or ``teacher:<name|timm:tag|file>`` so teachers are measured under the same protocol.
 
     Returns ``(encoder, {"input_size", "mean", "std"}, description)``.
     """
+    if str(target).startswith(TEACHER_PREFIX):
+        return _load_teacher_target(str(target)[len(TEACHER_PREFIX):], str(device), teacher_arch, accept_license)
     path = Path(target).expanduser()
     if not path.exists():
         raise InputError(f"evaluation target does not exist: {path}",
@@ -299,7 +317,8 @@ def load_encoder(target: str | Path, device: str = "cpu") -> tuple[Encoder, dict
         model, config = load_student(student_dir)
         preprocess = {"input_size": int(_as_list(config.input_size)[-1]), "mean": [float(v) for v in config.mean],
                       "std": [float(v) for v in config.std]}
-        return TorchEncoder(model, device), preprocess, f"student {config.arch} ({student_dir})"
+        encoder = TorchEncoder(model, device, sha256=encoder_fingerprint(student_dir))
+        return encoder, preprocess, f"student {config.arch} ({student_dir})"
     suffix = path.suffix.lower()
     if suffix not in _ARTIFACT_LOADERS and suffix in _LAZY_LOADER_MODULES:
         from importlib import import_module
@@ -315,8 +334,13 @@ def load_encoder(target: str | Path, device: str = "cpu") -> tuple[Encoder, dict
     return _ARTIFACT_LOADERS[suffix](path, str(device))
 
 
-def encoder_fingerprint(target: str | Path) -> str:
+def encoder_fingerprint(target: str | Path, encoder: Any = None) -> str:
     """sha256 identifying the weights behind a target (the artefact file, or student weights + config)."""
+    known = getattr(encoder, "sha256", None)
+    if known:
+        return str(known)
+    if str(target).startswith(TEACHER_PREFIX):
+        raise InputError(f"cannot fingerprint {target} without its loaded encoder")
     path = Path(target).expanduser()
     if path.is_dir():
         student_dir = _student_dir(path)

@@ -106,3 +106,20 @@ def test_linear_cli_records_protocol_and_reuses_cached_features(run_copy, capsys
     # Human output goes to stderr, never stdout.
     code, out, err = _run(argv[:-1], capsys)
     assert code == 0 and out == "" and "chosen" in err and "val top-1" in err
+
+
+def test_teacher_target_is_evaluated_under_the_same_protocol(run_copy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DISTILLCTL_HOME", str(tmp_path / "home"))
+    weights = run_copy / "student" / "model.safetensors"  # a plain timm test_resnet state dict
+    argv = ["eval", "knn", f"teacher:{weights}", "--teacher-arch", "test_resnet", "--input-size", "32",
+            "--data", "builtin:digits", "--k", "20", "--cache-dir", str(tmp_path / "cache"), "--json"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["encoder"].startswith("teacher") and result["knn"]["20"] > 20.0
+    transform = result["protocol"]["transform"]
+    assert transform["size"] == 32 and transform["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    code, out, _ = _run(argv, capsys)
+    assert json.loads(out)["timing"]["val_cached"] is True  # keyed by the teacher's sha256
+    code, _, err = _run(["eval", "knn", f"teacher:{weights}", "--data", "builtin:digits"], capsys)
+    assert code == 2 and "--teacher-arch" in err
