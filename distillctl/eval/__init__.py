@@ -1,12 +1,11 @@
 """Evaluation of frozen embeddings (weighted kNN, linear probe) for checkpoints and exported artefacts."""
 
+from distillctl.eval.embedding_cache import EmbeddingCache, embed_dataset_cached
 from distillctl.eval.features import (
     Encoder,
-    FeatureCache,
     OnnxEncoder,
     TorchEncoder,
     embed_dataset,
-    embed_dataset_cached,
     load_encoder,
     register_artifact_loader,
 )
@@ -15,7 +14,7 @@ from distillctl.eval.linear import LinearProbeConfig, LinearProbeResult, linear_
 
 __all__ = [
     "Encoder",
-    "FeatureCache",
+    "EmbeddingCache",
     "OnnxEncoder",
     "TorchEncoder",
     "embed_dataset",

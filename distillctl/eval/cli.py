@@ -121,7 +121,8 @@ def _resolve_splits(target: Path, data: str | None, val_data: str | None) -> tup
 def _prepare(target_arg: str, data: str | None, val_data: str | None, device: str, crop_pct: float | None,
              cache_dir: str | None, no_cache: bool, teacher: _TeacherOptions) -> _Prepared:
     from distillctl.data.datasets import open_dataset
-    from distillctl.eval.features import FeatureCache, encoder_fingerprint, load_encoder
+    from distillctl.eval.embedding_cache import EmbeddingCache
+    from distillctl.eval.features import encoder_fingerprint, load_encoder
 
     is_teacher = target_arg.startswith("teacher:")
     target = Path(target_arg) if is_teacher else Path(target_arg).expanduser()
@@ -140,14 +141,14 @@ def _prepare(target_arg: str, data: str | None, val_data: str | None, device: st
     cache = None
     if not no_cache:
         root = Path(cache_dir).expanduser() if cache_dir else (run_dir / "eval_cache" if run_dir else None)
-        cache = FeatureCache(root) if root is not None else None
+        cache = EmbeddingCache(root) if root is not None else None
     sha = encoder_fingerprint(target_arg if is_teacher else target, encoder) if cache is not None else None
     return _Prepared(target, encoder, preprocess, description, run_dir, train, val, train_spec, val_spec, crop,
                      device, cache, sha)
 
 
 def _embed_both(prep: _Prepared, batch_size: int, num_workers: int) -> tuple[tuple, tuple, dict]:
-    from distillctl.eval.features import embed_dataset_cached
+    from distillctl.eval.embedding_cache import embed_dataset_cached
 
     kwargs = dict(cache=prep.cache, encoder_sha256=prep.encoder_sha256, crop_pct=prep.crop_pct, batch_size=batch_size,
                   device=prep.device, num_workers=num_workers, **prep.preprocess)

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
@@ -351,95 +348,3 @@ def encoder_fingerprint(target: str | Path, encoder: Any = None) -> str:
             digest.update(file_sha256(student_dir / name).encode())
         return digest.hexdigest()
     return file_sha256(path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Feature cache: one .npy pair per (encoder, data, transform), keyed by their hashes.
-
-
-@dataclass
-class FeatureCache:
-    """Embeddings on disk so a second evaluation (or the linear-probe sweep) skips the forward passes.
-
-    Key = sha256 of {encoder sha256, dataset manifest hash, transform}; files ``<key>.emb.npy``,
-    ``<key>.labels.npy`` and ``<key>.json`` (the key's inputs, written last: its presence means complete).
-    """
-
-    root: Path
-
-    def key(self, encoder_sha256: str, data_manifest: str, transform: dict) -> str:
-        blob = json.dumps({"encoder": encoder_sha256, "data": data_manifest, "transform": transform}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-    def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        meta = self.root / f"{key}.json"
-        if not meta.is_file():
-            return None
-        try:
-            emb = np.load(self.root / f"{key}.emb.npy", allow_pickle=False)
-            labels = np.load(self.root / f"{key}.labels.npy", allow_pickle=False)
-        except (OSError, ValueError):
-            return None
-        if emb.ndim != 2 or labels.shape != (emb.shape[0],):
-            return None
-        return torch.from_numpy(emb.astype(np.float32, copy=False)), torch.from_numpy(labels.astype(np.int64, copy=False))
-
-    def save(self, key: str, embeddings: torch.Tensor, labels: torch.Tensor, info: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_npy(self.root / f"{key}.emb.npy", embeddings.numpy())
-        _atomic_npy(self.root / f"{key}.labels.npy", labels.numpy())
-        _atomic_text(self.root / f"{key}.json", json.dumps(info, indent=2, sort_keys=True))
-
-
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def embed_dataset_cached(
-    encoder: Encoder | nn.Module,
-    dataset: Any,
-    *,
-    cache: FeatureCache | None,
-    encoder_sha256: str | None,
-    input_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    crop_pct: float = 0.875,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """:func:`embed_dataset` through ``cache`` (if given); returns (embeddings, labels, cache_hit)."""
-    kwargs = dict(input_size=input_size, mean=mean, std=std, crop_pct=crop_pct)
-    if cache is None or encoder_sha256 is None:
-        emb, labels = embed_dataset(encoder, dataset, batch_size=batch_size, device=device, num_workers=num_workers, **kwargs)
-        return emb, labels, False
-    transform = eval_transform(input_size, mean, std, crop_pct)
-    manifest = dataset.manifest_hash()
-    key = cache.key(encoder_sha256, manifest, transform)
-    hit = cache.load(key)
-    if hit is not None:
-        return hit[0], hit[1], True
-    emb, labels = embed_dataset(encoder, dataset, batch_size=batch_size, device=device, num_workers=num_workers, **kwargs)
-    cache.save(key, emb, labels, {"encoder_sha256": encoder_sha256, "data_manifest": manifest,
-                                  "dataset": getattr(dataset, "name", ""), "transform": transform,
-                                  "shape": list(emb.shape)})
-    return emb, labels, False

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from distillctl.errors import InputError
-from distillctl.eval.features import FeatureCache, eval_transform
+from distillctl.eval.embedding_cache import EmbeddingCache
+from distillctl.eval.features import eval_transform
 
 _BN_EPS = 1e-5
 
@@ -230,7 +231,7 @@ def linear_probe(
     device: str | torch.device = "cpu",
     seed: int | None = None,
     config: LinearProbeConfig | None = None,
-    cache: FeatureCache | None = None,
+    cache: EmbeddingCache | None = None,
     encoder_sha256: str | None = None,
     num_workers: int = 0,
 ) -> LinearProbeResult:
@@ -239,7 +240,7 @@ def linear_probe(
     ``encoder`` is an ``nn.Module`` or any :class:`distillctl.eval.features.Encoder`; ``seed``
     overrides ``config.seed``. The eval transform is added to the recorded protocol.
     """
-    from distillctl.eval.features import embed_dataset_cached
+    from distillctl.eval.embedding_cache import embed_dataset_cached
 
     config = config or LinearProbeConfig()
     if seed is not None:

@@ -11,14 +11,8 @@ from eval_helpers import MEAN, STD, export_onnx
 from distillctl.data.datasets import open_dataset
 from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
 from distillctl.errors import InputError, UsageError
-from distillctl.eval.features import (
-    FeatureCache,
-    OnnxEncoder,
-    embed_dataset,
-    embed_dataset_cached,
-    encoder_fingerprint,
-    load_encoder,
-)
+from distillctl.eval.embedding_cache import EmbeddingCache, embed_dataset_cached
+from distillctl.eval.features import OnnxEncoder, embed_dataset, encoder_fingerprint, load_encoder
 from distillctl.eval.knn import knn_evaluate
 
 
@@ -127,7 +121,7 @@ def test_feature_cache_reuses_embeddings(tiny_run, digits, tmp_path):
     run_dir, _, _ = tiny_run
     _, test = digits
     encoder, pre, _ = load_encoder(run_dir)
-    cache = FeatureCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache")
     sha = encoder_fingerprint(run_dir)
     first, labels, hit1 = embed_dataset_cached(encoder, test, cache=cache, encoder_sha256=sha, **pre)
     calls = []

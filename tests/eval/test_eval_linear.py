@@ -106,12 +106,12 @@ def test_stratified_holdout_is_seeded_and_per_class():
 
 def test_encoder_level_probe_on_raw_pixels_with_cache(tmp_path):
     """The pipeline's call shape: encoder + datasets; features cached once and reused by a second probe."""
-    from distillctl.eval.features import FeatureCache
+    from distillctl.eval.embedding_cache import EmbeddingCache
 
     train = open_dataset("builtin:digits", "train")
     val = open_dataset("builtin:digits", "test")
     pixels = torch.nn.Flatten()  # a raw-pixel encoder: 3x16x16 centre view → 768-d
-    cache = FeatureCache(tmp_path)
+    cache = EmbeddingCache(tmp_path)
     kwargs = dict(input_size=16, mean=[0.5] * 3, std=[0.25] * 3, crop_pct=1.0, seed=0,
                   config=LinearProbeConfig(epochs=10, lrs=(0.01, 0.1), weight_decays=(0.0, 1e-3)),
                   cache=cache, encoder_sha256="raw-pixels")
