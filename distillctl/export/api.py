@@ -66,6 +66,10 @@ def export_run(
     formats = parse_formats(formats or ["onnx"])
     if calib_method not in CALIBRATION_METHODS:
         raise UsageError(f"unknown calibration method '{calib_method}'; valid: {', '.join(CALIBRATION_METHODS)}")
+    from distillctl.export.onnx import EXPORTERS
+
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter '{exporter}'; valid: {', '.join(EXPORTERS)}")
     if calib_size < 1 or parity_images < 1:
         raise UsageError("--calib-size and the number of parity images must be >= 1")
     engine_precision = {"engine": "fp16" if half else "fp32", "engine-int8": "int8"}

@@ -46,6 +46,12 @@ def export_onnx(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
+    try:  # MobileOne/RepVGG/FastViT: fold train-time branches first (a copy; no-op for other models)
+        from timm.utils.model import reparameterize_model
+
+        model = reparameterize_model(model, inplace=False).eval()
+    except ImportError:
+        pass
     # Batch >= 2: torch.export specialises dims of size 0 and 1, which would bake batch=1 in.
     example = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -100,6 +106,11 @@ def verify_onnx(path: str | Path, opset: int) -> None:
     except Exception as exc:  # ValidationError, InferenceError: one line is enough
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GateError(f"exported ONNX failed onnx.checker: {first}") from None
+    try:  # every tensor's type and shape must be inferable (what TensorRT's parser needs too)
+        onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GateError(f"exported ONNX failed strict shape inference: {first}") from None
     found = default_opset(path)
     if found != opset:
         raise GateError(

@@ -13,8 +13,8 @@ calibration images passed through the *eval* transform. Two INT8 artefacts:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-import sys
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -105,9 +105,9 @@ def quantize_int8(
     extra: dict = dict(TENSORRT_EXTRA_OPTIONS) if tensorrt else {}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
-    # onnxruntime's calibrators print progress on stdout; keep stdout clean for `--json`.
+    # onnxruntime's calibrators print progress on stdout: keep it out of `--json` output and the log.
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant-") as workdir, \
-            contextlib.redirect_stdout(sys.stderr):
+            contextlib.redirect_stdout(io.StringIO()):
         prepared = Path(workdir) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         written = Path(workdir) / "int8.onnx"
