@@ -68,7 +68,7 @@ def build_classifier_model(spec: ArchSpec) -> nn.Module:
     if spec.builder == "timm":
         import timm
 
-        if spec.name not in timm.list_models():
+        if spec.name.split(".")[0] not in timm.list_models():  # a ".tag" suffix picks the pretrained cfg
             raise unknown_name("timm architecture", spec.name, timm.list_models(spec.name.split("_")[0] + "*")[:20] or ["<a timm model name>"])
         return timm.create_model(spec.name, pretrained=False, **spec.kwargs)
     from distillctl.teachers.wide_resnet import wide_resnet

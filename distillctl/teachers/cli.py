@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from distillctl.cli_common import console, print_json
@@ -53,15 +54,21 @@ def list_teachers(json_output: bool = JSON) -> None:
         return
     table = Table(title="distillctl teachers", show_lines=False)
     for column in ("name", "aliases", "arch", "method", "dim", "licence", "ref top-1", "cached"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("name", "arch", "licence", "ref top-1"))
     for row in rows:
         dim = f"{row['embed_dim']}" + (f" (proj {row['head_dim']})" if row["head_dim"] else "")
-        licence = row["license"] + (" [accept]" if row["license_requires_acceptance"] else "")
+        licence = row["license"] + (" \\[accept]" if row["license_requires_acceptance"] else "")
         top1 = f"{row['reference_top1']:.1f}" if row["reference_top1"] is not None else "—"
-        table.add_row(row["name"], ", ".join(row["aliases"]), row["arch"], row["title"], dim, licence, top1,
-                      "yes" if row["cached"] else "", )
-    console.print(table)
-    console.print("[dim][accept] = non-commercial/custom licence: needs --accept-license[/]")
+        arch = row["arch"].split(":", 1)[1]
+        table.add_row(row["name"], ", ".join(row["aliases"]), escape(arch), escape(row["title"]), dim, licence, top1,
+                      "yes" if row["cached"] else "")
+    if console.is_terminal:
+        console.print(table)
+    else:  # piped or logged: do not squeeze the table into 80 columns
+        from rich.console import Console
+
+        Console(file=console.file, width=170, no_color=True).print(table)
+    console.print("[dim]\\[accept] = non-commercial/custom licence: needs --accept-license[/]")
 
 
 @app.command(help="Show one teacher: resolution, sources, hash state, preprocessing, licence.\n\nExample: distillctl teacher info r50-moco")
@@ -102,7 +109,7 @@ def info(name: str = typer.Argument(..., help="Registry name or alias."), mirror
         ("cache", f"{folder} ({'converted, sha256 ' + data['converted_sha256'][:16] + '…' if manifest else 'not downloaded'})"),
     ] + [("note", note) for note in entry.notes]
     for key, value in lines:
-        console.print(f"  [bold]{key:<11}[/] {value}", highlight=False, soft_wrap=True)
+        console.print(f"  [bold]{key:<11}[/] {escape(value)}", highlight=False, soft_wrap=True)
 
 
 def _prepared(entry: TeacherEntry, stored: Any) -> dict[str, Any]:

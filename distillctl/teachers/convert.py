@@ -44,7 +44,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """Read a ``.safetensors`` file or a torch file with ``weights_only=True`` (never arbitrary pickles)."""
     if not path.is_file():
         raise InputError(f"teacher file not found: {path}")
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         from safetensors.torch import load_file
 
         try:
@@ -63,6 +63,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By name, or by content (8-byte header length then a JSON header), since ``.part`` files are checked too."""
+    if path.name.removesuffix(".part").endswith(".safetensors"):
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def detect_family(obj: dict[str, Any]) -> str:

@@ -144,7 +144,10 @@ def _entry_teacher(entry: TeacherEntry, stored: Stored, mirror: str | None) -> T
 def _timm_teacher(tag: str, *, accept_license: bool, sha256: str | None, no_verify: bool, mirror: str | None) -> Teacher:
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(tag) if "." in tag else None
+    try:
+        cfg = timm.models.get_pretrained_cfg(tag) if "." in tag else None
+    except RuntimeError:  # "Invalid pretrained tag"
+        cfg = None
     if cfg is None:
         raise unknown_name("timm pretrained tag", tag, timm.list_pretrained(tag.split(".")[0] + "*")[:20] or ["<model.tag>"])
     name = f"timm:{tag}"
