@@ -134,7 +134,9 @@ def _prepare(target_arg: str, data: str | None, val_data: str | None, device: st
     train_spec, val_spec, run_crop = _resolve_splits(target, data, val_data)
     train = open_dataset(train_spec, "train")
     val = open_dataset(val_spec, "test")  # builtin datasets: their held-out test split; folders: as given
-    crop = float(crop_pct if crop_pct is not None else run_crop if run_crop is not None else 0.875)
+    # Precedence: --crop-pct, the artefact's own metadata, the run's recipe, the 0.875 default.
+    artefact_crop = getattr(encoder, "crop_pct", None)
+    crop = next(float(c) for c in (crop_pct, artefact_crop, run_crop, 0.875) if c is not None)
     if not 0.0 < crop <= 1.0:
         raise UsageError(f"--crop-pct must be in (0, 1], got {crop}")
     run_dir = _enclosing_run(target)

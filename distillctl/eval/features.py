@@ -90,6 +90,7 @@ class OnnxEncoder:
         self.input_shape = next(i.shape for i in inputs if i.name == self.input_name)
         self.providers = self.session.get_providers()
         self.input_device = torch.device("cpu")
+        self.crop_pct: float | None = None  # set from the artefact's metadata when it records one
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -226,7 +227,8 @@ def _preprocess_from_onnx_metadata(meta: dict[str, str]) -> dict:
         except (ValueError, AttributeError):
             card = {}
     for key, aliases in (("input_size", ("input_size", "distillctl.input.size", "distillctl.input_size")),
-                         ("mean", ("mean", "distillctl.input.mean")), ("std", ("std", "distillctl.input.std"))):
+                         ("mean", ("mean", "distillctl.input.mean")), ("std", ("std", "distillctl.input.std")),
+                         ("crop_pct", ("crop_pct", "distillctl.input.crop_pct"))):
         for alias in aliases:
             if alias in meta:
                 try:
@@ -248,6 +250,8 @@ def _load_onnx(path: Path, device: str) -> tuple[Encoder, dict, str]:
     providers = None if str(device).startswith("cuda") else ["CPUExecutionProvider"]
     encoder = OnnxEncoder(path, providers=providers)
     preprocess = _preprocess_from_onnx_metadata(encoder.metadata())
+    if "crop_pct" in preprocess:  # the export's eval crop; callers pass crop_pct separately
+        encoder.crop_pct = float(preprocess.pop("crop_pct"))
     missing = [k for k in ("input_size", "mean", "std") if k not in preprocess]
     if missing:
         fallback = _preprocess_from_student_config(path.parent.parent / "student" / "config.json") or \

@@ -44,3 +44,16 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int = 32, metadata: di
     return path
 
 
+
+
+def copy_with_metadata(source: Path, target: Path, metadata: dict[str, str]) -> Path:
+    """Copy an ONNX file, adding ``metadata_props`` (cheaper than exporting again)."""
+    import onnx
+
+    proto = onnx.load(str(source))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(target))
+    return target

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from eval_helpers import MEAN, STD, export_onnx
+from eval_helpers import MEAN, STD, copy_with_metadata
 
 from distillctl.data.datasets import open_dataset
 from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
@@ -85,18 +85,23 @@ def test_onnx_artifact_gives_the_same_knn_accuracy_as_the_checkpoint(tiny_run, d
 
 
 def test_onnx_metadata_overrides_and_student_dir_target(tiny_run, tmp_path):
-    run_dir, model, _ = tiny_run
-    meta = {"input_size": "24", "mean": json.dumps([0.1, 0.2, 0.3]), "std": json.dumps([1.0, 1.0, 1.0])}
-    path = export_onnx(model, tmp_path / "lonely.onnx", size=24, metadata=meta)
+    run_dir, model, onnx_path = tiny_run
+    meta = {"input_size": "32", "mean": json.dumps([0.1, 0.2, 0.3]), "std": json.dumps([1.0, 1.0, 1.0])}
+    path = copy_with_metadata(onnx_path, tmp_path / "lonely.onnx", meta)
     encoder, pre, _ = load_encoder(path)
-    assert pre == {"input_size": 24, "mean": [0.1, 0.2, 0.3], "std": [1.0, 1.0, 1.0]}
-    assert encoder(torch.zeros(3, 3, 24, 24)).shape == (3, model.num_features)
+    assert pre == {"input_size": 32, "mean": [0.1, 0.2, 0.3], "std": [1.0, 1.0, 1.0]} and encoder.crop_pct is None
+    assert encoder(torch.zeros(3, 3, 32, 32)).shape == (3, model.num_features)
+    # The keys distillctl's exporter writes (distillctl.input.*), crop included.
+    card_meta = {"distillctl.input.size": "[32, 32]", "distillctl.input.mean": "[0.4, 0.4, 0.4]",
+                 "distillctl.input.std": "[0.2, 0.2, 0.2]", "distillctl.input.crop_pct": "0.9"}
+    encoder, pre, _ = load_encoder(copy_with_metadata(onnx_path, tmp_path / "carded.onnx", card_meta))
+    assert pre == {"input_size": 32, "mean": [0.4] * 3, "std": [0.2] * 3} and encoder.crop_pct == 0.9
     _, pre_dir, description = load_encoder(run_dir / "student")
     assert pre_dir["input_size"] == 32 and "test_resnet" in description
 
 
 def test_load_encoder_errors(tiny_run, tmp_path):
-    run_dir, model, _ = tiny_run
+    _, _, onnx_path = tiny_run
     with pytest.raises(InputError, match="does not exist"):
         load_encoder(tmp_path / "nope")
     with pytest.raises(InputError, match="no student checkpoint"):
@@ -112,7 +117,7 @@ def test_load_encoder_errors(tiny_run, tmp_path):
     assert info.value.exit_code == 2
     assert "engine" in f"{info.value.message} {info.value.hint}".lower()
     # An ONNX file without metadata and without a run layout around it cannot be normalised correctly.
-    bare = export_onnx(model, tmp_path / "bare" / "deep" / "m.onnx")
+    bare = copy_with_metadata(onnx_path, tmp_path / "bare" / "deep" / "m.onnx", {})
     with pytest.raises(InputError, match="no preprocessing metadata"):
         load_encoder(bare)
 
