@@ -82,10 +82,16 @@ def compare_knn(
     k: int = 20,
     temperature: float = 0.07,
     reference_top1: float | None = None,
+    max_train_images: int = 20000,
+    max_test_images: int = 10000,
 ) -> AccuracyReport:
     """kNN top-1 of both artefacts under one protocol; ``reference_top1`` skips recomputing the fp32 one."""
     from distillctl.eval.knn import knn_protocol
 
+    # Large data sets (ImageNet): a fixed seeded subset keeps the gate to minutes on a CPU; both
+    # artefacts see the same images, and the counts are recorded in the protocol.
+    train_dataset = _capped(train_dataset, max_train_images)
+    test_dataset = _capped(test_dataset, max_test_images)
     k = min(k, len(train_dataset))  # tiny data sets: kNN@k needs k train embeddings (recorded below)
     common = dict(input_size=input_size, mean=mean, std=std, crop_pct=crop_pct, k=k, temperature=temperature)
     if reference_top1 is None:
@@ -101,3 +107,13 @@ def compare_knn(
         reference_top1=round(reference_top1, 4), candidate_top1=round(candidate_top1, 4), drop=round(drop, 4),
         max_drop=float(max_drop), passed=bool(drop <= max_drop), k=k, protocol=protocol,
     )
+
+
+def _capped(dataset: Any, limit: int) -> Any:
+    """``dataset`` itself, or a seeded random subset of ``limit`` images (sorted indices)."""
+    if len(dataset) <= limit:
+        return dataset
+    import numpy as np
+
+    indices = np.sort(np.random.default_rng(0).permutation(len(dataset))[:limit])
+    return dataset.subset(indices, name=f"{getattr(dataset, 'name', 'data')}[seeded subset {limit}]")

@@ -105,10 +105,10 @@ def _make_runner(name: str, model: torch.nn.Module, export_dir: Path, threads: i
     if name == "engine":
         from distillctl.export.tensorrt import EngineRunner, find_engines, require_tensorrt
 
-        require_tensorrt()
-        engines = find_engines(export_dir)
+        engines = find_engines(export_dir, require_tensorrt())
         if not engines:
-            raise InputError(f"no TensorRT engine in {export_dir}", hint="run: distillctl export RUN --format engine")
+            raise InputError(f"no TensorRT engine for this GPU and TensorRT version in {export_dir}",
+                             hint=f"run: distillctl export {export_dir.parent} --format engine")
         engine = EngineRunner(engines[0])
         return (lambda images: (lambda: engine(images))), None, engines[0], "tensorrt (cuda)"
     artefact = export_dir / ARTEFACTS[name]

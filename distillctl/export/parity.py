@@ -116,8 +116,12 @@ def evaluate_parity(reference: np.ndarray, candidates: dict[int, np.ndarray], to
         if cosines.min() < worst_cos:
             worst_cos, worst_batch = float(cosines.min()), batch
     cosines = np.concatenate(all_cosines)
+    if ref_abs_max > 0:
+        max_rel = max_abs / ref_abs_max
+    else:
+        max_rel = float("inf") if max_abs > 0 else 0.0
     result = ParityResult(
-        max_abs=max_abs, max_rel=max_abs / ref_abs_max if ref_abs_max > 0 else float("inf") if max_abs > 0 else 0.0,
+        max_abs=max_abs, max_rel=max_rel,
         ref_abs_max=ref_abs_max, min_cosine=float(cosines.min()), mean_cosine=float(cosines.mean()),
         p1_cosine=float(np.percentile(cosines, 1)), batches=sorted(candidates), images=len(reference),
         passed=True, tolerance=tolerance, worst_batch=worst_batch,

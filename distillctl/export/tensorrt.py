@@ -269,6 +269,11 @@ def _register_with_eval() -> None:
 _register_with_eval()
 
 
-def find_engines(export_dir: str | Path) -> list[Path]:
-    """Engine files in an export directory, newest first."""
-    return sorted(Path(export_dir).glob("student.*.engine"), key=lambda p: p.stat().st_mtime, reverse=True)
+def find_engines(export_dir: str | Path, trt: Any | None = None) -> list[Path]:
+    """Engine files in an export directory, newest first; with ``trt``, only those built for this GPU and version."""
+    engines = sorted(Path(export_dir).glob("student.*.engine"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if trt is None:
+        return engines
+    gpu, sm = gpu_tag()
+    major_minor = ".".join(str(trt.__version__).split(".")[:2])
+    return [path for path in engines if path.name.endswith(f".{gpu}-{sm}.trt{major_minor}.engine")]

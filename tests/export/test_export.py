@@ -258,3 +258,17 @@ def test_imagefolder_without_val_split_holds_out_every_fifth_image(tmp_path: Pat
     splits = _labelled_splits(tmp_path, str(tmp_path / "data"), None, None)
     assert len(splits.train) == 16 and len(splits.test) == 4 and splits.crop_pct == 0.875
     assert "every 5th" in splits.describe()["holdout"]
+
+
+def test_accuracy_report_on_a_capped_subset(run_dir: Path, exported: dict) -> None:
+    from distillctl.data.datasets import open_dataset
+    from distillctl.export.accuracy import compare_knn
+
+    report = compare_knn(run_dir / "export" / "student.onnx", run_dir / "export" / "student.int8.onnx",
+                         open_dataset(DATA, "train"), open_dataset(DATA, "test"), input_size=32, mean=[0.5] * 3,
+                         std=[0.25] * 3, crop_pct=0.875, max_drop=-100.0, max_train_images=300, max_test_images=60)
+    assert report.protocol["train_images"] == 300 and report.protocol["test_images"] == 60
+    assert "seeded subset" in report.protocol["train"]
+    assert not report.passed and report.drop == pytest.approx(report.reference_top1 - report.candidate_top1, abs=1e-3)
+    with pytest.raises(GateError, match=r"budget -100 \(over by \d+\.\d\d\)"):
+        report.raise_if_failed()
