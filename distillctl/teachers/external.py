@@ -39,7 +39,7 @@ def require_extra(family: str) -> None:
     extra, modules = EXTRAS[family]
     missing = missing_modules(family)
     if missing:
-        raise UsageError(f"converting {family} checkpoints needs the optional extra [{extra}] (missing: {', '.join(missing)})",
+        raise UsageError(f"converting {family} checkpoints needs the optional '{extra}' extra (missing: {', '.join(missing)})",
                          hint=f"pip install {' '.join('dm-haiku' if m == 'haiku' else m for m in modules)} "
                               "— then rerun; ideally on a connected machine, then copy the cache folder")
 
@@ -57,12 +57,13 @@ def byol_to_torchvision(params: dict[str, np.ndarray]) -> dict[str, torch.Tensor
         key = _byol_key(name)
         if key is None:
             continue
-        if key.endswith(".weight") and tensor.dim() == 4:
-            tensor = tensor.permute(3, 2, 0, 1)  # HWIO -> OIHW
-        elif key.startswith("fc.weight"):
-            tensor = tensor.t()
+        leaf = name.rsplit("/", 1)[-1]
+        if leaf == "w" and tensor.dim() == 4:
+            tensor = tensor.permute(3, 2, 0, 1)  # conv kernel HWIO -> OIHW
+        elif leaf == "w" and tensor.dim() == 2:
+            tensor = tensor.t()  # linear (in, out) -> (out, in)
         else:
-            tensor = tensor.reshape(-1)
+            tensor = tensor.reshape(-1)  # BN scale/offset/EMA stats are stored as (1, 1, 1, C)
         out[key] = tensor.contiguous()
     for key in [k for k in out if k.endswith(".running_mean")]:
         out.setdefault(key.replace("running_mean", "num_batches_tracked"), torch.tensor(0))
