@@ -10,6 +10,7 @@ TARGET lives in a run directory, from the run's recipe. Embeddings are cached un
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ DATA = typer.Option(None, "--data", help="Labelled train split (bank / probe tra
 VAL_DATA = typer.Option(None, "--val-data", help="Labelled evaluation split (default: the run's, or builtin test split).")
 BATCH = typer.Option(256, "--batch-size", min=1, help="Images per forward pass.")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
-WORKERS = typer.Option(0, "--num-workers", min=0, help="DataLoader workers decoding images.")
+WORKERS = typer.Option(None, "--num-workers", min=0,
+                       help="DataLoader workers decoding images (default: 0 for in-memory data, else up to 8).")
 CROP = typer.Option(None, "--crop-pct", help="Centre-crop fraction of the short side (default: the run's, else 0.875).")
 CACHE = typer.Option(None, "--cache-dir", help="Feature cache directory (default: <run>/eval_cache for targets in a run).")
 NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write cached embeddings.")
@@ -149,17 +151,27 @@ def _prepare(target_arg: str, data: str | None, val_data: str | None, device: st
                      device, cache, sha)
 
 
-def _embed_both(prep: _Prepared, batch_size: int, num_workers: int) -> tuple[tuple, tuple, dict]:
+def _auto_workers(dataset: Any, requested: int | None) -> int:
+    """Decoding files is the bottleneck on real data; in-memory arrays need no workers."""
+    if requested is not None:
+        return requested
+    if getattr(dataset, "arrays", None) is not None:
+        return 0
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def _embed_both(prep: _Prepared, batch_size: int, num_workers: int | None) -> tuple[tuple, tuple, dict]:
     from distillctl.eval.embedding_cache import embed_dataset_cached
 
     kwargs = dict(cache=prep.cache, encoder_sha256=prep.encoder_sha256, crop_pct=prep.crop_pct, batch_size=batch_size,
-                  device=prep.device, num_workers=num_workers, **prep.preprocess)
+                  device=prep.device, **prep.preprocess)
     timing: dict[str, Any] = {}
     out = []
     for name, dataset in (("train", prep.train), ("val", prep.val)):
         console.print(f"[dim]embedding {name}: {len(dataset)} images ({prep.description})[/]", highlight=False)
         start = time.perf_counter()
-        emb, labels, hit = embed_dataset_cached(prep.encoder, dataset, **kwargs)
+        emb, labels, hit = embed_dataset_cached(prep.encoder, dataset, num_workers=_auto_workers(dataset, num_workers),
+                                                **kwargs)
         timing[f"{name}_s"] = round(time.perf_counter() - start, 3)
         timing[f"{name}_cached"] = hit
         out.append((emb, labels))
@@ -202,6 +214,17 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
+def _knn_settings(prep: _Prepared, ks: tuple[int, ...] | None, temperature: float | None) -> tuple[tuple[int, ...], float]:
+    """Flags win; otherwise a run's own recipe (so ``eval knn RUN`` repeats the run's protocol); else k=20, T=0.07."""
+    if (ks is None or temperature is None) and prep.run_dir is not None and (prep.run_dir / "recipe.yaml").is_file():
+        from distillctl.rundir import RunDir
+
+        recipe_eval = RunDir(prep.run_dir).recipe().eval
+        ks = ks or tuple(recipe_eval.knn_k)
+        temperature = temperature if temperature is not None else recipe_eval.knn_temperature
+    return ks or (20,), temperature if temperature is not None else 0.07
+
+
 @app.command(help="Weighted kNN top-1 (cosine, exp(sim/T) votes) for several k in one pass.\n\n"
                   "Example: distillctl eval knn runs/quickstart --k 10,20,200\n\n"
                   "Example: distillctl eval knn runs/r/export/student.int8.onnx --data builtin:digits --json")
@@ -209,11 +232,13 @@ def knn(
     target: str = TARGET,
     data: Optional[str] = DATA,
     val_data: Optional[str] = VAL_DATA,
-    k: str = typer.Option("20", "--k", help="Comma-separated neighbour counts, e.g. 10,20,200."),
-    temperature: float = typer.Option(0.07, "--t", "--temperature", help="Vote temperature T (DINO: 0.07)."),
+    k: Optional[str] = typer.Option(None, "--k", help="Comma-separated neighbour counts, e.g. 10,20,200 "
+                                    "(default: the run's eval.knn_k, else 20)."),
+    temperature: Optional[float] = typer.Option(None, "--t", "--temperature",
+                                                help="Vote temperature T (default: the run's, else 0.07 as in DINO)."),
     batch_size: int = BATCH,
     device: str = DEVICE,
-    num_workers: int = WORKERS,
+    num_workers: Optional[int] = WORKERS,
     crop_pct: Optional[float] = CROP,
     cache_dir: Optional[str] = CACHE,
     no_cache: bool = NO_CACHE,
@@ -225,11 +250,12 @@ def knn(
     from distillctl.eval.features import eval_transform
     from distillctl.eval.knn import knn_evaluate, knn_protocol
 
-    ks = _parse_ks(k)
-    if temperature <= 0:
+    ks = _parse_ks(k) if k is not None else None
+    if temperature is not None and temperature <= 0:
         raise UsageError(f"--t must be > 0, got {temperature}")
     prep = _prepare(target, data, val_data, device, crop_pct, cache_dir, no_cache,
                     _TeacherOptions(teacher_arch, accept_license, input_size))
+    ks, temperature = _knn_settings(prep, ks, temperature)
     (train_emb, train_labels), (val_emb, val_labels), timing = _embed_both(prep, batch_size, num_workers)
     start = time.perf_counter()
     scores = knn_evaluate(train_emb, train_labels, val_emb, val_labels, ks=ks, temperature=temperature,
@@ -269,7 +295,7 @@ def linear(
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and the mini-batch order."),
     batch_size: int = BATCH,
     device: str = DEVICE,
-    num_workers: int = WORKERS,
+    num_workers: Optional[int] = WORKERS,
     crop_pct: Optional[float] = CROP,
     cache_dir: Optional[str] = CACHE,
     no_cache: bool = NO_CACHE,

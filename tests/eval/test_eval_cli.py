@@ -79,11 +79,14 @@ def test_knn_json_checkpoint_and_onnx_agree_and_summary_is_merged(run_copy, caps
 def test_run_dir_splits_come_from_the_recipe(run_copy, capsys):
     from distillctl.config import build_recipe
 
-    (run_copy / "recipe.yaml").write_text(build_recipe({"data": {"train": "builtin:digits", "crop_pct": 1.0}}).to_yaml())
+    recipe = build_recipe({"data": {"train": "builtin:digits", "crop_pct": 1.0},
+                           "eval": {"knn_k": [5, 50], "knn_temperature": 0.1}})
+    (run_copy / "recipe.yaml").write_text(recipe.to_yaml())
     code, out, err = _run(["eval", "knn", str(run_copy), "--json", "--no-cache"], capsys)
     assert code == 0, err
     result = json.loads(out)
     assert result["protocol"]["transform"]["crop_pct"] == 1.0
+    assert set(result["knn"]) == {"5", "50"} and result["protocol"]["temperature"] == 0.1  # the run's protocol
     assert result["data"]["val"] == "builtin:digits" and result["data"]["n_val"] == 360
     assert not (run_copy / "eval_cache").exists()
 
@@ -123,3 +126,23 @@ def test_teacher_target_is_evaluated_under_the_same_protocol(run_copy, tmp_path,
     assert json.loads(out)["timing"]["val_cached"] is True  # keyed by the teacher's sha256
     code, _, err = _run(["eval", "knn", f"teacher:{weights}", "--data", "builtin:digits"], capsys)
     assert code == 2 and "--teacher-arch" in err
+
+
+def test_image_folder_train_val_layout(run_copy, tmp_path, capsys):
+    """A DATA dir with train/ and val/ inside; file decoding goes through DataLoader workers."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for cls, level in (("dark", 30), ("bright", 220)):
+            folder = tmp_path / "imgs" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(level + rng.normal(0, 10, (20, 28, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    code, out, err = _run(["eval", "knn", str(run_copy), "--data", str(tmp_path / "imgs"), "--k", "1,3",
+                           "--num-workers", "1", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["data"]["n_train"] == 12 and result["data"]["n_val"] == 6 and result["data"]["num_classes"] == 2
+    assert result["knn"] == {"1": 100.0, "3": 100.0}
