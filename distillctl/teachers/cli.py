@@ -128,9 +128,10 @@ def download(names: list[str] = typer.Argument(..., help="Registry names or alia
         raise UsageError("--sha256 applies to one teacher; download them one at a time")
     registry = load_registry()
     entries = [registry.resolve(name) for name in names]
+    for entry in entries:  # all licences first: fail before anything is fetched
+        license_gate(entry.name, entry.license.id, entry.license.requires_acceptance, accept_license)
     results = []
     for entry in entries:
-        license_gate(entry.name, entry.license.id, entry.license.requires_acceptance, accept_license)
         stored = prepare_entry(entry, sha256=sha256, no_verify=no_verify, mirror=mirror, force=force)
         results.append(_prepared(entry, stored))
         console.print(f"[green]ok[/] {entry.name}: raw sha256 {results[-1]['raw_sha256'][:16]}…, converted "

@@ -142,9 +142,10 @@ def split_by_rules(obj: dict[str, Any], rules: KeyRules, family: str, model: nn.
 
 
 def _group(key: str) -> str:
-    """``module.encoder_k.layer1.0.conv1.weight`` -> ``module.encoder_k.`` (for drop reports)."""
+    """``module.encoder_k.layer1.0.conv1.weight`` -> ``module.encoder_k.``; ``module.queue`` -> ``module.queue``."""
     parts = key.split(".")
-    return ".".join(parts[:2]) + "." if parts[0] == "module" and len(parts) > 2 else parts[0] + ("." if len(parts) > 1 else "")
+    depth = 2 if parts[0] == "module" else 1
+    return ".".join(parts[:depth]) + ("." if len(parts) > depth else "")
 
 
 # --- family converters ------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from distillctl.errors import GateError, InputError
 
@@ -72,6 +73,20 @@ def file_digests(path: Path) -> tuple[str, str]:
 
 def sha256_file(path: Path) -> str:
     return file_digests(path)[0]
+
+
+@contextmanager
+def teacher_lock(folder: Path) -> Iterator[None]:
+    """Serialise fetch/convert of one teacher across processes (e.g. every torchrun rank loading it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as guard:
+        try:
+            import fcntl
+
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - non-POSIX: no cross-process lock
+            pass
+        yield
 
 
 # --- lock file --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from distillctl.teachers.archs import (ArchSpec, build_backbone, build_classifie
 from distillctl.teachers.base import Preprocess, Teacher
 from distillctl.teachers.convert import Converted, check_structure, convert, detect_family, read_checkpoint
 from distillctl.teachers.fetch import (expected_hash, fetch_urls, import_file, log, mirrored, sha256_file,
-                                       teacher_dir)
+                                       teacher_dir, teacher_lock)
 from distillctl.teachers.registry import TeacherEntry, load_registry
 from distillctl.teachers.store import Stored, load_converted, read_manifest, save_converted
 
@@ -40,9 +41,9 @@ def license_gate(name: str, license_id: str, requires_acceptance: bool, accept_l
 
 
 def license_requires_acceptance(license_id: str | None) -> bool:
-    """For licences named by strings (timm cfgs): NC, SEER/DINOv3-style custom and unknown-other terms."""
+    """For licences named by strings (timm cfgs): NC terms, SEER/DINOv3-style custom licences, 'other'."""
     text = (license_id or "").lower()
-    return "nc" in text.replace("-", " ").split() or "-nc" in text or "non-commercial" in text or text.endswith("license") \
+    return bool(re.search(r"(^|[-_ ])nc([-_ ]|$)", text)) or "non-commercial" in text or text.endswith("license") \
         or text in ("other", "custom")
 
 
@@ -90,6 +91,12 @@ def _usable_manifest(entry: TeacherEntry, manifest: dict | None, want_sha: str |
 def prepare_entry(entry: TeacherEntry, *, sha256: str | None = None, no_verify: bool = False, mirror: str | None = None,
                   import_from: Path | None = None, force: bool = False) -> Stored:
     """Make sure the entry is downloaded (or imported), verified, converted and stored; load the store."""
+    with teacher_lock(teacher_dir(entry.name)):
+        return _prepare_entry(entry, sha256=sha256, no_verify=no_verify, mirror=mirror, import_from=import_from, force=force)
+
+
+def _prepare_entry(entry: TeacherEntry, *, sha256: str | None, no_verify: bool, mirror: str | None,
+                   import_from: Path | None, force: bool) -> Stored:
     folder = teacher_dir(entry.name)
     if entry.needs_explicit_convert:
         manifest = read_manifest(folder)
@@ -162,6 +169,18 @@ def _timm_teacher(tag: str, *, accept_license: bool, sha256: str | None, no_veri
     url = mirrored(url, mirror)
     spec = ArchSpec(builder="timm", name=tag, kwargs={})
     folder = teacher_dir(f"timm-{tag}")
+    with teacher_lock(folder):
+        stored = _fetch_timm(tag, name, url, spec, folder, sha256=sha256, no_verify=no_verify, license_id=cfg.license)
+    size = cfg.input_size[-1]
+    return Teacher(name=name, arch=tag, backbone=stored.backbone, embed_dim=int(stored.backbone.num_features),
+                   sha256=stored.sha256, license=cfg.license or "unknown", source=f"timm:{url}",
+                   preprocess=Preprocess(mean=tuple(cfg.mean), std=tuple(cfg.std), input_size=size,
+                                         resize=int(math.floor(size / (cfg.crop_pct or 1.0))),
+                                         interpolation=cfg.interpolation or "bicubic"))
+
+
+def _fetch_timm(tag: str, name: str, url: str, spec: ArchSpec, folder: Path, *, sha256: str | None, no_verify: bool,
+                license_id: str | None) -> Stored:
     expected = expected_hash(name, None, sha256)
     manifest = read_manifest(folder)
     raw_ok = manifest is not None and manifest.get("converter_version") == CONVERTER_VERSION and manifest.get("arch") == spec.model_dump()
@@ -177,15 +196,9 @@ def _timm_teacher(tag: str, *, accept_license: bool, sha256: str | None, no_veri
             validate(raw)
         meta = {"name": name, "arch": spec.model_dump(), "family": "timm", "converter_version": CONVERTER_VERSION,
                 "raw": {"filename": raw.name, "sha256": raw_sha, "verified": not no_verify, "source": url},
-                "embed_dim": parts["backbone"].num_features, "license": cfg.license}
+                "embed_dim": parts["backbone"].num_features, "license": license_id}
         manifest = save_converted(folder, parts["backbone"], None, None, meta)
-    stored = load_converted(folder, manifest)
-    size = cfg.input_size[-1]
-    return Teacher(name=name, arch=tag, backbone=stored.backbone, embed_dim=int(stored.backbone.num_features),
-                   sha256=stored.sha256, license=cfg.license or "unknown", source=f"timm:{url}",
-                   preprocess=Preprocess(mean=tuple(cfg.mean), std=tuple(cfg.std), input_size=size,
-                                         resize=int(math.floor(size / (cfg.crop_pct or 1.0))),
-                                         interpolation=cfg.interpolation or "bicubic"))
+    return load_converted(folder, manifest)
 
 
 def _load_timm_file(tag: str, spec: ArchSpec, path: Path) -> nn.Module:
@@ -273,16 +286,22 @@ def _local_teacher(path: Path, arch: str | None, fmt: str | None, *, accept_lice
         layout = infer_head_layout(converted.head) if converted.head else None
         backbone, head = check_structure(converted, spec, model, None, [], layout, what=str(path))
         stored = _store_local(path, raw_sha, family, spec, backbone, head, layout, converted)
-    mean = tuple(sidecar.get("mean", Preprocess.mean))
-    std = tuple(sidecar.get("std", Preprocess.std))
-    size = int((sidecar.get("input_size") or [3, 224, 224])[-1])
-    resize = (sidecar.get("resize") or {}).get("to") if isinstance(sidecar.get("resize"), dict) else sidecar.get("resize", 256 if size == 224 else None)
+    preprocess = _sidecar_preprocess(sidecar)
     return Teacher(name=_stem(path), arch=spec.label(), backbone=stored.backbone, embed_dim=int(stored.backbone.num_features),
                    sha256=stored.sha256, projection=stored.head,
                    proj_dim=head_output_dim(stored.manifest["head"]["layout"]) if stored.head is not None else None,
-                   license=str(sidecar.get("license", "unknown")), source=f"local:{path}",
-                   preprocess=Preprocess(mean=mean, std=std, input_size=size, resize=resize,
-                                         interpolation=str(sidecar.get("interpolation", "bilinear"))))
+                   license=str(sidecar.get("license", "unknown")), source=f"local:{path}", preprocess=preprocess)
+
+
+def _sidecar_preprocess(sidecar: dict[str, Any]) -> Preprocess:
+    """Preprocessing from a sidecar (``input_size`` [3,H,W], ``resize`` int or {"to": n}); ImageNet defaults."""
+    size = int((sidecar.get("input_size") or [3, 224, 224])[-1])
+    resize = sidecar.get("resize", 256 if size == 224 else size)
+    if isinstance(resize, dict):
+        resize = resize.get("to", size)
+    return Preprocess(mean=tuple(sidecar.get("mean", Preprocess.mean)), std=tuple(sidecar.get("std", Preprocess.std)),
+                      input_size=size, resize=int(resize) if resize is not None else None,
+                      interpolation=str(sidecar.get("interpolation", "bilinear")))
 
 
 def _load_plain(path: Path, raw_sha: str, obj: dict, spec: ArchSpec, strip: bool) -> Stored:
@@ -306,13 +325,14 @@ def _store_local(path: Path, raw_sha: str, family: str, spec: ArchSpec, backbone
                  layout: str | None, converted: Converted) -> Stored:
     key = hashlib.sha256(f"{raw_sha}|{family}|{json.dumps(spec.model_dump(), sort_keys=True)}".encode()).hexdigest()[:16]
     folder = teacher_dir(f"local-{key}")
-    manifest = read_manifest(folder)
-    if manifest is None or manifest.get("converter_version") != CONVERTER_VERSION:
-        meta = {"name": path.name, "arch": spec.model_dump(), "family": family, "converter_version": CONVERTER_VERSION,
-                "raw": {"filename": path.name, "sha256": raw_sha, "verified": True, "source": f"local:{path}"},
-                "conversion": converted.report(), "embed_dim": int(backbone.num_features), "license": "unknown"}
-        manifest = save_converted(folder, backbone, head, layout, meta)
-    return load_converted(folder, manifest)
+    with teacher_lock(folder):
+        manifest = read_manifest(folder)
+        if manifest is None or manifest.get("converter_version") != CONVERTER_VERSION:
+            meta = {"name": path.name, "arch": spec.model_dump(), "family": family, "converter_version": CONVERTER_VERSION,
+                    "raw": {"filename": path.name, "sha256": raw_sha, "verified": True, "source": f"local:{path}"},
+                    "conversion": converted.report(), "embed_dim": int(backbone.num_features), "license": "unknown"}
+            manifest = save_converted(folder, backbone, head, layout, meta)
+        return load_converted(folder, manifest)
 
 
 # --- public entry point -----------------------------------------------------------------------
@@ -326,7 +346,7 @@ def load_teacher(spec: str, arch: str | None = None, fmt: str | None = None, *, 
     if spec.startswith("timm:"):
         teacher = _timm_teacher(spec[len("timm:"):], accept_license=accept_license, sha256=sha256,
                                 no_verify=no_verify, mirror=mirror)
-    elif _looks_like_path(spec):
+    elif _looks_like_path(spec) or (load_registry().find(spec) is None and Path(spec).expanduser().is_file()):
         teacher = _local_teacher(Path(spec).expanduser(), arch, fmt, accept_license=accept_license, sha256=sha256,
                                  no_verify=no_verify)
     else:
@@ -347,8 +367,7 @@ def load_teacher(spec: str, arch: str | None = None, fmt: str | None = None, *, 
 
 
 def _looks_like_path(spec: str) -> bool:
-    return os.sep in spec or spec.startswith((".", "~")) or spec.endswith((".safetensors", ".pth", ".pt", ".tar", ".bin")) \
-        or Path(spec).is_file()
+    return os.sep in spec or spec.startswith((".", "~")) or spec.endswith((".safetensors", ".pth", ".pt", ".tar", ".bin"))
 
 
 __all__: list[str] = ["load_teacher", "prepare_entry", "license_gate", "entry_urls"]
