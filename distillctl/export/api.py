@@ -196,7 +196,7 @@ def _engine(model, export_dir, run_dir, size, precision, config, parity_set, gat
     tolerance = {"fp32": "gpu-fp32", "fp16": "fp16", "int8": "int8"}[precision]
     parity = check_parity(model, EngineRunner(info.path), parity_set, precision=tolerance)
     gate(parity, Path(info.path).name)
-    return info.to_dict(), {"path": _rel(Path(info.path), run_dir), "precision": precision, "parity": parity.to_dict(),
+    return info.to_dict() | {"path": _rel(Path(info.path), run_dir)}, {"path": _rel(Path(info.path), run_dir), "precision": precision, "parity": parity.to_dict(),
                             "gpu": info.gpu, "tensorrt_version": info.tensorrt_version}
 
 

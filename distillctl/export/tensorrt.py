@@ -17,6 +17,7 @@ machine; the absent-TensorRT path is what the tests cover.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -167,8 +168,6 @@ def build_engine(
         batch_opt=batch_opt, batch_max=batch_max, workspace_bytes=workspace_bytes, timing_cache=cache_path.name,
         build_seconds=round(build_seconds, 3), size_bytes=engine_path.stat().st_size,
     )
-    import json
-
     sidecar = {"input_size": input_size, "mean": mean, "std": std, "input": "input", "output": "embedding", **info.to_dict()}
     write_bytes_atomic(sidecar_path(engine_path), json.dumps(sidecar, indent=2, sort_keys=True).encode())
     return info
@@ -194,7 +193,8 @@ class EngineRunner:
         trt = require_tensorrt()
         self.trt = trt
         self.torch = torch
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime and the engine
+        self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
             raise InputError(f"TensorRT could not load {engine_path} (built for another GPU or TensorRT version?)")
@@ -245,8 +245,6 @@ def sidecar_path(engine_path: str | Path) -> Path:
 
 
 def _load_engine(path: Path, device: str):
-    import json
-
     require_tensorrt()  # exit 2 with the install hint before anything else
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
