@@ -313,7 +313,14 @@ def _load_plain(path: Path, raw_sha: str, obj: dict, spec: ArchSpec, strip: bool
     if strip:
         prefix = classifier_prefix(spec, build_classifier_model(spec))
         state = {k: v for k, v in obj.items() if not k.startswith(prefix)}
-    load_state_dict_strict(backbone, state, what=str(path))
+    try:
+        load_state_dict_strict(backbone, state, what=str(path))
+    except InputError as exc:
+        prefix = classifier_prefix(spec, build_classifier_model(spec))
+        extra = set(state) - set(backbone.state_dict())
+        if not strip and extra and all(k.startswith(prefix) for k in extra):
+            exc.hint = f"the file carries a classifier ({prefix}*); pass --teacher-format classifier to drop it"
+        raise
     backbone.eval()
     if path.suffix == ".safetensors" and not strip:
         return Stored(backbone, None, {"head": None}, raw_sha)  # the file itself is the converted weights

@@ -233,3 +233,17 @@ def test_cache_home_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
     assert cache_home() == tmp_path / "h" / ".cache" / "distillctl"
+
+
+def test_convert_command_for_a_torch_family_and_verify_unknown(tmp_path, monkeypatch, capsys):
+    data, model = payload()
+    register(tmp_path, monkeypatch, f"http://127.0.0.1:{unused_port()}/dino/{FILE}")
+    code, _, err = run_cli(["teacher", "verify", NAME], capsys)
+    assert code == 2 and "not in the cache" in err
+    source = tmp_path / FILE
+    source.write_bytes(data)
+    code, out, err = run_cli(["teacher", "convert", NAME, str(source), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["conversion"]["family"] == "dino"
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(load_teacher(NAME).backbone(images), model(images), atol=1e-5)

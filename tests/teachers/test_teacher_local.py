@@ -54,8 +54,9 @@ def test_classifier_is_stripped_only_when_the_format_says_so(tmp_path):
     full = timm.create_model("test_resnet", num_classes=7).eval()
     path = tmp_path / "supervised.pth"
     torch.save(full.state_dict(), path)
-    with pytest.raises(InputError, match="unexpected 2 keys"):
+    with pytest.raises(InputError, match="unexpected 2 keys") as info:
         load_teacher(str(path), arch="test_resnet")
+    assert "--teacher-format classifier" in info.value.hint
     teacher = load_teacher(str(path), arch="test_resnet", fmt="classifier")
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
