@@ -27,7 +27,7 @@ from distillctl.eval.features import Encoder, embed_dataset, eval_transform
 class EmbeddingCache:
     """Embeddings on disk so a second evaluation (or the linear-probe sweep) skips the forward passes.
 
-    Key = sha256 of {encoder sha256, dataset manifest hash, transform}; files ``<key>.emb.npy``,
+    Key = sha256 of {encoder sha256, dataset manifest hash, transform + device type}; files ``<key>.emb.npy``,
     ``<key>.labels.npy`` and ``<key>.json`` (the key's inputs, written last: its presence means complete).
     """
 
@@ -98,7 +98,9 @@ def embed_dataset_cached(
     if cache is None or encoder_sha256 is None:
         emb, labels = embed_dataset(encoder, dataset, batch_size=batch_size, device=device, num_workers=num_workers, **kwargs)
         return emb, labels, False
-    transform = eval_transform(input_size, mean, std, crop_pct)
+    # The device type is part of the key: CPU and GPU kernels (and ONNX execution providers) differ in
+    # the last bits, and an artefact's accuracy must come from the runtime it is evaluated on.
+    transform = {**eval_transform(input_size, mean, std, crop_pct), "device": torch.device(device).type}
     manifest = dataset.manifest_hash()
     key = cache.key(encoder_sha256, manifest, transform)
     hit = cache.load(key)
