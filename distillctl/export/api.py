@@ -21,7 +21,7 @@ from distillctl.errors import GateError, InputError, UsageError
 from distillctl.export import card as card_module
 from distillctl.export.onnx import (BATCH_DIM, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, default_opset,
                                     export_onnx, set_metadata)
-from distillctl.export.parity import ParityResult, check_parity, ort_runner, parity_batches
+from distillctl.export.parity import ParityResult, check_parity, ort_runner
 from distillctl.export.quantize import (CALIBRATION_METHODS, check_tensorrt_compatible, convert_fp16,
                                         quantize_int8)
 
