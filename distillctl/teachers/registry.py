@@ -9,6 +9,7 @@ e.g. to pin sha256 values or internal URLs on a cluster.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -194,7 +195,7 @@ def _entries(data: dict[str, Any], path: Path) -> dict[str, TeacherEntry]:
 
 
 @lru_cache(maxsize=8)
-def _load(paths: tuple[str, ...], stamps: tuple[float, ...]) -> Registry:
+def _load(paths: tuple[str, ...], stamps: tuple[str, ...]) -> Registry:
     base = _read_yaml(Path(paths[0]))
     families = {name: KeyRules(**rules) for name, rules in (base.get("families") or {}).items()}
     teachers = _entries(base, Path(paths[0]))
@@ -219,9 +220,9 @@ def load_registry() -> Registry:
     """The built-in registry plus any files named by ``DISTILLCTL_REGISTRY`` (reloaded when they change)."""
     paths = [str(REGISTRY_PATH)] + [p for p in os.environ.get("DISTILLCTL_REGISTRY", "").split(os.pathsep) if p]
     stamps = []
-    for path in paths:
+    for path in paths:  # content digests, not mtimes: two quick edits can share a timestamp
         try:
-            stamps.append(os.stat(path).st_mtime_ns)
+            stamps.append(hashlib.sha1(Path(path).read_bytes(), usedforsecurity=False).hexdigest())
         except OSError:
             raise InputError(f"teacher registry file not found: {path}", hint="check DISTILLCTL_REGISTRY") from None
     return _load(tuple(paths), tuple(stamps))
