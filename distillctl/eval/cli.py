@@ -99,19 +99,20 @@ def _enclosing_run(target: Path, with_recipe: bool = False) -> Path | None:
 
 
 def _resolve_splits(target: Path, data: str | None, val_data: str | None) -> tuple[str, str, float | None]:
+    """(train source, val source, the run's crop_pct or None): flags first, else the enclosing run's recipe."""
     from distillctl.data.datasets import resolve_splits
 
-    run_crop = None
+    run = _enclosing_run(target, with_recipe=True)
+    run_train, run_val, run_crop = (None, None, None)
+    if run is not None:
+        from distillctl.rundir import RunDir
+
+        run_train, run_val, run_crop = RunDir(run).eval_data()
     if data is None:
-        run = _enclosing_run(target, with_recipe=True)
         if run is None:
             raise UsageError(f"no --data given and {target} is not inside a distillctl run directory",
                              hint="pass --data TRAIN [--val-data VAL] (an ImageFolder or builtin:digits)")
-        from distillctl.rundir import RunDir
-
-        train_spec, val_spec, run_crop = RunDir(run).eval_data()
-        if val_data is not None:
-            val_spec = val_data
+        train_spec, val_spec = run_train, val_data if val_data is not None else run_val
     else:
         train_spec, val_spec = resolve_splits(data, val_data)
     if val_spec is None:
@@ -124,7 +125,7 @@ def _prepare(target_arg: str, data: str | None, val_data: str | None, device: st
              cache_dir: str | None, no_cache: bool, teacher: _TeacherOptions) -> _Prepared:
     from distillctl.data.datasets import open_dataset
     from distillctl.eval.embedding_cache import EmbeddingCache
-    from distillctl.eval.features import encoder_fingerprint, load_encoder
+    from distillctl.eval.features import align_classes, encoder_fingerprint, load_encoder
 
     is_teacher = target_arg.startswith("teacher:")
     target = Path(target_arg) if is_teacher else Path(target_arg).expanduser()
@@ -135,7 +136,8 @@ def _prepare(target_arg: str, data: str | None, val_data: str | None, device: st
         preprocess = {**preprocess, "input_size": int(teacher.input_size)}
     train_spec, val_spec, run_crop = _resolve_splits(target, data, val_data)
     train = open_dataset(train_spec, "train")
-    val = open_dataset(val_spec, "test")  # builtin datasets: their held-out test split; folders: as given
+    # builtin datasets: their held-out test split; folders: as given, labels mapped to train's class indices
+    val = align_classes(train, open_dataset(val_spec, "test"))
     # Precedence: --crop-pct, the artefact's own metadata, the run's recipe, the 0.875 default.
     artefact_crop = getattr(encoder, "crop_pct", None)
     crop = next(float(c) for c in (crop_pct, artefact_crop, run_crop, 0.875) if c is not None)

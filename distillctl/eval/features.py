@@ -135,6 +135,25 @@ class _CentreViews(torch.utils.data.Dataset):
         return apply_view_uint8(image, params, self.spec), int(self.dataset.labels[index])
 
 
+def align_classes(train: Any, val: Any) -> Any:
+    """``val`` with labels re-indexed to ``train``'s classes (matched by name).
+
+    Two ImageFolders index their own sorted class lists, so a val folder missing one class would
+    otherwise shift every later label and silently corrupt kNN/linear accuracy.
+    """
+    if list(val.classes) == list(train.classes):
+        return val
+    index = {name: i for i, name in enumerate(train.classes)}
+    unknown = [name for name in val.classes if name not in index]
+    if unknown:
+        raise InputError(f"{len(unknown)} evaluation classes do not exist in the train split (e.g. {', '.join(unknown[:3])})",
+                         hint="train and val folders must use the same class folder names")
+    from distillctl.data.datasets import ImageDataset
+
+    return ImageDataset(name=val.name, classes=list(train.classes), labels=[index[val.classes[label]] for label in val.labels],
+                        paths=val.paths, arrays=val.arrays, root=val.root, faults=val.faults)
+
+
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875) -> dict:
     """The evaluation transform as plain data (recorded in results and in cache keys)."""
     return {"view": "centre", "size": int(input_size), "crop_pct": float(crop_pct), "interpolation": "bilinear+antialias",

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from distillctl.errors import InputError
 from distillctl.eval.embedding_cache import EmbeddingCache
-from distillctl.eval.features import eval_transform
+from distillctl.eval.features import align_classes, eval_transform
 
 _BN_EPS = 1e-5
 
@@ -243,6 +243,8 @@ def linear_probe(
     from distillctl.eval.embedding_cache import embed_dataset_cached
 
     config = config or LinearProbeConfig()
+    if hasattr(train_data, "classes") and hasattr(val_data, "classes"):
+        val_data = align_classes(train_data, val_data)  # two ImageFolders index their own class lists
     if seed is not None:
         config = replace(config, seed=int(seed))
     kwargs = dict(cache=cache, encoder_sha256=encoder_sha256, input_size=input_size, mean=mean, std=std,

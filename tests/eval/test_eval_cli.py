@@ -89,6 +89,11 @@ def test_run_dir_splits_come_from_the_recipe(run_copy, capsys):
     assert set(result["knn"]) == {"5", "50"} and result["protocol"]["temperature"] == 0.1  # the run's protocol
     assert result["data"]["val"] == "builtin:digits" and result["data"]["n_val"] == 360
     assert not (run_copy / "eval_cache").exists()
+    # Explicit data still uses the run's crop; an explicit --crop-pct wins over both.
+    code, out, _ = _run(["eval", "knn", str(run_copy), "--data", "builtin:digits", "--json", "--no-cache"], capsys)
+    assert json.loads(out)["protocol"]["transform"]["crop_pct"] == 1.0
+    code, out, _ = _run(["eval", "knn", str(run_copy), "--crop-pct", "0.5", "--json", "--no-cache"], capsys)
+    assert json.loads(out)["protocol"]["transform"]["crop_pct"] == 0.5
 
 
 def test_linear_cli_records_protocol_and_reuses_cached_features(run_copy, capsys):
@@ -146,3 +151,14 @@ def test_image_folder_train_val_layout(run_copy, tmp_path, capsys):
     result = json.loads(out)
     assert result["data"]["n_train"] == 12 and result["data"]["n_val"] == 6 and result["data"]["num_classes"] == 2
     assert result["knn"] == {"1": 100.0, "3": 100.0}
+    # A val folder lacking the first class: its labels are re-indexed to train's classes by name.
+    shutil.rmtree(tmp_path / "imgs" / "val" / "bright")
+    code, out, err = _run(["eval", "knn", str(run_copy), "--data", str(tmp_path / "imgs" / "train"), "--val-data",
+                           str(tmp_path / "imgs" / "val"), "--k", "1", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["knn"] == {"1": 100.0} and json.loads(out)["data"]["n_val"] == 3
+    (tmp_path / "imgs" / "val" / "other").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "val" / "other" / "x.png")
+    code, _, err = _run(["eval", "knn", str(run_copy), "--data", str(tmp_path / "imgs" / "train"), "--val-data",
+                         str(tmp_path / "imgs" / "val"), "--k", "1"], capsys)
+    assert code == 2 and "do not exist in the train split" in err
