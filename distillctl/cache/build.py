@@ -35,6 +35,7 @@ from distillctl.train import distributed
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NPY_HEADER_BYTES = 128
+LAYOUT_NAMES = {layout.MANIFEST, "index", "params", "done", "artifacts", *layout.OUTPUT_KINDS}
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,11 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
     dataset_hash = dataset.manifest_hash()
     fingerprint = cache_fingerprint(teacher.sha256, outputs, dataset_hash, spec, views, mean, std, seed)
     existing = read_manifest(root) if (root / layout.MANIFEST).is_file() else None
+    if existing is None and root.is_dir():
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in LAYOUT_NAMES and not p.name.startswith("."))
+        if foreign:
+            raise InputError(f"--out {root} is not empty and holds no feature cache (found {', '.join(foreign[:3])})",
+                             hint="choose a new or empty directory for the cache")
     if existing is not None:
         differences = manifest_differences(existing, teacher_sha256=teacher.sha256, outputs=outputs,
                                            dataset_hash=dataset_hash, spec=spec, mean=mean, std=std, views=views,

@@ -153,25 +153,55 @@ def info(path: Path = CACHE_DIR, json_output: bool = JSON) -> None:
 
 
 @app.command(help="Re-hash every shard and check values (finite, no all-zero rows, crop boxes inside the image); "
-                  "exit 3 on any problem.\n\nExample: distillctl cache verify /fast/cache")
-def verify(path: Path = CACHE_DIR, json_output: bool = JSON) -> None:
-    from distillctl.cache.store import read_manifest, verify_store
+                  "with --teacher and --data also re-embed a random sample of stored views (cosine >= 0.999). "
+                  "Exit 3 on any problem.\n\nExample: distillctl cache verify /fast/cache --teacher r50-moco --data /data/train")
+def verify(
+    path: Path = CACHE_DIR,
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Also spot-check replay drift against this teacher."),
+    teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="Architecture of a local teacher file."),
+    teacher_format: Optional[str] = typer.Option(None, "--teacher-format", help="Checkpoint format of a local file."),
+    data: Optional[str] = typer.Option(None, "--data", help="The cached dataset (needed with --teacher)."),
+    samples: int = typer.Option(64, "--samples", min=1, help="Stored views to re-embed for the drift check."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (drift check)."),
+    accept_license: bool = typer.Option(False, "--accept-license", help="Accept a non-commercial or custom teacher licence."),
+    json_output: bool = JSON,
+) -> None:
+    from distillctl.cache.store import FeatureCache, read_manifest, verify_store
 
     root = path.expanduser()
     report = verify_store(root, read_manifest(root))
+    result = report.to_dict()
+    if teacher is not None and report.ok:
+        from distillctl.cache.drift import spot_check
+        from distillctl.data.datasets import open_dataset
+        from distillctl.teachers.resolve import load_teacher
+
+        if data is None:
+            raise UsageError("--teacher needs --data (the dataset the cache was built from)")
+        run_device = _device(device)
+        loaded = load_teacher(teacher, teacher_arch, teacher_format, accept_license=accept_license, device=run_device)
+        try:
+            result["spot_check"] = spot_check(FeatureCache.open(root), loaded, open_dataset(data), samples=samples,
+                                              device=run_device)
+        except GateError as exc:
+            report.problems.append(exc.message)
+            result = report.to_dict()
     if json_output:
-        print_json(report.to_dict())
+        print_json(result)
     else:
         for problem in report.problems:
             console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
         for warning in report.warnings:
             console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
         if report.ok:
+            drift = result.get("spot_check")
+            extra = (f"; {drift['samples']} views re-embedded, min cosine "
+                     + ", ".join(f"{k} {v:.5f}" for k, v in drift["min_cosine"].items())) if drift else ""
             console.print(f"cache {root}: OK ({report.shards_checked} shards, {_human_bytes(report.bytes_hashed)} "
-                          f"hashed in {report.seconds:.2f} s)", highlight=False)
+                          f"hashed in {report.seconds:.2f} s{extra})", highlight=False)
     if not report.ok:
         raise GateError(f"cache {root} failed verification: {len(report.problems)} problem(s)",
-                        hint="rebuild the damaged shards: delete the cache directory and rerun `distillctl cache build`")
+                        hint="rebuild the cache: delete the directory (or use another --out) and rerun `distillctl cache build`")
 
 
 @app.command(help="Teacher k-nearest-neighbour bags over the centre-crop embeddings (BINGO), stored beside the cache.\n\n"

@@ -150,6 +150,8 @@ class FeatureCache:
         self.shard_size = int(manifest["shard_size"])
         self.fingerprint = str(manifest["fingerprint"])
         self.num_shards = len(manifest["shards"])
+        shards = manifest.get("shards", [])
+        self._complete = bool(manifest.get("complete")) and bool(shards) and all(s.get("status") == "sealed" for s in shards)
         self._arrays: dict[tuple[str, int], np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------- opening
@@ -206,6 +208,8 @@ class FeatureCache:
         return state
 
     def _array(self, name: str, shard: int) -> np.ndarray:
+        if not self.is_complete():
+            raise GateError(f"feature cache at {self.path} is incomplete; resume `distillctl cache build` before reading it")
         key = (name, shard)
         array = self._arrays.get(key)
         if array is None:
@@ -275,8 +279,7 @@ class FeatureCache:
 
     def is_complete(self) -> bool:
         """All shards sealed (always true for a cache opened without ``allow_incomplete``)."""
-        shards = self.manifest.get("shards", [])
-        return bool(self.manifest.get("complete")) and bool(shards) and all(s.get("status") == "sealed" for s in shards)
+        return self._complete
 
     # ------------------------------------------------------------------------------ verification
     def verify(self) -> VerifyReport:

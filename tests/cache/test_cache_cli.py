@@ -67,6 +67,10 @@ def test_cli_build_info_knn_kmeans(teacher_file, image_folder, tmp_path, capsys)
     assert np.load(kmeans["path"]).shape == (40,) and kmeans["clusters"] == 4
 
     assert _cli(["cache", "verify", str(out)]) == 0
+    assert _cli(["cache", "verify", str(out), "--teacher", str(teacher_file), "--teacher-arch", "test_resnet",
+                 "--teacher-format", "plain", "--data", image_folder.root, "--samples", "12", "--json"]) == 0
+    drift = json.loads(capsys.readouterr().out)["spot_check"]
+    assert drift["samples"] == 12 and drift["min_cosine"]["pooled"] > 0.999
     assert _cli(["cache", "info", str(tmp_path / "missing")]) == 2
     assert _cli(_build_args(teacher_file, image_folder.root, out, "--views", "2", "--image-size", "24")) == 3  # K differs
     assert "views K=3 (cache) vs 2 (run)" in capsys.readouterr().err.replace("\n", " ")
