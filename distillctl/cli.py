@@ -6,6 +6,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from distillctl import __version__
 from distillctl.cli_common import console, debug_enabled
@@ -72,9 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     except DistillError as exc:
         if debug_enabled():
             console.print_exception()
-        console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            console.print(f"[dim]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+            console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -92,6 +93,6 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(EXIT_USAGE if isinstance(exc, click.exceptions.UsageError) else exc.exit_code)
         if debug_enabled():
             raise
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False, soft_wrap=True)
         console.print("[dim]hint:[/] rerun with --debug for the traceback", highlight=False)
         sys.exit(1)

@@ -108,9 +108,13 @@ class EvalConfig(Strict):
 
 
 class ExportConfig(Strict):
-    formats: list[Literal["onnx", "onnx-fp16", "onnx-int8", "engine"]] = Field(default_factory=lambda: ["onnx"])
+    formats: list[Literal["onnx", "onnx-fp16", "onnx-int8", "engine", "engine-int8"]] = Field(default_factory=lambda: ["onnx"])
+    calib_data: str | None = None  # default: the run's training data
     calib_size: int = Field(512, ge=1)
-    max_drop: float = Field(1.0, ge=0)
+    calib_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    max_drop: float = Field(1.0, ge=0)  # INT8 kNN top-1 budget, points
+    half: bool = False  # TensorRT fp16 engine
+    parity_images: int = Field(64, ge=4)
     exporter: Literal["dynamo", "legacy"] = "dynamo"
     enabled: bool = True
 

@@ -255,7 +255,7 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
     cache_fp = cache_fingerprint(teacher.sha256, outputs, data_hash, spec, recipe.teacher.cache_views, mean, std,
                                  recipe.train.seed)
     if (cache_dir / "manifest.json").is_file():
-        cache = FeatureCache.open(cache_dir)
+        cache = FeatureCache.open(cache_dir, allow_incomplete=True)
         cache.check_compatible(teacher_sha256=teacher.sha256, outputs=outputs, dataset_hash=data_hash, spec=spec,
                                mean=mean, std=std)
         if cache.is_complete():
@@ -362,10 +362,17 @@ def _export_stage(recipe, run, student_sha) -> dict:
     export_fp = fingerprint(student_sha, recipe.export.model_dump())
     if run.stage_done("export", export_fp):
         return run.stage("export")["result"]
+    from distillctl.errors import GateError
     from distillctl.export.api import export_run
 
-    result = export_run(run.path, list(recipe.export.formats), calib_size=recipe.export.calib_size,
-                        max_drop=recipe.export.max_drop, exporter=recipe.export.exporter)
+    try:
+        result = export_run(run.path, list(recipe.export.formats), calib_data=recipe.export.calib_data,
+                            calib_size=recipe.export.calib_size, calib_method=recipe.export.calib_method,
+                            max_drop=recipe.export.max_drop, half=recipe.export.half, exporter=recipe.export.exporter,
+                            parity_images=recipe.export.parity_images)
+    except GateError:
+        run.record_stage("export", export_fp, "failed", run.summary().get("export", {}))
+        raise
     run.record_stage("export", export_fp, "done", result)
     return result
 

@@ -21,6 +21,8 @@ class MocoV2Params(MethodParams):
     out_dim: int = 128
     symmetric: bool = True  # both views as queries (2 loss terms per step); MoCo v2 used one
     augmentation: str = "mocov2"
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    flip: bool = True  # horizontal flips (turn off for digits/text)
     momentum_schedule: bool = False  # cosine ramp of the EMA momentum to 1 (BYOL-style)
 
 
@@ -59,7 +61,9 @@ class MocoV2(Method):
         self.key_encoder = EMA(_Encoder(student, self.head))
 
     def requirements(self, image_size: int) -> Requirements:
-        view = MethodView(ViewSpec(size=image_size, family=self.params.augmentation), teacher=False)
+        spec = ViewSpec(size=image_size, family=self.params.augmentation, scale=self.params.crop_scale,
+                        flip=self.params.flip)
+        view = MethodView(spec, teacher=False)
         return Requirements(views=(view, view), teacher_outputs=frozenset(), teacher_mode="none")
 
     def _keys(self, images: torch.Tensor) -> torch.Tensor:

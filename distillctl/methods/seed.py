@@ -19,6 +19,8 @@ class SeedParams(MethodParams):
     teacher_feature: Literal["auto", "backbone", "projection"] = "auto"  # auto: projection when the teacher has one
     head_dim: int | None = None  # default: the teacher target's dim (128 for MoCo v2)
     augmentation: Literal["mocov2", "simclr", "weak"] = "mocov2"
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    flip: bool = True
 
 
 def seed_loss(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor,
@@ -63,7 +65,8 @@ class Seed(Method):
         self.queue = FeatureQueue(params.queue_size, target_dim)
 
     def requirements(self, image_size: int) -> Requirements:
-        view = ViewSpec(size=image_size, family=self.params.augmentation)
+        view = ViewSpec(size=image_size, family=self.params.augmentation, scale=self.params.crop_scale,
+                        flip=self.params.flip)
         return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({self.target_key}),
                             teacher_mode="cached_exact", teacher_bn="eval")
 

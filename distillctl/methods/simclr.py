@@ -15,6 +15,8 @@ class SimCLRParams(MethodParams):
     temperature: float = 0.2
     hidden_dim: int | None = None
     out_dim: int = 128
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,7 +61,8 @@ class SimCLR(Method):
         self.head = mlp([student_dim, params.hidden_dim or student_dim, params.out_dim])
 
     def requirements(self, image_size: int) -> Requirements:
-        view = MethodView(ViewSpec(size=image_size, family="simclr"), teacher=False)
+        spec = ViewSpec(size=image_size, family="simclr", scale=self.params.crop_scale, flip=self.params.flip)
+        view = MethodView(spec, teacher=False)
         return Requirements(views=(view, view), teacher_outputs=frozenset(), teacher_mode="none")
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:

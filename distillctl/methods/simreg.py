@@ -14,7 +14,8 @@ from distillctl.methods.common import mlp
 
 class SimRegParams(MethodParams):
     teacher_feature: Literal["backbone", "projection"] = "backbone"  # --teacher_fc uses the projection
-    crop_scale_min: float = 0.2  # single weak view: RandomResizedCrop(0.2-1) + flip
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # single weak view: RandomResizedCrop(0.2-1) + flip
+    flip: bool = True
 
 
 def simreg_head(student_dim: int, target_dim: int) -> torch.nn.Sequential:
@@ -53,7 +54,7 @@ class SimReg(Method):
         self.head = simreg_head(student_dim, target_dim)
 
     def requirements(self, image_size: int) -> Requirements:
-        view = ViewSpec(size=image_size, family="weak", scale=(self.params.crop_scale_min, 1.0))
+        view = ViewSpec(size=image_size, family="weak", scale=self.params.crop_scale, flip=self.params.flip)
         return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({self.target_key}),
                             teacher_mode="cached_exact", teacher_bn="eval")
 
