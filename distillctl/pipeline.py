@@ -60,6 +60,10 @@ def validate(recipe: Recipe) -> tuple[ImageDataset, ImageDataset | None]:
     train_source, val_source = resolve_splits(recipe.data.train, recipe.data.val)
     train_data = open_dataset(train_source, "train")
     val_data = open_dataset(val_source, "test") if val_source else None
+    if val_data is not None:
+        from distillctl.eval.features import align_classes
+
+        val_data = align_classes(train_data, val_data)  # label by class name, not folder order
     if recipe.data.subset:
         import numpy as np
 
