@@ -317,10 +317,14 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
         meter.close()
     seconds = time.perf_counter() - started
     distributed.barrier()
+    built = [meter.session_done]
+    if distributed.is_distributed():
+        built = [0] * rank.world_size
+        torch.distributed.all_gather_object(built, meter.session_done)
     if rank.is_main:
         build_info.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          seconds=round(seconds, 3), images_built=meter.session_done,
-                          images_per_second=round(meter.session_done / seconds, 2) if seconds > 0 else None)
+                          seconds=round(seconds, 3), images_built=sum(built),
+                          images_per_second=round(sum(built) / seconds, 2) if seconds > 0 else None)
         manifest = write_manifest(root, header, plans, build_info)
         if not manifest["complete"]:
             missing = [s["id"] for s in manifest["shards"] if s["status"] != "sealed"]

@@ -197,3 +197,30 @@ def test_bad_teacher_rows_are_refused(digits, tmp_path, value, what):
     manifest = layout.read_json(tmp_path / "c" / "manifest.json")
     assert not manifest["complete"]
     assert not (tmp_path / "c" / "done" / "shard_00000.seal.json").exists()
+
+
+def test_crash_between_commit_record_and_renames_is_finished_on_resume(digits, tmp_path):
+    out = tmp_path / "c"
+    _build(make_teacher(), digits, out)
+    reference = _store_bytes(out)
+    # as if killed right after shard 1's commit record: its files still carry the .partial name
+    for sub in ("params", "proj"):
+        final = out / sub / "shard_00001.npy"
+        final.rename(layout.partial(final))
+    # and shard 2's commit record lost its files entirely (deleted by hand): it must be rebuilt
+    for sub in ("params", "pooled", "proj"):
+        (out / sub / "shard_00002.npy").unlink()
+    manifest = layout.read_json(out / "manifest.json")
+    manifest["complete"] = False
+    layout.atomic_write_json(out / "manifest.json", manifest)
+    built: list[int] = []
+    _build(make_teacher(), digits, out, on_batch=lambda info: built.append(info.shard))
+    assert set(built) == {2}  # shard 1 needed only its renames; shard 2 was recomputed
+    assert _store_bytes(out) == reference
+    assert FeatureCache.open(out, verify=True).is_complete()
+
+
+def test_progress_prints_plain_lines_with_rate_and_eta(digits, tmp_path, capsys):
+    _build(make_teacher(), digits, tmp_path / "c", progress=True)
+    err = capsys.readouterr().err
+    assert "cache build: 48/48 images (100.0%)" in err and "img/s, ETA 0:00:00" in err

@@ -68,4 +68,5 @@ def test_two_ranks_split_shards_and_match_a_single_process_build(image_folder, t
     distributed = json.loads((out / "manifest.json").read_text())
     single = json.loads((tmp_path / "single" / "manifest.json").read_text())
     assert distributed["complete"] and distributed["build"]["world_size"] == 2
+    assert distributed["build"]["images_built"] == 40  # summed over both ranks
     assert distributed["shards"] == single["shards"] and distributed["fingerprint"] == single["fingerprint"]
