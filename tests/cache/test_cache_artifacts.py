@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MEAN, STD, LinearBackbone
+from cache_helpers import MEAN, STD, LinearBackbone
 from distillctl.cache import FeatureCache, build_cache, kmeans_labels, knn_bags
 from distillctl.cache import artifacts
 from distillctl.data.views import ViewSpec

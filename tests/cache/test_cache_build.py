@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MEAN, STD, make_teacher
+from cache_helpers import MEAN, STD, make_teacher
 from distillctl.cache import FeatureCache, build_cache
 from distillctl.cache import layout
 from distillctl.data.views import ViewSpec, centre_box, normalize

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_teacher
+from cache_helpers import make_teacher
 from distillctl.cache import FeatureCache
 from distillctl.cli import main
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import MEAN, STD, make_teacher
+from cache_helpers import MEAN, STD, make_teacher
 from distillctl.cache import build_cache
 from distillctl.data.views import ViewSpec
 
@@ -21,7 +21,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, {tests!r})
-from conftest import MEAN, STD, make_teacher
+from cache_helpers import MEAN, STD, make_teacher
 from distillctl.cache import build_cache
 from distillctl.data.datasets import open_dataset
 from distillctl.data.views import ViewSpec

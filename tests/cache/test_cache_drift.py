@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import MEAN, STD, LinearBackbone
+from cache_helpers import MEAN, STD, LinearBackbone
 from distillctl.cache import FeatureCache, build_cache
 from distillctl.cache.drift import spot_check
 from distillctl.data.datasets import ImageDataset

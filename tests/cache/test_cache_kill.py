@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MEAN, STD, make_teacher
+from cache_helpers import MEAN, STD, make_teacher
 from distillctl.cache import build_cache
 from distillctl.data.views import ViewSpec
 
@@ -25,7 +25,7 @@ BUILD_SCRIPT = """
 import sys, time
 import torch
 sys.path.insert(0, {tests!r})
-from conftest import MEAN, STD, make_teacher
+from cache_helpers import MEAN, STD, make_teacher
 from distillctl.cache import build_cache
 from distillctl.data.datasets import open_dataset
 from distillctl.data.views import ViewSpec

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MEAN, STD, TEACHER_SHA, make_teacher
+from cache_helpers import MEAN, STD, TEACHER_SHA, make_teacher
 from distillctl.cache import FeatureCache, build_cache
 from distillctl.cli import main
 from distillctl.data.views import ViewSpec
