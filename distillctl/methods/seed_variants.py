@@ -47,7 +47,8 @@ class SeedSmallPatch(Seed):
         small = ViewSpec(size=scaled_crop_size(image_size, self.params.small_crop_size), family=self.params.augmentation,
                          scale=tuple(self.params.small_crop_scale))
         views = (MethodView(main),) + (MethodView(small),) * self.params.small_crops
-        return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), teacher_mode="cached_exact",
+        # online: the feature cache stores views of one spec, and the small crops have their own
+        return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), teacher_mode="online",
                             teacher_bn="eval")
 
     def _embed(self, inputs: MethodInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
