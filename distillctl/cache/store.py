@@ -166,13 +166,17 @@ class FeatureCache:
         manifest = read_manifest(root)
         shards = manifest.get("shards", [])
         unsealed = [s["id"] for s in shards if s.get("status") != "sealed"]
-        if allow_incomplete and (unsealed or not manifest.get("complete")):
-            return cls(root, manifest)
-        if not manifest.get("complete") or unsealed or not shards:
+        try:
+            cache = cls(root, manifest)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GateError(f"feature cache manifest at {root} is malformed ({type(exc).__name__}: {exc})",
+                            hint="rebuild the cache") from exc
+        if allow_incomplete and not cache.is_complete():
+            return cache
+        if not cache.is_complete():
             raise GateError(
                 f"feature cache at {root} is incomplete ({len(shards) - len(unsealed)}/{len(shards)} shards sealed)",
                 hint="resume it by rerunning the same `distillctl cache build` command")
-        cache = cls(root, manifest)
         cache._check_files()
         if verify:
             report = cache.verify()

@@ -161,3 +161,11 @@ def test_info_cli_reports_fingerprint_size_and_completeness(built, capsys):
     assert info["feature_bytes_per_image"] == 2 * (2 * (96 + 16) + 52)
     assert info["size_bytes"] > 48 * info["feature_bytes_per_image"]
     assert info["transform"]["spec"]["size"] == 20 and info["dataset"]["num_images"] == 48
+
+
+def test_malformed_manifest_is_a_gate_error(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["transform"]["spec"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GateError, match="malformed"):
+        FeatureCache.open(copy)
