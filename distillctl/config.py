@@ -81,7 +81,9 @@ class TrainConfig(Strict):
     channels_last: bool = False
     compile: bool = False
     grad_clip: float | None = Field(None, gt=0)
-    grad_accum: int = Field(1, ge=1, le=1024)
+    grad_accum: int = Field(1, ge=1, le=1024)  # micro-batches per process per step (global batch unchanged)
+    sync_bn: bool = False  # under DDP: student BatchNorm statistics over the global batch (SyncBatchNorm)
+    resume: Literal["auto", "required"] = "auto"  # auto: continue from a matching checkpoint; required: = --resume
     device: str = "auto"
     seed: int = 0
     max_steps: int | None = Field(None, ge=1)  # stop early (debug/benchmarks); the schedule still spans epochs

@@ -2,6 +2,12 @@
 manifest with a fingerprint of its inputs. A stage whose fingerprint is unchanged is skipped; one
 whose inputs changed is redone (and so is everything downstream, whose fingerprints include it).
 No ML logic lives here: each stage calls one module's entry function.
+
+Under torchrun every rank runs this same function: the process group is initialised here (gloo on CPU,
+NCCL on GPU). Every rank takes part in the cache build (shards split by rank), training (batch split by
+rank) and evaluation (embeddings split by rank, gathered on rank 0); rank 0 alone writes files (recipe,
+manifest, checkpoints, student, metrics, summary, exports) and every write is followed by a collective,
+so the other ranks only read what rank 0 has finished writing.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from distillctl.methods.base import TeacherDims, build_method, get_method
 from distillctl.rundir import RunDir, file_sha256, fingerprint
 from distillctl.students import StudentConfig, count_parameters, create_backbone, feature_dim, resolve_arch
 from distillctl.teachers.base import Preprocess, Teacher
+from distillctl.train import distributed
 from distillctl.train.checkpoint import atomic_write_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,7 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class RunOptions:
-    resume: bool = False  # require a checkpoint to continue from
+    resume: bool = False  # require a checkpoint to continue from (also: recipe train.resume: required)
     restart: bool = False  # discard checkpoints and finished stages
     quiet: bool = False
 
@@ -174,12 +181,21 @@ def _write_student(run: RunDir, student, method, recipe: Recipe, teacher: Teache
                            teacher=teacher.describe() if teacher else {}, method=recipe.method.name,
                            license=teacher.license if teacher else None)
     tmp_model = run.student_dir / ".model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp_model))
-    tmp_model.replace(run.student_dir / "model.safetensors")
     tmp_heads = run.student_dir / ".heads.safetensors.tmp"
-    heads = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-    save_file(heads, str(tmp_heads))
-    tmp_heads.replace(run.student_dir / "heads.safetensors")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp_model))
+        heads = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+        save_file(heads, str(tmp_heads))
+        tmp_model.replace(run.student_dir / "model.safetensors")
+        tmp_heads.replace(run.student_dir / "heads.safetensors")
+    except (OSError, RuntimeError) as exc:  # e.g. ENOSPC: the checkpoints stay, the run can be resumed
+        from distillctl.errors import TrainingError
+
+        raise TrainingError(f"could not write the student to {run.student_dir}: {exc}",
+                            hint="free disk space, then rerun the same command (training resumes from its checkpoint)") from None
+    finally:
+        for tmp in (tmp_model, tmp_heads):
+            tmp.unlink(missing_ok=True)
     atomic_write_text(run.student_dir / "config.json", config.to_json())
     return config
 
@@ -189,9 +205,11 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     options = options or RunOptions()
     started = time.monotonic()
     device = resolve_device(recipe.train.device)
+    distributed.init_from_env(torch.device(device).type)
+    device = distributed.local_device(device)
     train_data, val_data = validate(recipe)
     run = run_dir_for(recipe)
-    run.write_recipe(recipe)
+    distributed.main_first(run.write_recipe, recipe)
     method_cls = get_method(recipe.method.name)
 
     teacher = resolve_teacher(recipe, run, options, device)
@@ -199,8 +217,9 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     std = tuple(recipe.data.std or (teacher.preprocess.std if teacher else IMAGENET_STD))
     data_hash = train_data.manifest_hash()
     teacher_id = teacher.describe() if teacher else None
-    run.record_stage("teacher", fingerprint(teacher_id), "done", teacher_id)
+    distributed.main_first(run.record_stage, "teacher", fingerprint(teacher_id), "done", teacher_id)
 
+    torch.manual_seed(recipe.train.seed)  # the student's (and heads') initialisation follows the run seed
     student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
     teacher_dims = TeacherDims(teacher.embed_dim, teacher.proj_dim) if teacher else None
     method = build_method(recipe.method.name, recipe.method.params, feature_dim(student), teacher_dims)
@@ -214,12 +233,14 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
 
     distill_fp = fingerprint(teacher_id, data_hash, recipe.student.model_dump(), recipe.method.model_dump(),
                              recipe.train.model_dump(exclude={"log_every", "tensorboard", "checkpoint_every_minutes",
-                                                               "keep_last", "device", "max_steps"}),
+                                                               "checkpoint_every_steps", "keep_last", "device",
+                                                               "max_steps", "resume", "grad_accum"}),
                              recipe.data.model_dump(exclude={"num_workers", "val", "max_bad_fraction"}), mode, teacher_bn,
                              recipe.train.max_steps)
     train_summary = _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std,
                                    mode, teacher_bn, device, distill_fp)
-    student_sha = file_sha256(run.student_dir / "model.safetensors")
+    student_sha = distributed.main_first(file_sha256, run.student_dir / "model.safetensors")
+    student_sha = distributed.broadcast_object(student_sha)
 
     eval_result = _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha)
     export_result = _export_stage(recipe, run, student_sha)
@@ -239,13 +260,25 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
         "eval": eval_result,
         "export": export_result,
         "data": {"train": recipe.data.train, "images": len(train_data), "manifest_sha256": data_hash,
-                 "eval_images": len(val_data) if val_data else 0},
+                 "eval_images": len(val_data) if val_data else 0, "faults": _data_faults(train_data, train_summary)},
         "recipe": recipe.model_dump(mode="json"),
         "wall_s": round(time.monotonic() - started, 2),
     }
-    full = run.update_summary(summary)
-    full["export"] = run.summary().get("export", export_result)
-    return full
+    def finish() -> dict:
+        full = run.update_summary(summary)
+        full["export"] = run.summary().get("export", export_result)
+        return full
+
+    return distributed.broadcast_object(distributed.main_first(finish))
+
+
+def _data_faults(train_data: ImageDataset, train_summary: dict) -> dict:
+    """Files skipped while scanning (non-images, empty classes) and images that failed to decode."""
+    faults = train_data.faults
+    return {"unreadable_images": int(train_summary.get("bad_images", 0)),
+            "unreadable_list": "bad_images.txt" if train_summary.get("bad_images") else None,
+            "non_image_files": len(faults.non_image_files), "non_image_examples": faults.non_image_files[:5],
+            "empty_classes": list(faults.empty_classes)}
 
 
 def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device):
@@ -256,6 +289,7 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
     outputs = set(requirements.teacher_outputs)
     cache_dir = Path(recipe.teacher.cache) if recipe.teacher.cache else run.path / "cache"
     data_hash = train_data.manifest_hash()
+    distributed.barrier()  # every rank looks at the cache directory in the same state
     cache_fp = cache_fingerprint(teacher.sha256, outputs, data_hash, spec, recipe.teacher.cache_views, mean, std,
                                  recipe.train.seed)
     if (cache_dir / "manifest.json").is_file():
@@ -263,14 +297,33 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
         cache.check_compatible(teacher_sha256=teacher.sha256, outputs=outputs, dataset_hash=data_hash, spec=spec,
                                mean=mean, std=std)
         if cache.is_complete():
-            run.record_stage("cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
+            distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
             return cache
     cache = build_cache(teacher, train_data, cache_dir, spec=spec, views=recipe.teacher.cache_views, outputs=outputs,
                         mean=mean, std=std, batch_size=recipe.eval.batch_size, device=device, amp=recipe.train.amp,
                         channels_last=recipe.train.channels_last, seed=recipe.train.seed,
-                        num_workers=recipe.data.num_workers)
-    run.record_stage("cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
+                        num_workers=recipe.data.num_workers, on_batch=_cache_kill_hook())
+    distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
     return cache
+
+
+def _cache_kill_hook():
+    """Test hook (DISTILLCTL_TEST_KILL_IN_CACHE_BATCH=N): die like kill -9 after the N-th cache batch."""
+    from distillctl.train.faults import KILL_IN_CACHE_BATCH_ENV, env_step
+
+    kill_after = env_step(KILL_IN_CACHE_BATCH_ENV)
+    if not kill_after:
+        return None
+    batches = [0]
+
+    def hook(info) -> None:  # noqa: ANN001
+        import os
+
+        batches[0] += 1
+        if batches[0] >= kill_after:
+            os._exit(137)
+
+    return hook
 
 
 def _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std, mode, teacher_bn,
@@ -280,14 +333,15 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
 
     checkpoints = CheckpointManager(run.path / "distill" / "checkpoints", recipe.train.keep_last)
     if options.restart:
-        checkpoints.clear()
+        distributed.main_first(checkpoints.clear)
     elif run.stage_done("distill", distill_fp) and (run.student_dir / "model.safetensors").is_file():
-        if not options.quiet:
+        if not options.quiet and distributed.info().is_main:
             console.print("distill: finished earlier with the same inputs; skipped")
         return run.stage("distill")["result"]
-    if options.resume and not checkpoints.list():
+    require = options.resume or recipe.train.resume == "required"
+    if require and not distributed.broadcast_object(bool(checkpoints.list())):
         raise UsageError(f"--resume: no checkpoint to resume from in {checkpoints.directory}")
-    run.record_stage("distill", distill_fp, "running")
+    distributed.main_first(run.record_stage, "distill", distill_fp, "running")
     job = TrainJob(
         method=method, student=student, dataset=train_data, out_dir=run.path / "distill",
         metrics_path=run.metrics_path, fingerprint=distill_fp, epochs=recipe.train.epochs,
@@ -297,7 +351,8 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
         warmup_epochs=recipe.train.warmup_epochs, min_lr_ratio=recipe.train.min_lr_ratio, mean=mean, std=std,
         image_size=recipe.data.image_size, teacher=teacher if mode == "online" else None, teacher_bn=teacher_bn,
         cache=cache, amp=recipe.train.amp, channels_last=recipe.train.channels_last, compile=recipe.train.compile,
-        grad_clip=recipe.train.grad_clip, grad_accum=recipe.train.grad_accum, device=device, seed=recipe.train.seed,
+        grad_clip=recipe.train.grad_clip, grad_accum=recipe.train.grad_accum, sync_bn=recipe.train.sync_bn,
+        device=device, seed=recipe.train.seed,
         max_steps=recipe.train.max_steps, log_every=recipe.train.log_every,
         checkpoint_every_steps=recipe.train.checkpoint_every_steps,
         checkpoint_every_minutes=recipe.train.checkpoint_every_minutes, keep_last=recipe.train.keep_last,
@@ -308,12 +363,21 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
     result = train(job)
     student.cpu()
     method.cpu()
-    _write_student(run, student, method, recipe, teacher, mean, std)
     summary = {**result.to_dict(), "teacher_mode": mode, "teacher_bn": teacher_bn,
-               "lr": job.lr, "lr_scaling": recipe.train.lr_scaling, "global_batch": recipe.train.batch_size}
-    if result.bad_images:
-        atomic_write_text(run.path / "bad_images.txt", "\n".join(result.bad_images) + "\n")
-    run.record_stage("distill", distill_fp, "done", summary)
+               "lr": job.lr, "base_lr": recipe.train.lr, "lr_scaling": recipe.train.lr_scaling,
+               "lr_rule": ("lr = base_lr x global_batch / 256" if recipe.train.lr_scaling == "linear"
+                           else "lr = base_lr (global batch fixed by the recipe, independent of world size)"),
+               "global_batch": recipe.train.batch_size,
+               "per_process_batch": recipe.train.batch_size // result.world_size,
+               "micro_batch": recipe.train.batch_size // result.world_size // recipe.train.grad_accum}
+
+    def write() -> None:
+        _write_student(run, student, method, recipe, teacher, mean, std)
+        if result.bad_images:
+            atomic_write_text(run.path / "bad_images.txt", "\n".join(result.bad_images) + "\n")
+        run.record_stage("distill", distill_fp, "done", summary)
+
+    distributed.main_first(write)
     return summary
 
 
@@ -324,7 +388,7 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
         return run.stage("eval")["result"]
     if val_data is None:
         result = {"skipped": "no labelled eval split (pass --val-data or use a train/ + val/ layout)"}
-        run.record_stage("eval", eval_fp, "done", result)
+        distributed.main_first(run.record_stage, "eval", eval_fp, "done", result)
         return result
     from distillctl.eval.features import embed_dataset
     from distillctl.eval.knn import knn_evaluate
@@ -338,8 +402,10 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
     def knn_of(encoder) -> dict:
         kwargs = dict(input_size=recipe.data.image_size, mean=mean, std=std, crop_pct=recipe.data.crop_pct,
                       batch_size=recipe.eval.batch_size, device=device)
-        bank, bank_labels = embed_dataset(encoder, train_data, **kwargs)
-        queries, query_labels = embed_dataset(encoder, val_data, **kwargs)
+        bank, bank_labels = _embed_sharded(embed_dataset, encoder, train_data, kwargs)
+        queries, query_labels = _embed_sharded(embed_dataset, encoder, val_data, kwargs)
+        if not distributed.info().is_main:
+            return {}
         scores = knn_evaluate(bank, bank_labels, queries, query_labels, ks=ks, temperature=recipe.eval.knn_temperature)
         return {"knn": {str(k): round(v, 3) for k, v in scores.items()}, "knn_top1": round(scores[ks[0]], 3)}
 
@@ -347,9 +413,11 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
     result = {"protocol": protocol, "student": knn_of(student.to(device))}
     if teacher is not None and recipe.eval.teacher:
         result["teacher"] = knn_of(teacher.backbone.to(device).eval())
+    torch.manual_seed(recipe.train.seed)  # the random-init baseline is reproducible
     random_student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
-    torch.manual_seed(recipe.train.seed)
     result["random_student"] = knn_of(random_student.eval().to(device))
+    if not distributed.info().is_main:  # the linear probe and the manifest are rank 0's
+        return distributed.broadcast_object(None)
     if recipe.eval.linear:
         from distillctl.eval.linear import linear_probe
 
@@ -357,12 +425,30 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
                                                    mean=mean, std=std, crop_pct=recipe.data.crop_pct,
                                                    device=device, seed=recipe.train.seed).to_dict()
     run.record_stage("eval", eval_fp, "done", result)
-    return result
+    return distributed.broadcast_object(result)
+
+
+def _embed_sharded(embed_dataset, encoder, dataset: ImageDataset, kwargs: dict):
+    """Each rank embeds a contiguous slice of ``dataset``; rank order concatenation = the full dataset."""
+    info = distributed.info()
+    if info.world_size == 1:
+        return embed_dataset(encoder, dataset, **kwargs)
+    import numpy as np
+
+    rows = np.array_split(np.arange(len(dataset)), info.world_size)[info.rank]
+    embeddings, labels = embed_dataset(encoder, dataset.subset(rows), **kwargs)
+    return distributed.all_gather_uneven(embeddings), distributed.all_gather_uneven(labels)
 
 
 def _export_stage(recipe, run, student_sha) -> dict:
     if not recipe.export.enabled or not recipe.export.formats:
         return {}
+    if distributed.is_distributed():  # exporting is rank 0's; the others wait for its result (or its error)
+        return distributed.broadcast_object(distributed.main_first(_export_stage_main, recipe, run, student_sha))
+    return _export_stage_main(recipe, run, student_sha)
+
+
+def _export_stage_main(recipe, run, student_sha) -> dict:
     export_fp = fingerprint(student_sha, recipe.export.model_dump())
     if run.stage_done("export", export_fp):
         return run.stage("export")["result"]

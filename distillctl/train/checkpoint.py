@@ -39,11 +39,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, kill_half_way: bool = False) -> None:
+    """Serialise in memory, then write+fsync a temp file and rename: a full disk or a kill leaves the
+    previous checkpoint untouched (the bytes are written with plain ``write`` so ENOSPC is an OSError)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            if kill_half_way:  # test hook: a kill -9 in the middle of the write
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+                os._exit(137)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -75,9 +87,13 @@ class CheckpointManager:
         return sorted(found)
 
     def save(self, state: dict[str, Any], step: int) -> Path:
+        from distillctl.train.faults import KILL_IN_CHECKPOINT_ENV, env_step
+
         self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(".ckpt_*.pt.tmp*"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         path = self.directory / f"ckpt_{step:09d}.pt"
-        atomic_torch_save(state, path)
+        atomic_torch_save(state, path, kill_half_way=env_step(KILL_IN_CHECKPOINT_ENV) == step)
         for _, old in self.list()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         return path
@@ -89,8 +105,10 @@ class CheckpointManager:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # truncated or corrupt file: fall back to the previous one
                 console.print(f"[yellow]warning:[/] checkpoint {path.name} is unreadable ({type(exc).__name__}); "
-                              "falling back to the previous one")
+                              "falling back to the previous one", highlight=False)
                 continue
+            if not isinstance(state, dict) or "step" not in state:
+                raise InputError(f"{path} is not a distillctl training checkpoint")
             if fingerprint is not None and state.get("fingerprint") != fingerprint:
                 raise InputError(
                     f"checkpoint {path} belongs to a different configuration (fingerprint mismatch)",

@@ -17,6 +17,8 @@ from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import ViewSpec, apply_view_uint8, sample_rng, sample_view
 from distillctl.errors import InputError
 
+_SUBSTITUTES = 16  # substitute attempts for an unreadable image before the batch is given up
+
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
     rng = np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFFFFFFFFFF, (epoch + 1) << 20]))
@@ -73,11 +75,27 @@ class ViewDataset(torch.utils.data.Dataset):
             rng.integers(0, total, size=len(self.cached_slots))
         return {slot: int(k) for slot, k in zip(self.cached_slots, picks)}
 
+    def _load_or_substitute(self, index: int) -> tuple[int, torch.Tensor | None, list[tuple[str, str]]]:
+        """Decode image ``index``; if it is unreadable, a keyed substitute (index + k·7919 mod N).
+
+        Substituting keeps every rank's batch the same size, so collectives inside methods (all-gathers
+        of keys, queues) never see ragged batches, and the choice is deterministic for exact resume.
+        """
+        bad: list[tuple[str, str]] = []
+        candidate = index
+        for attempt in range(_SUBSTITUTES + 1):
+            try:
+                return candidate, self.base.load_image(candidate), bad
+            except Exception as exc:  # corrupt/unreadable image: counted, reported, replaced
+                where = self.base.paths[candidate] if self.base.paths is not None else f"row {candidate}"
+                bad.append((where, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]))
+                candidate = (index + (attempt + 1) * 7919) % len(self.base)
+        return index, None, bad
+
     def __getitem__(self, index: int):
-        try:
-            image = self.base.load_image(index)
-        except Exception as exc:  # corrupt/unreadable image: the trainer counts and skips it
-            return None, index, f"{type(exc).__name__}: {exc}"
+        index, image, bad = self._load_or_substitute(index)
+        if image is None:
+            return None, index, bad
         height, width = image.shape[-2:]
         stored = self.stored_views(index) if self.cache is not None and self.cached_slots else {}
         views, ks = [], []
@@ -89,18 +107,18 @@ class ViewDataset(torch.utils.data.Dataset):
                 params = sample_view(spec, height, width, sample_rng(self.seed, self.epoch, index, slot))
                 ks.append(-1)
             views.append(apply_view_uint8(image, params, spec))
-        return views, self.base.labels[index], index, torch.tensor(ks, dtype=torch.long)
+        return views, self.base.labels[index], index, torch.tensor(ks, dtype=torch.long), bad
 
 
 def collate_views(items):
-    """Stack each view slot; drop unreadable images and report them."""
-    good = [item for item in items if item[0] is not None]
-    bad = [(item[1], item[2]) for item in items if item[0] is None]
-    if not good:
+    """Stack each view slot; return the unreadable files met (path, reason). ``None`` batch: nothing
+    of an item (nor its substitutes) could be read."""
+    bad = [entry for item in items for entry in item[-1]]
+    if any(item[0] is None for item in items):
         return None, bad
-    num_views = len(good[0][0])
-    views = [torch.stack([item[0][v] for item in good]) for v in range(num_views)]
-    labels = torch.tensor([item[1] for item in good], dtype=torch.long)
-    index = torch.tensor([item[2] for item in good], dtype=torch.long)
-    stored = torch.stack([item[3] for item in good])
+    num_views = len(items[0][0])
+    views = [torch.stack([item[0][v] for item in items]) for v in range(num_views)]
+    labels = torch.tensor([item[1] for item in items], dtype=torch.long)
+    index = torch.tensor([item[2] for item in items], dtype=torch.long)
+    stored = torch.stack([item[3] for item in items])
     return (views, labels, index, stored), bad

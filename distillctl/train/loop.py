@@ -1,18 +1,22 @@
 """The method-agnostic training loop (distillation and SSL pretraining), readable top to bottom.
 
-One step: take this rank's share of the global batch → normalise each view on the device → teacher
-outputs (online forward, or cache lookup of the replayed stored view) → student features → method loss →
-backward (gradients averaged across ranks) → clip → optimizer step with the step's LR → method state
-update (queues, EMA) → metrics, periodic checkpoints, preemption check.
+One step: take this rank's share of the global batch → split it into ``grad_accum`` micro-batches → for
+each: normalise the views → teacher outputs (online forward, or cache lookup of the replayed stored view)
+→ student features → method loss / grad_accum → backward; then average gradients across ranks (one
+explicit all-reduce, no DDP wrapper: the frozen teacher is never wrapped) → clip → optimizer step with the
+step's LR → method state update (queues, EMA) on the whole per-rank batch → one small all-reduce that
+agrees on the loss, a preemption signal and a due wall-time checkpoint → metrics, checkpoints.
+
+Global batch = ``batch_size`` whatever the world size: per process ``batch_size / world``, in
+``grad_accum`` micro-batches. Under DDP each rank sees the same global batches a single process would,
+so with ``sync_bn`` (BatchNorm statistics over the global batch) the result equals a 1-process run up
+to float rounding; without it, N ranks equal one process with ``grad_accum = N`` (per-micro-batch BN).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,20 +24,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillctl.cli_common import console, is_tty
+from distillctl.cli_common import console
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import normalize
 from distillctl.errors import InputError, Preempted, TrainingError
 from distillctl.methods.base import Method, MethodInputs
 from distillctl.teachers.base import Teacher
-from distillctl.train import distributed
+from distillctl.train import distributed, faults
 from distillctl.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from distillctl.train.data import EpochBatchSampler, ViewDataset, collate_views
 from distillctl.train.optim import build_optimizer, learning_rate
-
-# Fault injection for tests of kill/resume (documented in tests/; never set by users):
-# DISTILLCTL_TEST_KILL_AT_STEP=N → the process dies with os._exit(137) right after step N, like `kill -9`.
-_KILL_AT_STEP_ENV = "DISTILLCTL_TEST_KILL_AT_STEP"
+from distillctl.train.progress import MetricsWriter, Progress
+from distillctl.train.syncbn import convert_sync_batchnorm
 
 
 @dataclass
@@ -65,6 +67,7 @@ class TrainJob:
     compile: bool = False
     grad_clip: float | None = None
     grad_accum: int = 1
+    sync_bn: bool = False
     device: str = "cpu"
     seed: int = 0
     max_steps: int | None = None
@@ -88,64 +91,17 @@ class TrainResult:
     wall_s: float
     final_loss: float
     resumed_from_step: int | None
+    world_size: int = 1
+    grad_accum: int = 1
+    sync_bn: bool = False
     bad_images: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"epochs": self.epochs, "steps": self.steps, "images_seen": self.images_seen,
                 "images_per_sec": round(self.images_per_sec, 2), "wall_s": round(self.wall_s, 2),
                 "final_loss": self.final_loss, "resumed_from_step": self.resumed_from_step,
+                "world_size": self.world_size, "grad_accum": self.grad_accum, "sync_bn": self.sync_bn,
                 "bad_images": len(self.bad_images)}
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT → finish the current step, checkpoint, exit with the documented code."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class MetricsWriter:
-    def __init__(self, path: Path, tensorboard_dir: Path | None, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = path
-        self.tb = None
-        if enabled and tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise InputError("--tensorboard needs the tensorboard package",
-                                 hint="pip install 'distillctl[tensorboard]'") from None
-            self.tb = SummaryWriter(str(tensorboard_dir))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step",):
-                    self.tb.add_scalar(f"{record.get('stage', 'train')}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _autocast(device: torch.device, amp: str):
@@ -155,14 +111,32 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def batch_split(global_batch: int, world: int, grad_accum: int) -> tuple[int, int]:
+    """(per-process batch, micro-batch); the global batch never depends on the world size."""
+    if global_batch % world:
+        raise InputError(f"train.batch_size {global_batch} must be divisible by the world size {world}",
+                         hint=f"use a multiple of {world}, or another number of processes")
+    per_rank = global_batch // world
+    if per_rank % grad_accum:
+        raise InputError(f"the per-process batch {per_rank} (= {global_batch} / {world} processes) is not divisible "
+                         f"by train.grad_accum={grad_accum}", hint="choose grad_accum dividing batch_size / world size")
+    return per_rank, per_rank // grad_accum
+
+
 def train(job: TrainJob) -> TrainResult:
     """Run (or resume) a training stage; returns throughput and step counts."""
     dist_info = distributed.info()
-    device = torch.device(job.device)
+    device = torch.device(distributed.local_device(job.device))
+    world = dist_info.world_size
+    per_rank, micro = batch_split(job.batch_size, world, job.grad_accum)
     method, student = job.method, job.student
     student.to(device)
+    if job.sync_bn and world > 1:
+        convert_sync_batchnorm(student, device.type)
     method.setup(student)
     method.to(device)
+    if job.sync_bn and world > 1:
+        convert_sync_batchnorm(method, device.type)
     if job.channels_last:
         student.to(memory_format=torch.channels_last)
     requirements = method.requirements(job.image_size)
@@ -175,9 +149,6 @@ def train(job: TrainJob) -> TrainResult:
         job.teacher.to(device).freeze()
         job.teacher.set_bn_mode(job.teacher_bn)  # the frozen teacher is never wrapped in DDP
 
-    world = dist_info.world_size
-    if job.batch_size % world:
-        raise InputError(f"train.batch_size {job.batch_size} must be divisible by the world size {world}")
     steps_per_epoch = len(job.dataset) // job.batch_size
     if steps_per_epoch < 1:
         raise InputError(f"dataset has {len(job.dataset)} images, fewer than one batch of {job.batch_size}",
@@ -186,6 +157,8 @@ def train(job: TrainJob) -> TrainResult:
     last_step = min(total_steps, job.max_steps) if job.max_steps else total_steps
     warmup_steps = int(round(job.warmup_epochs * steps_per_epoch))
 
+    distributed.broadcast_module(student)
+    distributed.broadcast_module(method)
     parameters = list(student.parameters()) + method.trainable_parameters()
     optimizer = build_optimizer(job.optimizer, parameters, job.lr, job.weight_decay, job.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=(job.amp == "fp16"))
@@ -193,37 +166,42 @@ def train(job: TrainJob) -> TrainResult:
 
     checkpoints = CheckpointManager(job.out_dir / "checkpoints", job.keep_last)
     step, resumed_from = 0, None
-    state = checkpoints.load_latest(job.fingerprint) if job.resume else None
+    bad_images: dict[str, str] = {}  # path → reason (this rank's; rank 0 also holds those restored from a checkpoint)
+    state = distributed.main_first(checkpoints.load_latest, job.fingerprint) if job.resume else None
+    state = distributed.broadcast_object(state) if job.resume else None  # other nodes need no shared filesystem
     if state is not None:
-        student.load_state_dict(state["student"])
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
+        _restore(state, student, method, optimizer, scaler, dist_info)
         step = resumed_from = int(state["step"])
         if dist_info.is_main:
-            console.print(f"resuming {job.stage} from step {step}/{last_step}")
+            bad_images.update(dict(state.get("bad_images", [])))
+            was = int(state.get("world_size", world))
+            console.print(f"resuming {job.stage} from step {step}/{last_step}"
+                          + (f" (checkpoint written by {was} processes, now {world})" if was != world else ""),
+                          highlight=False)
 
     def save_checkpoint() -> None:
-        if dist_info.is_main:
-            checkpoints.save({
-                "fingerprint": job.fingerprint, "step": step, "student": student.state_dict(),
-                "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": capture_rng(), "world_size": world,
-            }, step)
-        distributed.barrier()
+        rngs = distributed.all_gather_object(capture_rng())
+        gathered: dict[str, str] = {}
+        for part in distributed.all_gather_object(bad_images):
+            gathered.update(part)
+        distributed.main_first(checkpoints.save, {
+            "fingerprint": job.fingerprint, "step": step, "student": student.state_dict(),
+            "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rngs, "world_size": world,
+            "bad_images": sorted(gathered.items()),
+        }, step)
 
     metrics = MetricsWriter(job.metrics_path, job.tensorboard_dir, enabled=dist_info.is_main)
-    kill_at = int(os.environ.get(_KILL_AT_STEP_ENV, "0") or 0)
-    bad_images: list[str] = []
+    kill_at = faults.env_step(faults.KILL_AT_STEP_ENV)
+    pause_at, pause_rank = _pause_hook()
     images_seen, last_loss = 0, float("nan")
     start_time = last_ckpt_time = time.monotonic()
     log_time, log_images = start_time, 0
-    progress = _Progress(job.stage, last_step, step, enabled=dist_info.is_main)
+    progress = Progress(job.stage, last_step, step, enabled=dist_info.is_main)
     student.train()
     method.train()
 
-    with _StopFlag() as stop, progress:
+    with faults.StopFlag() as stop, progress:
         while step < last_step:
             epoch = step // steps_per_epoch
             method.on_epoch_start(epoch)
@@ -235,32 +213,22 @@ def train(job: TrainJob) -> TrainResult:
             loader = torch.utils.data.DataLoader(view_data, batch_sampler=sampler, num_workers=job.num_workers,
                                                  collate_fn=collate_views, persistent_workers=False)
             for batch, bad in loader:
-                bad_images.extend(f"{job.dataset.paths[i] if job.dataset.paths else i}: {why}" for i, why in bad)
-                if len(bad_images) > job.max_bad_fraction * len(job.dataset) and bad_images:
-                    raise InputError(f"{len(bad_images)} unreadable images (> {job.max_bad_fraction:.1%} of the data); "
-                                     f"first: {bad_images[0]}", hint="fix the data or raise data.max_bad_fraction")
+                bad_images.update(bad)
                 if batch is None:
-                    step += 1
-                    continue
-                views_uint8, _labels, index, stored = batch
+                    raise InputError(f"a whole batch of images (and their substitutes) is unreadable at step {step}; "
+                                     f"first: {next(iter(bad_images.items()), ('?', ''))}",
+                                     hint="check the data; distillctl skips isolated corrupt files only")
                 lr = learning_rate(step, total_steps, job.lr, warmup_steps, job.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                images = [_to_device(normalize(v.to(device, non_blocking=True), job.mean, job.std), job.channels_last)
-                          for v in views_uint8]
-                teacher_outputs = _teacher_outputs(job, requirements, images, teacher_slots, index, stored, device)
-                with _autocast(device, job.amp):
-                    features = [forward_student(images[i]) for i in student_slots]
-                    inputs = MethodInputs(student_features=features, teacher_outputs=teacher_outputs, images=images,
-                                          index=index.to(device), epoch=step / steps_per_epoch, step=step,
-                                          total_epochs=job.epochs, student=student)
-                    loss, logs = method.loss(inputs)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss ({float(loss)}) at step {step} (epoch {epoch}); "
-                                        "the last good checkpoint is kept",
-                                        hint="lower train.lr, enable train.grad_clip, or use train.amp=bf16")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                try:
+                    loss_value, logs, inputs = _accumulate(job, batch, requirements, teacher_slots, student_slots,
+                                                           forward_student, scaler, device, step, steps_per_epoch)
+                except Exception as exc:
+                    if faults.is_oom(exc):
+                        raise faults.oom_error(exc, job.batch_size, world, job.grad_accum, step) from None
+                    raise
                 _average_gradients(parameters)
                 if job.grad_clip:
                     scaler.unscale_(optimizer)
@@ -269,8 +237,16 @@ def train(job: TrainJob) -> TrainResult:
                 scaler.update()
                 method.after_step(inputs)
                 step += 1
-                last_loss = float(distributed.all_reduce_mean(loss.detach().float()))
-                batch_images = index.shape[0] * world
+                if pause_at and step == pause_at and pause_rank in (None, dist_info.rank):
+                    faults.pause_for_signal(job.out_dir, stop)
+                due_time = bool(job.checkpoint_every_minutes
+                                and time.monotonic() - last_ckpt_time > 60 * job.checkpoint_every_minutes)
+                loss_sum, stop_votes, time_votes, bad_count = distributed.all_reduce_sum(
+                    [loss_value, float(stop.signal is not None), float(due_time), float(len(bad_images))])
+                last_loss = loss_sum / world
+                if bad_count > job.max_bad_fraction * len(job.dataset):
+                    raise _too_many_bad(bad_images, int(bad_count), job.max_bad_fraction)
+                batch_images = per_rank * world
                 images_seen += batch_images
                 log_images += batch_images
                 progress.update(step, last_loss, lr)
@@ -283,24 +259,111 @@ def train(job: TrainJob) -> TrainResult:
                     progress.log_line(step, last_loss, lr, rate)
                     log_time, log_images = now, 0
                 due_steps = job.checkpoint_every_steps and step % job.checkpoint_every_steps == 0
-                due_time = job.checkpoint_every_minutes and time.monotonic() - last_ckpt_time > 60 * job.checkpoint_every_minutes
-                if (due_steps or due_time) and step < last_step:
+                if (due_steps or time_votes) and step < last_step:
                     save_checkpoint()
                     last_ckpt_time = time.monotonic()
                 if kill_at and step == kill_at:
                     os._exit(137)
-                if stop.signal is not None:
+                if stop_votes:
                     save_checkpoint()
-                    raise Preempted(f"received signal {stop.signal}; checkpoint written at step {step}",
+                    received = f"signal {stop.signal}" if stop.signal is not None else "a signal on another rank"
+                    raise Preempted(f"received {received}; checkpoint written at step {step}",
                                     hint="resubmit the same command with --resume")
                 if step >= last_step:
                     break
     metrics.close()
     wall = time.monotonic() - start_time
     save_checkpoint()
+    merged: dict[str, str] = {}
+    for part in distributed.all_gather_object(bad_images):
+        merged.update(part)
     return TrainResult(steps=step, epochs=job.epochs, images_seen=images_seen,
                        images_per_sec=images_seen / max(wall, 1e-9), wall_s=wall, final_loss=last_loss,
-                       resumed_from_step=resumed_from, bad_images=bad_images)
+                       resumed_from_step=resumed_from, world_size=world, grad_accum=job.grad_accum,
+                       sync_bn=bool(job.sync_bn and world > 1),
+                       bad_images=[f"{path}: {why}" for path, why in sorted(merged.items())])
+
+
+def _restore(state: dict, student: nn.Module, method: Method, optimizer, scaler, dist_info) -> None:
+    """Load a checkpoint into the live objects; a wrong architecture is one line, not a key dump."""
+    try:
+        student.load_state_dict(state["student"])
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise InputError(f"the checkpoint does not fit this student/method: {first}",
+                         hint="use --restart to discard it, or rerun with the original recipe") from None
+    scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    if isinstance(rngs, dict):  # written by a single-process run of an older version
+        rngs = [rngs]
+    # Same world size: every rank continues its own RNG stream (exact). Otherwise rank 0's stream is reused.
+    restore_rng(rngs[dist_info.rank] if len(rngs) == dist_info.world_size else rngs[0])
+
+
+def _pause_hook() -> tuple[int, int | None]:
+    """DISTILLCTL_TEST_PAUSE_AT_STEP = "N" (every rank) or "N:R" (rank R only); test hook."""
+    value = os.environ.get(faults.PAUSE_AT_STEP_ENV, "")
+    if not value:
+        return 0, None
+    step, _, rank = value.partition(":")
+    return int(step), int(rank) if rank else None
+
+
+def _too_many_bad(bad_images: dict[str, str], count: int, fraction: float) -> InputError:
+    first = next(iter(sorted(bad_images.items())), None)
+    detail = f"; first: {first[0]}: {first[1]}" if first else ""
+    return InputError(f"{count} unreadable images (> {fraction:.1%} of the data){detail}",
+                      hint="fix or remove them, or raise --set data.max_bad_fraction")
+
+
+def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots, forward_student, scaler,
+                device, step: int, steps_per_epoch: int) -> tuple[float, dict[str, float], MethodInputs]:
+    """Forward/backward over the micro-batches of this rank's batch; returns (mean loss, mean logs, inputs
+    of the whole batch for ``after_step``). Gradients are summed in ``.grad``, each micro-batch weighted 1/k."""
+    views_uint8, _labels, index, stored = batch
+    chunks = torch.arange(index.shape[0]).tensor_split(job.grad_accum)
+    losses, all_logs, all_inputs = [], [], []
+    for rows in chunks:
+        images = [_to_device(normalize(v[rows].to(device, non_blocking=True), job.mean, job.std), job.channels_last)
+                  for v in views_uint8]
+        teacher_outputs = _teacher_outputs(job, requirements, images, teacher_slots, index[rows], stored[rows], device)
+        with _autocast(device, job.amp):
+            features = [forward_student(images[i]) for i in student_slots]
+            inputs = MethodInputs(student_features=features, teacher_outputs=teacher_outputs, images=images,
+                                  index=index[rows].to(device), epoch=step / steps_per_epoch, step=step,
+                                  total_epochs=job.epochs, student=job.student)
+            loss, logs = job.method.loss(inputs)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({float(loss)}) at step {step} (epoch {step // steps_per_epoch}); "
+                                "the last good checkpoint is kept",
+                                hint="lower train.lr, enable train.grad_clip, or use train.amp=bf16")
+        scaler.scale(loss / job.grad_accum if job.grad_accum > 1 else loss).backward()
+        losses.append(float(loss.detach()))
+        all_logs.append(logs)
+        all_inputs.append(inputs)
+    if len(all_inputs) == 1:
+        return losses[0], all_logs[0], all_inputs[0]
+    mean_logs = {key: sum(log[key] for log in all_logs) / len(all_logs) for key in all_logs[0]}
+    return sum(losses) / len(losses), mean_logs, _merge_inputs(all_inputs)
+
+
+def _merge_inputs(parts: list[MethodInputs]) -> MethodInputs:
+    """Concatenate micro-batch inputs so ``after_step`` (enqueue, EMA, centring) runs once per optimizer step."""
+    def cat(tensors):
+        return torch.cat([t.detach() for t in tensors])
+
+    first = parts[0]
+    teacher_outputs = [None if out is None else {key: cat([p.teacher_outputs[slot][key] for p in parts]) for key in out}
+                       for slot, out in enumerate(first.teacher_outputs)]
+    extras = {key: cat([p.extras[key] for p in parts]) for key in first.extras
+              if all(key in p.extras and p.extras[key].ndim > 0 for p in parts)}
+    return MethodInputs(student_features=[cat([p.student_features[i] for p in parts]) for i in range(len(first.student_features))],
+                        teacher_outputs=teacher_outputs,
+                        images=[cat([p.images[i] for p in parts]) for i in range(len(first.images))],
+                        index=cat([p.index for p in parts]), epoch=first.epoch, step=first.step,
+                        total_epochs=first.total_epochs, student=first.student, extras=extras)
 
 
 def _to_device(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -323,7 +386,8 @@ def _teacher_outputs(job: TrainJob, requirements, images, teacher_slots, index, 
 def _average_gradients(parameters: list[nn.Parameter]) -> None:
     """All-reduce gradients (mean) across ranks: one explicit sync instead of a DDP wrapper, so the
     student, the method's heads and anything else trainable stay plain modules (and the frozen
-    teacher is never wrapped)."""
+    teacher is never wrapped). Every rank runs the same graph on equally sized batches (unreadable
+    images are substituted, see ViewDataset), so the set of parameters with gradients agrees."""
     if not distributed.is_distributed():
         return
     import torch.distributed as dist
@@ -338,40 +402,3 @@ def _average_gradients(parameters: list[nn.Parameter]) -> None:
     for grad in grads:
         grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
         offset += grad.numel()
-
-
-class _Progress:
-    """Rich progress bar with img/s, loss and ETA on a terminal; periodic plain lines otherwise."""
-
-    def __init__(self, stage: str, total: int, start: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = is_tty() and enabled
-        self.stage, self.total = stage, total
-        self.bar = None
-        if self.tty:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.0f} img/s"),
-                                TimeRemainingColumn(), console=console, transient=False)
-            self.task = self.bar.add_task(stage, total=total, completed=start, loss=math.nan, rate=0.0)
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def update(self, step: int, loss: float, lr: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss)
-
-    def log_line(self, step: int, loss: float, lr: float, rate: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, rate=rate)
-        elif self.enabled:
-            console.print(f"[{self.stage}] step {step}/{self.total} loss {loss:.4f} lr {lr:.4g} {rate:.0f} img/s",
-                          highlight=False)
