@@ -99,6 +99,7 @@ class EvalConfig(Strict):
     knn_temperature: float = Field(0.07, gt=0)
     linear: bool = False
     teacher: bool = True  # evaluate the teacher too, under the same protocol
+    random_student: bool = True  # and a randomly initialised student (the floor a method must beat)
     batch_size: int = Field(256, ge=1)
 
     @field_validator("knn_k")
