@@ -42,4 +42,5 @@ def tiny_run_args(teacher: Path, out: Path, *extra: str, method: str = "simreg")
     return ["run", "--teacher", str(teacher), "--teacher-arch", "resnet18", "--student", "tiny-cnn",
             "--method", method, "--data", "builtin:digits", "--image-size", "16", "--epochs", "2",
             "--batch-size", "64", "--out", str(out), "--set", "data.crop_pct=1.0", "--set", "export.enabled=false",
-            "--set", "train.log_every=5", *extra]
+            "--set", "train.log_every=5", "--set", "eval.teacher=false",
+            "--set", "eval.random_student=false", *extra]
