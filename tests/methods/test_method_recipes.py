@@ -1,0 +1,40 @@
+"""Every catalogue-I method ships a published-setting recipe and a CPU recipe, and both validate:
+strict recipe schema, the method's own Params, a known student and (for ImageNet recipes) a registry teacher."""
+
+from __future__ import annotations
+
+import pytest
+
+from distillctl.config import load_recipe
+from distillctl.methods.base import get_method
+from distillctl.students import resolve_arch
+from distillctl.teachers.registry import load_registry
+from tests.conftest import REPO
+
+METHODS = ["smd", "disco", "bingo", "compress-2q", "compress-1q", "cosine-reg", "mse-reg", "seed-smallpatch",
+           "ssl-small", "byol", "dino"]
+
+
+def _published(method: str) -> list:
+    return [p for p in (REPO / "recipes").glob(f"{method}_*.yaml") if not p.stem.endswith("_cpu")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_published_and_cpu_recipes_validate(method: str) -> None:
+    published = _published(method)
+    assert len(published) == 1, published
+    for path in published + [REPO / "recipes" / f"{method}_cpu.yaml"]:
+        recipe = load_recipe(str(path))
+        assert recipe.method.name == method and recipe.name == path.stem
+        cls = get_method(method)
+        params = cls.Params(**recipe.method.params)
+        resolve_arch(recipe.student.arch)
+        if cls.kind == "ssl":
+            assert recipe.teacher.source == "none"
+        elif path.stem.endswith("_cpu"):
+            assert recipe.teacher.source == "pretrain" and recipe.data.train == "builtin:digits"
+        else:
+            load_registry().resolve(recipe.teacher.source)
+            assert recipe.data.image_size == 224
+        if not path.stem.endswith("_cpu"):  # the published recipe spells out the published defaults
+            assert params == cls.Params(**{k: getattr(cls.Params(), k) for k in recipe.method.params})
