@@ -1,0 +1,41 @@
+"""A non-finite loss stops the run with exit 1 and a clear line, keeping the last good checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distillctl.methods.base import register
+from distillctl.methods.simreg import SimReg
+from tests.conftest import tiny_run_args
+
+
+@register
+class _ExplodingSimReg(SimReg):
+    """SimReg whose loss turns NaN at step 3 (test-only method)."""
+
+    name = "test-exploding"
+
+    def loss(self, inputs):
+        loss, logs = super().loss(inputs)
+        if inputs.step >= 3:
+            loss = loss * torch.tensor(float("nan"))
+        return loss, logs
+
+
+def test_nan_loss_stops_with_exit_1_and_keeps_checkpoint(tmp_path, tiny_teacher_file, capsys):
+    from distillctl.cli import main
+
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_teacher_file, out, "--teacher-mode", "online", "--set", "train.checkpoint_every_steps=2",
+                         method="test-exploding")
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "at step 3" in err
+    checkpoints = sorted((out / "distill" / "checkpoints").glob("ckpt_*.pt"))
+    assert [p.name for p in checkpoints] == ["ckpt_000000002.pt"]
+    state = torch.load(checkpoints[0], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+    assert not (out / "student" / "model.safetensors").exists()
