@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -94,6 +95,13 @@ def _render_summary(summary: dict) -> None:
     console.print(f"summary: {summary['run_dir']}/summary.json · wall {summary['wall_s']:.0f}s")
 
 
+def _is_main_process() -> bool:
+    """Under torchrun only rank 0 prints the summary (one JSON object on stdout, one table)."""
+    from distillctl.train.distributed import info
+
+    return info().is_main
+
+
 def _pct(value) -> str:
     return "–" if value is None else f"{value:.1f}%"
 
@@ -135,6 +143,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint (required to exist)."),
     restart: bool = typer.Option(False, "--restart", help="Discard checkpoints and finished stages of this run."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Run on N local processes (relaunches itself under torchrun)."),
 ) -> None:
     """Distil a teacher into a student: teacher → cache → distill → eval → export.
 
@@ -153,7 +162,13 @@ def run(
     if recipe is None and flags.get("teacher") is None and flags.get("method") is None:
         raise UsageError("nothing to run: pass --recipe, or --teacher/--method/--data", hint="distillctl run --recipe quickstart")
     resolved = load_recipe(recipe, overrides)
+    if nproc is not None:  # the recipe is checked above, before any process starts
+        from distillctl.launch import relaunch
+
+        sys.exit(relaunch(nproc))  # SystemExit: the exit code must survive click's standalone_mode=False
     summary = run_pipeline(resolved, RunOptions(resume=resume, restart=restart))
+    if not _is_main_process():
+        return
     if json_out:
         print_json(summary)
     else:
@@ -173,6 +188,7 @@ def pretrain(
     set_: list[str] = typer.Option([], "--set", help="Override any recipe key."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Run on N local processes (relaunches itself under torchrun)."),
 ) -> None:
     """Self-supervised training without a teacher (teachers for quickstarts; the 'student alone' baseline).
 
@@ -192,7 +208,14 @@ def pretrain(
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr}, "export": {"enabled": False}}
     if out:
         base["out"] = out
-    summary = run_pipeline(build_recipe(base, list(set_)), RunOptions(resume=resume))
+    built = build_recipe(base, list(set_))
+    if nproc is not None:
+        from distillctl.launch import relaunch
+
+        sys.exit(relaunch(nproc))  # SystemExit: the exit code must survive click's standalone_mode=False
+    summary = run_pipeline(built, RunOptions(resume=resume))
+    if not _is_main_process():
+        return
     if json_out:
         print_json(summary)
     else:

@@ -7,6 +7,8 @@ bit-exactly for the feature cache and for exact resume.
 Sources:
 - ``/path/to/dir``: an ImageFolder (``<dir>/<class>/<image>``); extensions are matched case-insensitively;
   non-image files are listed and skipped, symlink loops are not followed, empty classes are reported.
+- WebDataset tar shards (``shards/train-{000000..000009}.tar``, one ``.tar``, or a directory of ``.tar``
+  files): see :mod:`distillctl.data.webdataset`; sample paths read ``<shard>::<member>``.
 - ``builtin:digits``: scikit-learn's 8x8 handwritten digits (1 797 real labelled images, ships with
   scikit-learn). Deterministic split: a stratified 80/20 split with seed 0 (``train`` 1 437, ``test`` 360).
   Images are upsampled to 32x32 RGB (bilinear) so standard CNN students apply.
@@ -61,9 +63,14 @@ class ImageDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         path = self.paths[index]
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-            array = np.asarray(rgb, dtype=np.uint8).copy()
+        if _is_tar_member(path):
+            from distillctl.data.webdataset import decode_image
+
+            array = np.asarray(decode_image(path), dtype=np.uint8).copy()
+        else:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+                array = np.asarray(rgb, dtype=np.uint8).copy()
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
     def image_size(self, index: int) -> tuple[int, int]:
@@ -72,6 +79,11 @@ class ImageDataset(torch.utils.data.Dataset):
             return int(self.arrays.shape[1]), int(self.arrays.shape[2])
         from PIL import Image
 
+        if _is_tar_member(self.paths[index]):
+            from distillctl.data.webdataset import decode_image
+
+            width, height = decode_image(self.paths[index]).size
+            return height, width
         with Image.open(self.paths[index]) as img:
             width, height = img.size
         return height, width
@@ -90,7 +102,7 @@ class ImageDataset(torch.utils.data.Dataset):
             root = Path(self.root) if self.root else None
             for path, label in zip(self.paths, self.labels):
                 rel = os.path.relpath(path, root) if root else path
-                digest.update(f"{rel}\0{os.path.getsize(path)}\0{label}\n".encode())
+                digest.update(f"{rel}\0{_file_size(path)}\0{label}\n".encode())
         return digest.hexdigest()
 
     def subset(self, indices: list[int] | np.ndarray, name: str | None = None) -> "ImageDataset":
@@ -106,6 +118,20 @@ class ImageDataset(torch.utils.data.Dataset):
         )
 
 
+def _is_tar_member(path: str) -> bool:
+    from distillctl.data.webdataset import TAR_SEP
+
+    return TAR_SEP in path
+
+
+def _file_size(path: str) -> int:
+    if _is_tar_member(path):
+        from distillctl.data.webdataset import member_size
+
+        return member_size(path)
+    return os.path.getsize(path)
+
+
 def _scan_image_folder(root: Path) -> ImageDataset:
     if not root.exists():
         raise InputError(f"data path does not exist: {root}")
@@ -118,7 +144,11 @@ def _scan_image_folder(root: Path) -> ImageDataset:
     classes: list[str] = []
     paths: list[str] = []
     labels: list[int] = []
+    resolved_root = root.resolve()
     for class_dir in class_dirs:
+        if class_dir.is_symlink() and (class_dir.resolve() == resolved_root or class_dir.resolve() in resolved_root.parents):
+            faults.non_image_files.append(f"{class_dir} (symlink loop to {class_dir.resolve()})")
+            continue
         files: list[str] = []
         # followlinks=False: a symlink loop cannot make the walk recurse forever.
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
@@ -173,6 +203,10 @@ def open_dataset(spec: str | Path, split: str = "train") -> ImageDataset:
             raise unknown_name("built-in dataset", name, [f"builtin:{n}" for n in BUILTIN_DATASETS])
         if name == "digits":
             return _builtin_digits("test" if split in ("val", "test") else "train")
+    from distillctl.data.webdataset import is_tar_source, open_webdataset
+
+    if is_tar_source(spec):
+        return open_webdataset(spec)
     return _scan_image_folder(Path(spec).expanduser())
 
 
@@ -184,6 +218,10 @@ def resolve_splits(data: str, val_data: str | None) -> tuple[str, str | None]:
     """
     if data.startswith("builtin:"):
         return data, val_data or data  # builtin datasets carry their own split
+    from distillctl.data.webdataset import is_tar_source
+
+    if is_tar_source(data):
+        return data, val_data
     root = Path(data).expanduser()
     if val_data is None and (root / "train").is_dir():
         for name in VAL_DIR_NAMES:

@@ -241,9 +241,12 @@ def train(job: TrainJob) -> TrainResult:
                     faults.pause_for_signal(job.out_dir, stop)
                 due_time = bool(job.checkpoint_every_minutes
                                 and time.monotonic() - last_ckpt_time > 60 * job.checkpoint_every_minutes)
-                loss_sum, stop_votes, time_votes, bad_count = distributed.all_reduce_sum(
-                    [loss_value, float(stop.signal is not None), float(due_time), float(len(bad_images))])
+                log_keys = sorted(logs)
+                loss_sum, stop_votes, time_votes, bad_count, *log_sums = distributed.all_reduce_sum(
+                    [loss_value, float(stop.signal is not None), float(due_time), float(len(bad_images)),
+                     *(float(logs[key]) for key in log_keys)])
                 last_loss = loss_sum / world
+                logs = {key: value / world for key, value in zip(log_keys, log_sums)}  # metrics = mean over ranks
                 if bad_count > job.max_bad_fraction * len(job.dataset):
                     raise _too_many_bad(bad_images, int(bad_count), job.max_bad_fraction)
                 batch_images = per_rank * world

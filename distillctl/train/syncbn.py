@@ -2,7 +2,7 @@
 
 ``torch.nn.SyncBatchNorm`` only runs on CUDA/XPU tensors (torch 2.14 raises "expected input tensor to
 be on GPU" on CPU), so on CPU (gloo) the student's BatchNorm layers become :class:`GlooSyncBatchNorm`:
-batch statistics are summed over ranks with the differentiable ``torch.distributed.nn.all_reduce``,
+batch statistics are summed over ranks with a differentiable all-reduce (backward: all-reduce of the gradient),
 so the normalisation — and its gradient — equal a single process seeing the whole global batch.
 State-dict keys stay those of ``BatchNorm*d``, so the saved student loads into a plain timm model.
 """
@@ -15,6 +15,26 @@ from torch import nn
 from distillctl.train import distributed
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum over ranks is the sum over ranks of the gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        import torch.distributed as dist
+
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        import torch.distributed as dist
+
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+
 class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics cover every rank's batch (any backend, any device)."""
 
@@ -25,13 +45,11 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and distributed.is_distributed()):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         reduce_dims = [0, *range(2, input.dim())]
         count = torch.tensor([input.numel() / input.shape[1]], dtype=torch.float32, device=input.device)
         values = input.float()
         stats = torch.cat([values.sum(reduce_dims), (values * values).sum(reduce_dims), count])
-        stats = all_reduce(stats)  # sums; its backward all-reduces the gradient, as the maths requires
+        stats = _AllReduceSum.apply(stats)
         channels = input.shape[1]
         total = stats[-1]
         mean = stats[:channels] / total
