@@ -282,7 +282,7 @@ def _data_faults(train_data: ImageDataset, train_summary: dict) -> dict:
 
 
 def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device):
-    from distillctl.cache.build import build_cache, cache_fingerprint
+    from distillctl.cache.build import cache_fingerprint
     from distillctl.cache.store import FeatureCache
 
     spec = next(view.spec for view in requirements.views if view.teacher)
@@ -299,12 +299,26 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
         if cache.is_complete():
             distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
             return cache
-    cache = build_cache(teacher, train_data, cache_dir, spec=spec, views=recipe.teacher.cache_views, outputs=outputs,
-                        mean=mean, std=std, batch_size=recipe.eval.batch_size, device=device, amp=recipe.train.amp,
-                        channels_last=recipe.train.channels_last, seed=recipe.train.seed,
-                        num_workers=recipe.data.num_workers, on_batch=_cache_kill_hook())
+    cache = build_cache_guarded(teacher, train_data, cache_dir, spec=spec, views=recipe.teacher.cache_views,
+                                outputs=outputs, mean=mean, std=std, batch_size=recipe.eval.batch_size, device=device,
+                                amp=recipe.train.amp, channels_last=recipe.train.channels_last, seed=recipe.train.seed,
+                                num_workers=recipe.data.num_workers, on_batch=_cache_kill_hook())
     distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
     return cache
+
+
+def build_cache_guarded(teacher, dataset, cache_dir, **kwargs):
+    """``build_cache`` with a full disk (or any write failure) reported as one line; the sealed shards
+    stay valid and the next run resumes the build from them."""
+    from distillctl.cache.build import build_cache
+    from distillctl.errors import TrainingError
+
+    try:
+        return build_cache(teacher, dataset, cache_dir, **kwargs)
+    except OSError as exc:
+        raise TrainingError(f"writing the feature cache in {cache_dir} failed: {exc.strerror or exc}; "
+                            "the shards sealed so far are intact",
+                            hint="free disk space (or pass --cache on another disk), then rerun: the build resumes") from None
 
 
 def _cache_kill_hook():
@@ -413,9 +427,10 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
     result = {"protocol": protocol, "student": knn_of(student.to(device))}
     if teacher is not None and recipe.eval.teacher:
         result["teacher"] = knn_of(teacher.backbone.to(device).eval())
-    torch.manual_seed(recipe.train.seed)  # the random-init baseline is reproducible
-    random_student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
-    result["random_student"] = knn_of(random_student.eval().to(device))
+    if recipe.eval.random_student:
+        torch.manual_seed(recipe.train.seed)  # the random-init baseline is reproducible
+        random_student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
+        result["random_student"] = knn_of(random_student.eval().to(device))
     if not distributed.info().is_main:  # the linear probe and the manifest are rank 0's
         return distributed.broadcast_object(None)
     if recipe.eval.linear:

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from tests.conftest import REPO
 
 
-def small_run_args(teacher: Path, out: Path, *extra: str, steps_per_epoch_batch: int = 32) -> list[str]:
-    """8 steps (256 images / global batch 32), checkpoints every 3 steps, online teacher, no export."""
+def small_run_args(teacher: Path, out: Path, *extra: str, mode: str = "online") -> list[str]:
+    """8 steps (256 images / global batch 32), checkpoints every 3 steps, no export."""
     return ["run", "--teacher", str(teacher), "--teacher-arch", "resnet18", "--student", "tiny-cnn",
             "--method", "simreg", "--data", "builtin:digits", "--image-size", "16", "--epochs", "1",
-            "--batch-size", str(steps_per_epoch_batch), "--lr", "0.02", "--teacher-mode", "online", "--out", str(out),
+            "--batch-size", "32", "--lr", "0.02", "--teacher-mode", mode, "--out", str(out),
             "--set", "data.subset=256", "--set", "data.crop_pct=1.0", "--set", "export.enabled=false",
             "--set", "eval.teacher=false", "--set", "train.log_every=2", "--set", "train.checkpoint_every_steps=3",
             *extra]
