@@ -9,30 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
-
-# torch ≥ 2.14 seeds its default generator randomly in every new process. The pipeline does not yet seed
-# before it builds the student and the method heads, so two fresh runs start from different weights; the
-# launcher pins the process seed so that this test checks what it is about: the methods' exact resume.
-_LAUNCH = "import sys, torch; torch.manual_seed(0); from distillctl.cli import main; main(sys.argv[1:])"
-
-
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``distillctl ARGS`` in a subprocess (real exit codes), with the process seed pinned."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("DISTILLCTL_DEBUG", None)
-    return subprocess.run([sys.executable, "-c", _LAUNCH, *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=600)
-
 
 # queue sizes that the batch (16) does not divide, so every queue wraps around within the 5 steps
 QUEUE = ["--set", "method.params.queue_size=40"]
@@ -72,7 +55,7 @@ def _weights(run_dir) -> dict:
 
 @pytest.mark.parametrize("method", list(DISTILL) + list(SSL))
 def test_trains_and_resumes_exactly(tmp_path, tiny_teacher_file, method: str) -> None:
-    full = _cli(*_args(method, tmp_path / "full", tiny_teacher_file))
+    full = run_cli(*_args(method, tmp_path / "full", tiny_teacher_file))
     assert full.returncode == 0, full.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line).get("stage") in ("distill", "pretrain")]
@@ -80,9 +63,9 @@ def test_trains_and_resumes_exactly(tmp_path, tiny_teacher_file, method: str) ->
     if method in DISTILL:  # a few steps on fresh batches: the teacher target is learnt quickly
         assert min(losses[1:]) < losses[0], losses
 
-    killed = _cli(*_args(method, tmp_path / "resumed", tiny_teacher_file), env={"DISTILLCTL_TEST_KILL_AT_STEP": "3"})
+    killed = run_cli(*_args(method, tmp_path / "resumed", tiny_teacher_file), env={"DISTILLCTL_TEST_KILL_AT_STEP": "3"})
     assert killed.returncode == 137, killed.stderr[-3000:]
-    resumed = _cli(*_args(method, tmp_path / "resumed", tiny_teacher_file), "--resume")
+    resumed = run_cli(*_args(method, tmp_path / "resumed", tiny_teacher_file), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "from step 2" in resumed.stderr
 
