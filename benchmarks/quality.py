@@ -1,0 +1,423 @@
+"""Quality benchmark: kNN / linear top-1 of the same student after the same budget, for every registered
+distillation method, the SSL-only baselines, the teacher and a randomly initialised student.
+
+Every cell is one real ``distillctl run`` (or ``distillctl pretrain`` for SSL-only students) on the
+CIFAR-10 subsets in benchmarks/work (10 000 train images, 1 000 per class; 2 000 test images, 200 per
+class; 32 px JPEGs upsampled to 64 px, crop_pct 1.0). Budget = images seen (train.max_steps × batch);
+the cosine schedule spans the same budget (train.epochs = budget / 10 000, rounded up). The supervised
+ResNet-18 teacher in ../shared/teachers is a local teacher; ``--ssl-teacher`` also trains a teacher with
+``distillctl pretrain`` and distils from it. Cached teacher where the method allows (teacher mode auto);
+one feature cache per (teacher, view spec, outputs), shared by the methods that ask for the same one.
+
+Resumable: a cell whose summary.json records the requested budget and an eval result is skipped; an
+interrupted cell resumes from its checkpoint (the pipeline's own stage fingerprints).
+Writes benchmarks/results/quality.json after every cell.
+
+Example: python benchmarks/quality.py --budget-images 120000 --curve
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (RESULTS, TEACHER, WORK, BenchError, display_command, distillctl, log, machine_info,  # noqa: E402
+                    make_subset, read_json, rel, registered_methods, require_shared, standard_data, teacher_preprocess,
+                    write_json)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Example: python benchmarks/quality.py --budget-images 120000 --curve\n"
+                                            "Smoke:   python benchmarks/quality.py --quick",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-images", type=int, default=120_000, help="Images seen per cell (default 120000).")
+    parser.add_argument("--extra", action="append", default=[], metavar="METHOD=IMAGES",
+                        help="An extra cell for METHOD at another budget (repeatable), e.g. --extra simreg=120000.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Global batch for every cell (default 64).")
+    parser.add_argument("--methods", default="all",
+                        help="Comma-separated distillation methods, 'all' (every registered one) or 'none'.")
+    parser.add_argument("--ssl-methods", default="all", help="SSL-only baselines: comma-separated, 'all' or 'none'.")
+    parser.add_argument("--students", default="mobilenetv2_100",
+                        help="Comma-separated timm students (e.g. mobilenetv2_100,mobilenetv3_small_100).")
+    parser.add_argument("--image-size", type=int, default=64, help="Input resolution (default 64).")
+    parser.add_argument("--cache-views", type=int, default=4, help="Stored views per image in the feature cache.")
+    parser.add_argument("--seed", type=int, default=0, help="Run seed of every cell.")
+    parser.add_argument("--no-linear", action="store_true", help="Skip the linear probe (kNN only).")
+    parser.add_argument("--ssl-teacher", default="none", metavar="METHOD:ARCH:IMAGES",
+                        help="Also pretrain an SSL teacher, e.g. mocov2:resnet18:60000 ('none' to skip).")
+    parser.add_argument("--ssl-teacher-methods", default="simreg,seed",
+                        help="Methods distilled from the SSL teacher (default simreg,seed).")
+    parser.add_argument("--curve", action="store_true", help="Then run the best --curve-top methods at --curve-budgets.")
+    parser.add_argument("--curve-top", type=int, default=3, help="How many methods get a curve (default 3).")
+    parser.add_argument("--curve-budgets", default="30000,120000,250000,500000", help="Images seen per curve point.")
+    parser.add_argument("--quick", action="store_true",
+                        help="Tiny smoke configuration: 32 px, 1k/500-image subsets, 256 images, simreg + mocov2.")
+    parser.add_argument("--first", default="simreg,seed",
+                        help="Methods run first within a budget (the reference distiller first).")
+    parser.add_argument("--dry-run", action="store_true", help="Print the cells and their commands; run nothing.")
+    parser.add_argument("--out", default=None, help="Result JSON (default results/quality.json, quality_quick.json).")
+    return parser.parse_args(argv)
+
+
+# --- cells ---------------------------------------------------------------------------------------
+
+def _pick(requested: str, available: list[str]) -> list[str]:
+    if requested == "all":
+        return list(available)
+    if requested == "none":
+        return []
+    names = [n.strip() for n in requested.split(",") if n.strip()]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise BenchError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(available)}")
+    return names
+
+
+def _budgets(args: argparse.Namespace) -> dict[str, list[int]]:
+    budgets = {}
+    for item in args.extra:
+        name, _, value = item.partition("=")
+        budgets.setdefault(name.strip(), []).append(int(value))
+    return budgets
+
+
+def plan_cells(args: argparse.Namespace, methods: list[dict]) -> list[dict]:
+    """The cells to run, cheapest budgets first (so the full table fills before long runs start)."""
+    distill_all = [m["name"] for m in methods if m["kind"] == "distill" and not m["teacher_mode"].startswith("?")]
+    ssl_all = [m["name"] for m in methods if m["kind"] == "ssl"]
+    distill = _pick(args.methods, distill_all)
+    ssl = _pick(args.ssl_methods, ssl_all)
+    overrides = _budgets(args)
+    cells = []
+    for student in [s.strip() for s in args.students.split(",") if s.strip()]:
+        for name in distill:
+            for budget in [args.budget_images] + overrides.get(name, []):
+                cells.append({"kind": "distill", "method": name, "teacher": "sup", "student": student, "budget": budget})
+        for name in ssl:
+            for budget in [args.budget_images] + overrides.get(name, []):
+                cells.append({"kind": "ssl", "method": name, "teacher": None, "student": student, "budget": budget})
+        if args.ssl_teacher != "none":
+            for name in _pick(args.ssl_teacher_methods, distill_all):
+                cells.append({"kind": "distill", "method": name, "teacher": "ssl", "student": student,
+                              "budget": args.budget_images})
+    # cheapest budgets first; within a budget distillation before SSL, the --first methods before the rest
+    first = [n.strip() for n in args.first.split(",") if n.strip()]
+    return sorted(cells, key=lambda c: (c["budget"], c["kind"] == "ssl",
+                                        first.index(c["method"]) if c["method"] in first else len(first)))
+
+
+def cell_id(cell: dict) -> str:
+    return f"{cell['student']}/{cell['teacher'] or 'none'}/{cell['method']}-{cell['budget']}"
+
+
+def cell_dir(cell: dict) -> Path:
+    return WORK / "quality" / cell_id(cell)
+
+
+def schedule(budget: int, batch: int, train_images: int) -> tuple[int, int]:
+    """(max_steps, epochs): the budget in optimizer steps; the LR schedule spans the same budget."""
+    steps = max(1, budget // batch)
+    steps_per_epoch = max(1, train_images // batch)
+    return steps, max(1, math.ceil(steps / steps_per_epoch))
+
+
+def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, args: argparse.Namespace) -> Path:
+    """One feature cache per (teacher, stored-view spec, outputs, K): methods asking for the same share it."""
+    import timm
+
+    from distillctl.data.views import spec_dict
+    from distillctl.methods.base import build_method
+
+    student_dim = timm.create_model(student, pretrained=False, num_classes=0).num_features
+    requirements = build_method(method, {}, student_dim, teacher_dims).requirements(args.image_size)
+    teacher_views = [view.spec for view in requirements.views if view.teacher]
+    key = {"teacher": teacher_key, "spec": spec_dict(teacher_views[0]) if teacher_views else None,
+           "outputs": sorted(requirements.teacher_outputs), "views": args.cache_views, "seed": args.seed,
+           "size": args.image_size}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return WORK / "caches" / f"{teacher_key}-{digest}"
+
+
+def common_sets(args: argparse.Namespace, cell: dict, steps: int, pre: dict, first: bool) -> list[str]:
+    mean = ",".join(f"{v:g}" for v in pre["mean"])
+    std = ",".join(f"{v:g}" for v in pre["std"])
+    sets = [f"train.max_steps={steps}", f"train.seed={args.seed}", "data.crop_pct=1.0", f"data.mean=[{mean}]",
+            f"data.std=[{std}]", "export.enabled=false", f"eval.linear={'false' if args.no_linear else 'true'}",
+            f"eval.teacher={'true' if first else 'false'}", f"eval.random_student={'true' if first else 'false'}",
+            "train.log_every=10", "train.checkpoint_every_minutes=5"]
+    return [item for s in sets for item in ("--set", s)]
+
+
+def cell_command(cell: dict, args: argparse.Namespace, data: dict, pre: dict, teachers: dict, first: bool) -> list[str]:
+    steps, epochs = schedule(cell["budget"], args.batch_size, data["train_images"])
+    out = str(cell_dir(cell))
+    sets = common_sets(args, cell, steps, pre, first)
+    if cell["kind"] == "ssl":
+        return ["pretrain", "--method", cell["method"], "--arch", cell["student"], "--data", str(data["train"]),
+                "--val-data", str(data["test"]), "--image-size", str(args.image_size), "--epochs", str(epochs),
+                "--batch-size", str(args.batch_size), "--out", out, *sets]
+    teacher = teachers[cell["teacher"]]
+    command = ["run", "--method", cell["method"], "--teacher", teacher["path"], "--teacher-arch", teacher["arch"],
+               "--student", cell["student"], "--data", str(data["train"]), "--val-data", str(data["test"]),
+               "--image-size", str(args.image_size), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
+               "--seed", str(args.seed), "--cache-views", str(args.cache_views), "--out", out, *sets]
+    mode = teacher["modes"].get(cell["method"], "")
+    if mode.startswith("cached"):
+        from distillctl.methods.base import TeacherDims
+
+        dims = TeacherDims(teacher["dim"], None)
+        command[command.index("--out"):command.index("--out")] = [
+            "--cache", str(cache_dir_for(cell["method"], teacher.get("key", cell["teacher"]), dims, cell["student"], args))]
+    return command
+
+
+def finished(cell: dict, steps: int) -> dict | None:
+    summary = read_json(cell_dir(cell) / "summary.json")
+    if not summary or summary.get("recipe", {}).get("train", {}).get("max_steps") != steps:
+        return None
+    if summary.get("student", {}).get("knn_top1") is None or summary.get("train", {}).get("steps") != steps:
+        return None
+    return summary
+
+
+def row_from_summary(cell: dict, summary: dict, command: list[str]) -> dict:
+    train = summary.get("train") or {}
+    student_eval = (summary.get("eval") or {}).get("student") or {}
+    linear = student_eval.get("linear") or {}
+    return {**cell, "id": cell_id(cell), "status": "done", "knn_top1": summary["student"].get("knn_top1"),
+            "linear_top1": linear.get("top1"), "linear_setting": {k: linear.get(k) for k in ("lr", "weight_decay")},
+            "train_wall_s": train.get("wall_s"), "images_per_sec": train.get("images_per_sec"),
+            "steps": train.get("steps"), "images_seen": (train.get("steps") or 0) * args_batch(summary),
+            "teacher_mode": train.get("teacher_mode"), "cell_wall_s": summary.get("wall_s"),
+            "teacher_knn_top1": (summary.get("teacher") or {}).get("knn_top1"),
+            "random_student_knn_top1": ((summary.get("eval") or {}).get("random_student") or {}).get("knn_top1"),
+            "eval_protocol": (summary.get("eval") or {}).get("protocol"),
+            "command": "distillctl " + display_command(command)}
+
+
+def args_batch(summary: dict) -> int:
+    return int(summary.get("recipe", {}).get("train", {}).get("batch_size") or 0)
+
+
+# --- teachers and reference rows -------------------------------------------------------------------
+
+def teacher_modes() -> dict[str, str]:
+    return {m["name"]: m["teacher_mode"] for m in registered_methods()}
+
+
+def ssl_teacher(args, data, pre, log_path: Path) -> dict:
+    """Pretrain the SSL teacher with ``distillctl pretrain`` (resumable like any cell)."""
+    method, arch, images = args.ssl_teacher.split(":")
+    cell = {"kind": "ssl-teacher", "method": method, "teacher": None, "student": arch, "budget": int(images)}
+    steps, epochs = schedule(cell["budget"], args.batch_size, data["train_images"])
+    out = WORK / "quality" / "ssl-teacher" / f"{method}-{arch}-{images}"
+    sets = common_sets(args, cell, steps, pre, first=False)
+    command = ["pretrain", "--method", method, "--arch", arch, "--data", str(data["train"]), "--val-data",
+               str(data["test"]), "--image-size", str(args.image_size), "--epochs", str(epochs), "--batch-size",
+               str(args.batch_size), "--out", str(out), *sets]
+    summary = read_json(out / "summary.json")
+    if not (summary and summary.get("train", {}).get("steps") == steps and summary["student"].get("knn_top1") is not None):
+        log(f"SSL teacher: distillctl {display_command(command)}")
+        summary = distillctl(command, log_path)
+    row = row_from_summary(cell, summary, command)
+    import timm
+
+    dim = timm.create_model(arch, pretrained=False, num_classes=0).num_features
+    return {"path": str(out / "student" / "model.safetensors"), "arch": arch, "dim": dim, "row": row,
+            "key": f"ssl-{method}-{arch}-{images}"}
+
+
+def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
+    """Teacher linear probe and a random-init student (kNN + linear) through ``distillctl eval``."""
+    from distillctl.students import StudentConfig, create_backbone, feature_dim
+
+    rows = {}
+    common = ["--data", str(data["train"]), "--val-data", str(data["test"]), "--crop-pct", "1.0"]
+    if not args.no_linear:
+        out = WORK / "quality" / "reference" / "teacher-linear.json"
+        result = read_json(out)
+        if result is None:
+            command = ["eval", "linear", f"teacher:{TEACHER}", "--teacher-arch", pre["arch"], "--input-size",
+                       str(args.image_size), "--cache-dir", str(WORK / "quality" / "reference" / "eval_cache"), *common]
+            result = {"result": distillctl(command, log_path), "command": "distillctl " + display_command(command)}
+            write_json(out, result)
+        rows["teacher_linear"] = {"linear_top1": result["result"]["linear"]["top1"], "command": result["command"],
+                                  "protocol": result["result"].get("protocol")}
+    random_dir = WORK / "quality" / "reference" / f"random-{student}"
+    if not (random_dir / "model.safetensors").is_file():
+        import torch
+        from safetensors.torch import save_file
+
+        torch.manual_seed(args.seed)
+        model = create_backbone(student, img_size=args.image_size)
+        random_dir.mkdir(parents=True, exist_ok=True)
+        config = StudentConfig(arch=student, num_features=feature_dim(model), input_size=[3, args.image_size,
+                               args.image_size], mean=pre["mean"], std=pre["std"], teacher={}, method="random-init")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(random_dir / "model.safetensors"))
+        (random_dir / "config.json").write_text(config.to_json())
+    for kind in ("knn",) + (() if args.no_linear else ("linear",)):
+        out = random_dir.parent / f"random-{student}-{kind}.json"
+        result = read_json(out)
+        if result is None:
+            command = ["eval", kind, str(random_dir), "--no-cache", *common]
+            result = {"result": distillctl(command, log_path), "command": "distillctl " + display_command(command)}
+            write_json(out, result)
+        value = result["result"].get(kind) or {}
+        key = "knn_top1" if kind == "knn" else "linear_top1"
+        rows.setdefault("random", {})[key] = value.get("top1") if kind == "linear" else _knn_top1(result["result"])
+        rows["random"][f"{kind}_command"] = result["command"]
+    return rows
+
+
+def _knn_top1(result: dict):
+    for key in ("knn_top1", "top1"):
+        if key in result:
+            return result[key]
+    knn = result.get("knn")
+    if isinstance(knn, dict):
+        if "knn_top1" in knn:
+            return knn["knn_top1"]
+        values = [v for v in knn.values() if isinstance(v, (int, float))]
+        return values[0] if values else None
+    return None
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    require_shared()
+    started = time.time()
+    if args.quick:
+        args.budget_images, args.batch_size, args.image_size, args.cache_views = 256, 32, 32, 2
+        args.methods = "simreg" if args.methods == "all" else args.methods
+        args.ssl_methods = "mocov2" if args.ssl_methods == "all" else args.ssl_methods
+        data = {"train": rel(make_subset("train", 100, "train1k")), "test": rel(make_subset("test", 50, "test500")),
+                "train_images": 1000, "test_images": 500}
+    else:
+        data = {**standard_data(), "train_images": 10_000, "test_images": 2_000}
+    out = Path(args.out) if args.out else RESULTS / ("quality_quick.json" if args.quick else "quality.json")
+    pre = teacher_preprocess()
+    methods = registered_methods()
+    modes = {m["name"]: m["teacher_mode"] for m in methods}
+    teachers = {"sup": {"path": str(TEACHER), "arch": pre["arch"], "dim": 512, "modes": modes}}
+    cells = plan_cells(args, methods)
+    (WORK / "quality").mkdir(parents=True, exist_ok=True)
+    log_path = WORK / "quality" / ("quick.log" if args.quick else "suite.log")
+    previous = read_json(out) or {}
+    result = {"benchmark": "quality", "argv": sys.argv[1:] if argv is None else argv,
+              "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "config": {"budget_images": args.budget_images, "extra_budgets": _budgets(args),
+                         "batch_size": args.batch_size, "image_size": args.image_size, "cache_views": args.cache_views,
+                         "seed": args.seed, "students": args.students, "linear": not args.no_linear,
+                         "train_images": data["train_images"], "test_images": data["test_images"],
+                         "data": {"train": Path(data["train"]).name, "test": Path(data["test"]).name},
+                         "teacher": {"file": TEACHER.name, **pre}, "ssl_teacher": args.ssl_teacher,
+                         "registered_methods": methods},
+              "machine": machine_info(), "started_utc": previous.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "rows": {}, "reference": previous.get("reference", {}), "curve": previous.get("curve", {})}
+    result["rows"] = {k: v for k, v in (previous.get("rows") or {}).items()}
+    base_elapsed = float(previous.get("elapsed_s") or 0)
+    if args.dry_run:
+        if args.ssl_teacher != "none":
+            method, arch, images = args.ssl_teacher.split(":")
+            teachers["ssl"] = {"path": str(WORK / "quality" / "ssl-teacher" / f"{method}-{arch}-{images}" / "student"
+                                           / "model.safetensors"), "arch": arch, "dim": 512, "modes": modes,
+                               "key": f"ssl-{method}-{arch}-{images}"}
+        for i, cell in enumerate(cells):
+            print("distillctl " + display_command(cell_command(cell, args, data, pre, teachers, i == 0)))
+        return 0
+
+    def save() -> None:
+        result["elapsed_s"] = round(base_elapsed + time.time() - started, 1)
+        result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_json(out, result)
+
+    save()
+    run_cells([c for c in cells if c["teacher"] != "ssl"], args, data, pre, teachers, result, log_path, save)
+    try:
+        result["reference"].update(reference_rows(args, data, pre, log_path, cells[0]["student"] if cells else "mobilenetv2_100"))
+    except BenchError as exc:
+        result["reference"]["error"] = str(exc)
+        log(f"reference rows failed: {exc}")
+    save()
+    if args.ssl_teacher != "none":  # after the main table: the SSL teacher is the most expensive single run
+        try:
+            teachers["ssl"] = ssl_teacher(args, data, pre, log_path)
+            teachers["ssl"]["modes"] = modes
+            result["reference"]["ssl_teacher"] = teachers["ssl"]["row"]
+            run_cells([c for c in cells if c["teacher"] == "ssl"], args, data, pre, teachers, result, log_path, save)
+        except BenchError as exc:
+            result["reference"]["ssl_teacher_error"] = str(exc)
+            log(f"SSL teacher failed: {exc}")
+    if args.curve:
+        run_curve(args, data, pre, teachers, result, log_path, save)
+    save()
+    log(f"quality suite done in {time.time() - started:.0f} s → {out}")
+    return 0
+
+
+def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
+    first_done = any(r.get("teacher_knn_top1") is not None for r in result["rows"].values())
+    for cell in cells:
+        steps, _ = schedule(cell["budget"], args.batch_size, data["train_images"])
+        first = cell["kind"] == "distill" and cell["teacher"] == "sup" and not first_done
+        command = cell_command(cell, args, data, pre, teachers, first)
+        summary = finished(cell, steps)
+        if summary is None:
+            log(f"cell {cell_id(cell)}: distillctl {display_command(command)}")
+            t0 = time.time()
+            try:
+                summary = distillctl(command, log_path)
+            except BenchError as exc:
+                log(f"cell {cell_id(cell)} failed: {exc}")
+                result["rows"][cell_id(cell)] = {**cell, "id": cell_id(cell), "status": "failed", "error": str(exc),
+                                                 "command": "distillctl " + display_command(command)}
+                save()
+                continue
+            log(f"cell {cell_id(cell)}: kNN {summary['student'].get('knn_top1')} in {time.time() - t0:.0f} s")
+        row = row_from_summary(cell, summary, command)
+        result["rows"][cell_id(cell)] = row
+        if row.get("teacher_knn_top1") is not None:
+            first_done = True
+            result["reference"].setdefault("teacher_knn", {})[cell["teacher"]] = row["teacher_knn_top1"]
+        if row.get("random_student_knn_top1") is not None:
+            result["reference"].setdefault("random_knn_pipeline", {})[cell["student"]] = row["random_student_knn_top1"]
+        save()
+
+
+def run_curve(args, data, pre, teachers, result, log_path, save) -> None:
+    """Best ``--curve-top`` distillation methods (by kNN at the largest budget they share) at more budgets."""
+    done = [r for r in result["rows"].values() if r.get("status") == "done" and r["kind"] == "distill"
+            and r["teacher"] == "sup"]
+    if not done:
+        return
+    by_method: dict[str, dict] = {}
+    for row in done:
+        best = by_method.get(row["method"])
+        if best is None or row["budget"] > best["budget"]:
+            by_method[row["method"]] = row
+    common_budget = min(r["budget"] for r in by_method.values())
+    ranked = sorted((r for r in done if r["budget"] == common_budget), key=lambda r: -(r["knn_top1"] or 0))
+    top = [r["method"] for r in ranked[: args.curve_top]]
+    result["curve"] = {"methods": top, "ranked_at_budget": common_budget,
+                       "budgets": [int(b) for b in args.curve_budgets.split(",")]}
+    cells = [{"kind": "distill", "method": m, "teacher": "sup", "student": ranked[0]["student"], "budget": b}
+             for b in result["curve"]["budgets"] for m in top]
+    run_cells(cells, args, data, pre, teachers, result, log_path, save)
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1)
