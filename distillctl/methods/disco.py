@@ -81,7 +81,10 @@ class DisCo(Method):
         if self.params.only_mse:
             return self.params.mse_weight * mse, logs
         encoder = require_setup(self.key_encoder, self.name)
-        keys = F.normalize(shuffled_forward(encoder, inputs.images[1], inputs.step), dim=1).to(queries[0].dtype)
+        with torch.no_grad():
+            raw_keys = (shuffled_forward(encoder, inputs.images[1], inputs.step) if self.params.shuffle_bn
+                        else encoder(inputs.images[1]))
+        keys = F.normalize(raw_keys, dim=1).to(queries[0].dtype)
         inputs.extras["disco_keys"] = keys.detach()
         moco = info_nce(queries[0], keys, self.queue.data.to(queries[0].dtype), self.params.temperature)
         logs["moco"] = float(moco.detach())

@@ -96,3 +96,16 @@ def test_defaults_and_params() -> None:
     assert DisCo(DisCoParams(queue_size=8, teacher_bn="eval"), STUDENT_DIM, TEACHER_DIMS).requirements(16).teacher_mode == "cached_exact"
     with pytest.raises(ValidationError):
         DisCoParams(only_mse_loss=True)
+
+
+def test_shuffle_bn_switch_is_identity_on_one_process() -> None:
+    losses = []
+    for shuffle in (True, False):
+        method = DisCo(DisCoParams(queue_size=8, hidden_dim=16, shuffle_bn=shuffle), STUDENT_DIM, TEACHER_DIMS)
+        student = TinyNet(STUDENT_DIM)
+        method.setup(student)
+        torch.manual_seed(0)
+        method.queue.data.copy_(F.normalize(torch.randn(8, TEACHER_DIMS.proj), dim=1))
+        images = make_images(method, 4, 12)
+        losses.append(float(method.loss(make_inputs(method, student, [TinyTeacher()], images))[0].detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
