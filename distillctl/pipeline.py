@@ -209,10 +209,10 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     device = distributed.local_device(device)
     train_data, val_data = validate(recipe)
     run = run_dir_for(recipe)
-    distributed.main_first(run.write_recipe, recipe)
     method_cls = get_method(recipe.method.name)
 
-    teacher = resolve_teacher(recipe, run, options, device)
+    teacher = resolve_teacher(recipe, run, options, device)  # a bad teacher file fails before anything is written
+    distributed.main_first(run.write_recipe, recipe)
     mean = tuple(recipe.data.mean or (teacher.preprocess.mean if teacher else IMAGENET_MEAN))
     std = tuple(recipe.data.std or (teacher.preprocess.std if teacher else IMAGENET_STD))
     data_hash = train_data.manifest_hash()
@@ -371,6 +371,7 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
         checkpoint_every_steps=recipe.train.checkpoint_every_steps,
         checkpoint_every_minutes=recipe.train.checkpoint_every_minutes, keep_last=recipe.train.keep_last,
         num_workers=recipe.data.num_workers, max_bad_fraction=recipe.data.max_bad_fraction, resume=not options.restart,
+        require_resume=require,
         stage="pretrain" if teacher is None and method.kind == "ssl" else "distill",
         tensorboard_dir=run.path / "tensorboard" if recipe.train.tensorboard else None,
     )

@@ -77,7 +77,8 @@ class TrainJob:
     keep_last: int = 2
     num_workers: int = 0
     max_bad_fraction: float = 0.01
-    resume: bool = True
+    resume: bool = True  # continue from the newest loadable matching checkpoint, if any
+    require_resume: bool = False  # --resume: no loadable checkpoint is an error, not a fresh start
     stage: str = "distill"
     tensorboard_dir: Path | None = None
 
@@ -169,6 +170,9 @@ def train(job: TrainJob) -> TrainResult:
     bad_images: dict[str, str] = {}  # path → reason (this rank's; rank 0 also holds those restored from a checkpoint)
     state = distributed.main_first(checkpoints.load_latest, job.fingerprint) if job.resume else None
     state = distributed.broadcast_object(state) if job.resume else None  # other nodes need no shared filesystem
+    if state is None and job.require_resume:
+        raise InputError(f"--resume: no loadable checkpoint in {checkpoints.directory}",
+                         hint="drop --resume to start over (unreadable checkpoints are kept for inspection)")
     if state is not None:
         _restore(state, student, method, optimizer, scaler, dist_info)
         step = resumed_from = int(state["step"])
