@@ -1,0 +1,421 @@
+"""Regenerate benchmarks/RESULTS.md (and its PNG plots) from the JSON files in benchmarks/results.
+
+Only numbers from those files appear; a section whose JSON is missing says which script makes it.
+The one outside figure, the issue's reference distiller (42.3% kNN at 120k images), is labelled as such.
+
+Example: python benchmarks/render.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ISSUE_REFERENCE = {"images": 120_000, "knn_top1": 42.3, "random": 25.6, "teacher": 86.6,
+                   "what": "independent minimal cosine-regression distiller quoted in issue 8 (not measured here)"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Example: python benchmarks/render.py")
+    parser.add_argument("--results", default=str(BENCH / "results"), help="Directory of the JSON results.")
+    parser.add_argument("--out", default=str(BENCH / "RESULTS.md"), help="Markdown file to write.")
+    parser.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    return parser.parse_args(argv)
+
+
+def load(directory: Path, name: str) -> dict | None:
+    try:
+        return json.loads((directory / name).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def pct(value) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def num(value, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def med(s: dict | None, digits: int = 1, unit: str = "") -> str:
+    """'median [min–max] (n=…)' from a spread dict."""
+    if not s or s.get("median") is None:
+        return "–"
+    if s.get("n", 1) <= 1:
+        return f"{s['median']:.{digits}f}{unit}"
+    return f"{s['median']:.{digits}f}{unit} [{s['min']:.{digits}f}–{s['max']:.{digits}f}] (n={s['n']})"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- quality -----------------------------------------------------------------------------------
+
+def quality_facts(q: dict) -> dict:
+    """Best method, its ratio to the teacher and gain over the best SSL-only student, at the common budget."""
+    rows = [r for r in q.get("rows", {}).values() if r.get("status") == "done"]
+    budget = q["config"]["budget_images"]
+    at_budget = [r for r in rows if r["budget"] == budget]
+    distill = sorted((r for r in at_budget if r["kind"] == "distill" and r["teacher"] == "sup"),
+                     key=lambda r: -(r.get("knn_top1") or 0))
+    ssl = sorted((r for r in at_budget if r["kind"] == "ssl"), key=lambda r: -(r.get("knn_top1") or 0))
+    teacher = (q.get("reference", {}).get("teacher_knn") or {}).get("sup")
+    facts = {"budget": budget, "distill": distill, "ssl": ssl, "teacher_knn": teacher,
+             "teacher_linear": (q.get("reference", {}).get("teacher_linear") or {}).get("linear_top1"),
+             "random": q.get("reference", {}).get("random") or {}}
+    if distill:
+        best = distill[0]
+        facts["best"] = best
+        facts["ratio"] = best["knn_top1"] / teacher if teacher else None
+        facts["gain"] = best["knn_top1"] - ssl[0]["knn_top1"] if ssl else None
+        facts["best_ssl"] = ssl[0] if ssl else None
+    return facts
+
+
+def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
+    if not q:
+        return "## Quality\n\nNo results yet: run `python benchmarks/quality.py`.\n", {}
+    facts = quality_facts(q)
+    cfg = q["config"]
+    teacher = facts["teacher_knn"]
+    best_ssl = facts.get("best_ssl")
+    out = ["## Quality (CIFAR-10, 64 px, real data)", ""]
+    out.append(f"Student `{cfg['students']}`, budget **{cfg['budget_images']:,} images seen** per cell "
+               f"(batch {cfg['batch_size']}, `train.max_steps` = budget / batch, cosine schedule over the same "
+               f"budget), seed {cfg['seed']}, {cfg['image_size']} px (32 px JPEGs upsampled, crop_pct 1.0), "
+               f"feature cache with K = {cfg['cache_views']} stored views per image where the method allows it. "
+               f"Train subset `{cfg['data']['train']}`: {cfg['train_images']:,} images (1 000 per class, seeded); "
+               f"kNN bank = that subset; queries `{cfg['data']['test']}`: {cfg['test_images']:,} test images "
+               f"(200 per class). kNN: cosine, weighted, k = 20, T = 0.07. Linear: the product's probe "
+               f"(lr × weight-decay sweep on a 10% held-out part of the train subset, then retrained).")
+    if cfg.get("extra_budgets"):
+        extra = ", ".join(f"{m} at {', '.join(f'{b:,}' for b in bs)}" for m, bs in cfg["extra_budgets"].items())
+        out.append(f"\nExtra cells (longer budgets): {extra}.")
+    if cfg["budget_images"] < ISSUE_REFERENCE["images"]:
+        out.append(f"\n**Reduced configuration.** The issue asks for ≥ {ISSUE_REFERENCE['images']:,} images per "
+                   f"method; this run used {cfg['budget_images']:,} for the full table (see the suite time below); "
+                   f"the suite's defaults (`python benchmarks/quality.py --curve`) run the full configuration.")
+    header = ["row", "kind", "teacher", "images seen", "kNN top-1 %", "linear top-1 %", "kNN student/teacher",
+              "kNN gain vs best SSL-only (pts)", "train wall s", "img/s", "teacher mode"]
+    rows = []
+    rows.append([f"teacher ResNet-18 (supervised, {cfg['teacher']['file']})", "teacher", "–", "–", pct(teacher),
+                 pct(facts["teacher_linear"]), "1.00", "–", "–", "–", "–"])
+    rnd = facts["random"]
+    rows.append([f"random-init {cfg['students']}", "floor", "–", "0", pct(rnd.get("knn_top1")),
+                 pct(rnd.get("linear_top1")), num(rnd["knn_top1"] / teacher, 2) if teacher and rnd.get("knn_top1") else "–",
+                 num(rnd["knn_top1"] - best_ssl["knn_top1"], 1) if best_ssl and rnd.get("knn_top1") else "–",
+                 "–", "–", "–"])
+    all_rows = sorted(q.get("rows", {}).values(), key=lambda r: (r["teacher"] != "sup" and r["teacher"] is not None,
+                                                                  r["kind"] != "distill", r["budget"],
+                                                                  -(r.get("knn_top1") or -1)))
+    for r in all_rows:
+        teacher_knn = teacher if r["teacher"] == "sup" else (q.get("reference", {}).get("ssl_teacher") or {}).get("knn_top1")
+        if r.get("status") != "done":
+            rows.append([f"{r['method']} ({r['status']})", r["kind"], r["teacher"] or "–", f"{r['budget']:,}",
+                         "–", "–", "–", "–", "–", "–", (r.get("error") or "")[:80].replace("|", "/")])
+            continue
+        ratio = r["knn_top1"] / teacher_knn if teacher_knn and r["kind"] == "distill" else None
+        gain = None
+        same = [s for s in facts["ssl"] if s["budget"] == r["budget"]] or facts["ssl"]
+        if same and r["kind"] == "distill":
+            gain = r["knn_top1"] - same[0]["knn_top1"]
+        rows.append([r["method"], r["kind"], {"sup": "ResNet-18 sup.", "ssl": "ResNet-18 SSL"}.get(r["teacher"], "–"),
+                     f"{r['budget']:,}", pct(r["knn_top1"]), pct(r.get("linear_top1")), num(ratio, 2) if ratio else "–",
+                     (f"{gain:+.1f}" if gain is not None else "–"), num(r.get("train_wall_s"), 0),
+                     num(r.get("images_per_sec"), 0), r.get("teacher_mode") or "none"])
+    ssl_teacher = q.get("reference", {}).get("ssl_teacher")
+    if ssl_teacher:
+        rows.append([f"SSL teacher: `distillctl pretrain --method {ssl_teacher['method']} --arch {ssl_teacher['student']}`",
+                     "teacher", "–", f"{ssl_teacher['budget']:,}", pct(ssl_teacher.get("knn_top1")),
+                     pct(ssl_teacher.get("linear_top1")), "–", "–", num(ssl_teacher.get("train_wall_s"), 0),
+                     num(ssl_teacher.get("images_per_sec"), 0), "none"])
+    out += ["", table(header, rows), ""]
+    out.append("\"gain vs best SSL-only\" compares with the best SSL-only student (`distillctl pretrain`) at the "
+               "same budget; \"student/teacher\" divides by the kNN of the teacher the row distilled from.")
+    if "curve" in plots:
+        out += ["", "![kNN top-1 vs images seen](quality_budget.png)", ""]
+    if q.get("reference", {}).get("error"):
+        out.append(f"\nReference rows failed: {q['reference']['error']}")
+    out += ["", f"Suite wall time so far: {num((q.get('elapsed_s') or 0) / 60, 1)} min "
+                f"(started {q.get('started_utc')}, last write {q.get('finished_utc')}).", "",
+            "<details><summary>Exact commands</summary>", "", "```", q.get("command", "")]
+    for r in all_rows:
+        out.append(r.get("command", ""))
+    for key in ("teacher_linear",):
+        if q.get("reference", {}).get(key, {}).get("command"):
+            out.append(q["reference"][key]["command"])
+    for key in ("knn_command", "linear_command"):
+        if rnd.get(key):
+            out.append(rnd[key])
+    out += ["```", "", "</details>", ""]
+    return "\n".join(out), facts
+
+
+def plot_quality(q: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in q.get("rows", {}).values():
+        if r.get("status") == "done" and r["teacher"] in ("sup", None):
+            series.setdefault(f"{r['method']}" + (" (SSL-only)" if r["kind"] == "ssl" else ""), []).append(
+                (r["budget"], r["knn_top1"]))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, points in sorted(series.items()):
+        points.sort()
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", linestyle="-" if len(xs) > 1 else "none", label=name,
+                alpha=0.6 if "SSL" in name else 1.0)
+    teacher = (q.get("reference", {}).get("teacher_knn") or {}).get("sup")
+    random_knn = (q.get("reference", {}).get("random") or {}).get("knn_top1")
+    if teacher:
+        ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label=f"teacher {teacher:.1f}%")
+    if random_knn:
+        ax.axhline(random_knn, color="grey", linestyle=":", linewidth=1, label=f"random-init {random_knn:.1f}%")
+    ax.scatter([ISSUE_REFERENCE["images"]], [ISSUE_REFERENCE["knn_top1"]], marker="*", s=120, color="red",
+               label="issue-8 reference distiller (quoted)")
+    ax.set_xscale("log")
+    ax.set_xlabel("images seen (log)")
+    ax.set_ylabel("kNN top-1 % (2k CIFAR-10 test images)")
+    ax.set_title("Student kNN accuracy vs training budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# --- speed, cache, export, gpu -------------------------------------------------------------------
+
+def speed_section(s: dict | None, cache_bench: dict | None, plots: list[str]) -> tuple[str, dict]:
+    out = ["## Speed and cost", ""]
+    facts: dict = {}
+    if not s:
+        out.append("No results yet: run `python benchmarks/speed.py`.")
+    loop = (s or {}).get("loop") or {}
+    if loop.get("summary"):
+        out += ["### Distillation loop vs bare student step", "",
+                f"`distillctl run` img/s (median over log windows of {s['config']['log_every']} steps, first window "
+                f"excluded) vs a bare PyTorch loop doing only the student's forward, backward and SGD step on the "
+                f"same pre-decoded 64 px views; batch {s['config']['batch_size']}, {s['config']['steps']} steps per "
+                f"run, {s['config']['repeats']} interleaved repeats; ratio taken within each repeat. Bare loop: "
+                f"{med(loop.get('bare_summary'), 1)} img/s.", ""]
+        rows, ratios = [], []
+        for key, value in sorted(loop["summary"].items()):
+            if "/online_over_cached" in key or "images_per_sec" not in value:
+                continue
+            name, mode = key.split("/")
+            ratio = value["ratio_loop_over_bare"]
+            if ratio.get("median") is not None:
+                ratios.append((name, mode, ratio["median"]))
+            rows.append([name, mode, med(value["images_per_sec"], 1), med(ratio, 3), med(value["peak_rss_mib"], 0),
+                         "; ".join(value.get("errors") or [])[:80]])
+        out += [table(["method", "teacher", "loop img/s", "loop / bare", "peak RSS MiB (distill process)", "errors"],
+                      rows), ""]
+        facts["loop_ratios"] = ratios
+        oc = [(k.split("/")[0], v["epoch_time_ratio"]) for k, v in loop["summary"].items() if k.endswith("online_over_cached")]
+        if oc:
+            out += ["Online / cached epoch-time ratio (same method, same repeat):", "",
+                    table(["method", "online / cached"], [[n, med(v, 2)] for n, v in sorted(oc)]), ""]
+            facts["online_over_cached"] = oc
+    if cache_bench:
+        cfg = cache_bench.get("config", {})
+        out += ["### Online vs cached epoch, ResNet-50-class teacher (benchmarks/cache_bench.py)", "",
+                f"Teacher `{cfg.get('teacher')}` → student `{cfg.get('student')}`, {cfg.get('images')} images at "
+                f"{cfg.get('image_size')} px, batch {cfg.get('batch_size')}, K = {cfg.get('views')}, "
+                f"{cfg.get('repeats')} repeats (fastest counts), {cfg.get('weights')}.", "",
+                table(["epoch", "seconds"], [[k, num(v, 2)] for k, v in (cache_bench.get("epoch_seconds") or {}).items()]),
+                "", f"online / cached = **{cache_bench.get('ratio_online_over_cached')}**, cached / student-only = "
+                    f"{cache_bench.get('ratio_cached_over_student_only')}; phase-based online / cached = "
+                    f"{(cache_bench.get('phase_based') or {}).get('ratio_online_over_cached')}. Build: "
+                    f"{(cache_bench.get('build') or {}).get('images_per_second')} img/s, "
+                    f"{(cache_bench.get('build') or {}).get('bytes_per_image_on_disk')} bytes/image on disk. "
+                    f"Command: `{cache_bench.get('command')}`.", ""]
+        facts["cache_bench"] = cache_bench.get("ratio_online_over_cached")
+    cache = (s or {}).get("cache") or {}
+    if cache.get("builds"):
+        out += ["### Feature-cache build (ResNet-18 teacher, 64 px)", "",
+                f"`distillctl cache build` on {cache['images']:,} images (`{cache['data']}`), one run per K.", "",
+                table(["K views", "img/s", "views/s", "bytes/image on disk", "feature bytes/image", "peak RSS MiB", "wall s"],
+                      [[k, num(v["images_per_sec"]), num(v["views_per_sec"]), num(v["bytes_per_image"], 0),
+                        num(v.get("feature_bytes_per_image"), 0), num(v["peak_rss_mib"], 0), num(v["wall_s"], 1)]
+                       for k, v in sorted(cache["builds"].items(), key=lambda kv: int(kv[0]))]), ""]
+    scaling = (s or {}).get("scaling") or {}
+    if scaling.get("sizes"):
+        out += ["### Epoch time vs dataset size", "",
+                f"One full epoch of `{scaling['method']}` (teacher {scaling['mode']}), batch "
+                f"{s['config']['batch_size']}, distill-stage wall time; process wall includes start-up, dataset scan "
+                f"and manifest hashing.", "",
+                table(["images", "epoch s", "img/s", "process wall s", "peak RSS MiB"],
+                      [[f"{int(k):,}", num(v["epoch_s"], 1), num(v["images_per_sec"], 1), num(v["process_wall_s"], 1),
+                        num(v["peak_rss_mib"], 0)] for k, v in sorted(scaling["sizes"].items(), key=lambda kv: int(kv[0]))]),
+                ""]
+        if "scaling" in plots:
+            out += ["![epoch time vs dataset size](epoch_time_vs_size.png)", ""]
+    for part in ("loop", "cache", "scaling"):
+        if isinstance((s or {}).get(part), dict) and s[part].get("error"):
+            out.append(f"{part} part failed: {s[part]['error']}")
+    if s:
+        out += [f"Command: `{s.get('command')}` ({num((s.get('elapsed_s') or 0) / 60, 1)} min).", ""]
+    return "\n".join(out), facts
+
+
+def plot_scaling(s: dict, path: Path) -> bool:
+    sizes = ((s or {}).get("scaling") or {}).get("sizes") or {}
+    points = sorted((int(k), v["epoch_s"]) for k, v in sizes.items() if v.get("epoch_s"))
+    if len(points) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs, ys = zip(*points)
+    ax.plot(xs, ys, marker="o")
+    ax.set_xlabel("training images")
+    ax.set_ylabel("epoch time (s)")
+    ax.set_title("Epoch time vs dataset size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def export_section(e: dict | None) -> tuple[str, dict]:
+    if not e:
+        return "## Export latency (CPU)\n\nNo results yet: run `python benchmarks/export_bench.py`.\n", {}
+    out = ["## Export latency (CPU)", "",
+           f"Student of `{e['run']}`; `{e['bench_command']}` run as separate processes; p50 per process, then "
+           f"median [min–max] over processes; speed-up = torch p50 / format p50 within a process.", ""]
+    rows = []
+    for key, v in sorted(e["latency"].items(), key=lambda kv: (kv[1]["batch"], kv[1]["format"])):
+        rows.append([v["format"], v["batch"], med(v["p50_ms"], 2), med(v["p90_ms"], 2), med(v["images_per_sec"], 0),
+                     med(v.get("speedup_vs_torch"), 2), med(v.get("speedup_vs_onnx_fp32"), 2), num(v.get("size_mb"), 2)])
+    out += [table(["format", "batch", "p50 ms", "p90 ms", "img/s", "× vs torch", "× vs ONNX fp32", "size MB"], rows), ""]
+    acc = e.get("int8_accuracy") or {}
+    facts = {"int8": acc, "latency": e["latency"]}
+    if acc:
+        out.append(f"INT8 kNN top-1: fp32 {num(acc.get('reference_top1'), 2)}% → INT8 {num(acc.get('candidate_top1'), 2)}% "
+                   f"(drop {num(acc.get('drop'), 2)} points; the product's default gate is 1 point).")
+    for name, parity in (e.get("parity") or {}).items():
+        if parity:
+            out.append(f"- parity {name}: max|Δ| {parity.get('max_abs')}, min cosine {parity.get('min_cosine')}, "
+                       f"passed {parity.get('passed')}")
+    out += ["", f"Export command: `{e['export_command']}`.", ""]
+    return "\n".join(out), facts
+
+
+def gpu_section(g: dict | None) -> str:
+    out = ["## GPU (benchmarks/gpu_check.sh)", ""]
+    if not g:
+        out.append("No GPU was lent to the session that produced these results, so there are no GPU numbers. "
+                   "`bash benchmarks/gpu_check.sh` runs the prepared check (ResNet-50 → MobileNetV2 at 224 px, bf16, "
+                   "channels_last, torch.compile; synthetic on-GPU tensors and cache replay; cache build; ONNX Runtime "
+                   "CUDA) and writes results/gpu_check.json; targets: shared/docs/export_cache_data.md §C.3.")
+        return "\n".join(out) + "\n"
+    out.append(f"GPU: **{g.get('gpu')}** ({g.get('date_utc')}), torch {g.get('torch')}, onnxruntime {g.get('onnxruntime')}.")
+    out.append("")
+    rows = [[k, v if not isinstance(v, float) else f"{v:,.1f}"] for k, v in sorted(g.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out += [table(["measure", "value"], rows), ""]
+    return "\n".join(out)
+
+
+def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None) -> str:
+    out = ["## Closing note", ""]
+    if qf.get("best"):
+        best = qf["best"]
+        line = (f"- Best method at {qf['budget']:,} images: **{best['method']}**, kNN {best['knn_top1']:.1f}% "
+                f"(teacher {pct(qf['teacher_knn'])}%, student/teacher **{num(qf.get('ratio'), 2)}**)")
+        if qf.get("best_ssl"):
+            line += (f"; gain over the best SSL-only student ({qf['best_ssl']['method']}, "
+                     f"{qf['best_ssl']['knn_top1']:.1f}%): **{qf['gain']:+.1f} points**")
+        out.append(line + ".")
+    rows = [r for r in (q or {}).get("rows", {}).values() if r.get("status") == "done" and r["kind"] == "distill"
+            and r["teacher"] == "sup" and r["budget"] >= ISSUE_REFERENCE["images"]]
+    for r in sorted(rows, key=lambda r: -r["knn_top1"]):
+        out.append(f"- {r['method']} at {r['budget']:,} images: kNN {r['knn_top1']:.1f}% vs "
+                   f"{ISSUE_REFERENCE['knn_top1']}% for the issue-8 reference distiller at "
+                   f"{ISSUE_REFERENCE['images']:,} (quoted, not measured here).")
+    if sf.get("loop_ratios"):
+        parts = ", ".join(f"{n} {m} {r:.2f}" for n, m, r in sorted(sf["loop_ratios"]))
+        out.append(f"- Distillation loop / bare student loop throughput: {parts}.")
+    if sf.get("online_over_cached"):
+        out.append("- Online / cached epoch time (ResNet-18 teacher, 64 px): "
+                   + ", ".join(f"{n} {v['median']:.2f}" for n, v in sorted(sf["online_over_cached"])) + ".")
+    if sf.get("cache_bench") is not None:
+        out.append(f"- Online / cached epoch time, ResNet-50 → MobileNetV2 (cache_bench.py): {sf['cache_bench']}.")
+    lat = ef.get("latency") or {}
+    for batch in (1, 32):
+        int8 = lat.get(f"onnx-int8@{batch}") or {}
+        if int8.get("speedup_vs_torch"):
+            out.append(f"- INT8 latency at batch {batch}: {med(int8['speedup_vs_torch'], 2)}× vs PyTorch eager, "
+                       f"{med(int8.get('speedup_vs_onnx_fp32'), 2)}× vs ONNX fp32.")
+    if ef.get("int8"):
+        out.append(f"- INT8 kNN accuracy delta: {num(-ef['int8'].get('drop', 0), 2)} points.")
+    if q:
+        out.append(f"- Quality suite wall time: {num((q.get('elapsed_s') or 0) / 60, 1)} min.")
+    return "\n".join(out) + "\n"
+
+
+def machine_section(*results: dict | None) -> str:
+    m = next((r["machine"] for r in results if r and r.get("machine")), None)
+    if not m:
+        return ""
+    v = m.get("versions", {})
+    return ("## Machine\n\n"
+            f"{m.get('cpu_model')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, GPU: {m.get('gpu') or 'none'}; "
+            f"{m.get('platform')}; load average at start {m.get('load_average')} (the machine was shared with other "
+            f"jobs: timings are medians with the spread shown). Versions: "
+            + ", ".join(f"{k} {val}" for k, val in v.items() if val) + f". Commit {m.get('git_commit')}, "
+            f"{m.get('date_utc')}.\n")
+
+
+def render(results: Path, out: Path, plots_enabled: bool = True) -> str:
+    q, s, e = load(results, "quality.json"), load(results, "speed.json"), load(results, "export.json")
+    cache_bench, gpu = load(results, "cache_bench.json"), load(results, "gpu_check.json")
+    plots = []
+    if plots_enabled and q and plot_quality(q, out.parent / "quality_budget.png"):
+        plots.append("curve")
+    if plots_enabled and s and plot_scaling(s, out.parent / "epoch_time_vs_size.png"):
+        plots.append("scaling")
+    quality_md, qf = quality_section(q, plots)
+    speed_md, sf = speed_section(s, cache_bench, plots)
+    export_md, ef = export_section(e)
+    text = "\n".join([
+        "# distillctl benchmark results", "",
+        "Generated by `python benchmarks/render.py` from `benchmarks/results/*.json` (made by `make bench` / "
+        "`python benchmarks/run_all.py`). Do not edit by hand.", "",
+        summary_section(qf, sf, ef, q), machine_section(q, s, e), quality_md, speed_md, export_md, gpu_section(gpu),
+    ])
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    render(Path(args.results), Path(args.out), plots_enabled=not args.no_plots)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

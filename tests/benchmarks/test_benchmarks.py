@@ -1,0 +1,139 @@
+"""Smoke tests of the benchmark scripts: --help, the missing-../shared exit, cell planning, and that
+render.py builds RESULTS.md (tables, ratios, plots) from tiny fake JSON results. No benchmark runs here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+SCRIPTS = ["quality.py", "speed.py", "export_bench.py", "run_all.py", "render.py", "gpu_check.py"]
+sys.path.insert(0, str(BENCH))
+
+
+def _run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, timeout=60)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    proc = _run(script, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Example" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["quality.py", "speed.py", "export_bench.py", "run_all.py"])
+def test_missing_shared_exits_2(script, tmp_path):
+    proc = _run(script, env={"DISTILLCTL_SHARED": str(tmp_path / "nowhere"),
+                             "DISTILLCTL_BENCH_WORK": str(tmp_path / "work"),
+                             "DISTILLCTL_BENCH_RESULTS": str(tmp_path / "results")})
+    assert proc.returncode == 2
+    assert "benchmark inputs missing" in proc.stderr and "../shared" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_plan_cells_follows_the_registry():
+    import quality
+
+    methods = [{"name": "simreg", "kind": "distill", "teacher_mode": "cached_exact"},
+               {"name": "zeta", "kind": "distill", "teacher_mode": "online"},
+               {"name": "multi", "kind": "distill", "teacher_mode": "? (UsageError)"},
+               {"name": "mocov2", "kind": "ssl", "teacher_mode": "none"}]
+    args = quality.parse_args(["--budget-images", "6400", "--extra", "simreg=120000", "--first", "zeta"])
+    cells = quality.plan_cells(args, methods)
+    names = [(c["method"], c["budget"]) for c in cells]
+    assert names == [("zeta", 6400), ("simreg", 6400), ("mocov2", 6400), ("simreg", 120000)]
+    assert quality.cell_id(cells[0]) == "mobilenetv2_100/sup/zeta-6400"
+    assert quality.schedule(120_000, 64, 10_000) == (1875, 13)
+    with pytest.raises(quality.BenchError):
+        quality.plan_cells(quality.parse_args(["--methods", "nope"]), methods)
+
+
+def test_spread():
+    from common import spread
+
+    assert spread([3, 1, 2, None]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert spread([])["median"] is None
+
+
+def _fake_results(directory: Path) -> None:
+    machine = {"cpu_model": "Fake CPU", "cores": 2, "ram_gib": 8.0, "gpu": None, "load_average": [1.0, 1.0, 1.0],
+               "platform": "Linux", "versions": {"torch": "0"}, "git_commit": "abc", "date_utc": "2026-01-01 00:00 UTC"}
+    row = {"kind": "distill", "teacher": "sup", "student": "mobilenetv2_100", "status": "done", "train_wall_s": 10.0,
+           "images_per_sec": 100.0, "teacher_mode": "cached", "command": "distillctl run --method X"}
+    rows = {
+        "a": {**row, "id": "a", "method": "simreg", "budget": 6400, "knn_top1": 40.0, "linear_top1": 45.0},
+        "b": {**row, "id": "b", "method": "seed", "budget": 6400, "knn_top1": 30.0, "linear_top1": 35.0},
+        "c": {**row, "id": "c", "method": "simreg", "budget": 120000, "knn_top1": 50.0, "linear_top1": 55.0},
+        "d": {**row, "id": "d", "method": "mocov2", "kind": "ssl", "teacher": None, "budget": 6400, "knn_top1": 28.0,
+              "linear_top1": 30.0, "teacher_mode": "none"},
+        "e": {**row, "id": "e", "method": "bingo", "budget": 6400, "status": "failed", "error": "exit 1: boom"},
+    }
+    quality = {"command": "python benchmarks/quality.py --budget-images 6400", "machine": machine, "rows": rows,
+               "config": {"budget_images": 6400, "extra_budgets": {"simreg": [120000]}, "batch_size": 64,
+                          "image_size": 64, "cache_views": 4, "seed": 0, "students": "mobilenetv2_100",
+                          "train_images": 10000, "test_images": 2000, "data": {"train": "train10k", "test": "test2k"},
+                          "teacher": {"file": "t.safetensors"}},
+               "reference": {"teacher_knn": {"sup": 80.0}, "teacher_linear": {"linear_top1": 85.0},
+                             "random": {"knn_top1": 25.0, "linear_top1": 27.0}},
+               "elapsed_s": 600, "started_utc": "s", "finished_utc": "f"}
+    spread = lambda m: {"median": m, "min": m - 1, "max": m + 1, "n": 3}  # noqa: E731
+    speed = {"command": "python benchmarks/speed.py", "machine": machine, "elapsed_s": 60,
+             "config": {"log_every": 5, "batch_size": 64, "steps": 30, "repeats": 3},
+             "loop": {"bare_summary": spread(200.0), "summary": {
+                 "simreg/cached": {"images_per_sec": spread(150.0), "ratio_loop_over_bare": spread(0.75),
+                                   "peak_rss_mib": spread(900.0), "errors": []},
+                 "simreg/online": {"images_per_sec": spread(100.0), "ratio_loop_over_bare": spread(0.5),
+                                   "peak_rss_mib": spread(950.0), "errors": []},
+                 "simreg/online_over_cached": {"epoch_time_ratio": spread(1.5)}}},
+             "scaling": {"method": "simreg", "mode": "online", "sizes": {
+                 "2000": {"epoch_s": 10.0, "images_per_sec": 200.0, "process_wall_s": 20.0, "peak_rss_mib": 900.0},
+                 "8000": {"epoch_s": 40.0, "images_per_sec": 200.0, "process_wall_s": 50.0, "peak_rss_mib": 950.0}}}}
+    export = {"run": "benchmarks/work/quality/x", "bench_command": "distillctl bench x", "export_command": "distillctl export x",
+              "int8_accuracy": {"reference_top1": 50.0, "candidate_top1": 49.5, "drop": 0.5},
+              "parity": {"onnx": {"max_abs": 1e-5, "min_cosine": 0.99999, "passed": True}},
+              "latency": {"torch@1": {"format": "torch", "batch": 1, "p50_ms": spread(10.0), "p90_ms": spread(12.0),
+                                      "images_per_sec": spread(100.0), "size_mb": 9.0},
+                          "onnx-int8@1": {"format": "onnx-int8", "batch": 1, "p50_ms": spread(4.0), "p90_ms": spread(5.0),
+                                          "images_per_sec": spread(250.0), "size_mb": 3.0,
+                                          "speedup_vs_torch": spread(2.5), "speedup_vs_onnx_fp32": spread(1.6)}}}
+    for name, data in (("quality.json", quality), ("speed.json", speed), ("export.json", export)):
+        (directory / name).write_text(json.dumps(data))
+
+
+def test_render_from_fake_results(tmp_path):
+    import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    _fake_results(results)
+    out = tmp_path / "RESULTS.md"
+    text = render.render(results, out)
+    assert out.read_text() == text
+    # best method at the common budget, its ratio to the teacher and gain over the best SSL-only student
+    assert "**simreg**, kNN 40.0% (teacher 80.0%, student/teacher **0.50**)" in text
+    assert "gain over the best SSL-only student (mocov2, 28.0%): **+12.0 points**" in text
+    assert "simreg at 120,000 images: kNN 50.0%" in text
+    assert "| bingo (failed) |" in text and "boom" in text
+    assert "simreg cached 0.75" in text and "simreg online 0.50" in text
+    assert "2.50 [1.50–3.50] (n=3)× vs PyTorch eager" in text
+    assert "drop 0.50 points" in text
+    assert "No GPU was lent" in text
+    assert "Fake CPU, 2 cores, 8.0 GiB RAM" in text
+    assert (tmp_path / "quality_budget.png").stat().st_size > 1000
+    assert (tmp_path / "epoch_time_vs_size.png").stat().st_size > 1000
+
+
+def test_render_without_results(tmp_path):
+    import render
+
+    text = render.render(tmp_path, tmp_path / "RESULTS.md")
+    assert "run `python benchmarks/quality.py`" in text and "run `python benchmarks/speed.py`" in text
