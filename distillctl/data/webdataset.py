@@ -128,7 +128,9 @@ def open_webdataset(spec: str):
     faults = DataFaults()
     paths: list[str] = []
     labels: list[int] = []
-    for shard in list_shards(spec):
+    shards = list_shards(spec)
+    root = os.path.commonpath([str(shard.parent.resolve()) for shard in shards])
+    for shard in shards:
         members = index_shard(shard)
         samples: dict[str, dict[str, str]] = {}
         for name in members:
@@ -147,7 +149,8 @@ def open_webdataset(spec: str):
     if not paths:
         raise InputError(f"no samples (image + .cls) in the shards of {spec}")
     classes = [str(i) for i in range(max(labels) + 1)]
-    return ImageDataset(name=f"webdataset:{spec}", classes=classes, labels=labels, paths=paths, root=None, faults=faults)
+    # name and root from the shards' directory: a brace pattern and the directory give the same manifest hash
+    return ImageDataset(name=f"webdataset:{root}", classes=classes, labels=labels, paths=paths, root=root, faults=faults)
 
 
 def write_shards(images: np.ndarray, labels: list[int], out_dir: Path, per_shard: int, prefix: str = "train",
