@@ -14,7 +14,8 @@ from torch import nn
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import EMA, FeatureQueue
-from distillctl.methods.shared import require_setup, require_student, similarity_kl, teacher_target
+from distillctl.methods.shared import (float32_similarity, require_setup, require_student, similarity_kl,
+                                       teacher_target)
 
 _PUBLISHED = (
     "Teacher MoCo-v2 R50 800ep (70.8), ImageNet linear / NN (UMBCvision/CompRess): ResNet-18 2q 61.7 / 53.4, "
@@ -64,8 +65,8 @@ class _CompRessBase(Method):
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
         student, anchors = self._student(inputs)
         teacher = self._teacher(inputs, student.dtype)
-        teacher_logits = teacher @ self.teacher_queue.data.to(student.dtype).t()
-        loss = similarity_kl(teacher_logits, student @ anchors.t(), self.params.temperature)
+        teacher_logits = float32_similarity(teacher, self.teacher_queue.data)
+        loss = similarity_kl(teacher_logits, float32_similarity(student, anchors), self.params.temperature)
         return loss, {"kl": float(loss.detach())}
 
     def _student(self, inputs: MethodInputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,8 @@ from torch import nn
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import EMA, cosine_momentum
-from distillctl.methods.shared import BackboneWithHead, require_setup, require_student, scaled_crop_size
+from distillctl.methods.shared import (BackboneWithHead, at_least_float32, float32_similarity, require_setup,
+                                       require_student, scaled_crop_size)
 from distillctl.train.distributed import all_reduce_mean
 
 
@@ -69,12 +70,7 @@ class DINOHead(nn.Module):
         weight = self.prototype_scale * F.normalize(self.prototype_direction, dim=1)
         if self.freeze_prototypes:
             weight = weight.detach()  # like DINO's cancel_gradients: the layer gets no gradient at all
-        return embedding @ weight.t()
-
-
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    """Sharpening with τ=0.04 needs more than half precision; keep float64 where a caller uses it."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+        return float32_similarity(embedding, weight)  # cosine logits later divided by τ ≤ 0.1
 
 
 def teacher_temperature(params: DINOParams, epoch: int) -> float:
@@ -152,7 +148,7 @@ class DINO(Method):
         self.head.freeze_prototypes = epoch < self.params.freeze_last_layer_epochs
         student_logits = [self.head(f) / self.params.student_temperature for f in inputs.student_features]
         with torch.no_grad():
-            teacher_logits = [_at_least_float32(teacher(img)) for img in inputs.images[:2]]
+            teacher_logits = [at_least_float32(teacher(img)) for img in inputs.images[:2]]
         inputs.extras["dino_teacher_logits"] = torch.cat(teacher_logits)
         temperature = teacher_temperature(self.params, epoch)
         probs = [F.softmax((t - self.center) / temperature, dim=-1).to(student_logits[0].dtype) for t in teacher_logits]

@@ -10,7 +10,7 @@ from torch import nn
 
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
-from distillctl.methods.shared import teacher_target
+from distillctl.methods.shared import at_least_float32, teacher_target
 
 # liuhao-lh/SMD main_distill.py switches τ to 0.004 for exactly these students (timm names).
 _SMALL_TAU_ARCHS = ("mobilenetv3_large", "efficientnet_b0", "efficientnet_b1")
@@ -39,8 +39,14 @@ def smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -
     positive (j = i is always positive); w_a = max(0, Dtt[i,a] − Dts[i,a]), w_p = max(0, Dts[i,p] −
     Dtt[i,p]), both without gradient. An anchor without negatives keeps only its positive term
     (the official code's 1e5 fill gives w_a = 0 there)."""
-    teacher = F.normalize(teacher.detach().to(student.dtype), dim=1)
-    student = F.normalize(student, dim=1)
+    with torch.autocast(device_type=student.device.type, enabled=False):  # τ = 0.004: keep distances in fp32
+        return _smd_loss(at_least_float32(teacher.detach()), at_least_float32(student), temperature)
+
+
+def _smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+    dtype = torch.promote_types(student.dtype, teacher.dtype)
+    teacher = F.normalize(teacher.to(dtype), dim=1)
+    student = F.normalize(student.to(dtype), dim=1)
     with torch.no_grad():
         teacher_dist = pairwise_distance(teacher, teacher, floor=0.0)  # no gradient: exact zeros
     cross_dist = pairwise_distance(teacher, student)

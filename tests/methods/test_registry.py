@@ -123,3 +123,30 @@ def test_state_survives_state_dict_round_trip(name: str) -> None:
                         total_epochs=4)
     with torch.no_grad():
         assert torch.equal(method.loss(probe)[0], fresh.loss(probe)[0])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_loss_under_bf16_autocast(name: str) -> None:
+    """AMP: every loss stays finite under bf16 autocast, and its state updates accept the mixed dtypes."""
+    method, student = build(name)
+    teachers = teachers_for(registry()[name])
+    images = make_images(method, BATCH, IMAGE_SIZE, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inputs = make_inputs(method, student, teachers, images, step=1, epoch=12.0, total_epochs=20)
+        loss, _ = method.loss(inputs)
+    assert torch.isfinite(loss)
+    loss.backward()
+    method.after_step(inputs)
+
+
+def test_low_temperature_similarities_stay_float32_under_autocast() -> None:
+    """CompRess (τ=0.04) computes its similarity logits in float32 even when autocast asks for bf16."""
+    method, student = build("compress-1q")
+    teachers = teachers_for(registry()["compress-1q"])
+    images = make_images(method, BATCH, IMAGE_SIZE, seed=5)
+    with torch.no_grad():
+        reference, _ = method.loss(make_inputs(method, student, teachers, images))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed, _ = method.loss(make_inputs(method, student, teachers, images))
+    assert mixed.dtype == torch.float32
+    assert float(mixed) == pytest.approx(float(reference), rel=0.05)
