@@ -24,17 +24,23 @@ class DisCoParams(MethodParams):
     only_mse: bool = False  # --only-mse: drop the InfoNCE term
     moco_weight: float = 1.0
     mse_weight: float = 1.0
-    # Published: Σ over the per-GPU batch (32) and dims, no mean. "mean" averages over the batch instead.
-    mse_reduction: Literal["sum", "mean"] = "sum"
+    # The official code sums over its per-GPU batch (32 = 256 / 8 GPUs) and dims. "published" reproduces that
+    # scale whatever the world size or batch (32 · batch mean); "sum" sums over this rank's batch; "mean" averages.
+    mse_reduction: Literal["published", "sum", "mean"] = "published"
     teacher_bn: Literal["eval", "train"] = "train"  # DisCo/main.py never calls teacher.eval()
     shuffle_bn: bool = True  # shuffle the key encoder's batch across ranks (MoCo); no-op on one process
     augmentation: Literal["mocov2", "simclr", "weak"] = "mocov2"
 
 
+PUBLISHED_PER_GPU_BATCH = 32  # DisCo-pytorch: batch 256 on 8 GPUs, loss summed per GPU
+
+
 def embedding_squared_error(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Σ_dim (s − t)², summed (published) or averaged over the batch."""
+    """Σ_dim (s − t)², then summed over the batch, averaged, or 32 × averaged ("published")."""
     per_sample = ((student - teacher) ** 2).sum(dim=1)
-    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean() * (PUBLISHED_PER_GPU_BATCH if reduction == "published" else 1)
 
 
 @register
@@ -45,7 +51,8 @@ class DisCo(Method):
         "The student keeps MoCo v2 as its own task and also regresses the teacher's final embedding on both views. "
         "q_v = n(g(S(x_v))) with g = Linear(d,2048)–ReLU–Linear(2048,D) (the widened hidden layer), k2 = n(g_ema(S_ema(x2))) "
         "from an EMA 'mean student' (m=0.999), t_v = n(T(x_v)) the teacher's projection. L = InfoNCE(q1, k2, Q; τ=0.2) "
-        "+ Σ_batch Σ_dim [(q1−t1)² + (q2−t2)²], queue Q of K=65536 student keys. only_mse drops the InfoNCE term. "
+        "+ Σ_batch Σ_dim ((q1−t1)² + (q2−t2)²) summed over the official per-GPU batch of 32 (kept at that scale "
+        "whatever the batch), queue Q of K=65536 student keys. only_mse drops the InfoNCE term. "
         "The official code leaves the teacher's BatchNorm in train mode (teacher_bn=train)."
     )
     published = (

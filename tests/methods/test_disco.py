@@ -25,7 +25,7 @@ def unit(v: list[float]) -> list[float]:
 
 
 def test_disco_loss_matches_loop() -> None:
-    params = DisCoParams(queue_size=10, hidden_dim=16, temperature=0.2)
+    params = DisCoParams(queue_size=10, hidden_dim=16, temperature=0.2, mse_reduction="sum")
     method = DisCo(params, STUDENT_DIM, TEACHER_DIMS).double()
     student = TinyNet(STUDENT_DIM).double()
     method.setup(student)
@@ -85,6 +85,16 @@ def test_only_mse_and_mean_reduction() -> None:
     expected = sum(((a - b) ** 2).sum(1).mean() for a, b in zip(q, t))
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     method.after_step(inputs)  # nothing to update, must not fail
+
+
+def test_published_reduction_is_32_times_the_batch_mean() -> None:
+    from distillctl.methods.disco import embedding_squared_error
+
+    q, t = torch.randn(5, 3), torch.randn(5, 3)
+    per_sample = [sum((float(a) - float(b)) ** 2 for a, b in zip(q[i], t[i])) for i in range(5)]
+    assert float(embedding_squared_error(q, t, "published")) == pytest.approx(32 * sum(per_sample) / 5, rel=1e-5)
+    assert float(embedding_squared_error(q, t, "sum")) == pytest.approx(sum(per_sample), rel=1e-5)
+    assert DisCoParams().mse_reduction == "published"
 
 
 def test_defaults_and_params() -> None:
