@@ -27,7 +27,7 @@ NEIGHBOUR_SLOT = 1_000  # view-RNG slot used to draw the neighbour (apart from t
 class BingoParams(MethodParams):
     queue_size: int = 65536
     temperature: float = 0.2  # 0.12 in the SwAV-R50×2 → EfficientNet-B0 script
-    bag_size: int = 5  # k nearest neighbours per image, itself excluded
+    bag_size: int = 5  # k nearest neighbours per image, itself excluded (read by the trainer to build the bags)
     hidden_dim: int = 2048
     mix_alpha: float = 2.0  # CutMix λ ~ Beta(α, α)
     bag_weights: tuple[float, float] = (0.5, 0.5)  # (a, b) for (own key, neighbour key) after the warm-up
