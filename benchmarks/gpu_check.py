@@ -2,10 +2,11 @@
 torch.compile) from synthetic on-GPU tensors and from a feature cache, the cache build, and ONNX
 Runtime CUDA inference. Prints ONE JSON line on stdout and writes it to ``--out``.
 
-Everything runs through distillctl's own pieces where they exist (``build_cache``, ``FeatureCache``,
-``export``'s ONNX path via ``torch.onnx.export`` is replaced by the plain exporter to keep the check
-self-contained); random-init weights, since only speed is measured. Targets: shared/docs/
-export_cache_data.md §C.3 (e.g. MobileNetV2 train step ≥ 5 k img/s "healthy" on 1×H100).
+The cache build and replay use distillctl's own ``build_cache`` / ``FeatureCache`` (synthetic uint8
+images in memory); the distillation step is a SimReg-style cosine regression through a 2048-d MLP head.
+ONNX Runtime CUDA needs onnxruntime-gpu on the machine; without it the JSON says so. Random-init
+weights: only speed is measured. Targets: shared/docs/export_cache_data.md §C.3 (e.g. MobileNetV2
+train step ≥ 5 k img/s "healthy" on 1×H100).
 
 Example: python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
 """

@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Also pretrain an SSL teacher, e.g. mocov2:resnet18:60000 ('none' to skip).")
     parser.add_argument("--ssl-teacher-methods", default="simreg,seed",
                         help="Methods distilled from the SSL teacher (default simreg,seed).")
+    parser.add_argument("--ssl-teacher-mode", default="auto", choices=("auto", "online", "cached"),
+                        help="Teacher mode of the cells distilled from the SSL teacher (online: no cache build).")
     parser.add_argument("--curve", action="store_true", help="Then run the best --curve-top methods at --curve-budgets.")
     parser.add_argument("--curve-top", type=int, default=3, help="How many methods get a curve (default 3).")
     parser.add_argument("--curve-budgets", default="30000,120000,250000,500000", help="Images seen per curve point.")
@@ -62,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Tiny smoke configuration: 32 px, 1k/500-image subsets, 256 images, simreg + mocov2.")
     parser.add_argument("--first", default="simreg,seed",
                         help="Methods run first within a budget (the reference distiller first).")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Cells run in parallel (cells sharing a cache run in order); threads = cores / jobs.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP/torch threads of every distillctl process (default: cores / jobs).")
     parser.add_argument("--dry-run", action="store_true", help="Print the cells and their commands; run nothing.")
     parser.add_argument("--out", default=None, help="Result JSON (default results/quality.json, quality_quick.json).")
     return parser.parse_args(argv)
@@ -170,6 +176,10 @@ def cell_command(cell: dict, args: argparse.Namespace, data: dict, pre: dict, te
                "--image-size", str(args.image_size), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
                "--seed", str(args.seed), "--cache-views", str(args.cache_views), "--out", out, *sets]
     mode = teacher["modes"].get(cell["method"], "")
+    forced = args.ssl_teacher_mode if cell["teacher"] == "ssl" else "auto"
+    if forced != "auto":
+        command[command.index("--out"):command.index("--out")] = ["--teacher-mode", forced]
+        mode = "" if forced == "online" else mode
     if mode.startswith("cached"):
         from distillctl.methods.base import TeacherDims
 
@@ -226,7 +236,7 @@ def ssl_teacher(args, data, pre, log_path: Path) -> dict:
     summary = read_json(out / "summary.json")
     if not (summary and summary.get("train", {}).get("steps") == steps and summary["student"].get("knn_top1") is not None):
         log(f"SSL teacher: distillctl {display_command(command)}")
-        summary = distillctl(command, log_path)
+        summary = distillctl(command, log_path, threads=args.threads)
     row = row_from_summary(cell, summary, command)
     import timm
 
@@ -247,7 +257,8 @@ def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
         if result is None:
             command = ["eval", "linear", f"teacher:{TEACHER}", "--teacher-arch", pre["arch"], "--input-size",
                        str(args.image_size), "--cache-dir", str(WORK / "quality" / "reference" / "eval_cache"), *common]
-            result = {"result": distillctl(command, log_path), "command": "distillctl " + display_command(command)}
+            result = {"result": distillctl(command, log_path, threads=args.threads),
+                      "command": "distillctl " + display_command(command)}
             write_json(out, result)
         rows["teacher_linear"] = {"linear_top1": result["result"]["linear"]["top1"], "command": result["command"],
                                   "protocol": result["result"].get("protocol")}
@@ -268,7 +279,8 @@ def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
         result = read_json(out)
         if result is None:
             command = ["eval", kind, str(random_dir), "--no-cache", *common]
-            result = {"result": distillctl(command, log_path), "command": "distillctl " + display_command(command)}
+            result = {"result": distillctl(command, log_path, threads=args.threads),
+                      "command": "distillctl " + display_command(command)}
             write_json(out, result)
         value = result["result"].get(kind) or {}
         key = "knn_top1" if kind == "knn" else "linear_top1"
@@ -296,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_shared()
     started = time.time()
+    if args.threads is None:
+        import os
+
+        args.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     if args.quick:
         args.budget_images, args.batch_size, args.image_size, args.cache_views = 256, 32, 32, 2
         args.methods = "simreg" if args.methods == "all" else args.methods
@@ -366,32 +382,59 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
-    first_done = any(r.get("teacher_knn_top1") is not None for r in result["rows"].values())
+    """Run the cells, ``--jobs`` at a time. Cells that share a feature cache form one chain, run in order
+    (the first builds the cache, the rest reuse it); chains run in parallel."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+    threads = args.threads
+    others = any(r.get("teacher_knn_top1") is not None and r["id"] not in {cell_id(c) for c in cells}
+                 for r in result["rows"].values())
+    first_id = None if others else next((cell_id(c) for c in cells if c["kind"] == "distill" and c["teacher"] == "sup"), None)
+    chains: dict[str, list] = {}
     for cell in cells:
+        command = cell_command(cell, args, data, pre, teachers, cell_id(cell) == first_id)
+        key = command[command.index("--cache") + 1] if "--cache" in command else cell_id(cell)
+        chains.setdefault(key, []).append((cell, command))
+
+    def run_one(cell: dict, command: list[str]) -> None:
         steps, _ = schedule(cell["budget"], args.batch_size, data["train_images"])
-        first = cell["kind"] == "distill" and cell["teacher"] == "sup" and not first_done
-        command = cell_command(cell, args, data, pre, teachers, first)
         summary = finished(cell, steps)
         if summary is None:
             log(f"cell {cell_id(cell)}: distillctl {display_command(command)}")
             t0 = time.time()
             try:
-                summary = distillctl(command, log_path)
+                summary = distillctl(command, log_path.with_name(f"{log_path.stem}-{cell['method']}.log"),
+                                     threads=threads)
             except BenchError as exc:
                 log(f"cell {cell_id(cell)} failed: {exc}")
-                result["rows"][cell_id(cell)] = {**cell, "id": cell_id(cell), "status": "failed", "error": str(exc),
-                                                 "command": "distillctl " + display_command(command)}
-                save()
-                continue
+                with lock:
+                    result["rows"][cell_id(cell)] = {**cell, "id": cell_id(cell), "status": "failed", "error": str(exc),
+                                                     "command": "distillctl " + display_command(command)}
+                    save()
+                return
             log(f"cell {cell_id(cell)}: kNN {summary['student'].get('knn_top1')} in {time.time() - t0:.0f} s")
         row = row_from_summary(cell, summary, command)
-        result["rows"][cell_id(cell)] = row
-        if row.get("teacher_knn_top1") is not None:
-            first_done = True
-            result["reference"].setdefault("teacher_knn", {})[cell["teacher"]] = row["teacher_knn_top1"]
-        if row.get("random_student_knn_top1") is not None:
-            result["reference"].setdefault("random_knn_pipeline", {})[cell["student"]] = row["random_student_knn_top1"]
-        save()
+        with lock:
+            result["rows"][cell_id(cell)] = row
+            if row.get("teacher_knn_top1") is not None:
+                result["reference"].setdefault("teacher_knn", {})[cell["teacher"]] = row["teacher_knn_top1"]
+            if row.get("random_student_knn_top1") is not None:
+                result["reference"].setdefault("random_knn_pipeline", {})[cell["student"]] = row["random_student_knn_top1"]
+            save()
+
+    def run_chain(chain: list) -> None:
+        for cell, command in chain:
+            run_one(cell, command)
+
+    if args.jobs <= 1:
+        for chain in chains.values():
+            run_chain(chain)
+        return
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run_chain, chains.values()))
 
 
 def run_curve(args, data, pre, teachers, result, log_path, save) -> None:

@@ -90,8 +90,8 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
     best_ssl = facts.get("best_ssl")
     out = ["## Quality (CIFAR-10, 64 px, real data)", ""]
     out.append(f"Student `{cfg['students']}`, budget **{cfg['budget_images']:,} images seen** per cell "
-               f"(batch {cfg['batch_size']}, `train.max_steps` = budget / batch, cosine schedule over the same "
-               f"budget), seed {cfg['seed']}, {cfg['image_size']} px (32 px JPEGs upsampled, crop_pct 1.0), "
+               f"(batch {cfg['batch_size']}, `train.max_steps` = budget / batch, cosine schedule over "
+               f"⌈steps / steps-per-epoch⌉ epochs, each method's default lr), seed {cfg['seed']}, {cfg['image_size']} px (32 px JPEGs upsampled, crop_pct 1.0), "
                f"feature cache with K = {cfg['cache_views']} stored views per image where the method allows it. "
                f"Train subset `{cfg['data']['train']}`: {cfg['train_images']:,} images (1 000 per class, seeded); "
                f"kNN bank = that subset; queries `{cfg['data']['test']}`: {cfg['test_images']:,} test images "
@@ -147,7 +147,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
         out.append(f"\nReference rows failed: {q['reference']['error']}")
     out += ["", f"Suite wall time so far: {num((q.get('elapsed_s') or 0) / 60, 1)} min "
                 f"(started {q.get('started_utc')}, last write {q.get('finished_utc')}).", "",
-            "<details><summary>Exact commands</summary>", "", "```", q.get("command", "")]
+            "<details><summary>Exact commands</summary>", "", "```", q.get("command", ""), *q.get("extra_commands", [])]
     for r in all_rows:
         out.append(r.get("command", ""))
     for key in ("teacher_linear",):
@@ -387,8 +387,25 @@ def machine_section(*results: dict | None) -> str:
             f"{m.get('date_utc')}.\n")
 
 
+def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
+    """Add the rows of a second quality run (e.g. the SSL-teacher cells run as their own process)."""
+    if not extra:
+        return main
+    if not main:
+        return extra
+    merged = {**main, "rows": dict(main.get("rows") or {}), "reference": dict(main.get("reference") or {})}
+    for key, row in (extra.get("rows") or {}).items():
+        merged["rows"].setdefault(key, row)
+    for key in ("ssl_teacher", "ssl_teacher_error"):
+        if key in (extra.get("reference") or {}) and key not in merged["reference"]:
+            merged["reference"][key] = extra["reference"][key]
+    merged["extra_commands"] = [extra.get("command")]
+    return merged
+
+
 def render(results: Path, out: Path, plots_enabled: bool = True) -> str:
     q, s, e = load(results, "quality.json"), load(results, "speed.json"), load(results, "export.json")
+    q = merge_quality(q, load(results, "quality_ssl_teacher.json"))
     cache_bench, gpu = load(results, "cache_bench.json"), load(results, "gpu_check.json")
     plots = []
     if plots_enabled and q and plot_quality(q, out.parent / "quality_budget.png"):

@@ -33,6 +33,7 @@ from common import (REPO, RESULTS, TEACHER, WORK, BenchError, display_command, l
                     spread, standard_data, teacher_preprocess, write_json)
 
 PARTS = ("loop", "cache", "scaling")
+THREADS = {"n": None}  # --threads, shared by the bare loop and the distillctl subprocesses
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="2000,8000,32000", help="Dataset sizes for the scaling part.")
     parser.add_argument("--scaling-method", default="simreg", help="Method of the scaling part.")
     parser.add_argument("--scaling-mode", default="online", help="Teacher mode of the scaling part (online: no cache).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OMP threads for the bare loop and every distillctl process (default: all cores).")
     parser.add_argument("--quick", action="store_true", help="Tiny smoke configuration (32 px, few steps, small sets).")
     parser.add_argument("--out", default=None, help="Result JSON (default results/speed.json).")
     return parser.parse_args(argv)
@@ -70,7 +73,8 @@ def run_measured(args: list[str], log_path: Path) -> tuple[str, float, float]:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
         started = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=handle, text=True, cwd=REPO, env=python_env())
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=handle, text=True, cwd=REPO,
+                                env=python_env(THREADS["n"]))
         stdout = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -177,6 +181,10 @@ def loop_part(args, pre, data, methods: list[dict], log_path: Path) -> dict:
         log(f"repeat {repeat + 1}: bare loop {bare['images_per_sec']} img/s")
         for name, mode in (cells if repeat % 2 == 0 else cells[::-1]):
             cache = cache_dir_for(name, "sup", TeacherDims(512, None), args.student, cache_args) if mode == "cached" else None
+            if cache is not None and not (read_json(cache / "manifest.json") or {}).get("complete"):
+                # never build (or race another process building) a cache inside a timed run
+                results["cells"][f"{name}/{mode}"].append({"error": f"cache {rel(cache)} not built yet (run quality.py)"})
+                continue
             out = WORK / "speed" / "loop" / f"{name}-{mode}-r{repeat}"
             command = distill_command(args, pre, name, mode, data["train"], out, args.steps, cache,
                                       epochs=max(1, -(-args.steps * args.batch_size // data["train_images"])))
@@ -278,8 +286,17 @@ def main(argv: list[str] | None = None) -> int:
         args.log_every, args.views_list, args.cache_images, args.sizes = 2, "1,2", 200, "200,400"
         args.methods = "simreg" if args.methods == "all" else args.methods
     started = time.time()
+    if args.threads:
+        import torch
+
+        THREADS["n"] = args.threads
+        torch.set_num_threads(args.threads)
     pre = teacher_preprocess()
-    data = {**standard_data(), "train_images": 10_000}
+    if args.quick:
+        args.cache_views = 2
+        data = {"train": rel(make_subset("train", 100, "train1k")), "train_images": 1000}
+    else:
+        data = {**standard_data(), "train_images": 10_000}
     out_path = Path(args.out) if args.out else RESULTS / ("speed_quick.json" if args.quick else "speed.json")
     result = read_json(out_path) or {}
     result.update({"benchmark": "speed", "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
