@@ -30,6 +30,7 @@ from distillctl.methods.base import TeacherDims, build_method, get_method
 from distillctl.rundir import RunDir, file_sha256, fingerprint
 from distillctl.students import StudentConfig, count_parameters, create_backbone, feature_dim, resolve_arch
 from distillctl.teachers.base import Preprocess, Teacher
+from distillctl.pipeline_stages import _eval_stage, _export_stage
 from distillctl.train import distributed
 from distillctl.train.checkpoint import atomic_write_text
 
@@ -297,6 +298,8 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
         cache.check_compatible(teacher_sha256=teacher.sha256, outputs=outputs, dataset_hash=data_hash, spec=spec,
                                mean=mean, std=std)
         if cache.is_complete():
+            # A reused cache is re-hashed before training trusts it (about 1 GB/s): a flipped byte is exit 3.
+            cache = FeatureCache.open(cache_dir, verify=True)
             distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
             return cache
     cache = build_cache_guarded(teacher, train_data, cache_dir, spec=spec, views=recipe.teacher.cache_views,
@@ -394,93 +397,6 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
 
     distributed.main_first(write)
     return summary
-
-
-def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha) -> dict:
-    eval_fp = fingerprint(student_sha, teacher.sha256 if teacher else None, recipe.eval.model_dump(),
-                          train_data.manifest_hash(), val_data.manifest_hash() if val_data else None, mean, std)
-    if run.stage_done("eval", eval_fp):
-        return run.stage("eval")["result"]
-    if val_data is None:
-        result = {"skipped": "no labelled eval split (pass --val-data or use a train/ + val/ layout)"}
-        distributed.main_first(run.record_stage, "eval", eval_fp, "done", result)
-        return result
-    from distillctl.eval.features import embed_dataset
-    from distillctl.eval.knn import knn_evaluate
-    from distillctl.students import load_student
-
-    ks = tuple(recipe.eval.knn_k)
-    protocol = {"kind": "weighted-knn", "k": list(ks), "temperature": recipe.eval.knn_temperature,
-                "metric": "cosine", "bank": "train split", "transform": "centre crop",
-                "crop_pct": recipe.data.crop_pct, "image_size": recipe.data.image_size, "bn": "eval"}
-
-    def knn_of(encoder) -> dict:
-        kwargs = dict(input_size=recipe.data.image_size, mean=mean, std=std, crop_pct=recipe.data.crop_pct,
-                      batch_size=recipe.eval.batch_size, device=device)
-        bank, bank_labels = _embed_sharded(embed_dataset, encoder, train_data, kwargs)
-        queries, query_labels = _embed_sharded(embed_dataset, encoder, val_data, kwargs)
-        if not distributed.info().is_main:
-            return {}
-        scores = knn_evaluate(bank, bank_labels, queries, query_labels, ks=ks, temperature=recipe.eval.knn_temperature)
-        return {"knn": {str(k): round(v, 3) for k, v in scores.items()}, "knn_top1": round(scores[ks[0]], 3)}
-
-    student, _ = load_student(run.path)
-    result = {"protocol": protocol, "student": knn_of(student.to(device))}
-    if teacher is not None and recipe.eval.teacher:
-        result["teacher"] = knn_of(teacher.backbone.to(device).eval())
-    if recipe.eval.random_student:
-        torch.manual_seed(recipe.train.seed)  # the random-init baseline is reproducible
-        random_student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
-        result["random_student"] = knn_of(random_student.eval().to(device))
-    if not distributed.info().is_main:  # the linear probe and the manifest are rank 0's
-        return distributed.broadcast_object(None)
-    if recipe.eval.linear:
-        from distillctl.eval.linear import linear_probe
-
-        result["student"]["linear"] = linear_probe(student, train_data, val_data, input_size=recipe.data.image_size,
-                                                   mean=mean, std=std, crop_pct=recipe.data.crop_pct,
-                                                   device=device, seed=recipe.train.seed).to_dict()
-    run.record_stage("eval", eval_fp, "done", result)
-    return distributed.broadcast_object(result)
-
-
-def _embed_sharded(embed_dataset, encoder, dataset: ImageDataset, kwargs: dict):
-    """Each rank embeds a contiguous slice of ``dataset``; rank order concatenation = the full dataset."""
-    info = distributed.info()
-    if info.world_size == 1:
-        return embed_dataset(encoder, dataset, **kwargs)
-    import numpy as np
-
-    rows = np.array_split(np.arange(len(dataset)), info.world_size)[info.rank]
-    embeddings, labels = embed_dataset(encoder, dataset.subset(rows), **kwargs)
-    return distributed.all_gather_uneven(embeddings), distributed.all_gather_uneven(labels)
-
-
-def _export_stage(recipe, run, student_sha) -> dict:
-    if not recipe.export.enabled or not recipe.export.formats:
-        return {}
-    if distributed.is_distributed():  # exporting is rank 0's; the others wait for its result (or its error)
-        return distributed.broadcast_object(distributed.main_first(_export_stage_main, recipe, run, student_sha))
-    return _export_stage_main(recipe, run, student_sha)
-
-
-def _export_stage_main(recipe, run, student_sha) -> dict:
-    export_fp = fingerprint(student_sha, recipe.export.model_dump())
-    if run.stage_done("export", export_fp):
-        return run.stage("export")["result"]
-    from distillctl.errors import GateError
-    from distillctl.export.api import export_run
-
-    try:
-        result = export_run(run.path, list(recipe.export.formats), calib_data=recipe.export.calib_data,
-                            calib_size=recipe.export.calib_size, calib_method=recipe.export.calib_method,
-                            max_drop=recipe.export.max_drop, half=recipe.export.half, exporter=recipe.export.exporter,
-                            parity_images=recipe.export.parity_images)
-    except GateError:
-        run.record_stage("export", export_fp, "failed", run.summary().get("export", {}))
-        raise
-    run.record_stage("export", export_fp, "done", result)
-    return result
 
 
 def summary_table_rows(summary: dict) -> list[tuple[str, str, str, str]]:

@@ -31,6 +31,10 @@ def test_two_processes_with_sync_bn_match_one_process(tiny_teacher_file, one_pro
     assert steps == [2, 4, 6, 8]  # rank 0 alone writes metrics
     worst, where = max_difference(one_process, out)
     assert worst < 1e-3, (worst, where)  # float reduction order only; without sync BN it is ~1e-2
+    single = json.loads((one_process / "summary.json").read_text())
+    assert summary["eval"]["protocol"] == single["eval"]["protocol"]  # eval sharded over 2 ranks, gathered on rank 0
+    assert abs(summary["student"]["knn_top1"] - single["student"]["knn_top1"]) <= 2.0
+    assert summary["eval"]["random_student"] == single["eval"]["random_student"]  # same seeded init, same bank
 
 
 def test_sigterm_to_one_rank_stops_all_then_resume_on_one_process(tiny_teacher_file, one_process, tmp_path):

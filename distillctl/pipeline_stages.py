@@ -1,0 +1,102 @@
+"""The evaluation and export stages of ``distillctl run`` (split from pipeline.py to keep it readable).
+
+Evaluation under torchrun: each rank embeds a contiguous slice of the train (bank) and eval (query)
+splits, the slices are gathered in rank order on every rank, and rank 0 alone scores kNN, runs the
+linear probe and records the result (broadcast to the others). Export runs on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distillctl.data.datasets import ImageDataset
+from distillctl.rundir import fingerprint
+from distillctl.students import create_backbone
+from distillctl.train import distributed
+
+
+def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha) -> dict:
+    eval_fp = fingerprint(student_sha, teacher.sha256 if teacher else None, recipe.eval.model_dump(),
+                          train_data.manifest_hash(), val_data.manifest_hash() if val_data else None, mean, std)
+    if run.stage_done("eval", eval_fp):
+        return run.stage("eval")["result"]
+    if val_data is None:
+        result = {"skipped": "no labelled eval split (pass --val-data or use a train/ + val/ layout)"}
+        distributed.main_first(run.record_stage, "eval", eval_fp, "done", result)
+        return result
+    from distillctl.eval.features import embed_dataset
+    from distillctl.eval.knn import knn_evaluate
+    from distillctl.students import load_student
+
+    ks = tuple(recipe.eval.knn_k)
+    protocol = {"kind": "weighted-knn", "k": list(ks), "temperature": recipe.eval.knn_temperature,
+                "metric": "cosine", "bank": "train split", "transform": "centre crop",
+                "crop_pct": recipe.data.crop_pct, "image_size": recipe.data.image_size, "bn": "eval"}
+
+    def knn_of(encoder) -> dict:
+        kwargs = dict(input_size=recipe.data.image_size, mean=mean, std=std, crop_pct=recipe.data.crop_pct,
+                      batch_size=recipe.eval.batch_size, device=device)
+        bank, bank_labels = _embed_sharded(embed_dataset, encoder, train_data, kwargs)
+        queries, query_labels = _embed_sharded(embed_dataset, encoder, val_data, kwargs)
+        if not distributed.info().is_main:
+            return {}
+        scores = knn_evaluate(bank, bank_labels, queries, query_labels, ks=ks, temperature=recipe.eval.knn_temperature)
+        return {"knn": {str(k): round(v, 3) for k, v in scores.items()}, "knn_top1": round(scores[ks[0]], 3)}
+
+    student, _ = load_student(run.path)
+    result = {"protocol": protocol, "student": knn_of(student.to(device))}
+    if teacher is not None and recipe.eval.teacher:
+        result["teacher"] = knn_of(teacher.backbone.to(device).eval())
+    if recipe.eval.random_student:
+        torch.manual_seed(recipe.train.seed)  # the random-init baseline is reproducible
+        random_student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
+        result["random_student"] = knn_of(random_student.eval().to(device))
+    if not distributed.info().is_main:  # the linear probe and the manifest are rank 0's
+        return distributed.broadcast_object(None)
+    if recipe.eval.linear:
+        from distillctl.eval.linear import linear_probe
+
+        result["student"]["linear"] = linear_probe(student, train_data, val_data, input_size=recipe.data.image_size,
+                                                   mean=mean, std=std, crop_pct=recipe.data.crop_pct,
+                                                   device=device, seed=recipe.train.seed).to_dict()
+    run.record_stage("eval", eval_fp, "done", result)
+    return distributed.broadcast_object(result)
+
+
+def _embed_sharded(embed_dataset, encoder, dataset: ImageDataset, kwargs: dict):
+    """Each rank embeds a contiguous slice of ``dataset``; rank order concatenation = the full dataset."""
+    info = distributed.info()
+    if info.world_size == 1:
+        return embed_dataset(encoder, dataset, **kwargs)
+    import numpy as np
+
+    rows = np.array_split(np.arange(len(dataset)), info.world_size)[info.rank]
+    embeddings, labels = embed_dataset(encoder, dataset.subset(rows), **kwargs)
+    return distributed.all_gather_uneven(embeddings), distributed.all_gather_uneven(labels)
+
+
+def _export_stage(recipe, run, student_sha) -> dict:
+    if not recipe.export.enabled or not recipe.export.formats:
+        return {}
+    if distributed.is_distributed():  # exporting is rank 0's; the others wait for its result (or its error)
+        return distributed.broadcast_object(distributed.main_first(_export_stage_main, recipe, run, student_sha))
+    return _export_stage_main(recipe, run, student_sha)
+
+
+def _export_stage_main(recipe, run, student_sha) -> dict:
+    export_fp = fingerprint(student_sha, recipe.export.model_dump())
+    if run.stage_done("export", export_fp):
+        return run.stage("export")["result"]
+    from distillctl.errors import GateError
+    from distillctl.export.api import export_run
+
+    try:
+        result = export_run(run.path, list(recipe.export.formats), calib_data=recipe.export.calib_data,
+                            calib_size=recipe.export.calib_size, calib_method=recipe.export.calib_method,
+                            max_drop=recipe.export.max_drop, half=recipe.export.half, exporter=recipe.export.exporter,
+                            parity_images=recipe.export.parity_images)
+    except GateError:
+        run.record_stage("export", export_fp, "failed", run.summary().get("export", {}))
+        raise
+    run.record_stage("export", export_fp, "done", result)
+    return result
