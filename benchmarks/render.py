@@ -241,7 +241,9 @@ def speed_section(s: dict | None, cache_bench: dict | None, plots: list[str]) ->
                 table(["epoch", "seconds"], [[k, num(v, 2)] for k, v in (cache_bench.get("epoch_seconds") or {}).items()]),
                 "", f"online / cached = **{cache_bench.get('ratio_online_over_cached')}**, cached / student-only = "
                     f"{cache_bench.get('ratio_cached_over_student_only')}; phase-based online / cached = "
-                    f"{(cache_bench.get('phase_based') or {}).get('ratio_online_over_cached')}. Build: "
+                    f"{(cache_bench.get('phase_based') or {}).get('ratio_online_over_cached')}; median-per-batch "
+                    f"online / cached = {(cache_bench.get('median_per_batch') or {}).get('ratio_online_over_cached', '–')}. "
+                    f"Build: "
                     f"{(cache_bench.get('build') or {}).get('images_per_second')} img/s, "
                     f"{(cache_bench.get('build') or {}).get('bytes_per_image_on_disk')} bytes/image on disk. "
                     f"Command: `{cache_bench.get('command')}`.", ""]
@@ -406,7 +408,8 @@ def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
 def render(results: Path, out: Path, plots_enabled: bool = True) -> str:
     q, s, e = load(results, "quality.json"), load(results, "speed.json"), load(results, "export.json")
     q = merge_quality(q, load(results, "quality_ssl_teacher.json"))
-    cache_bench, gpu = load(results, "cache_bench.json"), load(results, "gpu_check.json")
+    cache_bench = load(results, "cache_bench_cifar10.json") or load(results, "cache_bench.json")
+    gpu = load(results, "gpu_check.json")
     plots = []
     if plots_enabled and q and plot_quality(q, out.parent / "quality_budget.png"):
         plots.append("curve")
