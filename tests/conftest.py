@@ -37,9 +37,42 @@ def tiny_teacher_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def trained_teacher_file(tmp_path_factory) -> Path:
+    """A resnet10t backbone trained for a few epochs with labels on builtin:digits at 16 px: an informative
+    teacher (kNN well above a random network) that takes seconds to make."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from distillctl.data.datasets import open_dataset
+    from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
+
+    torch.manual_seed(0)
+    data = open_dataset("builtin:digits", "train")
+    spec = ViewSpec(size=16, family="centre", crop_pct=1.0)
+    images = torch.stack([apply_view_uint8(data.load_image(i), sample_view(spec, 32, 32, None), spec)
+                          for i in range(len(data))])
+    inputs = normalize(images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    labels = torch.tensor(data.labels)
+    backbone = timm.create_model("resnet10t", num_classes=0)
+    classifier = torch.nn.Linear(backbone.num_features, 10)
+    optimizer = torch.optim.Adam(list(backbone.parameters()) + list(classifier.parameters()), lr=3e-3)
+    for _ in range(4):
+        for batch in torch.randperm(len(labels)).split(64):
+            loss = torch.nn.functional.cross_entropy(classifier(backbone(inputs[batch])), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    path = tmp_path_factory.mktemp("trained_teacher") / "teacher_r10t.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
+    return path
+
+
 def tiny_run_args(teacher: Path, out: Path, *extra: str, method: str = "simreg") -> list[str]:
     """A distillation run that takes a few seconds on one core."""
-    return ["run", "--teacher", str(teacher), "--teacher-arch", "resnet18", "--student", "tiny-cnn",
+    arch = "resnet10t" if "r10t" in teacher.name else "resnet18"
+    return ["run", "--teacher", str(teacher), "--teacher-arch", arch, "--student", "tiny-cnn",
             "--method", method, "--data", "builtin:digits", "--image-size", "16", "--epochs", "2",
             "--batch-size", "64", "--out", str(out), "--set", "data.crop_pct=1.0", "--set", "export.enabled=false",
             "--set", "train.log_every=5", "--set", "eval.teacher=false",
