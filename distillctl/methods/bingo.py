@@ -15,16 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distillctl.data.views import ViewSpec, sample_rng
-from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
+from distillctl.data.views import sample_rng
+from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import FeatureQueue, info_nce, mlp_relu
-from distillctl.methods.shared import (NeighbourView, TeacherFeature, cutmix, knn_bags, require_student,
+from distillctl.methods.shared import (CropParams, NeighbourView, TeacherFeature, crop_view, cutmix, knn_bags, require_student,
                                        sample_cutmix_box, step_rng, teacher_target)
 
 NEIGHBOUR_SLOT = 1_000  # view-RNG slot used to draw the neighbour (apart from the per-view slots 0, 1, …)
 
 
-class BingoParams(MethodParams):
+class BingoParams(CropParams):
     queue_size: int = 65536
     temperature: float = 0.2  # 0.12 in the SwAV-R50×2 → EfficientNet-B0 script
     bag_size: int = 5  # k nearest neighbours per image, itself excluded (read by the trainer to build the bags)
@@ -94,7 +94,7 @@ class Bingo(Method):
         self.queue = FeatureQueue(params.queue_size, target_dim)
 
     def requirements(self, image_size: int) -> Requirements:
-        spec = ViewSpec(size=image_size, family=self.params.augmentation)
+        spec = crop_view(self.params, image_size, self.params.augmentation)
         views = (MethodView(spec, teacher=False), MethodView(spec, student=False),  # q_i, k_i
                  NeighbourView(spec, teacher=False), NeighbourView(spec, student=False))  # q_j, k_j
         return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), teacher_mode="cached_approx",

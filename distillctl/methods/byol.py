@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distillctl.data.views import ViewSpec
-from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
+from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import EMA, cosine_momentum, mlp
-from distillctl.methods.shared import BackboneWithHead, require_setup, require_student
+from distillctl.methods.shared import BackboneWithHead, CropParams, crop_view, require_setup, require_student
 from distillctl.methods.simreg import simreg_loss
 
 
-class BYOLParams(MethodParams):
+class BYOLParams(CropParams):
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # BYOL: RandomResizedCrop with the standard scale
     projector_hidden_dim: int = 4096
     projection_dim: int = 256
     predictor_hidden_dim: int = 4096
@@ -48,7 +48,7 @@ class BYOL(Method):
         self.target = EMA(BackboneWithHead(student, self.head))
 
     def requirements(self, image_size: int) -> Requirements:
-        views = tuple(MethodView(ViewSpec(size=image_size, family=family), teacher=False) for family in ("byol1", "byol2"))
+        views = tuple(MethodView(crop_view(self.params, image_size, family), teacher=False) for family in ("byol1", "byol2"))
         return Requirements(views=views, teacher_outputs=frozenset(), teacher_mode="none")
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillctl.data.views import ViewSpec
-from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
+from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import EMA, FeatureQueue
-from distillctl.methods.shared import (float32_similarity, require_setup, require_student, similarity_kl,
-                                       teacher_target)
+from distillctl.methods.shared import (CropParams, crop_view, float32_similarity, require_setup, require_student,
+                                       similarity_kl, teacher_target)
 
 _PUBLISHED = (
     "Teacher MoCo-v2 R50 800ep (70.8), ImageNet linear / NN (UMBCvision/CompRess): ResNet-18 2q 61.7 / 53.4, "
@@ -24,14 +24,14 @@ _PUBLISHED = (
 )
 
 
-class CompRessParams(MethodParams):
+class CompRessParams(CropParams):
     queue_size: int = 128_000  # anchors
     temperature: float = 0.04
     teacher_feature: Literal["backbone", "projection"] = "backbone"  # published: pooled backbone, fc removed
     # same_view: teacher and student see the same RandomResizedCrop (train_student.py);
     # centre: the teacher sees a centre crop, as in the cached mode (cache_feats.py) that the papers report.
     teacher_input: Literal["same_view", "centre"] = "same_view"
-    crop_scale_min: float = 0.08  # RandomResizedCrop(224) with torchvision's default scale
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop(224) with torchvision's default scale
     teacher_bn: Literal["eval", "train"] = "eval"
 
 
@@ -50,7 +50,7 @@ class _CompRessBase(Method):
         self.teacher_queue = FeatureQueue(params.queue_size, self.target_dim)
 
     def requirements(self, image_size: int) -> Requirements:
-        crop = ViewSpec(size=image_size, family="weak", scale=(self.params.crop_scale_min, 1.0))
+        crop = crop_view(self.params, image_size, "weak")
         if self.params.teacher_input == "same_view":
             views = (MethodView(crop),)
         else:

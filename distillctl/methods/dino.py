@@ -22,6 +22,7 @@ from distillctl.train.distributed import all_reduce_mean
 
 
 class DINOParams(MethodParams):
+    flip: bool = True  # horizontal flips on every crop (turn off for digits/text)
     out_dim: int = 4096
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -133,12 +134,12 @@ class DINO(Method):
 
     def requirements(self, image_size: int) -> Requirements:
         scale = tuple(self.params.global_crop_scale)
-        globals_ = tuple(MethodView(ViewSpec(size=image_size, family=f, scale=scale), teacher=False)
+        globals_ = tuple(MethodView(ViewSpec(size=image_size, family=f, scale=scale, flip=self.params.flip), teacher=False)
                          for f in ("byol1", "byol2"))
         # DINO's local crops: jitter p=0.8, grayscale 0.2, blur 0.5, no solarisation — the mocov2 family
         # (whose saturation jitter is 0.4 where DINO uses 0.2).
         local = MethodView(ViewSpec(size=scaled_crop_size(image_size, self.params.local_crop_size), family="mocov2",
-                                    scale=tuple(self.params.local_crop_scale)), teacher=False)
+                                    scale=tuple(self.params.local_crop_scale), flip=self.params.flip), teacher=False)
         return Requirements(views=globals_ + (local,) * self.params.local_crops, teacher_outputs=frozenset(),
                             teacher_mode="none")
 

@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillctl.data.views import ViewSpec
-from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
+from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import EMA, FeatureQueue, info_nce, mlp_relu
-from distillctl.methods.shared import (BackboneWithHead, TeacherFeature, require_setup, require_student,
+from distillctl.methods.shared import (BackboneWithHead, CropParams, TeacherFeature, crop_view, require_setup, require_student,
                                        shuffled_forward, teacher_target)
 
 
-class DisCoParams(MethodParams):
+class DisCoParams(CropParams):
     queue_size: int = 65536
     temperature: float = 0.2
     momentum: float = 0.999  # EMA "mean student" key encoder
@@ -74,7 +73,7 @@ class DisCo(Method):
             self.key_encoder = EMA(BackboneWithHead(student, self.head))
 
     def requirements(self, image_size: int) -> Requirements:
-        view = MethodView(ViewSpec(size=image_size, family=self.params.augmentation))
+        view = MethodView(crop_view(self.params, image_size, self.params.augmentation))
         # Train-mode teacher BN makes targets depend on the batch, so a cache can only approximate them.
         mode = "cached_exact" if self.params.teacher_bn == "eval" else "cached_approx"
         return Requirements(views=(view, view), teacher_outputs=frozenset({self.target_key}), teacher_mode=mode,

@@ -12,15 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillctl.data.views import ViewSpec
-from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
-from distillctl.methods.shared import teacher_target
+from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
+from distillctl.methods.shared import CropParams, crop_view, teacher_target
 from distillctl.methods.simreg import simreg_loss
 
 
-class RegressionParams(MethodParams):
+class RegressionParams(CropParams):
     teacher_feature: Literal["backbone", "projection"] = "backbone"
-    crop_scale_min: float = 0.2  # one weak view (RandomResizedCrop + flip) for both, as in SimReg
+    # one weak view (RandomResizedCrop(0.2–1) + flip) for both networks, as in SimReg
     teacher_bn: Literal["eval", "train"] = "eval"
 
 
@@ -33,7 +32,7 @@ class _Regression(Method):
         self.head = nn.Identity() if target_dim == student_dim else nn.Linear(student_dim, target_dim)
 
     def requirements(self, image_size: int) -> Requirements:
-        view = ViewSpec(size=image_size, family="weak", scale=(self.params.crop_scale_min, 1.0))
+        view = crop_view(self.params, image_size, "weak")
         return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({self.target_key}),
                             teacher_mode="cached_exact", teacher_bn=self.params.teacher_bn)
 

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from distillctl.data.views import ViewSpec
 from distillctl.methods.base import MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import FeatureQueue
 from distillctl.methods.seed import Seed, SeedParams, seed_loss
-from distillctl.methods.shared import scaled_crop_size
+from distillctl.methods.shared import crop_view, scaled_crop_size
 
 
 class SeedSmallPatchParams(SeedParams):
@@ -43,9 +42,9 @@ class SeedSmallPatch(Seed):
         self.small_queue = FeatureQueue(params.queue_size, self.queue.data.shape[1])
 
     def requirements(self, image_size: int) -> Requirements:
-        main = ViewSpec(size=image_size, family=self.params.augmentation, scale=tuple(self.params.crop_scale))
-        small = ViewSpec(size=scaled_crop_size(image_size, self.params.small_crop_size), family=self.params.augmentation,
-                         scale=tuple(self.params.small_crop_scale))
+        main = crop_view(self.params, image_size, self.params.augmentation)
+        small = crop_view(self.params, scaled_crop_size(image_size, self.params.small_crop_size),
+                          self.params.augmentation, scale=self.params.small_crop_scale)
         views = (MethodView(main),) + (MethodView(small),) * self.params.small_crops
         # online: the feature cache stores views of one spec, and the small crops have their own
         return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), teacher_mode="online",

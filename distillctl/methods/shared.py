@@ -18,11 +18,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillctl.errors import UsageError
-from distillctl.methods.base import MethodView, TeacherDims
+from distillctl.data.views import ViewSpec
+from distillctl.methods.base import MethodParams, MethodView, TeacherDims
 from distillctl.methods.mocov2 import _Encoder as BackboneWithHead  # noqa: F401  (re-exported)
 from distillctl.train.distributed import all_gather_concat, info, is_distributed
 
 TeacherFeature = Literal["auto", "backbone", "projection"]
+
+
+class CropParams(MethodParams):
+    """The random-resized-crop knobs every augmented method exposes (as mocov2/seed/simreg do)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    flip: bool = True  # horizontal flips (turn off for digits/text)
+
+
+def crop_view(params: CropParams, size: int, family: str, scale: tuple[float, float] | None = None) -> ViewSpec:
+    """A view spec of ``family`` at ``size`` with the method's crop range (or ``scale``) and flip setting."""
+    return ViewSpec(size=size, family=family, scale=tuple(scale or params.crop_scale), flip=params.flip)
 
 
 def teacher_target(method: str, teacher_dims: TeacherDims | None, choice: TeacherFeature) -> tuple[str, int]:

@@ -17,15 +17,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from distillctl.data.views import ViewSpec
 from distillctl.errors import UsageError
-from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, TeacherDims, register
+from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, TeacherDims, register
+from distillctl.methods.shared import CropParams, crop_view
 from distillctl.methods.simreg import simreg_head, simreg_loss
 
 
-class SimRegMultiParams(MethodParams):
+class SimRegMultiParams(CropParams):
     teacher_feature: Literal["backbone", "projection"] = "backbone"
-    crop_scale_min: float = 0.2
     teacher_weights: list[float] | None = Field(None, description="loss weight per teacher; default 1 each (sum)")
 
 
@@ -70,7 +69,7 @@ class SimRegMulti(Method):
         return int(value)
 
     def requirements(self, image_size: int) -> Requirements:
-        view = ViewSpec(size=image_size, family="weak", scale=(self.params.crop_scale_min, 1.0))
+        view = crop_view(self.params, image_size, "weak")
         keys = frozenset(multi_teacher_key(self.output, k) for k in range(len(self.heads)))
         return Requirements(views=(MethodView(view),), teacher_outputs=keys, teacher_mode="cached_exact",
                             teacher_bn="eval")

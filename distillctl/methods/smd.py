@@ -8,15 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillctl.data.views import ViewSpec
-from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
-from distillctl.methods.shared import at_least_float32, teacher_target
+from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
+from distillctl.methods.shared import CropParams, at_least_float32, crop_view, teacher_target
 
 # liuhao-lh/SMD main_distill.py switches τ to 0.004 for exactly these students (timm names).
 _SMALL_TAU_ARCHS = ("mobilenetv3_large", "efficientnet_b0", "efficientnet_b1")
 
 
-class SMDParams(MethodParams):
+class SMDParams(CropParams):
     temperature: float | None = None  # None: 0.004 for MobileNetV3-L / EfficientNet-B0/B1 students, else 0.04
     times: float = 1.0  # scale of the SMD term; as in the official loop it applies during the warm-up epochs only
     warmup_epochs: int = 2  # epochs with the extra −½(cos(t1,s1)+cos(t2,s2)) term
@@ -98,7 +97,7 @@ class SMD(Method):
             self.temperature = 0.004 if arch.startswith(_SMALL_TAU_ARCHS) else 0.04
 
     def requirements(self, image_size: int) -> Requirements:
-        view = MethodView(ViewSpec(size=image_size, family=self.params.augmentation))
+        view = MethodView(crop_view(self.params, image_size, self.params.augmentation))
         return Requirements(views=(view, view), teacher_outputs=frozenset({self.target_key}),
                             teacher_mode="cached_exact", teacher_bn=self.params.teacher_bn)
 
