@@ -343,7 +343,7 @@ def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots
                                   total_epochs=job.epochs, student=job.student)
             loss, logs = job.method.loss(inputs)
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({float(loss)}) at step {step} (epoch {step // steps_per_epoch}); "
+            raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step} (epoch {step // steps_per_epoch}); "
                                 "the last good checkpoint is kept",
                                 hint="lower train.lr, enable train.grad_clip, or use train.amp=bf16")
         scaler.scale(loss / job.grad_accum if job.grad_accum > 1 else loss).backward()
