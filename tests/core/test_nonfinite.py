@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillctl.methods.base import register
+from distillctl.methods import base
 from distillctl.methods.simreg import SimReg
 from tests.conftest import tiny_run_args
 
 
-@register
 class _ExplodingSimReg(SimReg):
     """SimReg whose loss turns NaN at step 3 (test-only method)."""
 
@@ -23,12 +22,20 @@ class _ExplodingSimReg(SimReg):
         return loss, logs
 
 
-def test_nan_loss_stops_with_exit_1_and_keeps_checkpoint(tmp_path, tiny_teacher_file, capsys):
+@pytest.fixture
+def exploding_method():
+    """Registered only for this test, so registry-wide tests elsewhere never see it."""
+    base.register(_ExplodingSimReg)
+    yield _ExplodingSimReg.name
+    base._REGISTRY.pop(_ExplodingSimReg.name, None)
+
+
+def test_nan_loss_stops_with_exit_1_and_keeps_checkpoint(tmp_path, tiny_teacher_file, capsys, exploding_method):
     from distillctl.cli import main
 
     out = tmp_path / "run"
     args = tiny_run_args(tiny_teacher_file, out, "--teacher-mode", "online", "--set", "train.checkpoint_every_steps=2",
-                         method="test-exploding")
+                         method=exploding_method)
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 1
