@@ -1,5 +1,6 @@
 """Two gloo processes on CPU (torchrun via ``--nproc 2``) against one process with the same global batch,
-and a preemption that reaches one rank only, resumed on a different world size."""
+and a preemption that reaches one rank only, resumed on a different world size. Cached teacher mode, so
+the pipeline's cache build runs on both ranks too (shards split by rank, barrier before training)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,22 @@ from tests.faults.run_helpers import max_difference, signal_when_paused, small_r
 @pytest.fixture(scope="module")
 def one_process(tiny_teacher_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "one"
-    result = run_cli(*small_run_args(tiny_teacher_file, out, "--set", "train.sync_bn=true"))
+    result = run_cli(*small_run_args(tiny_teacher_file, out, "--set", "train.sync_bn=true", mode="cached"))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 def test_two_processes_with_sync_bn_match_one_process(tiny_teacher_file, one_process, tmp_path):
     out = tmp_path / "two"
-    result = run_cli(*small_run_args(tiny_teacher_file, out, "--set", "train.sync_bn=true", "--json", "--nproc", "2"))
+    result = run_cli(*small_run_args(tiny_teacher_file, out, "--set", "train.sync_bn=true", "--json", "--nproc", "2",
+                                         mode="cached"))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)  # exactly one JSON object: only rank 0 prints
     train = summary["train"]
     assert (train["world_size"], train["per_process_batch"], train["global_batch"], train["sync_bn"]) == (2, 16, 32, True)
-    assert train["lr"] == 0.02 and train["lr_scaling"] == "none"
+    assert train["lr"] == 0.02 and train["lr_scaling"] == "none" and train["teacher_mode"] == "cached"
+    cache = json.loads((out / "cache" / "manifest.json").read_text())
+    assert cache["complete"] and cache["build"]["world_size"] == 2
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]  # rank 0 alone writes metrics
     worst, where = max_difference(one_process, out)
@@ -39,7 +43,7 @@ def test_two_processes_with_sync_bn_match_one_process(tiny_teacher_file, one_pro
 
 def test_sigterm_to_one_rank_stops_all_then_resume_on_one_process(tiny_teacher_file, one_process, tmp_path):
     out = tmp_path / "preempted"
-    args = small_run_args(tiny_teacher_file, out, "--set", "train.sync_bn=true")
+    args = small_run_args(tiny_teacher_file, out, "--set", "train.sync_bn=true", mode="cached")
     process = start_cli(*args, "--nproc", "2", env={"DISTILLCTL_TEST_PAUSE_AT_STEP": "4:1"})
     code, _, stderr = signal_when_paused(process, out / "distill" / "paused.1")
     assert code != 0
