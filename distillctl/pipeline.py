@@ -209,6 +209,7 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     distributed.init_from_env(torch.device(device).type)
     device = distributed.local_device(device)
     train_data, val_data = validate(recipe)
+    _warn_data_faults(train_data, quiet=options.quiet)
     run = run_dir_for(recipe)
     method_cls = get_method(recipe.method.name)
 
@@ -271,6 +272,18 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
         return full
 
     return distributed.broadcast_object(distributed.main_first(finish))
+
+
+def _warn_data_faults(train_data: ImageDataset, quiet: bool) -> None:
+    faults = train_data.faults
+    if quiet or not distributed.info().is_main or not (faults.non_image_files or faults.empty_classes):
+        return
+    parts = []
+    if faults.non_image_files:
+        parts.append(f"skipped {len(faults.non_image_files)} non-image files/entries (e.g. {faults.non_image_files[0]})")
+    if faults.empty_classes:
+        parts.append(f"{len(faults.empty_classes)} empty class folder(s) ignored: {', '.join(faults.empty_classes[:5])}")
+    console.print("[yellow]warning:[/] data: " + "; ".join(parts), highlight=False, soft_wrap=True)
 
 
 def _data_faults(train_data: ImageDataset, train_summary: dict) -> dict:

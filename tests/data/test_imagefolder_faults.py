@@ -104,6 +104,7 @@ def test_run_lists_bad_images_and_stops_above_the_fraction(faulty_folder, tmp_pa
     assert faults["unreadable_images"] == 2 and faults["unreadable_list"] == "bad_images.txt"
     assert faults["empty_classes"] == ["empty class"] and faults["non_image_files"] >= 4
     assert summary["train"]["steps"] == 3 and summary["train"]["images_seen"] == 48
+    assert "warning: data: skipped" in ok.stderr and "empty class folder(s) ignored: empty class" in ok.stderr
 
     strict = run_cli(*_args(faulty_folder, tmp_path / "strict", "--set", "data.max_bad_fraction=0.01"), *teacher)
     assert strict.returncode == 2, strict.stderr[-3000:]
