@@ -57,3 +57,16 @@ def test_sigterm_to_one_rank_stops_all_then_resume_on_one_process(tiny_teacher_f
     assert "resuming distill from step 4/8 (checkpoint written by 2 processes, now 1)" in resumed.stderr
     worst, where = max_difference(one_process, out)
     assert worst < 1e-3, (worst, where)
+
+
+@pytest.mark.slow
+def test_two_processes_without_sync_bn_equal_one_process_accumulating_two(tiny_teacher_file, tmp_path):
+    """Per-rank BN on 16 rows = per-micro-batch BN on the same 16 rows: the parameters agree bit for bit
+    (gradient averaging over ranks = accumulation over micro-batches); only BN running statistics, which
+    each rank tracks alone, differ."""
+    accumulated = run_cli(*small_run_args(tiny_teacher_file, tmp_path / "accum", "--set", "train.grad_accum=2"))
+    assert accumulated.returncode == 0, accumulated.stderr[-3000:]
+    ranks = run_cli(*small_run_args(tiny_teacher_file, tmp_path / "ranks", "--nproc", "2"))
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert max_difference(tmp_path / "accum", tmp_path / "ranks", skip_running_stats=True)[0] == 0.0
+    assert max_difference(tmp_path / "accum", tmp_path / "ranks")[0] > 1e-3  # running stats: per rank vs all micro-batches
