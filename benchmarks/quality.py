@@ -19,6 +19,7 @@ Example: python benchmarks/quality.py --budget-images 120000 --curve
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -135,14 +136,19 @@ def schedule(budget: int, batch: int, train_images: int) -> tuple[int, int]:
     return steps, max(1, math.ceil(steps / steps_per_epoch))
 
 
-def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, args: argparse.Namespace) -> Path:
-    """One feature cache per (teacher, stored-view spec, outputs, K): methods asking for the same share it."""
+@functools.lru_cache(maxsize=None)
+def _student_dim(student: str) -> int:
     import timm
 
+    return int(timm.create_model(student, pretrained=False, num_classes=0).num_features)
+
+
+def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, args: argparse.Namespace) -> Path:
+    """One feature cache per (teacher, stored-view spec, outputs, K): methods asking for the same share it."""
     from distillctl.data.views import spec_dict
     from distillctl.methods.base import build_method
 
-    student_dim = timm.create_model(student, pretrained=False, num_classes=0).num_features
+    student_dim = _student_dim(student)
     requirements = build_method(method, {}, student_dim, teacher_dims).requirements(args.image_size)
     teacher_views = [view.spec for view in requirements.views if view.teacher]
     key = {"teacher": teacher_key, "spec": spec_dict(teacher_views[0]) if teacher_views else None,
@@ -396,11 +402,21 @@ def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
     chains: dict[str, list] = {}
     for cell in cells:
         command = cell_command(cell, args, data, pre, teachers, cell_id(cell) == first_id)
-        key = command[command.index("--cache") + 1] if "--cache" in command else cell_id(cell)
+        cache = command[command.index("--cache") + 1] if "--cache" in command else None
+        complete = cache and (read_json(Path(cache) / "manifest.json") or {}).get("complete")
+        key = cache if cache and not complete else cell_id(cell)  # only a cache still to build serialises
         chains.setdefault(key, []).append((cell, command))
+    # longest chains first (the long budgets would otherwise start last and finish last)
+    ordered = sorted(chains.values(), key=lambda chain: -max(c["budget"] for c, _ in chain))
 
     def run_one(cell: dict, command: list[str]) -> None:
         steps, _ = schedule(cell["budget"], args.batch_size, data["train_images"])
+        waited = False
+        while running_elsewhere(cell_dir(cell)):  # another suite process owns this cell: wait for it
+            if not waited:
+                log(f"cell {cell_id(cell)}: running in another process; waiting")
+                waited = True
+            time.sleep(20)
         summary = finished(cell, steps)
         if summary is None:
             log(f"cell {cell_id(cell)}: distillctl {display_command(command)}")
@@ -430,11 +446,24 @@ def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
             run_one(cell, command)
 
     if args.jobs <= 1:
-        for chain in chains.values():
+        for chain in ordered:
             run_chain(chain)
         return
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(run_chain, chains.values()))
+        list(pool.map(run_chain, ordered))
+
+
+def running_elsewhere(run_dir: Path) -> bool:
+    """True when a live process (another suite invocation, or one left from a killed suite) has
+    ``--out run_dir`` on its command line."""
+    needle = f"--out\0{run_dir}\0".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def run_curve(args, data, pre, teachers, result, log_path, save) -> None:

@@ -71,7 +71,10 @@ def quality_facts(q: dict) -> dict:
     teacher = (q.get("reference", {}).get("teacher_knn") or {}).get("sup")
     facts = {"budget": budget, "distill": distill, "ssl": ssl, "teacher_knn": teacher,
              "teacher_linear": (q.get("reference", {}).get("teacher_linear") or {}).get("linear_top1"),
-             "random": q.get("reference", {}).get("random") or {}}
+             "random": dict(q.get("reference", {}).get("random") or {})}
+    pipeline_random = (q.get("reference", {}).get("random_knn_pipeline") or {}).get(q["config"]["students"].split(",")[0])
+    if facts["random"].get("knn_top1") is None and pipeline_random is not None:
+        facts["random"]["knn_top1"] = pipeline_random  # the first cell's eval.random_student (same protocol)
     if distill:
         best = distill[0]
         facts["best"] = best
@@ -102,7 +105,8 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
         out.append(f"\nExtra cells (longer budgets): {extra}.")
     if cfg["budget_images"] < ISSUE_REFERENCE["images"]:
         out.append(f"\n**Reduced configuration.** The issue asks for ≥ {ISSUE_REFERENCE['images']:,} images per "
-                   f"method; this run used {cfg['budget_images']:,} for the full table (see the suite time below); "
+                   f"method; this run used {cfg['budget_images']:,} for the full table, to fit the session's time on "
+                   f"{(q.get('machine') or {}).get('cores')} CPU cores shared with other jobs (see the suite time below); "
                    f"the suite's defaults (`python benchmarks/quality.py --curve`) run the full configuration.")
     header = ["row", "kind", "teacher", "images seen", "kNN top-1 %", "linear top-1 %", "kNN student/teacher",
               "kNN gain vs best SSL-only (pts)", "train wall s", "img/s", "teacher mode"]
@@ -205,7 +209,7 @@ def speed_section(s: dict | None, cache_bench: dict | None, plots: list[str]) ->
     out = ["## Speed and cost", ""]
     facts: dict = {}
     if not s:
-        out.append("No results yet: run `python benchmarks/speed.py`.")
+        out.append("No speed results yet: run `python benchmarks/speed.py`.")
     loop = (s or {}).get("loop") or {}
     if loop.get("summary"):
         out += ["### Distillation loop vs bare student step", "",
