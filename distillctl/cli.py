@@ -69,7 +69,9 @@ _mount_subcommands()
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map errors to exit codes."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code != 0:  # a command's typer.Exit(code) comes back as the return value
+            sys.exit(code)
     except DistillError as exc:
         if debug_enabled():
             console.print_exception()

@@ -3,6 +3,9 @@
 Exit codes (architecture contract): 0 ok · 1 failure while running · 2 bad usage or bad input ·
 3 a verification gate failed (hash, parity, accuracy budget, cache fingerprint) ·
 4 preempted (SIGTERM/SIGINT) after a checkpoint was written; resume with ``--resume``.
+
+Under torchrun each worker exits with these codes; torchrun itself reports 1 when any worker fails
+(``distillctl run --nproc N`` maps a forwarded preemption back to 4).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import typer
 from rich.table import Table
 
@@ -118,7 +119,11 @@ def build(
     scale_range = tuple(float(v) for v in scale.split(","))
     if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1] <= 1:
         raise UsageError(f"--scale must be two numbers 0 < lo <= hi <= 1, e.g. 0.2,1.0; got {scale}")
+    from distillctl.train import distributed
+
     run_device = _device(device)
+    distributed.init_from_env(torch.device(run_device).type)  # under torchrun: shards split across ranks
+    run_device = distributed.local_device(run_device)
     loaded = load_teacher(teacher, teacher_arch, teacher_format, accept_license=accept_license, sha256=sha256,
                           device=run_device)
     dataset = open_dataset(data)

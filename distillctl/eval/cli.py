@@ -127,6 +127,12 @@ def _prepare(target_arg: str, data: str | None, val_data: str | None, device: st
     from distillctl.eval.embedding_cache import EmbeddingCache
     from distillctl.eval.features import align_classes, encoder_fingerprint, load_encoder
 
+    from distillctl.train.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        # Stand-alone evaluation is cheap next to training; `distillctl run` shards its own eval across ranks.
+        raise UsageError("distillctl eval runs in one process; launch it without torchrun",
+                         hint="evaluation inside `distillctl run` is already split across ranks")
     is_teacher = target_arg.startswith("teacher:")
     target = Path(target_arg) if is_teacher else Path(target_arg).expanduser()
     device = _resolve_device(device)

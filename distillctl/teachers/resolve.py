@@ -272,7 +272,10 @@ def _local_teacher(path: Path, arch: str | None, fmt: str | None, *, accept_lice
     detected = detect_family(obj)
     family = fmt or detected
     if fmt is None:
-        console.print(f"teacher file {path.name}: detected format [bold]{detected}[/]", highlight=False)
+        from distillctl.train.distributed import info as dist_info
+
+        if dist_info().is_main:  # once per job, not once per rank
+            console.print(f"teacher file {path.name}: detected format [bold]{detected}[/]", highlight=False)
     if family == "unknown":
         raise InputError(f"cannot tell the format of {path}", hint="pass --teacher-format (plain, classifier, moco, moco3, swav, tv, dino, dinov2, simsiam, mae, ibot)")
     if family in LOCAL_FORMATS:
