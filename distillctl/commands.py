@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from distillctl.cli_common import console, print_json
@@ -265,8 +266,8 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
     if json_out:
         print_json(info)
         return
-    console.print(f"[bold]{cls.title}[/]\n\n{cls.objective}\n\n[bold]teacher mode:[/] {mode}\n"
-                  f"[bold]published:[/] {cls.published}\n[bold]defaults (method.params):[/]")
+    console.print(f"[bold]{escape(cls.title)}[/]\n\n{escape(cls.objective)}\n\n[bold]teacher mode:[/] {mode}\n"
+                  f"[bold]published:[/] {escape(cls.published)}\n[bold]defaults (method.params):[/]")
     for key, value in defaults.items():
         console.print(f"  {key}: {value}", highlight=False)
 

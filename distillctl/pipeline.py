@@ -239,8 +239,9 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
                                                                "max_steps", "resume", "grad_accum"}),
                              recipe.data.model_dump(exclude={"num_workers", "val", "max_bad_fraction"}), mode, teacher_bn,
                              recipe.train.max_steps)
+    bags = _neighbour_bags(recipe, method, requirements, teacher, cache, train_data, mean, std, device)
     train_summary = _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std,
-                                   mode, teacher_bn, device, distill_fp)
+                                   mode, teacher_bn, device, distill_fp, bags)
     student_sha = distributed.main_first(file_sha256, run.student_dir / "model.safetensors")
     student_sha = distributed.broadcast_object(student_sha)
 
@@ -356,8 +357,30 @@ def _cache_kill_hook():
     return hook
 
 
+def _neighbour_bags(recipe, method, requirements, teacher, cache, train_data, mean, std, device):
+    """BINGO stage 0: each image's k nearest neighbours under the teacher's centre-crop embedding — from the
+    cache's view 0 (computed in blocks, stored beside the cache) or from one online pass of the teacher."""
+    if not any(getattr(view, "source", "self") == "neighbour" for view in requirements.views):
+        return None
+    k = int(getattr(method.params, "bag_size", 5))
+    if cache is not None:
+        from distillctl.cache.artifacts import knn_bags
+
+        output = "pooled" if "pooled" in cache.outputs else next(iter(cache.outputs))
+        bags = distributed.main_first(knn_bags, cache, k=k, output=output)  # rank 0 computes and stores them
+        if bags is None:  # other ranks read what rank 0 stored beside the cache
+            bags = knn_bags(cache, k=k, output=output)
+        return torch.from_numpy(bags)
+    from distillctl.eval.features import embed_dataset
+    from distillctl.methods.shared import knn_bags as feature_bags
+
+    features, _ = embed_dataset(teacher.backbone.eval(), train_data, input_size=recipe.data.image_size, mean=mean,
+                                std=std, crop_pct=recipe.data.crop_pct, batch_size=recipe.eval.batch_size, device=device)
+    return feature_bags(features, k)
+
+
 def _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std, mode, teacher_bn,
-                   device, distill_fp) -> dict:
+                   device, distill_fp, bags=None) -> dict:
     from distillctl.train.checkpoint import CheckpointManager
     from distillctl.train.loop import TrainJob, train
 
@@ -380,7 +403,7 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
         optimizer=recipe.train.optimizer, weight_decay=recipe.train.weight_decay, momentum=recipe.train.momentum,
         warmup_epochs=recipe.train.warmup_epochs, min_lr_ratio=recipe.train.min_lr_ratio, mean=mean, std=std,
         image_size=recipe.data.image_size, teacher=teacher if mode == "online" else None, teacher_bn=teacher_bn,
-        cache=cache, amp=recipe.train.amp, channels_last=recipe.train.channels_last, compile=recipe.train.compile,
+        cache=cache, bags=bags, amp=recipe.train.amp, channels_last=recipe.train.channels_last, compile=recipe.train.compile,
         grad_clip=recipe.train.grad_clip, grad_accum=recipe.train.grad_accum, sync_bn=recipe.train.sync_bn,
         device=device, seed=recipe.train.seed,
         max_steps=recipe.train.max_steps, log_every=recipe.train.log_every,

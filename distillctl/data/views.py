@@ -64,8 +64,8 @@ PHOTOMETRIC: dict[str, Photometric] = {
     # BYOL's asymmetric pair: blur 1.0 / 0.1, solarize 0 / 0.2, jitter (0.4,0.4,0.2,0.1).
     "byol1": Photometric(0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 1.0, (0.1, 2.0), 0.0),
     "byol2": Photometric(0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 0.1, (0.1, 2.0), 0.2),
-    # ssl-small (Shi et al.): MoCo v2 with stronger jitter (0.8 strength), blur p=0.5.
-    "ssl-small": Photometric(0.8, 0.8, 0.8, 0.8, 0.2, 0.2, 0.5),
+    # ssl-small (Shi et al., --cj 1): ColorJitter(0.8, 0.8, 0.8, 0.4) p=0.8, grayscale p=0.5, blur p=0.5.
+    "ssl-small": Photometric(0.8, 0.8, 0.8, 0.8, 0.4, 0.5, 0.5),
 }
 
 

@@ -15,13 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distillctl.data.views import sample_rng
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import FeatureQueue, info_nce, mlp_relu
 from distillctl.methods.shared import (CropParams, NeighbourView, TeacherFeature, crop_view, cutmix, knn_bags, require_student,
                                        sample_cutmix_box, step_rng, teacher_target)
 
-NEIGHBOUR_SLOT = 1_000  # view-RNG slot used to draw the neighbour (apart from the per-view slots 0, 1, …)
 
 
 class BingoParams(CropParams):
@@ -45,8 +43,9 @@ def build_bag_table(centre_features: torch.Tensor, k: int = 5) -> torch.Tensor:
 def draw_neighbours(bags: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
     """The neighbour each sample shows this epoch: uniform over its bag, keyed by (seed, epoch, index)
     so it is independent of batch layout, workers and resume (the trainer hook for NeighbourView)."""
-    picks = [int(sample_rng(seed, epoch, int(i), NEIGHBOUR_SLOT).integers(bags.shape[1])) for i in index.tolist()]
-    return bags[index.cpu(), torch.tensor(picks, dtype=torch.long)]
+    from distillctl.train.data import draw_neighbour
+
+    return torch.tensor([draw_neighbour(bags, int(i), seed, epoch) for i in index.tolist()], dtype=torch.long)
 
 
 def bingo_loss(student_i: torch.Tensor, student_j: torch.Tensor, student_mix: torch.Tensor, teacher_i: torch.Tensor,

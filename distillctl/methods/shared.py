@@ -136,8 +136,8 @@ def knn_bags(features: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
 class NeighbourView(MethodView):
     """A view of a *neighbour* of the sample (one of its k teacher-kNN bag members), not of the sample.
 
-    All neighbour views of one sample show the same neighbour. The trainer draws it (see bingo.py);
-    a trainer without bag support treats this as an ordinary view of the sample itself."""
+    All neighbour views of one sample show the same neighbour, drawn by the trainer from the teacher-kNN
+    bag table (``distillctl.train.data.draw_neighbour``); their teacher targets are the neighbour's."""
 
     source: str = "neighbour"
 

@@ -48,6 +48,16 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()
 
 
+NEIGHBOUR_SLOT = 1_000  # view-RNG slot that draws a sample's neighbour (apart from the per-view slots 0, 1, …)
+
+
+def draw_neighbour(bags, index: int, seed: int, epoch: int) -> int:
+    """The bag member sample ``index`` shows this epoch: uniform over its bag, keyed by (seed, epoch, index),
+    so it does not depend on batch layout, workers, world size or resume."""
+    row = bags[index]
+    return int(row[int(sample_rng(seed, epoch, index, NEIGHBOUR_SLOT).integers(len(row)))])
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """Item ``i`` → (uint8 views per slot, label, index, stored-view id per slot (−1 = live sample)).
 
@@ -56,13 +66,18 @@ class ViewDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, base: ImageDataset, specs: Sequence[ViewSpec], seed: int, epoch: int = 0,
-                 cache=None, cached_slots: Sequence[int] = ()) -> None:
+                 cache=None, cached_slots: Sequence[int] = (),
+                 neighbour_slots: Sequence[int] = (), bags=None) -> None:
         self.base = base
         self.specs = list(specs)
         self.seed = seed
         self.epoch = epoch
         self.cache = cache
         self.cached_slots = list(cached_slots)
+        self.neighbour_slots = set(neighbour_slots)
+        self.bags = bags
+        if self.neighbour_slots and bags is None:
+            raise ValueError("neighbour views need a kNN bag table")
 
     def __len__(self) -> int:
         return len(self.base)
@@ -96,18 +111,31 @@ class ViewDataset(torch.utils.data.Dataset):
         index, image, bad = self._load_or_substitute(index)
         if image is None:
             return None, index, bad
-        height, width = image.shape[-2:]
-        stored = self.stored_views(index) if self.cache is not None and self.cached_slots else {}
-        views, ks = [], []
+        images = {index: image}
+        neighbour = index
+        if self.neighbour_slots:  # BINGO-style views of a teacher-kNN neighbour j of this sample
+            neighbour, neighbour_image, neighbour_bad = self._load_or_substitute(
+                draw_neighbour(self.bags, index, self.seed, self.epoch))
+            bad += neighbour_bad
+            if neighbour_image is None:
+                return None, index, bad
+            images[neighbour] = neighbour_image
+        stored = {i: self.stored_views(i) for i in images} if self.cache is not None and self.cached_slots else {}
+        views, ks, sources = [], [], []
         for slot, spec in enumerate(self.specs):
-            if slot in stored:
-                params = self.cache.view_params(index, stored[slot])
-                ks.append(stored[slot])
+            source = neighbour if slot in self.neighbour_slots else index
+            pixels = images[source]
+            if slot in stored.get(source, {}):
+                params = self.cache.view_params(source, stored[source][slot])
+                ks.append(stored[source][slot])
             else:
-                params = sample_view(spec, height, width, sample_rng(self.seed, self.epoch, index, slot))
+                # keyed by the sample (not the neighbour), so every (sample, slot) has its own view stream
+                params = sample_view(spec, pixels.shape[-2], pixels.shape[-1], sample_rng(self.seed, self.epoch, index, slot))
                 ks.append(-1)
-            views.append(apply_view_uint8(image, params, spec))
-        return views, self.base.labels[index], index, torch.tensor(ks, dtype=torch.long), bad
+            sources.append(source)
+            views.append(apply_view_uint8(pixels, params, spec))
+        return (views, self.base.labels[index], index, torch.tensor(ks, dtype=torch.long),
+                torch.tensor(sources, dtype=torch.long), bad)
 
 
 def collate_views(items):
@@ -121,4 +149,5 @@ def collate_views(items):
     labels = torch.tensor([item[1] for item in items], dtype=torch.long)
     index = torch.tensor([item[2] for item in items], dtype=torch.long)
     stored = torch.stack([item[3] for item in items])
-    return (views, labels, index, stored), bad
+    sources = torch.stack([item[4] for item in items])
+    return (views, labels, index, stored, sources), bad

@@ -62,6 +62,7 @@ class TrainJob:
     teacher: Teacher | None = None
     teacher_bn: str = "eval"
     cache: object | None = None  # distillctl.cache.store.FeatureCache in cached mode
+    bags: object | None = None  # (N, k) teacher-kNN neighbour table for methods with neighbour views (BINGO)
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
@@ -144,6 +145,9 @@ def train(job: TrainJob) -> TrainResult:
     specs = [view.spec for view in requirements.views]
     teacher_slots = [i for i, view in enumerate(requirements.views) if view.teacher]
     student_slots = [i for i, view in enumerate(requirements.views) if view.student]
+    neighbour_slots = _neighbour_slots(requirements)
+    if neighbour_slots and job.bags is None:
+        raise InputError(f"method {method.name} shows teacher-kNN neighbours but no bag table was built")
     if requirements.teacher_mode != "none" and job.teacher is None and job.cache is None:
         raise InputError(f"method {method.name} needs a teacher")
     if job.teacher is not None:
@@ -210,7 +214,8 @@ def train(job: TrainJob) -> TrainResult:
             epoch = step // steps_per_epoch
             method.on_epoch_start(epoch)
             view_data = ViewDataset(job.dataset, specs, job.seed, epoch,
-                                    cache=job.cache, cached_slots=teacher_slots if job.cache is not None else ())
+                                    cache=job.cache, cached_slots=teacher_slots if job.cache is not None else (),
+                                    neighbour_slots=neighbour_slots, bags=job.bags)
             sampler = EpochBatchSampler(len(job.dataset), job.batch_size, job.seed, epoch,
                                         start_step=step - epoch * steps_per_epoch,
                                         rank=dist_info.rank, world_size=world)
@@ -329,18 +334,21 @@ def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots
                 device, step: int, steps_per_epoch: int) -> tuple[float, dict[str, float], MethodInputs]:
     """Forward/backward over the micro-batches of this rank's batch; returns (mean loss, mean logs, inputs
     of the whole batch for ``after_step``). Gradients are summed in ``.grad``, each micro-batch weighted 1/k."""
-    views_uint8, _labels, index, stored = batch
+    views_uint8, _labels, index, stored, sources = batch
+    neighbour_slots = _neighbour_slots(requirements)
     chunks = torch.arange(index.shape[0]).tensor_split(job.grad_accum)
     losses, all_logs, all_inputs = [], [], []
     for rows in chunks:
         images = [_to_device(normalize(v[rows].to(device, non_blocking=True), job.mean, job.std), job.channels_last)
                   for v in views_uint8]
-        teacher_outputs = _teacher_outputs(job, requirements, images, teacher_slots, index[rows], stored[rows], device)
+        teacher_outputs = _teacher_outputs(job, requirements, images, teacher_slots, sources[rows], stored[rows], device)
         with _autocast(device, job.amp):
             features = [forward_student(images[i]) for i in student_slots]
             inputs = MethodInputs(student_features=features, teacher_outputs=teacher_outputs, images=images,
                                   index=index[rows].to(device), epoch=step / steps_per_epoch, step=step,
-                                  total_epochs=job.epochs, student=job.student)
+                                  total_epochs=job.epochs, student=job.student,
+                                  extras={"neighbour_index": sources[rows, neighbour_slots[0]].to(device)}
+                                  if neighbour_slots else {})
             loss, logs = job.method.loss(inputs)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step} (epoch {step // steps_per_epoch}); "
@@ -377,11 +385,17 @@ def _to_device(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def _teacher_outputs(job: TrainJob, requirements, images, teacher_slots, index, stored, device):
+def _neighbour_slots(requirements) -> list[int]:
+    return [i for i, view in enumerate(requirements.views) if getattr(view, "source", "self") == "neighbour"]
+
+
+def _teacher_outputs(job: TrainJob, requirements, images, teacher_slots, sources, stored, device):
+    """Per view slot: the teacher's outputs for the image that slot shows (``sources``: the sample itself,
+    or its neighbour for neighbour views), from the cache or a live forward."""
     outputs: list[dict[str, torch.Tensor] | None] = [None] * len(images)
     for slot in teacher_slots:
         if job.cache is not None:
-            looked_up = job.cache.lookup(index, stored[:, slot])
+            looked_up = job.cache.lookup(sources[:, slot], stored[:, slot])
             outputs[slot] = {key: looked_up[key].to(device) for key in requirements.teacher_outputs}
         else:
             with torch.no_grad(), _autocast(device, job.amp):
