@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Methods distilled from the SSL teacher (default simreg,seed).")
     parser.add_argument("--ssl-teacher-mode", default="auto", choices=("auto", "online", "cached"),
                         help="Teacher mode of the cells distilled from the SSL teacher (online: no cache build).")
+    parser.add_argument("--online", default="", metavar="METHODS",
+                        help="Methods run with the teacher online instead of auto (cheaper than building a cache "
+                             "for budgets under one epoch).")
     parser.add_argument("--curve", action="store_true", help="Then run the best --curve-top methods at --curve-budgets.")
     parser.add_argument("--curve-top", type=int, default=3, help="How many methods get a curve (default 3).")
     parser.add_argument("--curve-budgets", default="30000,120000,250000,500000", help="Images seen per curve point.")
@@ -183,6 +186,8 @@ def cell_command(cell: dict, args: argparse.Namespace, data: dict, pre: dict, te
                "--seed", str(args.seed), "--cache-views", str(args.cache_views), "--out", out, *sets]
     mode = teacher["modes"].get(cell["method"], "")
     forced = args.ssl_teacher_mode if cell["teacher"] == "ssl" else "auto"
+    if cell["method"] in [m.strip() for m in args.online.split(",") if m.strip()]:
+        forced = "online"
     if forced != "auto":
         command[command.index("--out"):command.index("--out")] = ["--teacher-mode", forced]
         mode = "" if forced == "online" else mode

@@ -84,6 +84,18 @@ def quality_facts(q: dict) -> dict:
     return facts
 
 
+def suite_minutes(q: dict) -> float | None:
+    """Wall-clock minutes from the suite's first start to its last write (resumed invocations included)."""
+    import datetime as dt
+
+    try:
+        start = dt.datetime.strptime(q["started_utc"], "%Y-%m-%dT%H:%M:%SZ")
+        end = dt.datetime.strptime(q["finished_utc"], "%Y-%m-%dT%H:%M:%SZ")
+    except (KeyError, TypeError, ValueError):
+        return (q.get("elapsed_s") or 0) / 60
+    return (end - start).total_seconds() / 60
+
+
 def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
     if not q:
         return "## Quality\n\nNo results yet: run `python benchmarks/quality.py`.\n", {}
@@ -149,7 +161,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
         out += ["", "![kNN top-1 vs images seen](quality_budget.png)", ""]
     if q.get("reference", {}).get("error"):
         out.append(f"\nReference rows failed: {q['reference']['error']}")
-    out += ["", f"Suite wall time so far: {num((q.get('elapsed_s') or 0) / 60, 1)} min "
+    out += ["", f"Suite wall time (first start to last result, resumes included): {num(suite_minutes(q), 1)} min "
                 f"(started {q.get('started_utc')}, last write {q.get('finished_utc')}).", "",
             "<details><summary>Exact commands</summary>", "", "```", q.get("command", ""), *q.get("extra_commands", [])]
     for r in all_rows:
@@ -376,7 +388,7 @@ def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None) -> str:
     if ef.get("int8"):
         out.append(f"- INT8 kNN accuracy delta: {num(-ef['int8'].get('drop', 0), 2)} points.")
     if q:
-        out.append(f"- Quality suite wall time: {num((q.get('elapsed_s') or 0) / 60, 1)} min.")
+        out.append(f"- Quality suite wall time: {num(suite_minutes(q), 1)} min (first start to last result).")
     return "\n".join(out) + "\n"
 
 

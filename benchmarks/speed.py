@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="Optimizer steps per timed distill run.")
     parser.add_argument("--log-every", type=int, default=5, help="Steps per img/s window.")
     parser.add_argument("--repeats", type=int, default=3, help="Interleaved repeats (medians and spread over them).")
-    parser.add_argument("--bare-steps", type=int, default=20, help="Timed steps of the bare loop per repeat.")
+    parser.add_argument("--bare-steps", type=int, default=10, help="Timed steps of the bare loop before each distill run.")
     parser.add_argument("--cache-views", type=int, default=4, help="Stored views for the loop part's caches.")
     parser.add_argument("--views-list", default="1,2,4", help="K values for the cache part.")
     parser.add_argument("--cache-images", type=int, default=2000, help="Images for the cache part (balanced subset).")
@@ -176,15 +176,16 @@ def loop_part(args, pre, data, methods: list[dict], log_path: Path) -> dict:
     results: dict = {"bare": [], "cells": {f"{n}/{mode}": [] for n, mode in cells}, "commands": {}}
     cache_args = argparse.Namespace(image_size=args.image_size, cache_views=args.cache_views, seed=0)
     for repeat in range(args.repeats):
-        bare = bare_loop(batches, args, pre, args.bare_steps)
-        results["bare"].append(bare)
-        log(f"repeat {repeat + 1}: bare loop {bare['images_per_sec']} img/s")
         for name, mode in (cells if repeat % 2 == 0 else cells[::-1]):
             cache = cache_dir_for(name, "sup", TeacherDims(512, None), args.student, cache_args) if mode == "cached" else None
             if cache is not None and not (read_json(cache / "manifest.json") or {}).get("complete"):
                 # never build (or race another process building) a cache inside a timed run
                 results["cells"][f"{name}/{mode}"].append({"error": f"cache {rel(cache)} not built yet (run quality.py)"})
                 continue
+            # the bare loop right before each distill run: on a shared machine load drifts within minutes
+            bare = bare_loop(batches, args, pre, args.bare_steps)
+            results["bare"].append(bare)
+            log(f"repeat {repeat + 1}: bare loop {bare['images_per_sec']} img/s")
             out = WORK / "speed" / "loop" / f"{name}-{mode}-r{repeat}"
             command = distill_command(args, pre, name, mode, data["train"], out, args.steps, cache,
                                       epochs=max(1, -(-args.steps * args.batch_size // data["train_images"])))
