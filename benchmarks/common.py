@@ -36,6 +36,10 @@ CIFAR = WORK / "cifar10"
 class BenchError(RuntimeError):
     """A benchmark step failed; the message is one line (the CLI's error line where there is one)."""
 
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
 
 def log(message: str) -> None:
     stamp = time.strftime("%H:%M:%S")
@@ -142,7 +146,7 @@ def distillctl(args: list[str], log_path: Path | None = None, json_out: bool = T
             lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
             errors = [line for line in lines if line.startswith("error:")]
             last = (errors or lines or [""])[-1]
-        raise BenchError(f"distillctl {args[0]} exited {proc.returncode}: {last}")
+        raise BenchError(f"distillctl {args[0]} exited {proc.returncode}: {last}", proc.returncode)
     if not json_out:
         return proc.stdout
     try:

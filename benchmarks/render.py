@@ -148,6 +148,13 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                      f"{r['budget']:,}", pct(r["knn_top1"]), pct(r.get("linear_top1")), num(ratio, 2) if ratio else "–",
                      (f"{gain:+.1f}" if gain is not None else "–"), num(r.get("train_wall_s"), 0),
                      num(r.get("images_per_sec"), 0), r.get("teacher_mode") or "none"])
+    have = {(r["method"], r["kind"]) for r in all_rows if r["budget"] == cfg["budget_images"]}
+    for m in cfg.get("registered_methods") or []:
+        if (m["name"], m["kind"]) in have:
+            continue
+        why = ("needs several teachers; not runnable with one" if str(m.get("teacher_mode", "")).startswith("?")
+               else "not run: the suite was stopped before this cell")
+        rows.append([m["name"], m["kind"], "–", f"{cfg['budget_images']:,}", "–", "–", "–", "–", "–", "–", why])
     ssl_teacher = q.get("reference", {}).get("ssl_teacher")
     if ssl_teacher:
         rows.append([f"SSL teacher: `distillctl pretrain --method {ssl_teacher['method']} --arch {ssl_teacher['student']}`",
@@ -331,6 +338,8 @@ def export_section(e: dict | None) -> tuple[str, dict]:
     if acc:
         out.append(f"INT8 kNN top-1: fp32 {num(acc.get('reference_top1'), 2)}% → INT8 {num(acc.get('candidate_top1'), 2)}% "
                    f"(drop {num(acc.get('drop'), 2)} points; the product's default gate is 1 point).")
+    if e.get("gate_error"):
+        out.append(f"\n`distillctl export` exited 3 (a gate failed; artefacts and numbers kept): {e['gate_error']}\n")
     for name, parity in (e.get("parity") or {}).items():
         if parity:
             out.append(f"- parity {name}: max|Δ| {parity.get('max_abs')}, min cosine {parity.get('min_cosine')}, "
