@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Cells run in parallel (cells sharing a cache run in order); threads = cores / jobs.")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP/torch threads of every distillctl process (default: cores / jobs).")
+    parser.add_argument("--collect", action="store_true",
+                        help="Run nothing: record the cells (and reference evaluations) that already finished.")
     parser.add_argument("--dry-run", action="store_true", help="Print the cells and their commands; run nothing.")
     parser.add_argument("--out", default=None, help="Result JSON (default results/quality.json, quality_quick.json).")
     return parser.parse_args(argv)
@@ -245,7 +247,10 @@ def ssl_teacher(args, data, pre, log_path: Path) -> dict:
                str(data["test"]), "--image-size", str(args.image_size), "--epochs", str(epochs), "--batch-size",
                str(args.batch_size), "--out", str(out), *sets]
     summary = read_json(out / "summary.json")
-    if not (summary and summary.get("train", {}).get("steps") == steps and summary["student"].get("knn_top1") is not None):
+    done = summary and summary.get("train", {}).get("steps") == steps and summary["student"].get("knn_top1") is not None
+    if not done and args.collect:
+        raise BenchError("SSL teacher not trained yet (--collect runs nothing)")
+    if not done:
         log(f"SSL teacher: distillctl {display_command(command)}")
         summary = distillctl(command, log_path, threads=args.threads)
     row = row_from_summary(cell, summary, command)
@@ -265,6 +270,8 @@ def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
     if not args.no_linear:
         out = WORK / "quality" / "reference" / "teacher-linear.json"
         result = read_json(out)
+        if result is None and args.collect:
+            return rows
         if result is None:
             command = ["eval", "linear", f"teacher:{TEACHER}", "--teacher-arch", pre["arch"], "--input-size",
                        str(args.image_size), "--cache-dir", str(WORK / "quality" / "reference" / "eval_cache"), *common]
@@ -288,6 +295,8 @@ def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
     for kind in ("knn",) + (() if args.no_linear else ("linear",)):
         out = random_dir.parent / f"random-{student}-{kind}.json"
         result = read_json(out)
+        if result is None and args.collect:
+            continue
         if result is None:
             command = ["eval", kind, str(random_dir), "--no-cache", *common]
             result = {"result": distillctl(command, log_path, threads=args.threads),
@@ -352,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_info(), "started_utc": previous.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "rows": {}, "reference": previous.get("reference", {}), "curve": previous.get("curve", {})}
     result["rows"] = {k: v for k, v in (previous.get("rows") or {}).items()}
+    if args.collect and previous.get("command"):  # the command that ran the cells, not this bookkeeping pass
+        result["command"], result["argv"] = previous["command"], previous.get("argv")
+        result["config"]["linear"] = previous.get("config", {}).get("linear", result["config"]["linear"])
     base_elapsed = float(previous.get("elapsed_s") or 0)
     if args.dry_run:
         if args.ssl_teacher != "none":
@@ -417,12 +429,14 @@ def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
     def run_one(cell: dict, command: list[str]) -> None:
         steps, _ = schedule(cell["budget"], args.batch_size, data["train_images"])
         waited = False
-        while running_elsewhere(cell_dir(cell)):  # another suite process owns this cell: wait for it
+        while running_elsewhere(cell_dir(cell)) and not args.collect:  # another suite process owns this cell: wait for it
             if not waited:
                 log(f"cell {cell_id(cell)}: running in another process; waiting")
                 waited = True
             time.sleep(20)
         summary = finished(cell, steps)
+        if summary is None and args.collect:
+            return  # --collect: record finished cells only
         if summary is None:
             log(f"cell {cell_id(cell)}: distillctl {display_command(command)}")
             t0 = time.time()

@@ -426,13 +426,15 @@ def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
     for key in ("ssl_teacher", "ssl_teacher_error"):
         if key in (extra.get("reference") or {}) and key not in merged["reference"]:
             merged["reference"][key] = extra["reference"][key]
-    merged["extra_commands"] = [extra.get("command")]
+    merged["extra_commands"] = list(main.get("extra_commands") or []) + [extra.get("command")]
     return merged
 
 
 def render(results: Path, out: Path, plots_enabled: bool = True) -> str:
     q, s, e = load(results, "quality.json"), load(results, "speed.json"), load(results, "export.json")
-    q = merge_quality(q, load(results, "quality_ssl_teacher.json"))
+    for extra in sorted(results.glob("quality_*.json")):  # cells run as separate processes (not --quick)
+        if extra.name != "quality_quick.json":
+            q = merge_quality(q, load(results, extra.name))
     cache_bench = load(results, "cache_bench_cifar10.json") or load(results, "cache_bench.json")
     gpu = load(results, "gpu_check.json")
     plots = []
