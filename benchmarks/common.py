@@ -235,6 +235,7 @@ def write_json(path: Path, data: Any) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=True, default=str)
         handle.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are shared files
     os.replace(tmp, path)
 
 

@@ -212,6 +212,10 @@ def finished(cell: dict, steps: int) -> dict | None:
 
 
 def row_from_summary(cell: dict, summary: dict, command: list[str]) -> dict:
+    # the eval switches as the cell actually ran (a resumed suite may have been started with other ones)
+    ran = (summary.get("recipe") or {}).get("eval") or {}
+    command = [next((f"eval.{key}={'true' if ran[key] else 'false'}" for key in ("linear", "teacher", "random_student")
+                     if item.startswith(f"eval.{key}=") and key in ran), item) for item in command]
     train = summary.get("train") or {}
     student_eval = (summary.get("eval") or {}).get("student") or {}
     linear = student_eval.get("linear") or {}
