@@ -92,10 +92,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.load_image(index), self.labels[index], index
 
     def manifest_hash(self) -> str:
-        """sha256 over (relative path or row hash, size, label): identifies the data for caches and fingerprints."""
+        """sha256 over (relative path or row hash, size, label): identifies the data for caches and fingerprints.
+
+        The root path as typed is not part of it, so ``./data`` and ``/abs/data`` give the same hash."""
         digest = hashlib.sha256()
-        digest.update(self.name.encode())
         if self.arrays is not None:
+            digest.update(self.name.encode())  # built-in data: the name says which split
             digest.update(hashlib.sha256(self.arrays.tobytes()).digest())
             digest.update(np.asarray(self.labels, dtype=np.int64).tobytes())
         else:
