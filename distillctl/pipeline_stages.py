@@ -33,32 +33,40 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
                 "metric": "cosine", "bank": "train split", "transform": "centre crop",
                 "crop_pct": recipe.data.crop_pct, "image_size": recipe.data.image_size, "bn": "eval"}
 
-    def knn_of(encoder) -> dict:
+    embeddings: dict[str, tuple] = {}  # the student's, kept for the linear probe (embedded once)
+
+    def knn_of(encoder, name: str) -> dict:
         kwargs = dict(input_size=recipe.data.image_size, mean=mean, std=std, crop_pct=recipe.data.crop_pct,
                       batch_size=recipe.eval.batch_size, device=device)
         bank, bank_labels = _embed_sharded(embed_dataset, encoder, train_data, kwargs)
         queries, query_labels = _embed_sharded(embed_dataset, encoder, val_data, kwargs)
         if not distributed.info().is_main:
             return {}
+        embeddings[name] = (bank, bank_labels, queries, query_labels)
         scores = knn_evaluate(bank, bank_labels, queries, query_labels, ks=ks, temperature=recipe.eval.knn_temperature)
         return {"knn": {str(k): round(v, 3) for k, v in scores.items()}, "knn_top1": round(scores[ks[0]], 3)}
 
     student, _ = load_student(run.path)
-    result = {"protocol": protocol, "student": knn_of(student.to(device))}
+    result = {"protocol": protocol, "student": knn_of(student.to(device), "student")}
     if teacher is not None and recipe.eval.teacher:
-        result["teacher"] = knn_of(teacher.backbone.to(device).eval())
+        result["teacher"] = knn_of(teacher.backbone.to(device).eval(), "teacher")
     if recipe.eval.random_student:
         torch.manual_seed(recipe.train.seed)  # the random-init baseline is reproducible
         random_student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
-        result["random_student"] = knn_of(random_student.eval().to(device))
+        result["random_student"] = knn_of(random_student.eval().to(device), "random_student")
     if not distributed.info().is_main:  # the linear probe and the manifest are rank 0's
         return distributed.broadcast_object(None)
     if recipe.eval.linear:
-        from distillctl.eval.linear import linear_probe
+        from dataclasses import replace
 
-        result["student"]["linear"] = linear_probe(student, train_data, val_data, input_size=recipe.data.image_size,
-                                                   mean=mean, std=std, crop_pct=recipe.data.crop_pct,
-                                                   device=device, seed=recipe.train.seed).to_dict()
+        from distillctl.eval.features import eval_transform
+        from distillctl.eval.linear import LinearProbeConfig, linear_probe_embeddings
+
+        # the same embeddings kNN used: the probe does not embed the splits a second time
+        probe = linear_probe_embeddings(*embeddings["student"], replace(LinearProbeConfig(), seed=recipe.train.seed),
+                                        num_classes=len(train_data.classes), device=device)
+        probe.protocol["transform"] = eval_transform(recipe.data.image_size, mean, std, recipe.data.crop_pct)
+        result["student"]["linear"] = probe.to_dict()
     run.record_stage("eval", eval_fp, "done", result)
     return distributed.broadcast_object(result)
 
