@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,17 @@ def _overrides_from_flags(values: dict) -> list[str]:
         if isinstance(value, bool):
             value = "true"
         overrides.append(f"{key}={value}")
+    if values.get("extra_teacher"):
+        overrides.append("teacher.extra=" + json.dumps([_extra_teacher(v) for v in values["extra_teacher"]]))
     return overrides
+
+
+def _extra_teacher(value: str) -> dict:
+    """``--extra-teacher SOURCE`` or ``SOURCE@ARCH`` (the timm architecture of a local checkpoint)."""
+    source, sep, arch = value.rpartition("@")
+    if not sep or not source or "/" in arch or not arch:
+        return {"source": value}
+    return {"source": source, "arch": arch}
 
 
 def _latency_ms(model, image_size: int, repeats: int = 20) -> float:
@@ -111,6 +122,9 @@ def run(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (recipes/<name>.yaml) or YAML path."),
     teacher: Optional[str] = typer.Option(None, help="Registry name (r50-moco), timm:<name>, a checkpoint path, or 'pretrain'."),
     teacher_arch: Optional[str] = typer.Option(None, help="timm architecture of a local teacher checkpoint."),
+    extra_teacher: Optional[list[str]] = typer.Option(
+        None, "--extra-teacher", help="Another teacher for a multi-teacher method (simreg-multi), repeatable: SOURCE "
+        "or SOURCE@ARCH; recipe key teacher.extra."),
     teacher_format: Optional[str] = typer.Option(None, help="Checkpoint family of a local file (moco, swav, dino, …)."),
     teacher_mode: Optional[str] = typer.Option(None, help="auto | online | cached (auto: cached where the method allows)."),
     teacher_bn: Optional[str] = typer.Option(None, help="Frozen teacher BatchNorm: method | eval | train."),

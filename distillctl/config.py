@@ -31,6 +31,19 @@ class PretrainSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ExtraTeacher(Strict):
+    """One more teacher for multi-teacher methods (``simreg-multi``): the same source forms as ``teacher.source``."""
+
+    source: str  # registry name/alias, timm:<name>, a local file, or "pretrain"
+    arch: str | None = None
+    format: str | None = None
+    accept_license: bool = False
+    sha256: str | None = None
+    no_verify: bool = False
+    mirror: str | None = None
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+
+
 class TeacherConfig(Strict):
     source: str = "pretrain"  # registry name/alias, timm:<name>, a local file, or "pretrain"
     arch: str | None = None  # for local files: a timm model name
@@ -44,6 +57,8 @@ class TeacherConfig(Strict):
     no_verify: bool = False
     mirror: str | None = None
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    # further teachers, in order (teacher k answers outputs pooled_k / proj_k; 0 is `source`)
+    extra: list[ExtraTeacher] = Field(default_factory=list, max_length=16)
 
 
 class StudentSpec(Strict):

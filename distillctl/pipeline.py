@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from distillctl.config import Recipe, format_validation_error
 from distillctl.data.datasets import ImageDataset, open_dataset, resolve_splits
 from distillctl.errors import InputError, UsageError
-from distillctl.methods.base import TeacherDims, build_method, get_method
+from distillctl.methods.base import TeacherDims, build_method, get_method, registry
 from distillctl.rundir import RunDir, file_sha256, fingerprint
 from distillctl.students import StudentConfig, count_parameters, create_backbone, feature_dim, resolve_arch
 from distillctl.teachers.base import Preprocess, Teacher
@@ -79,11 +79,22 @@ def validate(recipe: Recipe) -> tuple[ImageDataset, ImageDataset | None]:
         train_data = train_data.subset(np.sort(order))
     if method_cls.kind == "distill" and recipe.teacher.source in ("none", ""):
         raise UsageError(f"method {recipe.method.name} distils from a teacher; set --teacher")
-    if recipe.teacher.source not in ("pretrain", "none") and not recipe.teacher.source.startswith("timm:"):
-        candidate = Path(recipe.teacher.source).expanduser()
-        looks_like_path = "/" in recipe.teacher.source or candidate.suffix in (".pth", ".pt", ".tar", ".safetensors", ".bin")
-        if looks_like_path and not candidate.is_file():
-            raise InputError(f"teacher checkpoint not found: {recipe.teacher.source}")
+    extra = recipe.teacher.extra
+    if extra and not method_cls.multi_teacher:
+        multi = sorted(name for name, cls in registry().items() if cls.multi_teacher)
+        raise UsageError(f"method {recipe.method.name} distils one teacher, but teacher.extra lists {len(extra)} more",
+                         hint=f"remove teacher.extra, or use a multi-teacher method ({', '.join(multi)})")
+    if method_cls.multi_teacher and not extra:
+        raise UsageError(f"method {recipe.method.name} distils two or more teachers; list the others in teacher.extra",
+                         hint="e.g. teacher: {source: r50-moco, extra: [{source: r50-byol}]}")
+    for source in [recipe.teacher.source] + [spec.source for spec in extra]:
+        if source in ("none", "") and extra:
+            raise UsageError("every teacher of a multi-teacher run needs a source ('none' is not one)")
+        if source not in ("pretrain", "none") and not source.startswith("timm:"):
+            candidate = Path(source).expanduser()
+            looks_like_path = "/" in source or candidate.suffix in (".pth", ".pt", ".tar", ".safetensors", ".bin")
+            if looks_like_path and not candidate.is_file():
+                raise InputError(f"teacher checkpoint not found: {source}")
     return train_data, val_data
 
 
@@ -128,8 +139,9 @@ def load_run_as_teacher(run: RunDir, name: str) -> Teacher:
                                          input_size=config.input_size[-1], resize=None))
 
 
-def pretrain_recipe(recipe: Recipe, out: Path) -> Recipe:
-    spec = recipe.teacher.pretrain
+def pretrain_recipe(recipe: Recipe, out: Path, spec=None) -> Recipe:
+    """The nested recipe that trains a ``pretrain`` teacher (``spec``: its PretrainSpec, default teacher.pretrain)."""
+    spec = spec or recipe.teacher.pretrain
     data = recipe.data.model_dump()
     return Recipe(
         name=f"{recipe.name}-teacher", out=str(out),
@@ -142,20 +154,57 @@ def pretrain_recipe(recipe: Recipe, out: Path) -> Recipe:
 
 
 def resolve_teacher(recipe: Recipe, run: RunDir, options: RunOptions, device: str) -> Teacher | None:
-    source = recipe.teacher.source
+    """The run's teacher: ``teacher.source``, or with ``teacher.extra`` an ensemble of all of them (in order)."""
+    first = _resolve_one(recipe.teacher, recipe, run.path / "teacher_pretrain", options, device)
+    if first is None or not recipe.teacher.extra:
+        return first
+    from distillctl.teachers.ensemble import TeacherEnsemble
+
+    members = [first] + [_resolve_one(spec, recipe, run.path / f"teacher_pretrain_{k}", options, device)
+                         for k, spec in enumerate(recipe.teacher.extra, start=1)]
+    return TeacherEnsemble.of(members)
+
+
+def _resolve_one(spec, recipe: Recipe, pretrain_dir: Path, options: RunOptions, device: str) -> Teacher | None:
+    """One teacher from a source spec (``teacher`` itself or an entry of ``teacher.extra``)."""
+    source = spec.source
     if source in ("none", ""):
         return None
     if source == "pretrain":
-        nested = run_pipeline(pretrain_recipe(recipe, run.path / "teacher_pretrain"), options)
-        return load_run_as_teacher(RunDir(nested["run_dir"]), name=f"pretrain:{recipe.teacher.pretrain.method}-"
-                                   f"{recipe.teacher.pretrain.arch}")
+        nested = run_pipeline(pretrain_recipe(recipe, pretrain_dir, spec.pretrain), options)
+        return load_run_as_teacher(RunDir(nested["run_dir"]), name=f"pretrain:{spec.pretrain.method}-"
+                                   f"{spec.pretrain.arch}")
     try:
         from distillctl.teachers.resolve import load_teacher
     except ModuleNotFoundError as exc:  # pragma: no cover - the registry ships with the package
         raise UsageError(f"teacher registry unavailable: {exc}") from None
-    return load_teacher(source, recipe.teacher.arch, recipe.teacher.format, accept_license=recipe.teacher.accept_license,
-                        sha256=recipe.teacher.sha256, no_verify=recipe.teacher.no_verify, mirror=recipe.teacher.mirror,
-                        device=device)
+    return load_teacher(source, spec.arch, spec.format, accept_license=spec.accept_license, sha256=spec.sha256,
+                        no_verify=spec.no_verify, mirror=spec.mirror, device=device)
+
+
+def _teacher_dims(teacher: Teacher | None):
+    """What the method is built with: one TeacherDims, or one per member of an ensemble."""
+    from distillctl.teachers.ensemble import TeacherEnsemble
+
+    if teacher is None:
+        return None
+    if isinstance(teacher, TeacherEnsemble):
+        return teacher.member_dims()
+    return TeacherDims(teacher.embed_dim, teacher.proj_dim)
+
+
+def _warn_preprocess(teacher: Teacher | None, mean, std, quiet: bool) -> None:
+    """Every member of an ensemble sees the run's normalisation; say which ones were trained with another."""
+    from distillctl.teachers.ensemble import TeacherEnsemble, preprocess_mismatches
+
+    if quiet or not distributed.info().is_main or not isinstance(teacher, TeacherEnsemble):
+        return
+    from rich.markup import escape
+
+    for name in preprocess_mismatches(teacher.members, mean, std):
+        console.print(f"[yellow]warning:[/] teacher {escape(name)} was trained with another input normalisation than "
+                      f"this run's (mean {list(mean)}, std {list(std)}); every teacher sees the run's "
+                      "(data.mean / data.std)", highlight=False, soft_wrap=True)
 
 
 # --- stages ------------------------------------------------------------------------------------
@@ -223,7 +272,8 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
 
     torch.manual_seed(recipe.train.seed)  # the student's (and heads') initialisation follows the run seed
     student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
-    teacher_dims = TeacherDims(teacher.embed_dim, teacher.proj_dim) if teacher else None
+    teacher_dims = _teacher_dims(teacher)
+    _warn_preprocess(teacher, mean, std, options.quiet)
     method = build_method(recipe.method.name, recipe.method.params, feature_dim(student), teacher_dims)
     requirements = method.requirements(recipe.data.image_size)
     mode = _teacher_mode(recipe, requirements.teacher_mode)

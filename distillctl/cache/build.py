@@ -207,8 +207,9 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
     outputs = set(outputs)
     if views < 1 or batch_size < 1 or shard_size < 1:
         raise UsageError("--views, --batch-size and --shard-size must be >= 1")
-    if not outputs or not outputs <= set(layout.OUTPUT_KINDS):
-        raise UsageError(f"cache outputs must be a non-empty subset of {', '.join(layout.OUTPUT_KINDS)}; got {sorted(outputs)}")
+    if not outputs or not all(layout.is_output_name(name) for name in outputs):
+        raise UsageError(f"cache outputs must be a non-empty subset of {', '.join(layout.OUTPUT_KINDS)} (pooled_<k>/"
+                         f"proj_<k> for teacher k of an ensemble); got {sorted(outputs)}")
     if amp not in AMP_DTYPES:
         raise UsageError(f"unknown --amp '{amp}'; valid: {', '.join(AMP_DTYPES)}")
     torch_device = torch.device(device)
@@ -224,7 +225,8 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
     fingerprint = cache_fingerprint(teacher.sha256, outputs, dataset_hash, spec, views, mean, std, seed)
     existing = read_manifest(root) if (root / layout.MANIFEST).is_file() else None
     if existing is None and root.is_dir():
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in LAYOUT_NAMES and not p.name.startswith("."))
+        foreign = sorted(p.name for p in root.iterdir()
+                         if p.name not in LAYOUT_NAMES and not layout.is_output_name(p.name) and not p.name.startswith("."))
         if foreign:
             raise InputError(f"--out {root} is not empty and holds no feature cache (found {', '.join(foreign[:3])})",
                              hint="choose a new or empty directory for the cache")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ SCHEMA = "distillctl.feature_cache/1"
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 OUTPUT_KINDS = ("pooled", "proj")
+# a multi-teacher cache stores teacher k's outputs as pooled_k / proj_k (distillctl.teachers.ensemble)
+OUTPUT_NAME = re.compile(r"^(pooled|proj)(_\d{1,2})?$")
+
+
+def is_output_name(name: str) -> bool:
+    return OUTPUT_NAME.match(name) is not None
 
 
 def shard_name(shard: int) -> str:

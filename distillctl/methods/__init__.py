@@ -1,8 +1,4 @@
-"""Method catalogue. Importing this package registers every method module listed here.
-
-``simreg_variants`` (``simreg-multi``, several teachers at once) is not listed: ``distillctl run`` does not yet
-load more than one teacher, so the method would be advertised without a way to run it.
-"""
+"""Method catalogue. Importing this package registers every method module listed here."""
 
 from importlib import import_module
 
@@ -12,7 +8,7 @@ _METHOD_MODULES = (
     "simreg", "seed", "mocov2", "simclr",
     # Method catalogue I (issue 5)
     "smd", "disco", "bingo", "compress", "regression", "byol", "dino",
-    "seed_variants", "ssl_small",
+    "seed_variants", "ssl_small", "simreg_variants",
 )
 
 for _name in _METHOD_MODULES:

@@ -88,6 +88,8 @@ class Method(nn.Module):
     published: ClassVar[str]  # headline numbers with their source
     Params: ClassVar[type[MethodParams]] = MethodParams
     kind: ClassVar[Literal["distill", "ssl"]] = "distill"
+    # True: built with one TeacherDims per teacher (recipe teacher.extra) and reads outputs pooled_k / proj_k
+    multi_teacher: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, student_dim: int, teacher_dims: TeacherDims | None) -> None:
         super().__init__()

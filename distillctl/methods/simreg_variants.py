@@ -2,10 +2,10 @@
 
 The projection-head target (SimReg's ``--teacher_fc``) is ``simreg``'s own ``teacher_feature=projection``.
 
-Trainer contract for several teachers: the method is constructed with a *sequence* of
-``TeacherDims`` (one per teacher, in recipe order) and declares teacher outputs named
-``<output>_<k>`` (``pooled_0``, ``pooled_1``, …); the trainer fills key ``<output>_<k>`` with
-teacher k's ``<output>`` for every view that has ``teacher=True``.
+Several teachers: the recipe lists them as ``teacher.source`` plus ``teacher.extra``; the pipeline loads them
+into one :class:`~distillctl.teachers.ensemble.TeacherEnsemble`, constructs the method with a *sequence* of
+``TeacherDims`` (one per teacher, in recipe order), and the ensemble answers the outputs ``<output>_<k>``
+(``pooled_0``, ``pooled_1``, …) online or from a feature cache that stores them side by side.
 """
 
 from __future__ import annotations
@@ -21,15 +21,12 @@ from distillctl.errors import UsageError
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, TeacherDims, register
 from distillctl.methods.shared import CropParams, crop_view
 from distillctl.methods.simreg import simreg_head, simreg_loss
+from distillctl.teachers.ensemble import member_key as multi_teacher_key
 
 
 class SimRegMultiParams(CropParams):
     teacher_feature: Literal["backbone", "projection"] = "backbone"
     teacher_weights: list[float] | None = Field(None, description="loss weight per teacher; default 1 each (sum)")
-
-
-def multi_teacher_key(output: str, k: int) -> str:
-    return f"{output}_{k}"
 
 
 @register
@@ -47,6 +44,7 @@ class SimRegMulti(Method):
         "ResNet-18 65.1 linear."
     )
     Params = SimRegMultiParams
+    multi_teacher = True
 
     def __init__(self, params: SimRegMultiParams, student_dim: int, teacher_dims) -> None:
         super().__init__(params, student_dim, teacher_dims)

@@ -12,7 +12,7 @@ from distillctl.teachers.registry import load_registry
 from tests.conftest import REPO
 
 METHODS = ["smd", "disco", "bingo", "compress-2q", "compress-1q", "cosine-reg", "mse-reg", "seed-smallpatch",
-           "ssl-small", "byol", "dino"]
+           "ssl-small", "byol", "dino", "simreg-multi"]
 
 
 def _published(method: str) -> list:
@@ -33,8 +33,11 @@ def test_published_and_cpu_recipes_validate(method: str) -> None:
             assert recipe.teacher.source == "none"
         elif path.stem.endswith("_cpu"):
             assert recipe.teacher.source == "pretrain" and recipe.data.train == "builtin:digits"
+            assert all(extra.source == "pretrain" for extra in recipe.teacher.extra)
         else:
-            load_registry().resolve(recipe.teacher.source)
+            for source in [recipe.teacher.source] + [extra.source for extra in recipe.teacher.extra]:
+                load_registry().resolve(source)
             assert recipe.data.image_size == 224
+        assert bool(recipe.teacher.extra) == cls.multi_teacher  # multi-teacher recipes list their other teachers
         if not path.stem.endswith("_cpu"):  # the published recipe spells out the published defaults
             assert params == cls.Params(**{k: getattr(cls.Params(), k) for k in recipe.method.params})
