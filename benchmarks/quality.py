@@ -106,7 +106,9 @@ def _budgets(args: argparse.Namespace) -> dict[str, list[int]]:
 
 def plan_cells(args: argparse.Namespace, methods: list[dict]) -> list[dict]:
     """The cells to run, cheapest budgets first (so the full table fills before long runs start)."""
-    distill_all = [m["name"] for m in methods if m["kind"] == "distill" and not m["teacher_mode"].startswith("?")]
+    # multi-teacher methods (simreg-multi) need a second teacher: not part of this one-teacher table
+    distill_all = [m["name"] for m in methods if m["kind"] == "distill" and m.get("teachers") != "2+"
+                   and not m["teacher_mode"].startswith("?")]
     ssl_all = [m["name"] for m in methods if m["kind"] == "ssl"]
     distill = _pick(args.methods, distill_all)
     ssl = _pick(args.ssl_methods, ssl_all)

@@ -152,7 +152,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
     for m in cfg.get("registered_methods") or []:
         if (m["name"], m["kind"]) in have:
             continue
-        why = ("needs several teachers; not runnable with one" if str(m.get("teacher_mode", "")).startswith("?")
+        why = ("not run: needs two or more teachers; the suite has one" if m.get("teachers") == "2+"
                else "not run: the suite was stopped before this cell")
         rows.append([m["name"], m["kind"], "–", f"{cfg['budget_images']:,}", "–", "–", "–", "–", "–", "–", why])
     ssl_teacher = q.get("reference", {}).get("ssl_teacher")

@@ -243,25 +243,37 @@ def methods_list(json_out: bool = typer.Option(False, "--json", help="JSON outpu
 
     Example: distillctl methods list --json
     """
-    from distillctl.methods.base import TeacherDims, registry
+    from distillctl.methods.base import registry
 
     rows = []
     for name, cls in sorted(registry().items()):
         try:
-            instance = cls(cls.Params(), 64, TeacherDims(64, 32))
-            mode = instance.requirements(32).teacher_mode
+            mode = _probe_method(cls).requirements(32).teacher_mode
         except Exception as exc:  # noqa: BLE001 - listing must not fail on one method
             mode = f"? ({type(exc).__name__})"
-        rows.append({"name": name, "kind": cls.kind, "teacher_mode": mode, "title": cls.title})
+        rows.append({"name": name, "kind": cls.kind, "teacher_mode": mode, "title": cls.title,
+                     "teachers": _teacher_count(cls)})
     if json_out:
         print_json({"methods": rows})
         return
     table = Table(title="distillctl methods")
-    for column in ("name", "kind", "teacher mode", "paper"):
+    for column in ("name", "kind", "teachers", "teacher mode", "paper"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["kind"], row["teacher_mode"], row["title"])
+        table.add_row(row["name"], row["kind"], row["teachers"], row["teacher_mode"], escape(row["title"]))
     console.print(table)
+
+
+def _probe_method(cls):
+    """An instance with default params and small made-up teacher sizes (one per teacher of a multi-teacher method)."""
+    from distillctl.methods.base import TeacherDims
+
+    dims = TeacherDims(64, 32)
+    return cls(cls.Params(), 64, [dims, dims] if cls.multi_teacher else dims)
+
+
+def _teacher_count(cls) -> str:
+    return "0" if cls.kind == "ssl" else ("2+" if cls.multi_teacher else "1")
 
 
 @methods_app.command("show")
@@ -270,17 +282,19 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
 
     Example: distillctl methods show seed
     """
-    from distillctl.methods.base import TeacherDims, get_method
+    from distillctl.methods.base import get_method
 
     cls = get_method(name)
     defaults = cls.Params().model_dump(mode="json")
-    mode = cls(cls.Params(), 64, TeacherDims(64, 32)).requirements(32).teacher_mode
+    mode = _probe_method(cls).requirements(32).teacher_mode
     info = {"name": name, "kind": cls.kind, "title": cls.title, "objective": cls.objective,
-            "published": cls.published, "teacher_mode": mode, "defaults": defaults}
+            "published": cls.published, "teacher_mode": mode, "teachers": _teacher_count(cls), "defaults": defaults}
     if json_out:
         print_json(info)
         return
-    console.print(f"[bold]{escape(cls.title)}[/]\n\n{escape(cls.objective)}\n\n[bold]teacher mode:[/] {mode}\n"
+    console.print(f"[bold]{escape(cls.title)}[/]\n\n{escape(cls.objective)}\n\n[bold]teachers:[/] {_teacher_count(cls)}"
+                  f"{' (teacher.source + teacher.extra / --extra-teacher)' if cls.multi_teacher else ''}\n"
+                  f"[bold]teacher mode:[/] {mode}\n"
                   f"[bold]published:[/] {escape(cls.published)}\n[bold]defaults (method.params):[/]")
     for key, value in defaults.items():
         console.print(f"  {key}: {value}", highlight=False)

@@ -112,3 +112,13 @@ def test_method_and_teacher_count_must_fit(tmp_path, tiny_teacher_file) -> None:
                      "--out", str(tmp_path / "absent"))
     assert absent.returncode == 2 and "teacher checkpoint not found" in absent.stderr, absent.stderr
     assert not any((tmp_path / name).exists() for name in ("one", "missing", "absent"))  # nothing written
+
+
+def test_catalogue_lists_the_multi_teacher_method() -> None:
+    listed = run_cli("methods", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)["methods"]}
+    assert rows["simreg-multi"]["teachers"] == "2+" and rows["simreg-multi"]["teacher_mode"] == "cached_exact"
+    assert rows["simreg"]["teachers"] == "1" and rows["mocov2"]["teachers"] == "0"
+    shown = run_cli("methods", "show", "simreg-multi")
+    assert shown.returncode == 0 and "teacher.extra" in shown.stdout, shown.stderr
