@@ -121,4 +121,4 @@ def test_catalogue_lists_the_multi_teacher_method() -> None:
     assert rows["simreg-multi"]["teachers"] == "2+" and rows["simreg-multi"]["teacher_mode"] == "cached_exact"
     assert rows["simreg"]["teachers"] == "1" and rows["mocov2"]["teachers"] == "0"
     shown = run_cli("methods", "show", "simreg-multi")
-    assert shown.returncode == 0 and "teacher.extra" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "teacher.extra" in shown.stdout + shown.stderr, shown.stderr
