@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-images", type=int, default=120_000, help="Images seen per cell (default 120000).")
     parser.add_argument("--extra", action="append", default=[], metavar="METHOD=IMAGES",
-                        help="An extra cell for METHOD at another budget (repeatable), e.g. --extra simreg=120000.")
+                        help="An extra cell for METHOD at another budget (repeatable; any registered method, also one left "
+                             "out of --methods), e.g. --extra simreg=30000.")
     parser.add_argument("--batch-size", type=int, default=64, help="Global batch for every cell (default 64).")
     parser.add_argument("--methods", default="all",
                         help="Comma-separated distillation methods, 'all' (every registered one) or 'none'.")
@@ -113,13 +114,19 @@ def plan_cells(args: argparse.Namespace, methods: list[dict]) -> list[dict]:
     distill = _pick(args.methods, distill_all)
     ssl = _pick(args.ssl_methods, ssl_all)
     overrides = _budgets(args)
+    unknown = sorted(set(overrides) - set(distill_all) - set(ssl_all))
+    if unknown:
+        raise BenchError(f"--extra names unknown method(s) {', '.join(unknown)}")
     cells = []
     for student in [s.strip() for s in args.students.split(",") if s.strip()]:
-        for name in distill:
-            for budget in [args.budget_images] + overrides.get(name, []):
+        # --extra cells exist for any registered method, also one left out of --methods / --ssl-methods
+        for name in distill_all:
+            main = [args.budget_images] if name in distill else []
+            for budget in main + overrides.get(name, []):
                 cells.append({"kind": "distill", "method": name, "teacher": "sup", "student": student, "budget": budget})
-        for name in ssl:
-            for budget in [args.budget_images] + overrides.get(name, []):
+        for name in ssl_all:
+            main = [args.budget_images] if name in ssl else []
+            for budget in main + overrides.get(name, []):
                 cells.append({"kind": "ssl", "method": name, "teacher": None, "student": student, "budget": budget})
         if args.ssl_teacher != "none":
             for name in _pick(args.ssl_teacher_methods, distill_all):
