@@ -55,6 +55,16 @@ def test_plan_cells_follows_the_registry():
     assert quality.schedule(120_000, 64, 10_000) == (1875, 13)
     with pytest.raises(quality.BenchError):
         quality.plan_cells(quality.parse_args(["--methods", "nope"]), methods)
+    # --extra cells for methods left out of --methods (a full small-budget table beside long cells); the
+    # multi-teacher method is left out of the one-teacher table; --first orders across kinds
+    methods.append({"name": "pair", "kind": "distill", "teacher_mode": "cached_exact", "teachers": "2+"})
+    args = quality.parse_args(["--budget-images", "120000", "--methods", "simreg", "--ssl-methods", "none",
+                               "--extra", "zeta=30000", "--extra", "mocov2=30000", "--extra", "simreg=30000",
+                               "--first", "simreg,mocov2"])
+    names = [(c["method"], c["budget"]) for c in quality.plan_cells(args, methods)]
+    assert names == [("simreg", 30000), ("mocov2", 30000), ("zeta", 30000), ("simreg", 120000)]
+    with pytest.raises(quality.BenchError):
+        quality.plan_cells(quality.parse_args(["--extra", "pair=30000"]), methods)
 
 
 def test_spread():
@@ -120,7 +130,7 @@ def test_render_from_fake_results(tmp_path):
     assert out.read_text() == text
     # best method at the common budget, its ratio to the teacher and gain over the best SSL-only student
     assert "**simreg**, kNN 40.0% (teacher 80.0%, student/teacher **0.50**)" in text
-    assert "gain over the best SSL-only student (mocov2, 28.0%): **+12.0 points**" in text
+    assert "gain over the best SSL-only student at the same budget (mocov2, 28.0%): **+12.0 points**" in text
     assert "simreg at 120,000 images: kNN 50.0%" in text
     assert "| bingo (failed) |" in text and "boom" in text
     assert "simreg cached 0.75" in text and "simreg online 0.50" in text
@@ -130,6 +140,25 @@ def test_render_from_fake_results(tmp_path):
     assert "Fake CPU, 2 cores, 8.0 GiB RAM" in text
     assert (tmp_path / "quality_budget.png").stat().st_size > 1000
     assert (tmp_path / "epoch_time_vs_size.png").stat().st_size > 1000
+
+
+def test_full_table_budget_is_the_one_with_most_cells():
+    import render
+
+    def row(method, budget, knn, kind="distill"):
+        return {"method": method, "budget": budget, "knn_top1": knn, "kind": kind, "status": "done",
+                "teacher": "sup" if kind == "distill" else None}
+
+    q = {"config": {"budget_images": 120000, "students": "mobilenetv2_100"},
+         "reference": {"teacher_knn": {"sup": 80.0}},
+         "rows": {"a": row("simreg", 120000, 50.0), "b": row("simreg", 30000, 35.0), "c": row("seed", 30000, 30.0),
+                  "d": row("mocov2", 30000, 20.0, "ssl")}}
+    facts = render.quality_facts(q)
+    assert facts["budget"] == 30000 and facts["best"]["method"] == "simreg" and facts["gain"] == 15.0
+    assert [r["knn_top1"] for r in facts["long"][120000]["distill"]] == [50.0]
+    note = render.summary_section(facts, {}, {}, q)
+    assert "Best method at 30,000 images (the full table, 2 distillation methods): **simreg**" in note
+    assert "simreg at 120,000 images: kNN 50.0% (student/teacher 0.62) vs 42.3%" in note
 
 
 def test_render_without_results(tmp_path):
