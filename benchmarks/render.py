@@ -261,6 +261,8 @@ def speed_section(s: dict | None, cache_bench: dict | None, plots: list[str]) ->
     if not s:
         out.append("No speed results yet: run `python benchmarks/speed.py`.")
     loop = (s or {}).get("loop") or {}
+    if loop.get("summary") and ((s.get("part_runs") or {}).get("loop") or {}).get("config"):
+        s = {**s, "config": s["part_runs"]["loop"]["config"]}  # the loop's own settings, not a later part's
     if loop.get("summary"):
         out += ["### Distillation loop vs bare student step", "",
                 f"`distillctl run` img/s (median over log windows of {s['config']['log_every']} steps, first window "
@@ -325,7 +327,16 @@ def speed_section(s: dict | None, cache_bench: dict | None, plots: list[str]) ->
     for part in ("loop", "cache", "scaling"):
         if isinstance((s or {}).get(part), dict) and s[part].get("error"):
             out.append(f"{part} part failed: {s[part]['error']}")
-    if s:
+    runs = (s or {}).get("part_runs") or {}
+    if runs:
+        out += ["Commands (each part as it was last measured):", ""]
+        for part in ("loop", "cache", "scaling"):
+            if part in runs:
+                run = runs[part]
+                out.append(f"- {part}: `{run['command']}` ({num((run.get('seconds') or 0) / 60, 1)} min, finished "
+                           f"{run.get('finished_utc')}, load average at start {run.get('load_average')})")
+        out.append("")
+    elif s:
         out += [f"Command: `{s.get('command')}` ({num((s.get('elapsed_s') or 0) / 60, 1)} min).", ""]
     return "\n".join(out), facts
 

@@ -318,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
             result[part] = {"error": str(exc)}
             log(f"{part} failed: {exc}")
         result.setdefault("part_seconds", {})[part] = round(time.time() - t0, 1)
+        # parts may come from different invocations (e.g. the loop re-measured on a quiet machine): each keeps
+        # the command, configuration and load it was measured under
+        result.setdefault("part_runs", {})[part] = {
+            "command": result["command"], "config": result["config"], "seconds": result["part_seconds"][part],
+            "load_average": result["machine"].get("load_average"),
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(out_path, result)
     result["elapsed_s"] = round(time.time() - started, 1)
     write_json(out_path, result)
