@@ -129,7 +129,8 @@ class ExportConfig(Strict):
     formats: list[Literal["onnx", "onnx-fp16", "onnx-int8", "engine", "engine-int8"]] = Field(default_factory=lambda: ["onnx"])
     calib_data: str | None = None  # default: the run's training data
     calib_size: int = Field(512, ge=1)
-    calib_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    # auto: minmax, then percentile, then entropy, until the INT8 parity gate passes (every try recorded)
+    calib_method: Literal["auto", "minmax", "percentile", "entropy"] = "auto"
     max_drop: float = Field(1.0, ge=0)  # INT8 kNN top-1 budget, points
     half: bool = False  # TensorRT fp16 engine
     parity_images: int = Field(64, ge=4)

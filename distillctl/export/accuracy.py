@@ -38,7 +38,8 @@ class AccuracyReport:
                 f"INT8 accuracy gate failed for {self.candidate}: kNN@{self.k} top-1 {self.candidate_top1:.2f}% vs "
                 f"{self.reference_top1:.2f}% fp32, a drop of {self.drop:.2f} points > budget {self.max_drop:g} "
                 f"(over by {self.drop - self.max_drop:.2f})",
-                hint="try --calib-method percentile or entropy, more --calib-size images, or raise --max-drop",
+                hint="try more --calib-size images or another --calib-method (auto picks by the parity gate), or raise "
+                     "--max-drop",
             )
 
 

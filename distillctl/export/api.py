@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def export_run(
     *,
     calib_data: str | None = None,
     calib_size: int = 512,
-    calib_method: str = "minmax",
+    calib_method: str = "auto",
     max_drop: float = 1.0,
     half: bool = False,
     exporter: str = "dynamo",
@@ -64,8 +65,8 @@ def export_run(
     from distillctl.students import count_parameters, load_student
 
     formats = parse_formats(formats or ["onnx"])
-    if calib_method not in CALIBRATION_METHODS:
-        raise UsageError(f"unknown calibration method '{calib_method}'; valid: {', '.join(CALIBRATION_METHODS)}")
+    if calib_method not in CALIBRATION_METHODS + ("auto",):
+        raise UsageError(f"unknown calibration method '{calib_method}'; valid: auto, {', '.join(CALIBRATION_METHODS)}")
     from distillctl.export.onnx import EXPORTERS
 
     if exporter not in EXPORTERS:
@@ -164,11 +165,17 @@ def _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set, cal
     calib = _eval_images(calib_dataset, indices, int(config.input_size[-1]), config, splits.crop_pct).numpy()
     knn_args = dict(input_size=int(config.input_size[-1]), mean=list(config.mean), std=list(config.std),
                     crop_pct=splits.crop_pct, max_drop=max_drop)
+    chosen, tried = _choose_calibration(model, onnx_path, export_dir, calib, parity_set, calib_method)
     entries: dict[str, dict] = {}
     reference_top1 = None
     for key, trt in (("onnx-int8", False), ("onnx-int8-trt", True)):
-        info = quantize_int8(onnx_path, export_dir / FILES[key], calib, method=calib_method, tensorrt=trt)
-        parity = check_parity(model, ort_runner(info.path), parity_set, precision="int8")
+        if not trt and chosen["info"] is not None:  # the auto search already wrote and checked this one
+            info, parity = chosen["info"], chosen["parity"]
+            os.replace(info.path, export_dir / FILES[key])
+            info.path = str(export_dir / FILES[key])
+        else:
+            info = quantize_int8(onnx_path, export_dir / FILES[key], calib, method=chosen["method"], tensorrt=trt)
+            parity = check_parity(model, ort_runner(info.path), parity_set, precision="int8")
         gate(parity, FILES[key])
         accuracy = compare_knn(onnx_path, info.path, splits.train, splits.test, reference_top1=reference_top1, **knn_args)
         reference_top1 = accuracy.reference_top1
@@ -179,7 +186,8 @@ def _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set, cal
             check_tensorrt_compatible(info.path)  # quantize_int8 checked already; cheap, and explicit here
             entry["tensorrt_compatible"] = True
         entries[key] = entry
-    calibration = {"data": calib_data or splits.train_spec, "images": int(len(indices)), "method": calib_method,
+    calibration = {"data": calib_data or splits.train_spec, "images": int(len(indices)), "method": chosen["method"],
+                   "requested": calib_method, "tried": tried,
                    "data_manifest_sha256": calib_dataset.manifest_hash(),
                    "indices_sha256": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
                    "transform": "eval (centre crop)", "per_channel": True, "activation_type": "QInt8",
@@ -187,6 +195,41 @@ def _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set, cal
     result = entries["onnx-int8"] | {"tensorrt_variant": entries["onnx-int8-trt"]}
     return result, {"calibration": calibration, FILES["onnx-int8"]: entries["onnx-int8"]["quantization"],
                     FILES["onnx-int8-trt"]: entries["onnx-int8-trt"]["quantization"]}
+
+
+def _choose_calibration(model, onnx_path, export_dir, calib, parity_set, calib_method) -> tuple[dict, list[dict]]:
+    """The calibration method of the INT8 artefacts. ``auto`` (the documented recipe): MinMax, then Percentile
+    (99.999), then Entropy, keeping the first whose ORT artefact passes the INT8 parity gate, else the one with the
+    best p1 cosine (its gate then fails with that margin). Every try is recorded."""
+    if calib_method != "auto":
+        return {"method": calib_method, "info": None, "parity": None}, []
+    tried: list[dict] = []
+    try:
+        best = _search_calibration(model, onnx_path, export_dir, calib, parity_set, tried)
+    except BaseException:  # interrupted or failed: no half-made tries left beside the artefacts
+        for leftover in export_dir.glob(".int8-try-*.onnx"):
+            leftover.unlink(missing_ok=True)
+        raise
+    return best, tried
+
+
+def _search_calibration(model, onnx_path, export_dir, calib, parity_set, tried: list[dict]) -> dict:
+    best: dict | None = None
+    for method in CALIBRATION_METHODS:
+        info = quantize_int8(onnx_path, export_dir / f".int8-try-{method}.onnx", calib, method=method)
+        parity = check_parity(model, ort_runner(info.path), parity_set, precision="int8")
+        tried.append({"method": method, "mean_cosine": parity.mean_cosine, "p1_cosine": parity.p1_cosine,
+                      "passed": parity.passed})
+        candidate = {"method": method, "info": info, "parity": parity}
+        if best is None or (parity.passed, parity.p1_cosine) > (best["parity"].passed, best["parity"].p1_cosine):
+            if best is not None:
+                Path(best["info"].path).unlink(missing_ok=True)
+            best = candidate
+        else:
+            Path(info.path).unlink(missing_ok=True)
+        if parity.passed:
+            break
+    return best
 
 
 def _engine(model, export_dir, run_dir, size, precision, config, parity_set, gate) -> tuple[dict, dict]:

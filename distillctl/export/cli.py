@@ -48,7 +48,8 @@ def export_command(
     format: str = typer.Option("onnx", "--format", "-f", help="Comma-separated: onnx, onnx-fp16, onnx-int8, engine, engine-int8."),
     calib_data: str = typer.Option(None, "--calib-data", help="Images for INT8 calibration (ImageFolder or builtin:NAME); default: the run's train split."),
     calib_size: int = typer.Option(512, "--calib-size", help="Number of calibration images (eval transform)."),
-    calib_method: str = typer.Option("minmax", "--calib-method", help="INT8 calibration: minmax, percentile or entropy."),
+    calib_method: str = typer.Option("auto", "--calib-method", help="INT8 calibration: auto (minmax, then percentile, "
+                                     "then entropy until the parity gate passes), minmax, percentile or entropy."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="INT8 budget: largest allowed kNN top-1 drop vs fp32, in points."),
     half: bool = typer.Option(False, "--half", help="Build the TensorRT engine in fp16."),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (opset 18, default) or legacy (TorchScript, opset 17)."),

@@ -79,8 +79,16 @@ class ParityResult:
             raise GateError(
                 f"parity gate failed for {what} ({self.tolerance.name}, {self.images} images, batches "
                 f"{'/'.join(map(str, self.batches))}): " + "; ".join(self.failures),
-                hint="the exported file does not compute the student's embedding; try --exporter legacy, or report the architecture",
+                hint=_HINTS.get(self.tolerance.name, _HINTS["fp32"]),
             )
+
+
+_HINTS = {
+    "fp32": "the exported file does not compute the student's embedding; try --exporter legacy, or report the architecture",
+    "fp16": "fp16 rounding moved the embedding too far for this student; use the fp32 artefact",
+    "int8": "INT8 rounding moved the embedding too far: try more --calib-size images or another --calib-method "
+            "(auto tries minmax, percentile and entropy; the tries are in the report), or ship the fp32/fp16 artefact",
+}
 
 
 def cosine_rows(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:

@@ -212,3 +212,54 @@ def test_engine_build_follows_tensorrt_rules(monkeypatch, fake_gpu: Path, versio
     assert cache.read_bytes() == b"+t"
     build_engine(fake_gpu, input_size=32, precision=precision)
     assert fake.call("cache-in")[-1] == (b"+t",)
+
+
+def _fake_quantize(calls: list):
+    from distillctl.export.quantize import QuantizationInfo
+
+    def quantize(fp32_path, out_path, calib, *, method="minmax", tensorrt=False, **_):
+        Path(out_path).write_bytes(method.encode())
+        calls.append(method)
+        return QuantizationInfo(path=str(out_path), format="QDQ", per_channel=True, symmetric=tensorrt,
+                                calibration_method=method, calibration_images=len(calib), quantize_linear=1,
+                                dequantize_linear=1, size_bytes=1)
+
+    return quantize
+
+
+def _fake_parity(p1_by_method: dict):
+    from distillctl.export.parity import TOLERANCES, ParityResult
+
+    def check(model, runner, images, precision="fp32", **_):
+        p1 = p1_by_method[runner.method]
+        return ParityResult(max_abs=0.0, max_rel=0.0, ref_abs_max=1.0, min_cosine=p1, mean_cosine=p1, p1_cosine=p1,
+                            batches=[1], images=4, passed=p1 >= 0.99, tolerance=TOLERANCES["int8"],
+                            failures=[] if p1 >= 0.99 else [f"p1 cosine {p1}"])
+
+    return check
+
+
+@pytest.mark.parametrize("p1, chosen, tried", [
+    ({"minmax": 0.995, "percentile": 0.999, "entropy": 0.999}, "minmax", ["minmax"]),  # first pass wins
+    ({"minmax": 0.90, "percentile": 0.995, "entropy": 0.999}, "percentile", ["minmax", "percentile"]),
+    ({"minmax": 0.90, "percentile": 0.95, "entropy": 0.93}, "percentile", ["minmax", "percentile", "entropy"]),
+])
+def test_auto_calibration_keeps_the_first_passing_or_the_best(monkeypatch, tmp_path: Path, p1, chosen, tried) -> None:
+    from distillctl.export import api
+
+    calls: list = []
+    monkeypatch.setattr(api, "quantize_int8", _fake_quantize(calls))
+
+    def runner(path):
+        run = lambda batch: batch  # noqa: E731
+        run.method = Path(path).read_bytes().decode()
+        return run
+
+    monkeypatch.setattr(api, "ort_runner", runner)
+    monkeypatch.setattr(api, "check_parity", _fake_parity(p1))
+    best, record = api._choose_calibration(None, tmp_path / "m.onnx", tmp_path, np.zeros((4, 3, 8, 8)), None, "auto")
+    assert best["method"] == chosen and [t["method"] for t in record] == tried == calls
+    assert [t["passed"] for t in record] == [p1[m] >= 0.99 for m in tried]
+    assert [p.name for p in tmp_path.iterdir()] == [f".int8-try-{chosen}.onnx"]  # the losers are deleted
+    fixed, none_tried = api._choose_calibration(None, tmp_path / "m.onnx", tmp_path, np.zeros(1), None, "entropy")
+    assert fixed == {"method": "entropy", "info": None, "parity": None} and none_tried == []
