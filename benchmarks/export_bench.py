@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--invocations", type=int, default=3, help="Separate `distillctl bench` processes.")
     parser.add_argument("--repeats", type=int, default=30, help="Timed calls per (format, batch) per invocation.")
     parser.add_argument("--calib-size", type=int, default=256, help="INT8 calibration images.")
-    parser.add_argument("--calib-method", default="minmax", help="INT8 calibration: minmax, percentile, entropy.")
+    parser.add_argument("--calib-method", default="auto", help="INT8 calibration: auto (default), minmax, percentile, entropy.")
     parser.add_argument("--reuse-export", action="store_true",
                         help="Skip `distillctl export` and read the run's recorded export report (after an earlier "
                              "export of the same student).")
