@@ -122,3 +122,15 @@ def test_catalogue_lists_the_multi_teacher_method() -> None:
     assert rows["simreg"]["teachers"] == "1" and rows["mocov2"]["teachers"] == "0"
     shown = run_cli("methods", "show", "simreg-multi")
     assert shown.returncode == 0 and "teacher.extra" in shown.stdout + shown.stderr, shown.stderr
+
+
+def test_extra_teacher_flag_forms() -> None:
+    from distillctl.commands import _extra_teacher, _overrides_from_flags
+    from distillctl.config import load_recipe
+
+    assert _extra_teacher("r50-barlow") == {"source": "r50-barlow"}
+    assert _extra_teacher("./ckpt/r18.safetensors@resnet18") == {"source": "./ckpt/r18.safetensors", "arch": "resnet18"}
+    assert _extra_teacher("./ckpt@v2/r18.pth") == {"source": "./ckpt@v2/r18.pth"}  # an @ inside the path
+    overrides = _overrides_from_flags({"extra_teacher": ["r50-barlow", "a b.pth@resnet50"], "method": "simreg-multi"})
+    recipe = load_recipe(None, overrides)
+    assert [(e.source, e.arch) for e in recipe.teacher.extra] == [("r50-barlow", None), ("a b.pth", "resnet50")]
