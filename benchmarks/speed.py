@@ -187,6 +187,10 @@ def loop_part(args, pre, data, methods: list[dict], log_path: Path) -> dict:
             results["bare"].append(bare)
             log(f"repeat {repeat + 1}: bare loop {bare['images_per_sec']} img/s")
             out = WORK / "speed" / "loop" / f"{name}-{mode}-r{repeat}"
+            if out.exists():  # a fresh run directory: metrics.jsonl of an earlier invocation must not be read
+                import shutil
+
+                shutil.rmtree(out)
             command = distill_command(args, pre, name, mode, data["train"], out, args.steps, cache,
                                       epochs=max(1, -(-args.steps * args.batch_size // data["train_images"])))
             results["commands"][f"{name}/{mode}"] = "distillctl " + display_command(command)
