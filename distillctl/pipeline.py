@@ -429,6 +429,12 @@ def _neighbour_bags(recipe, method, requirements, teacher, cache, train_data, me
     return feature_bags(features, k)
 
 
+def _set_aside_metrics(path: Path) -> None:
+    """``--restart``: the old run's metrics move to ``metrics.jsonl.prev`` so the file describes one training."""
+    if path.is_file():
+        path.replace(path.with_name(path.name + ".prev"))
+
+
 def _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std, mode, teacher_bn,
                    device, distill_fp, bags=None) -> dict:
     from distillctl.train.checkpoint import CheckpointManager
@@ -437,6 +443,7 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
     checkpoints = CheckpointManager(run.path / "distill" / "checkpoints", recipe.train.keep_last)
     if options.restart:
         distributed.main_first(checkpoints.clear)
+        distributed.main_first(_set_aside_metrics, run.metrics_path)
     elif run.stage_done("distill", distill_fp) and (run.student_dir / "model.safetensors").is_file():
         if not options.quiet and distributed.info().is_main:
             console.print("distill: finished earlier with the same inputs; skipped")

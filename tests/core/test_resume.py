@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from safetensors.torch import load_file
 
@@ -43,3 +45,17 @@ def test_resume_without_checkpoint_is_a_usage_error(tmp_path, tiny_teacher_file)
     result = run_cli(*tiny_run_args(tiny_teacher_file, tmp_path / "run"), "--resume")
     assert result.returncode == 2
     assert "no checkpoint to resume from" in result.stderr
+
+
+def test_restart_starts_a_fresh_metrics_file(tmp_path, tiny_teacher_file):
+    args = tiny_run_args(tiny_teacher_file, tmp_path / "run", "--set", "train.max_steps=4", "--set",
+                         "train.log_every=2", "--teacher-mode", "online")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = run_cli(*args, "--restart")
+    assert again.returncode == 0, again.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("stage") == "distill"]
+    assert steps == [2, 4]  # one training's lines, not both
+    assert (tmp_path / "run" / "metrics.jsonl.prev").read_text() == before
