@@ -31,12 +31,12 @@ class PretrainSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class ExtraTeacher(Strict):
-    """One more teacher for multi-teacher methods (``simreg-multi``): the same source forms as ``teacher.source``."""
+class TeacherSource(Strict):
+    """Where one teacher comes from and how it is verified: ``teacher`` itself and each ``teacher.extra`` entry."""
 
     source: str  # registry name/alias, timm:<name>, a local file, or "pretrain"
-    arch: str | None = None
-    format: str | None = None
+    arch: str | None = None  # for local files: a timm model name
+    format: str | None = None  # checkpoint family for local files (auto-detected when None)
     accept_license: bool = False
     sha256: str | None = None
     no_verify: bool = False
@@ -44,19 +44,16 @@ class ExtraTeacher(Strict):
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
 
 
-class TeacherConfig(Strict):
-    source: str = "pretrain"  # registry name/alias, timm:<name>, a local file, or "pretrain"
-    arch: str | None = None  # for local files: a timm model name
-    format: str | None = None  # checkpoint family for local files (auto-detected when None)
+class ExtraTeacher(TeacherSource):
+    """One more teacher for multi-teacher methods (``simreg-multi``): the same source forms as ``teacher.source``."""
+
+
+class TeacherConfig(TeacherSource):
+    source: str = "pretrain"
     bn: Literal["eval", "train", "method"] = "method"  # "method": the method's documented default
     mode: Literal["auto", "online", "cached"] = "auto"  # auto: cached when the method allows it
     cache: str | None = None  # cache directory (default: <run>/cache)
     cache_views: int = Field(4, ge=1, le=64)
-    accept_license: bool = False
-    sha256: str | None = None
-    no_verify: bool = False
-    mirror: str | None = None
-    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
     # further teachers, in order (teacher k answers outputs pooled_k / proj_k; 0 is `source`)
     extra: list[ExtraTeacher] = Field(default_factory=list, max_length=16)
 
