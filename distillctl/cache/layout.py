@@ -29,8 +29,9 @@ SCHEMA = "distillctl.feature_cache/1"
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 OUTPUT_KINDS = ("pooled", "proj")
-# a multi-teacher cache stores teacher k's outputs as pooled_k / proj_k (distillctl.teachers.ensemble)
-OUTPUT_NAME = re.compile(r"^(pooled|proj)(_\d{1,2})?$")
+# teacher output names: a multi-teacher run (distillctl.teachers.ensemble) has teacher k's outputs as
+# pooled_k / proj_k; group 1 is the kind, group 2 the teacher index (None for the plain names)
+OUTPUT_NAME = re.compile(r"^(pooled|proj)(?:_(\d{1,2}))?$")
 
 
 def is_output_name(name: str) -> bool:

@@ -13,15 +13,13 @@ Every member sees the run's input normalisation (``data.mean`` / ``data.std``, b
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from distillctl.cache.layout import OUTPUT_NAME
 from distillctl.errors import UsageError
 from distillctl.teachers.base import Teacher
-
-_KEY = re.compile(r"^(pooled|proj)(?:_(\d+))?$")
 
 
 def member_key(output: str, k: int) -> str:
@@ -31,7 +29,7 @@ def member_key(output: str, k: int) -> str:
 
 def parse_key(key: str) -> tuple[str, int | None]:
     """``"proj_1"`` → ``("proj", 1)``; ``"pooled"`` → ``("pooled", None)``."""
-    match = _KEY.match(key)
+    match = OUTPUT_NAME.match(key)
     if match is None:
         raise UsageError(f"unknown teacher output '{key}' (expected pooled, proj, pooled_<k> or proj_<k>)")
     return match.group(1), None if match.group(2) is None else int(match.group(2))
