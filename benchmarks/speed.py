@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -188,8 +189,6 @@ def loop_part(args, pre, data, methods: list[dict], log_path: Path) -> dict:
             log(f"repeat {repeat + 1}: bare loop {bare['images_per_sec']} img/s")
             out = WORK / "speed" / "loop" / f"{name}-{mode}-r{repeat}"
             if out.exists():  # a fresh run directory: metrics.jsonl of an earlier invocation must not be read
-                import shutil
-
                 shutil.rmtree(out)
             command = distill_command(args, pre, name, mode, data["train"], out, args.steps, cache,
                                       epochs=max(1, -(-args.steps * args.batch_size // data["train_images"])))
@@ -235,8 +234,6 @@ def cache_part(args, pre, log_path: Path) -> dict:
     for views in [int(v) for v in args.views_list.split(",")]:
         cache = WORK / "speed" / "cache" / f"k{views}"
         if cache.exists():
-            import shutil
-
             shutil.rmtree(cache)
         command = ["cache", "build", "--teacher", str(TEACHER), "--teacher-arch", pre["arch"], "--data", data,
                    "--views", str(views), "--out", str(cache), "--image-size", str(args.image_size), "--crop-pct", "1.0",
