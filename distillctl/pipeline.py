@@ -207,6 +207,48 @@ def _warn_preprocess(teacher: Teacher | None, mean, std, quiet: bool) -> None:
                       "(data.mean / data.std)", highlight=False, soft_wrap=True)
 
 
+def queue_warnings(method, train_images: int, images_seen: int) -> list[str]:
+    """Plain-language warnings for feature queues sized for ImageNet on a much smaller run.
+
+    The published queue lengths (65,536 keys; 128,000 CompRess anchors) assume 1.28 M images and many epochs.
+    A run that enqueues fewer rows than the queue holds trains against random initial rows for its whole length.
+    Where the rows are contrastive negatives (``Method.queue_negatives``: MoCo v2, DisCo, BINGO), a queue longer
+    than the training set also holds stale copies of the current image among them; soft-target anchor queues
+    (SEED, CompRess) are not hurt by that. Neither is an error, so these are warnings only.
+    """
+    from distillctl.methods.common import FeatureQueue
+
+    sizes = sorted({module.size for module in method.modules() if isinstance(module, FeatureQueue)}, reverse=True)
+    if not sizes:
+        return []
+    size = sizes[0]
+    out = []
+    if images_seen < size:
+        out.append(f"the {size:,}-row queue of {method.name} never fills: the run enqueues about {images_seen:,} rows, "
+                   f"so about {size - images_seen:,} rows stay at their random initialisation; "
+                   "set method.params.queue_size at or below the images seen")
+    if size > train_images and method.queue_negatives:
+        out.append(f"the {size:,}-row queue of {method.name} is longer than the training set ({train_images:,} images): "
+                   "it holds several embeddings of each image at once (stale copies of the current image among its negatives); "
+                   f"the published length assumes ImageNet, consider method.params.queue_size <= {train_images:,}")
+    return out
+
+
+def _images_seen(recipe: Recipe, train_images: int) -> int:
+    steps_per_epoch = max(1, train_images // recipe.train.batch_size)
+    steps = recipe.train.epochs * steps_per_epoch
+    if recipe.train.max_steps:
+        steps = min(steps, recipe.train.max_steps)
+    return steps * recipe.train.batch_size
+
+
+def _warn_queues(recipe: Recipe, method, train_images: int, quiet: bool) -> None:
+    if quiet or not distributed.info().is_main:
+        return
+    for text in queue_warnings(method, train_images, _images_seen(recipe, train_images)):
+        console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True, markup=True)
+
+
 # --- stages ------------------------------------------------------------------------------------
 
 def _teacher_mode(recipe: Recipe, method_mode: str) -> str:
@@ -275,6 +317,7 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     teacher_dims = _teacher_dims(teacher)
     _warn_preprocess(teacher, mean, std, options.quiet)
     method = build_method(recipe.method.name, recipe.method.params, feature_dim(student), teacher_dims)
+    _warn_queues(recipe, method, len(train_data), options.quiet)
     requirements = method.requirements(recipe.data.image_size)
     mode = _teacher_mode(recipe, requirements.teacher_mode)
     teacher_bn = requirements.teacher_bn if recipe.teacher.bn == "method" else recipe.teacher.bn

@@ -90,6 +90,9 @@ class Method(nn.Module):
     kind: ClassVar[Literal["distill", "ssl"]] = "distill"
     # True: built with one TeacherDims per teacher (recipe teacher.extra) and reads outputs pooled_k / proj_k
     multi_teacher: ClassVar[bool] = False
+    # True: queue rows serve as contrastive negatives (InfoNCE), so a queue longer than the training set holds
+    # stale copies of the current image among them; False for queues of soft-target anchors (SEED, CompRess)
+    queue_negatives: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, student_dim: int, teacher_dims: TeacherDims | None) -> None:
         super().__init__()

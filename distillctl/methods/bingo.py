@@ -68,6 +68,7 @@ def bingo_loss(student_i: torch.Tensor, student_j: torch.Tensor, student_mix: to
 @register
 class Bingo(Method):
     name = "bingo"
+    queue_negatives = True
     title = "BINGO: Bag of instances aggregation boosts self-supervised distillation (Xu et al., ICLR 2022)"
     objective = (
         "Offline, the teacher's pooled centre-crop features give each image a bag of its k=5 nearest neighbours. "

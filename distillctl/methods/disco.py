@@ -45,6 +45,7 @@ def embedding_squared_error(student: torch.Tensor, teacher: torch.Tensor, reduct
 @register
 class DisCo(Method):
     name = "disco"
+    queue_negatives = True
     title = "DisCo: Remedy self-supervised learning on lightweight models with distilled contrastive learning (Gao et al., ECCV 2022)"
     objective = (
         "The student keeps MoCo v2 as its own task and also regresses the teacher's final embedding on both views. "

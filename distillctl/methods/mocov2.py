@@ -41,6 +41,7 @@ class _Encoder(nn.Module):
 @register
 class MocoV2(Method):
     name = "mocov2"
+    queue_negatives = True
     kind = "ssl"
     title = "MoCo v2: Improved baselines with momentum contrastive learning (Chen et al., 2020)"
     objective = (
