@@ -131,13 +131,19 @@ def distillctl(args: list[str], log_path: Path | None = None, json_out: bool = T
     """Run ``python -m distillctl ARGS [--json]``; stderr goes to ``log_path``; returns the parsed JSON."""
     command = [sys.executable, "-m", "distillctl", *args] + (["--json"] if json_out else [])
     log_handle = open(log_path, "a", encoding="utf-8") if log_path else subprocess.DEVNULL
+    # stdout goes to an (unlinked) temp file, not a pipe: a suite process killed mid-cell leaves its cells running
+    # (a later suite invocation waits for them), and a pipe with no reader would kill them at their first write.
+    out_handle = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
     try:
         if log_path:
             log_handle.write(f"$ {' '.join(command)}\n")
             log_handle.flush()
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=log_handle, text=True, cwd=REPO,
+        proc = subprocess.run(command, stdout=out_handle, stderr=log_handle, text=True, cwd=REPO,
                               env=python_env(threads), timeout=timeout)
+        out_handle.seek(0)
+        stdout = out_handle.read()
     finally:
+        out_handle.close()
         if log_path:
             log_handle.close()
     if proc.returncode != 0:
@@ -148,9 +154,9 @@ def distillctl(args: list[str], log_path: Path | None = None, json_out: bool = T
             last = (errors or lines or [""])[-1]
         raise BenchError(f"distillctl {args[0]} exited {proc.returncode}: {last}", proc.returncode)
     if not json_out:
-        return proc.stdout
+        return stdout
     try:
-        return json.loads(proc.stdout)
+        return json.loads(stdout)
     except json.JSONDecodeError as exc:
         raise BenchError(f"distillctl {args[0]} printed no JSON ({exc})") from None
 

@@ -40,6 +40,17 @@ def test_missing_shared_exits_2(script, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_distillctl_helper_reads_json_and_logs_stderr(tmp_path):
+    """Cells' stdout goes to a temp file (not a pipe a killed suite would leave without a reader)."""
+    from common import BenchError, distillctl
+
+    listing = distillctl(["methods", "list"], tmp_path / "cell.log")
+    assert "simreg" in {m["name"] for m in listing["methods"]}
+    assert (tmp_path / "cell.log").read_text().startswith("$ ")
+    with pytest.raises(BenchError, match="exited 2"):
+        distillctl(["methods", "show", "no-such-method"], tmp_path / "bad.log")
+
+
 def test_plan_cells_follows_the_registry():
     import quality
 
