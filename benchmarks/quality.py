@@ -236,13 +236,37 @@ def row_from_summary(cell: dict, summary: dict, command: list[str]) -> dict:
     linear = student_eval.get("linear") or {}
     return {**cell, "id": cell_id(cell), "status": "done", "knn_top1": summary["student"].get("knn_top1"),
             "linear_top1": linear.get("top1"), "linear_setting": {k: linear.get(k) for k in ("lr", "weight_decay")},
-            "train_wall_s": train.get("wall_s"), "images_per_sec": train.get("images_per_sec"),
+            **train_time(train, cell_dir(cell) / "metrics.jsonl"), "images_per_sec": train.get("images_per_sec"),
             "steps": train.get("steps"), "images_seen": (train.get("steps") or 0) * args_batch(summary),
             "teacher_mode": train.get("teacher_mode"), "cell_wall_s": summary.get("wall_s"),
             "teacher_knn_top1": (summary.get("teacher") or {}).get("knn_top1"),
             "random_student_knn_top1": ((summary.get("eval") or {}).get("random_student") or {}).get("knn_top1"),
             "eval_protocol": (summary.get("eval") or {}).get("protocol"),
             "command": "distillctl " + display_command(command)}
+
+
+def train_time(train: dict, metrics_path: Path) -> dict:
+    """The cell's training time over every invocation (a resumed cell's ``wall_s`` is its last invocation only).
+
+    ``total_wall_s`` comes from distillctl itself; for cells resumed from a checkpoint written before distillctl
+    recorded it, the time is summed from metrics.jsonl: each logged window lasts (images in it) / img_per_s, the
+    last record of each step wins (steps re-run after an interruption replace the lost ones)."""
+    if train.get("total_wall_s") is not None or not train.get("resumed_from_step"):
+        return {"train_wall_s": train.get("total_wall_s") or train.get("wall_s"), "train_wall_estimated": False}
+    by_step: dict[int, dict] = {}
+    try:
+        for line in metrics_path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("stage") in ("distill", "pretrain") and record.get("img_per_s"):
+                by_step[int(record["step"])] = record
+    except (OSError, ValueError):
+        return {"train_wall_s": None, "train_wall_estimated": False}
+    batch = int(train.get("global_batch") or 0)
+    seconds, previous = 0.0, 0
+    for step in sorted(by_step):
+        seconds += (step - previous) * batch / by_step[step]["img_per_s"]
+        previous = step
+    return {"train_wall_s": round(seconds, 1) if by_step and batch else None, "train_wall_estimated": bool(by_step)}
 
 
 def args_batch(summary: dict) -> int:

@@ -175,7 +175,8 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             gain = r["knn_top1"] - same[0]["knn_top1"]
         rows.append([r["method"], r["kind"], {"sup": "ResNet-18 sup.", "ssl": "ResNet-18 SSL"}.get(r["teacher"], "–"),
                      f"{r['budget']:,}", pct(r["knn_top1"]), pct(r.get("linear_top1")), num(ratio, 2) if ratio else "–",
-                     (f"{gain:+.1f}" if gain is not None else "–"), num(r.get("train_wall_s"), 0),
+                     (f"{gain:+.1f}" if gain is not None else "–"),
+                     ("≈" if r.get("train_wall_estimated") else "") + num(r.get("train_wall_s"), 0),
                      num(r.get("images_per_sec"), 0), r.get("teacher_mode") or "none"])
     have = {(r["method"], r["kind"]) for r in all_rows if r["budget"] == budget and r.get("status") == "done"}
     for m in cfg.get("registered_methods") or []:
@@ -193,8 +194,10 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
     out += ["", table(header, rows), ""]
     out.append("\"gain vs best SSL-only\" compares with the best SSL-only student (`distillctl pretrain`) trained for "
                "the same budget (– where none was); \"student/teacher\" divides by the kNN of the teacher the row "
-               "distilled from. \"train wall s\" and \"img/s\" are the distill stage's own; cells ran as the "
-               "suite's command says (two one-thread cells at a time on the two cores, so img/s is per core).")
+               "distilled from. \"train wall s\" (all invocations of a resumed cell; ≈: summed from its metrics.jsonl "
+               "because it was resumed from a checkpoint older than distillctl's total_wall_s) and \"img/s\" (last "
+               "invocation) are the distill stage's own; cells ran as the suite's command says (two one-thread "
+               "cells at a time on the two cores, so img/s is per core).")
     if "curve" in plots:
         out += ["", "![kNN top-1 vs images seen](quality_budget.png)", ""]
     if q.get("reference", {}).get("error"):

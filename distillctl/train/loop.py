@@ -90,9 +90,12 @@ class TrainResult:
     epochs: int
     images_seen: int
     images_per_sec: float
-    wall_s: float
+    wall_s: float  # this invocation's training time
     final_loss: float
     resumed_from_step: int | None
+    # training time of every invocation that led to the final step (each step counted once: steps re-run after an
+    # interruption replace the lost ones); None when resumed from a checkpoint that predates this field
+    total_wall_s: float | None = None
     world_size: int = 1
     grad_accum: int = 1
     sync_bn: bool = False
@@ -101,6 +104,7 @@ class TrainResult:
     def to_dict(self) -> dict:
         return {"epochs": self.epochs, "steps": self.steps, "images_seen": self.images_seen,
                 "images_per_sec": round(self.images_per_sec, 2), "wall_s": round(self.wall_s, 2),
+                "total_wall_s": None if self.total_wall_s is None else round(self.total_wall_s, 2),
                 "final_loss": self.final_loss, "resumed_from_step": self.resumed_from_step,
                 "world_size": self.world_size, "grad_accum": self.grad_accum, "sync_bn": self.sync_bn,
                 "bad_images": len(self.bad_images)}
@@ -171,6 +175,7 @@ def train(job: TrainJob) -> TrainResult:
 
     checkpoints = CheckpointManager(job.out_dir / "checkpoints", job.keep_last)
     step, resumed_from = 0, None
+    prior_wall: float | None = 0.0  # training seconds spent before this invocation (from the checkpoint)
     bad_images: dict[str, str] = {}  # path → reason (this rank's; rank 0 also holds those restored from a checkpoint)
     state = distributed.main_first(checkpoints.load_latest, job.fingerprint) if job.resume else None
     state = distributed.broadcast_object(state) if job.resume else None  # other nodes need no shared filesystem
@@ -180,6 +185,7 @@ def train(job: TrainJob) -> TrainResult:
     if state is not None:
         _restore(state, student, method, optimizer, scaler, dist_info)
         step = resumed_from = int(state["step"])
+        prior_wall = state.get("train_wall_s")
         if dist_info.is_main:
             bad_images.update(dict(state.get("bad_images", [])))
             was = int(state.get("world_size", world))
@@ -197,6 +203,7 @@ def train(job: TrainJob) -> TrainResult:
             "method": method.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": world,
             "bad_images": sorted(gathered.items()),
+            "train_wall_s": None if prior_wall is None else prior_wall + time.monotonic() - start_time,
         }, step)
 
     metrics = MetricsWriter(job.metrics_path, job.tensorboard_dir, enabled=dist_info.is_main)
@@ -291,7 +298,7 @@ def train(job: TrainJob) -> TrainResult:
         merged.update(part)
     return TrainResult(steps=step, epochs=job.epochs, images_seen=images_seen,
                        images_per_sec=images_seen / max(wall, 1e-9), wall_s=wall, final_loss=last_loss,
-                       resumed_from_step=resumed_from, world_size=world, grad_accum=job.grad_accum,
+                       resumed_from_step=resumed_from, total_wall_s=None if prior_wall is None else prior_wall + wall, world_size=world, grad_accum=job.grad_accum,
                        sync_bn=bool(job.sync_bn and world > 1),
                        bad_images=[f"{path}: {why}" for path, why in sorted(merged.items())])
 

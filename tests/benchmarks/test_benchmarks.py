@@ -177,3 +177,20 @@ def test_render_without_results(tmp_path):
 
     text = render.render(tmp_path, tmp_path / "RESULTS.md")
     assert "run `python benchmarks/quality.py`" in text and "run `python benchmarks/speed.py`" in text
+
+
+def test_train_time_of_a_resumed_cell(tmp_path):
+    from quality import train_time
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"stage": "distill", "step": s, "img_per_s": 10.0} for s in (10, 20, 30)]  # first invocation
+    lines += [{"stage": "distill", "step": s, "img_per_s": 20.0} for s in (30, 40)]  # resumed at 25: 30 re-run
+    lines += [{"stage": "eval", "step": 40}]
+    metrics.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    resumed = {"resumed_from_step": 25, "global_batch": 4, "wall_s": 3.0, "total_wall_s": None}
+    # steps 0-20 at 10 img/s (8 s), 20-40 at 20 img/s (4 s)
+    assert train_time(resumed, metrics) == {"train_wall_s": 12.0, "train_wall_estimated": True}
+    recorded = {**resumed, "total_wall_s": 11.5}
+    assert train_time(recorded, metrics) == {"train_wall_s": 11.5, "train_wall_estimated": False}
+    fresh = {"resumed_from_step": None, "wall_s": 7.0}
+    assert train_time(fresh, metrics) == {"train_wall_s": 7.0, "train_wall_estimated": False}

@@ -82,3 +82,25 @@ def test_oom_message_for_eight_gpus():
     error = oom_error(torch.OutOfMemoryError("x"), global_batch=1024, world=8, grad_accum=1, step=17)
     assert "at step 17: micro-batch 128 per process (global batch 1024 = 8 process(es) x 1 accumulation step(s) x 128)" in str(error)
     assert "train.grad_accum=2 (micro-batch 64)" in error.hint
+
+
+def test_total_training_time_adds_up_across_resumes(tmp_path):
+    first = train(tiny_job(tmp_path / "run", max_steps=2))
+    assert first.resumed_from_step is None and first.total_wall_s == pytest.approx(first.wall_s)
+    state = CheckpointManager(tmp_path / "run" / "checkpoints").load_latest("test")
+    assert state["train_wall_s"] == pytest.approx(first.wall_s, abs=0.5)  # the final checkpoint carries the time
+    second = train(tiny_job(tmp_path / "run"))  # resumes at step 2, runs to 4
+    assert second.resumed_from_step == 2 and second.steps == 4
+    assert second.total_wall_s == pytest.approx(state["train_wall_s"] + second.wall_s)
+    assert second.to_dict()["total_wall_s"] > second.to_dict()["wall_s"]
+
+
+def test_total_training_time_unknown_after_a_checkpoint_without_it(tmp_path):
+    train(tiny_job(tmp_path / "run", max_steps=2))
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints")
+    state = manager.load_latest("test")
+    del state["train_wall_s"]  # as written by distillctl before the field existed
+    manager.save(state, 2)
+    resumed = train(tiny_job(tmp_path / "run"))
+    assert resumed.resumed_from_step == 2 and resumed.total_wall_s is None
+    assert resumed.to_dict()["total_wall_s"] is None
