@@ -418,12 +418,23 @@ def main(argv: list[str] | None = None) -> int:
             print("distillctl " + display_command(cell_command(cell, args, data, pre, teachers, i == 0)))
         return 0
 
+    import threading
+
+    save_lock = threading.Lock()
+
     def save() -> None:
-        result["elapsed_s"] = round(base_elapsed + time.time() - started, 1)
-        result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        write_json(out, result)
+        with save_lock:
+            result["elapsed_s"] = round(base_elapsed + time.time() - started, 1)
+            result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            write_json(out, result)
+
+    def heartbeat() -> None:  # keeps elapsed_s current, so a suite killed mid-cell loses at most a minute of it
+        while True:
+            time.sleep(60)
+            save()
 
     save()
+    threading.Thread(target=heartbeat, daemon=True, name="quality-heartbeat").start()
     run_cells([c for c in cells if c["teacher"] != "ssl"], args, data, pre, teachers, result, log_path, save)
     try:
         result["reference"].update(reference_rows(args, data, pre, log_path, cells[0]["student"] if cells else "mobilenetv2_100"))

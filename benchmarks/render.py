@@ -107,14 +107,19 @@ def quality_facts_at(q: dict, budget: int) -> dict:
 
 
 def suite_minutes(q: dict) -> float | None:
-    """Wall-clock minutes from the suite's first start to its last write (resumed invocations included)."""
+    """Minutes the suite ran: its invocations' running times summed (``elapsed_s``), pauses between them excluded."""
+    return (q.get("elapsed_s") or 0) / 60 if q.get("elapsed_s") is not None else calendar_minutes(q)
+
+
+def calendar_minutes(q: dict) -> float | None:
+    """Wall-clock minutes from the suite's first start to its last write (pauses between invocations included)."""
     import datetime as dt
 
     try:
         start = dt.datetime.strptime(q["started_utc"], "%Y-%m-%dT%H:%M:%SZ")
         end = dt.datetime.strptime(q["finished_utc"], "%Y-%m-%dT%H:%M:%SZ")
     except (KeyError, TypeError, ValueError):
-        return (q.get("elapsed_s") or 0) / 60
+        return None
     return (end - start).total_seconds() / 60
 
 
@@ -202,7 +207,9 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
         out += ["", "![kNN top-1 vs images seen](quality_budget.png)", ""]
     if q.get("reference", {}).get("error"):
         out.append(f"\nReference rows failed: {q['reference']['error']}")
-    out += ["", f"Suite wall time (first start to last result, resumes included): {num(suite_minutes(q), 1)} min "
+    out += ["", f"Suite running time: {num(suite_minutes(q), 1)} min, summed over its invocations (resumes included, "
+                f"pauses between invocations excluded; an invocation killed before the suite saved a one-minute heartbeat "
+                f"existed lost its time since its last result). Calendar span: {num(calendar_minutes(q), 1)} min "
                 f"(started {q.get('started_utc')}, last write {q.get('finished_utc')}).", "",
             "<details><summary>Exact commands</summary>", "", "```", q.get("command", ""), *q.get("extra_commands", [])]
     for r in all_rows:
@@ -446,7 +453,8 @@ def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None) -> str:
     if ef.get("int8"):
         out.append(f"- INT8 kNN accuracy delta: {num(-ef['int8'].get('drop', 0), 2)} points.")
     if q:
-        out.append(f"- Quality suite wall time: {num(suite_minutes(q), 1)} min (first start to last result).")
+        out.append(f"- Quality suite running time: {num(suite_minutes(q), 1)} min summed over its invocations "
+                   f"(calendar span {num(calendar_minutes(q), 1)} min, pauses included).")
     return "\n".join(out) + "\n"
 
 
