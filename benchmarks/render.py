@@ -208,8 +208,8 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
     if q.get("reference", {}).get("error"):
         out.append(f"\nReference rows failed: {q['reference']['error']}")
     out += ["", f"Suite running time: {num(suite_minutes(q), 1)} min, summed over its invocations (resumes included, "
-                f"pauses between invocations excluded; an invocation killed before the suite saved a one-minute heartbeat "
-                f"existed lost its time since its last result). Calendar span: {num(calendar_minutes(q), 1)} min "
+                f"pauses between invocations excluded; invocations killed before the suite had a one-minute heartbeat "
+                f"lost their time since their last result). Calendar span: {num(calendar_minutes(q), 1)} min "
                 f"(started {q.get('started_utc')}, last write {q.get('finished_utc')}).", "",
             "<details><summary>Exact commands</summary>", "", "```", q.get("command", ""), *q.get("extra_commands", [])]
     for r in all_rows:
