@@ -106,6 +106,9 @@ def quality_facts_at(q: dict, budget: int) -> dict:
             "ssl": sorted((r for r in rows if r["kind"] == "ssl"), key=lambda r: -(r.get("knn_top1") or 0))}
 
 
+CURVE_TARGET = 500_000  # issue 8: the best three methods' curves reach at least this many images seen
+
+
 def suite_minutes(q: dict) -> float | None:
     """Minutes the suite ran: its invocations' running times summed (``elapsed_s``), pauses between them excluded."""
     return (q.get("elapsed_s") or 0) / 60 if q.get("elapsed_s") is not None else calendar_minutes(q)
@@ -153,6 +156,14 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                    f"{', '.join(long_enough) if long_enough else 'no method'} at ≥ {ISSUE_REFERENCE['images']:,}, to fit "
                    f"the session's time on {(q.get('machine') or {}).get('cores')} CPU cores (see the suite time "
                    f"below); `python benchmarks/quality.py --curve` runs the full configuration (resumable).")
+    top3 = [r["method"] for r in facts["distill"][:3]]
+    if top3:
+        points = {m: sorted(r["budget"] for r in q.get("rows", {}).values() if r.get("status") == "done"
+                            and r["method"] == m and r["kind"] == "distill" and r["teacher"] == "sup") for m in top3}
+        out.append(f"\n**Curves** (the issue: the best three methods up to ≥ {CURVE_TARGET:,} images; best three at "
+                   f"{budget:,}): " + "; ".join(f"{m} at {', '.join(f'{b:,}' for b in points[m])}" for m in top3)
+                   + (" — every one reaches the target." if all(points[m][-1] >= CURVE_TARGET for m in top3) else
+                      f" — {', '.join(m for m in top3 if points[m][-1] < CURVE_TARGET)} not yet at {CURVE_TARGET:,}."))
     header = ["row", "kind", "teacher", "images seen", "kNN top-1 %", "linear top-1 %", "kNN student/teacher",
               "kNN gain vs best SSL-only (pts)", "train wall s", "img/s", "teacher mode"]
     rows = []
