@@ -149,7 +149,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                f"kNN bank = that subset; queries `{cfg['data']['test']}`: {cfg['test_images']:,} test images "
                f"(200 per class). kNN: cosine, weighted, k = 20, T = 0.07. Linear: the product's probe "
                f"(lr × weight-decay sweep on a 10% held-out part of the train subset, then retrained).")
-    long_enough = sorted(m for b, ms in per_budget.items() if b >= ISSUE_REFERENCE["images"] for m in ms)
+    long_enough = sorted({m for b, ms in per_budget.items() if b >= ISSUE_REFERENCE["images"] for m in ms})
     if budget < ISSUE_REFERENCE["images"]:
         out.append(f"\n**Reduced configuration.** The issue asks for every method at ≥ {ISSUE_REFERENCE['images']:,} "
                    f"images; this run has the full table at {budget:,} and "
@@ -249,11 +249,14 @@ def plot_quality(q: dict, path: Path) -> bool:
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, points in sorted(series.items()):
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 methods
+    for i, (name, points) in enumerate(sorted(series.items())):
         points.sort()
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", linestyle="-" if len(xs) > 1 else "none", label=name,
-                alpha=0.6 if "SSL" in name else 1.0)
+        curve = len(xs) > 1
+        ax.plot(xs, ys, marker="s" if "SSL" in name else "o", linestyle="-" if curve else "none", label=name,
+                color=colours[i % len(colours)], alpha=0.6 if "SSL" in name else 1.0, linewidth=2 if curve else 1,
+                zorder=3 if curve else 2)
     teacher = (q.get("reference", {}).get("teacher_knn") or {}).get("sup")
     random_knn = (q.get("reference", {}).get("random") or {}).get("knn_top1")
     if teacher:
