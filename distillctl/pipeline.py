@@ -218,10 +218,9 @@ def queue_warnings(method, train_images: int, images_seen: int) -> list[str]:
     """
     from distillctl.methods.common import FeatureQueue
 
-    sizes = sorted({module.size for module in method.modules() if isinstance(module, FeatureQueue)}, reverse=True)
-    if not sizes:
+    size = max((module.size for module in method.modules() if isinstance(module, FeatureQueue)), default=None)
+    if size is None:
         return []
-    size = sizes[0]
     out = []
     if images_seen < size:
         out.append(f"the {size:,}-row queue of {method.name} never fills: the run enqueues about {images_seen:,} rows, "
@@ -235,11 +234,10 @@ def queue_warnings(method, train_images: int, images_seen: int) -> list[str]:
 
 
 def _images_seen(recipe: Recipe, train_images: int) -> int:
+    from distillctl.train.loop import planned_steps
+
     steps_per_epoch = max(1, train_images // recipe.train.batch_size)
-    steps = recipe.train.epochs * steps_per_epoch
-    if recipe.train.max_steps:
-        steps = min(steps, recipe.train.max_steps)
-    return steps * recipe.train.batch_size
+    return planned_steps(steps_per_epoch, recipe.train.epochs, recipe.train.max_steps) * recipe.train.batch_size
 
 
 def _warn_queues(recipe: Recipe, method, train_images: int, quiet: bool) -> None:

@@ -110,6 +110,12 @@ class TrainResult:
                 "bad_images": len(self.bad_images)}
 
 
+def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    """The step a run ends at: ``epochs`` epochs, capped by ``max_steps`` when set."""
+    total = epochs * steps_per_epoch
+    return min(total, max_steps) if max_steps else total
+
+
 def _autocast(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
@@ -163,7 +169,7 @@ def train(job: TrainJob) -> TrainResult:
         raise InputError(f"dataset has {len(job.dataset)} images, fewer than one batch of {job.batch_size}",
                          hint="lower train.batch_size")
     total_steps = job.epochs * steps_per_epoch
-    last_step = min(total_steps, job.max_steps) if job.max_steps else total_steps
+    last_step = planned_steps(steps_per_epoch, job.epochs, job.max_steps)
     warmup_steps = int(round(job.warmup_epochs * steps_per_epoch))
 
     distributed.broadcast_module(student)
@@ -176,6 +182,9 @@ def train(job: TrainJob) -> TrainResult:
     checkpoints = CheckpointManager(job.out_dir / "checkpoints", job.keep_last)
     step, resumed_from = 0, None
     prior_wall: float | None = 0.0  # training seconds spent before this invocation (from the checkpoint)
+
+    def total_wall(now: float) -> float | None:  # training seconds of every invocation up to ``now``
+        return None if prior_wall is None else prior_wall + now - start_time
     bad_images: dict[str, str] = {}  # path → reason (this rank's; rank 0 also holds those restored from a checkpoint)
     state = distributed.main_first(checkpoints.load_latest, job.fingerprint) if job.resume else None
     state = distributed.broadcast_object(state) if job.resume else None  # other nodes need no shared filesystem
@@ -203,7 +212,7 @@ def train(job: TrainJob) -> TrainResult:
             "method": method.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": world,
             "bad_images": sorted(gathered.items()),
-            "train_wall_s": None if prior_wall is None else prior_wall + time.monotonic() - start_time,
+            "train_wall_s": total_wall(time.monotonic()),
         }, step)
 
     metrics = MetricsWriter(job.metrics_path, job.tensorboard_dir, enabled=dist_info.is_main)
@@ -291,14 +300,16 @@ def train(job: TrainJob) -> TrainResult:
                 if step >= last_step:
                     break
     metrics.close()
-    wall = time.monotonic() - start_time
+    end_time = time.monotonic()
+    wall = end_time - start_time
     save_checkpoint()
     merged: dict[str, str] = {}
     for part in distributed.all_gather_object(bad_images):
         merged.update(part)
     return TrainResult(steps=step, epochs=job.epochs, images_seen=images_seen,
                        images_per_sec=images_seen / max(wall, 1e-9), wall_s=wall, final_loss=last_loss,
-                       resumed_from_step=resumed_from, total_wall_s=None if prior_wall is None else prior_wall + wall, world_size=world, grad_accum=job.grad_accum,
+                       resumed_from_step=resumed_from, total_wall_s=total_wall(end_time), world_size=world,
+                       grad_accum=job.grad_accum,
                        sync_bn=bool(job.sync_bn and world > 1),
                        bad_images=[f"{path}: {why}" for path, why in sorted(merged.items())])
 
