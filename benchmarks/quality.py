@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, TEACHER, WORK, BenchError, display_command, distillctl, log, machine_info,  # noqa: E402
                     make_subset, read_json, rel, registered_methods, require_shared, standard_data, teacher_preprocess,
                     write_json)
+
+
+# Guards ``result``: cell workers record rows and the heartbeat thread writes it (a dict changing size while
+# json.dump iterates it would kill the heartbeat). Re-entrant: workers call save() while holding it.
+RESULT_LOCK = threading.RLock()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -418,12 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             print("distillctl " + display_command(cell_command(cell, args, data, pre, teachers, i == 0)))
         return 0
 
-    import threading
-
-    save_lock = threading.Lock()
-
     def save() -> None:
-        with save_lock:
+        with RESULT_LOCK:
             result["elapsed_s"] = round(base_elapsed + time.time() - started, 1)
             result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             write_json(out, result)
@@ -437,19 +439,24 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=heartbeat, daemon=True, name="quality-heartbeat").start()
     run_cells([c for c in cells if c["teacher"] != "ssl"], args, data, pre, teachers, result, log_path, save)
     try:
-        result["reference"].update(reference_rows(args, data, pre, log_path, cells[0]["student"] if cells else "mobilenetv2_100"))
+        reference = reference_rows(args, data, pre, log_path, cells[0]["student"] if cells else "mobilenetv2_100")
+        with RESULT_LOCK:
+            result["reference"].update(reference)
     except BenchError as exc:
-        result["reference"]["error"] = str(exc)
+        with RESULT_LOCK:
+            result["reference"]["error"] = str(exc)
         log(f"reference rows failed: {exc}")
     save()
     if args.ssl_teacher != "none":  # after the main table: the SSL teacher is the most expensive single run
         try:
             teachers["ssl"] = ssl_teacher(args, data, pre, log_path)
             teachers["ssl"]["modes"] = modes
-            result["reference"]["ssl_teacher"] = teachers["ssl"]["row"]
+            with RESULT_LOCK:
+                result["reference"]["ssl_teacher"] = teachers["ssl"]["row"]
             run_cells([c for c in cells if c["teacher"] == "ssl"], args, data, pre, teachers, result, log_path, save)
         except BenchError as exc:
-            result["reference"]["ssl_teacher_error"] = str(exc)
+            with RESULT_LOCK:
+                result["reference"]["ssl_teacher_error"] = str(exc)
             log(f"SSL teacher failed: {exc}")
     if args.curve:
         run_curve(args, data, pre, teachers, result, log_path, save)
@@ -462,10 +469,8 @@ def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
     """Run the cells, ``--jobs`` at a time. Cells that share a feature cache form one chain, run in order
     (the first builds the cache, the rest reuse it); chains run in parallel."""
     import os
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    lock = threading.Lock()
     threads = args.threads
     others = any(r.get("teacher_knn_top1") is not None and r["id"] not in {cell_id(c) for c in cells}
                  for r in result["rows"].values())
@@ -499,14 +504,14 @@ def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
                                      threads=threads)
             except BenchError as exc:
                 log(f"cell {cell_id(cell)} failed: {exc}")
-                with lock:
+                with RESULT_LOCK:
                     result["rows"][cell_id(cell)] = {**cell, "id": cell_id(cell), "status": "failed", "error": str(exc),
                                                      "command": "distillctl " + display_command(command)}
                     save()
                 return
             log(f"cell {cell_id(cell)}: kNN {summary['student'].get('knn_top1')} in {time.time() - t0:.0f} s")
         row = row_from_summary(cell, summary, command)
-        with lock:
+        with RESULT_LOCK:
             result["rows"][cell_id(cell)] = row
             if row.get("teacher_knn_top1") is not None:
                 result["reference"].setdefault("teacher_knn", {})[cell["teacher"]] = row["teacher_knn_top1"]
@@ -554,8 +559,9 @@ def run_curve(args, data, pre, teachers, result, log_path, save) -> None:
     common_budget = min(r["budget"] for r in by_method.values())
     ranked = sorted((r for r in done if r["budget"] == common_budget), key=lambda r: -(r["knn_top1"] or 0))
     top = [r["method"] for r in ranked[: args.curve_top]]
-    result["curve"] = {"methods": top, "ranked_at_budget": common_budget,
-                       "budgets": [int(b) for b in args.curve_budgets.split(",")]}
+    with RESULT_LOCK:
+        result["curve"] = {"methods": top, "ranked_at_budget": common_budget,
+                           "budgets": [int(b) for b in args.curve_budgets.split(",")]}
     cells = [{"kind": "distill", "method": m, "teacher": "sup", "student": ranked[0]["student"], "budget": b}
              for b in result["curve"]["budgets"] for m in top]
     run_cells(cells, args, data, pre, teachers, result, log_path, save)
