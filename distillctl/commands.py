@@ -288,7 +288,8 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
     defaults = cls.Params().model_dump(mode="json")
     mode = _probe_method(cls).requirements(32).teacher_mode
     info = {"name": name, "kind": cls.kind, "title": cls.title, "objective": cls.objective,
-            "published": cls.published, "teacher_mode": mode, "teachers": _teacher_count(cls), "defaults": defaults}
+            "published": cls.published, "teacher_mode": mode, "teachers": _teacher_count(cls), "defaults": defaults,
+            "sources": cls.sources, "assumptions": list(cls.assumptions)}
     if json_out:
         print_json(info)
         return
@@ -298,6 +299,12 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
                   f"[bold]published:[/] {escape(cls.published)}\n[bold]defaults (method.params):[/]")
     for key, value in defaults.items():
         console.print(f"  {key}: {value}", highlight=False)
+    if cls.sources:
+        console.print(f"[bold]sources:[/] {escape(cls.sources)}")
+    if cls.assumptions:
+        console.print("[bold]assumptions:[/]")
+        for assumption in cls.assumptions:
+            console.print(f"  - {escape(assumption)}", highlight=False)
 
 
 @students_app.command("list")

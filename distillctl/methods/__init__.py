@@ -9,6 +9,8 @@ _METHOD_MODULES = (
     # Method catalogue I (issue 5)
     "smd", "disco", "bingo", "compress", "regression", "byol", "dino",
     "seed_variants", "ssl_small", "simreg_variants",
+    # Method catalogue II, pooled-embedding methods (issue 13)
+    "ega",
 )
 
 for _name in _METHOD_MODULES:

@@ -86,6 +86,10 @@ class Method(nn.Module):
     title: ClassVar[str]  # e.g. "SimReg: Regression for self-supervised KD (BMVC 2021)"
     objective: ClassVar[str]  # one paragraph: the loss in words and symbols
     published: ClassVar[str]  # headline numbers with their source
+    # official code read (repo@commit) and the agreement measured against it, or "no official code"
+    sources: ClassVar[str] = ""
+    # each under-specified detail: the choice made and why
+    assumptions: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type[MethodParams]] = MethodParams
     kind: ClassVar[Literal["distill", "ssl"]] = "distill"
     # True: built with one TeacherDims per teacher (recipe teacher.extra) and reads outputs pooled_k / proj_k
