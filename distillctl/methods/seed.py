@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import FeatureQueue, mlp_relu, soft_cross_entropy
+from distillctl.methods.shared import at_least_float32
 
 
 class SeedParams(MethodParams):
@@ -71,10 +72,15 @@ class Seed(Method):
                             teacher_mode="cached_exact", teacher_bn="eval")
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
-        student = F.normalize(self.head(inputs.student_features[0]), dim=1)
-        teacher = F.normalize(inputs.teacher_outputs[0][self.target_key].to(student.dtype), dim=1)
-        queue = self.queue.data.to(student.dtype)
-        loss = seed_loss(student, teacher, queue, self.params.student_temperature, self.params.teacher_temperature)
+        head_out = self.head(inputs.student_features[0])
+        # τ_T = 1e-4 amplifies every rounding of t·Q ten-thousandfold: targets, queue and logits stay in (at
+        # least) fp32 even under AMP; only the student head above runs in the autocast dtype
+        with torch.autocast(device_type=head_out.device.type, enabled=False):
+            teacher = F.normalize(at_least_float32(inputs.teacher_outputs[0][self.target_key]), dim=1)
+            student = F.normalize(head_out.to(torch.promote_types(at_least_float32(head_out).dtype, teacher.dtype)), dim=1)
+            queue = self.queue.data.to(student.dtype)
+            loss = seed_loss(student, teacher.to(student.dtype), queue, self.params.student_temperature,
+                             self.params.teacher_temperature)
         agreement = float((student * teacher).sum(1).mean().detach())
         return loss, {"cos": agreement}
 

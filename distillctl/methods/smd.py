@@ -46,8 +46,8 @@ def _smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) 
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     teacher = F.normalize(teacher.to(dtype), dim=1)
     student = F.normalize(student.to(dtype), dim=1)
-    with torch.no_grad():
-        teacher_dist = pairwise_distance(teacher, teacher, floor=0.0)  # no gradient: exact zeros
+    with torch.no_grad():  # the official floor 1e-12 here too: Dtt[i,i] = 1e-6, as in liuhao-lh/SMD
+        teacher_dist = pairwise_distance(teacher, teacher)
     cross_dist = pairwise_distance(teacher, student)
     negative = teacher_dist > cross_dist.diagonal().detach().unsqueeze(1)
     has_negative = negative.any(dim=1)
@@ -62,6 +62,13 @@ def _smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) 
     stats = {"no_negative_frac": float((~has_negative).float().mean()),
              "violating_frac": float(((weight_positive > 0) | (weight_negative > 0)).float().mean())}
     return loss, stats
+
+
+def _cosine(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """mean_i cos(t_i, s_i) in (at least) fp32 whatever the autocast state (the warm-up term)."""
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        dtype = torch.promote_types(at_least_float32(student).dtype, teacher.dtype)
+        return F.cosine_similarity(teacher.to(dtype), student.to(dtype), dim=1).mean()
 
 
 @register
@@ -103,10 +110,11 @@ class SMD(Method):
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
         students = [self.head(f) for f in inputs.student_features]
-        teachers = [out[self.target_key].to(students[0].dtype) for out in inputs.teacher_outputs]
+        # targets stay in (at least) fp32: a bf16 cast under AMP would round them before the fp32 distances
+        teachers = [at_least_float32(out[self.target_key]) for out in inputs.teacher_outputs]
         per_view = [smd_loss(t, s, self.temperature) for t, s in zip(teachers, students)]
         distill = sum(loss for loss, _ in per_view) / len(per_view)
-        cosine = sum(F.cosine_similarity(t, s, dim=1).mean() for t, s in zip(teachers, students)) / len(students)
+        cosine = sum(_cosine(t, s) for t, s in zip(teachers, students)) / len(students)
         logs = {"smd": float(distill.detach()), "cos": float(cosine.detach()), "tau": self.temperature,
                 "no_negative_frac": sum(s["no_negative_frac"] for _, s in per_view) / len(per_view)}
         if int(inputs.epoch) < self.params.warmup_epochs:

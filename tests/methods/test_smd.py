@@ -19,7 +19,9 @@ def _norm(v: list[float]) -> list[float]:
 
 
 def _dist(a: list[float], b: list[float]) -> float:
-    return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
+    """||a − b|| with the official code's floor: the squared distance is clamped at 1e-12 before the root
+    (liuhao-lh/SMD main_distill.py, class SMD, commit 3ea5d74), so Dtt[i,i] = 1e-6, not 0."""
+    return math.sqrt(max(sum((x - y) ** 2 for x, y in zip(a, b)), 1e-12))
 
 
 def reference_smd(teacher: torch.Tensor, student: torch.Tensor, tau: float) -> float:
@@ -48,7 +50,7 @@ def test_smd_loss_matches_loop(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     teacher, student = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
     loss, _ = smd_loss(teacher, student, 0.5)
-    assert float(loss) == pytest.approx(reference_smd(teacher, student, 0.5), rel=1e-9, abs=1e-12)
+    assert float(loss) == pytest.approx(reference_smd(teacher, student, 0.5), rel=1e-12, abs=1e-12)
 
 
 def test_anchor_without_negatives_keeps_only_positive_term() -> None:
@@ -58,7 +60,7 @@ def test_anchor_without_negatives_keeps_only_positive_term() -> None:
     student[0] = -teacher[0]  # Dts[0,0] = 2 ≥ every teacher distance: anchor 0 has no negatives
     loss, stats = smd_loss(teacher, student, 0.3)
     assert stats["no_negative_frac"] == pytest.approx(1 / 5)
-    assert float(loss) == pytest.approx(reference_smd(teacher, student, 0.3), rel=1e-9)
+    assert float(loss) == pytest.approx(reference_smd(teacher, student, 0.3), rel=1e-12)
     assert torch.isfinite(loss)
 
 
@@ -100,3 +102,62 @@ def test_params_reject_unknown_keys() -> None:
         SMDParams(tau=0.1)
     assert SMDParams().teacher_bn == "eval"
     assert SMD(SMDParams(teacher_feature="projection"), 4, TeacherDims(10, 3)).head.out_features == 3
+
+
+def _loop_loss_torch(teacher: torch.Tensor, student: torch.Tensor, tau: float) -> torch.Tensor:
+    """The same per-anchor loop on torch rows (float64, autograd), for gradients: one anchor at a time,
+    ||a − b|| = sqrt(max(Σ(a−b)², 1e-12)) as the official code clamps before the root."""
+    t = teacher / teacher.norm(dim=1, keepdim=True)
+    s = student / student.norm(dim=1, keepdim=True)
+
+    def dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ((a - b) ** 2).sum().clamp(min=1e-12).sqrt()
+
+    def value(a: torch.Tensor, b: torch.Tensor) -> float:  # a distance as a constant (selection, weights)
+        return float(dist(a, b).detach())
+
+    terms = []
+    for i in range(t.shape[0]):
+        negatives = [j for j in range(t.shape[0]) if value(t[i], t[j]) > value(t[i], s[i])]
+        positives = [j for j in range(t.shape[0]) if j not in negatives]
+        p = max(positives, key=lambda j: value(t[i], s[j]))
+        z = max(0.0, value(t[i], s[p]) - value(t[i], t[p])) * dist(t[i], s[p])
+        if negatives:
+            a = min(negatives, key=lambda j: value(t[i], s[j]))
+            z = z - max(0.0, value(t[i], t[a]) - value(t[i], s[a])) * dist(t[i], s[a])
+        terms.append(torch.nn.functional.softplus(z / tau))
+    return torch.stack(terms).mean()
+
+
+def test_student_close_to_teacher_gradient_matches_official_floor() -> None:
+    """With the student near the teacher the hardest positive is the anchor itself and w_p = Dts[i,i] − Dtt[i,i]:
+    Dtt[i,i] is the official 1e-6 (floor 1e-12 under the root), not 0 (a 1e-4 relative gradient change)."""
+    g = torch.Generator().manual_seed(4)
+    teacher = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    student = (teacher + 1e-2 * torch.randn(8, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    loss, _ = smd_loss(teacher, student, 0.04)
+    (grad,) = torch.autograd.grad(loss, student)
+    reference_student = student.detach().clone().requires_grad_(True)
+    reference = _loop_loss_torch(teacher, reference_student, 0.04)
+    (reference_grad,) = torch.autograd.grad(reference, reference_student)
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-12)
+    assert float((grad - reference_grad).norm() / reference_grad.norm()) < 1e-9
+
+
+def test_bf16_autocast_keeps_targets_fp32() -> None:
+    """Under bf16 autocast (CPU) only the head runs in bf16; the loss equals the fp32/fp64 computation on
+    the same head outputs, far closer than with the teacher targets rounded to bf16 (the old behaviour)."""
+    torch.manual_seed(0)
+    method = SMD(SMDParams(), STUDENT_DIM, TEACHER_DIMS)
+    student, teacher = TinyNet(STUDENT_DIM), TinyTeacher()
+    inputs = make_inputs(method, student, [teacher], make_images(method, 32, 16), epoch=3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp_loss, _ = method.loss(inputs)
+        heads = [method.head(f) for f in inputs.student_features]
+    assert heads[0].dtype == torch.bfloat16 and amp_loss.dtype == torch.float32
+    targets = [out["pooled"] for out in inputs.teacher_outputs]
+    reference = sum(float(smd_loss(t.double(), s.double(), 0.04)[0]) for t, s in zip(targets, heads)) / 2
+    rounded = sum(float(smd_loss(t.bfloat16().double(), s.double(), 0.04)[0]) for t, s in zip(targets, heads)) / 2
+    amp_error, rounded_error = abs(float(amp_loss) - reference), abs(rounded - reference)
+    assert amp_error <= 1e-6 * reference  # fp32 rounding only (measured 1.6e-7 relative)
+    assert rounded_error > 1000 * amp_error  # bf16 targets: 9.6e-3 absolute here
