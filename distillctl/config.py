@@ -64,6 +64,9 @@ class StudentSpec(Strict):
 
 class MethodConfig(Strict):
     name: str = "simreg"
+    # published: the paper's values; auto: size-dependent values (queues, warm-ups, lr, EMA momentum) derived
+    # from the dataset, batch and budget (distillctl/methods/presets.py); explicit params/train keys always win
+    preset: Literal["auto", "published"] = "auto"
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -146,6 +149,9 @@ class Recipe(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    # written by the run: every value chosen for it rather than by the user (method.preset, the teacher's
+    # preprocessing), key -> {value, published, reason}; recomputed on every run, so an input value is ignored
+    derived: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

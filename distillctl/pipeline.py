@@ -27,6 +27,7 @@ from distillctl.config import Recipe, format_validation_error
 from distillctl.data.datasets import ImageDataset, open_dataset, resolve_splits
 from distillctl.errors import InputError, UsageError
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
+from distillctl.methods.presets import queue_warnings  # noqa: F401  (re-exported: the queue policy lives there)
 from distillctl.rundir import RunDir, file_sha256, fingerprint
 from distillctl.students import StudentConfig, count_parameters, create_backbone, feature_dim, resolve_arch
 from distillctl.teachers.base import Preprocess, Teacher
@@ -207,32 +208,6 @@ def _warn_preprocess(teacher: Teacher | None, mean, std, quiet: bool) -> None:
                       "(data.mean / data.std)", highlight=False, soft_wrap=True)
 
 
-def queue_warnings(method, train_images: int, images_seen: int) -> list[str]:
-    """Plain-language warnings for feature queues sized for ImageNet on a much smaller run.
-
-    The published queue lengths (65,536 keys; 128,000 CompRess anchors) assume 1.28 M images and many epochs.
-    A run that enqueues fewer rows than the queue holds trains against random initial rows for its whole length.
-    Where the rows are contrastive negatives (``Method.queue_negatives``: MoCo v2, DisCo, BINGO), a queue longer
-    than the training set also holds stale copies of the current image among them; soft-target anchor queues
-    (SEED, CompRess) are not hurt by that. Neither is an error, so these are warnings only.
-    """
-    from distillctl.methods.common import FeatureQueue
-
-    size = max((module.size for module in method.modules() if isinstance(module, FeatureQueue)), default=None)
-    if size is None:
-        return []
-    out = []
-    if images_seen < size:
-        out.append(f"the {size:,}-row queue of {method.name} never fills: the run enqueues about {images_seen:,} rows, "
-                   f"so about {size - images_seen:,} rows stay at their random initialisation; "
-                   "set method.params.queue_size at or below the images seen")
-    if size > train_images and method.queue_negatives:
-        out.append(f"the {size:,}-row queue of {method.name} is longer than the training set ({train_images:,} images): "
-                   "it holds several embeddings of each image at once (stale copies of the current image among its negatives); "
-                   f"the published length assumes ImageNet, consider method.params.queue_size <= {train_images:,}")
-    return out
-
-
 def _images_seen(recipe: Recipe, train_images: int) -> int:
     from distillctl.train.loop import planned_steps
 
@@ -245,6 +220,20 @@ def _warn_queues(recipe: Recipe, method, train_images: int, quiet: bool) -> None
         return
     for text in queue_warnings(method, train_images, _images_seen(recipe, train_images)):
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True, markup=True)
+
+
+def _apply_preset(recipe: Recipe, train_images: int, quiet: bool) -> Recipe:
+    """``method.preset``: the size-dependent values of the method's recipe (methods/presets.py), printed and
+    recorded in recipe.yaml under ``derived``."""
+    from rich.markup import escape
+
+    from distillctl.methods.presets import describe, preset_recipe
+
+    recipe, derived = preset_recipe(recipe, train_images, _images_seen(recipe, train_images))
+    if not quiet and distributed.info().is_main:
+        for line in describe(derived, recipe.method.preset):
+            console.print(escape(line), highlight=False, soft_wrap=True)
+    return recipe
 
 
 # --- stages ------------------------------------------------------------------------------------
@@ -303,6 +292,7 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     method_cls = get_method(recipe.method.name)
 
     teacher = resolve_teacher(recipe, run, options, device)  # a bad teacher file fails before anything is written
+    recipe = _apply_preset(recipe, len(train_data), options.quiet)
     distributed.main_first(run.write_recipe, recipe)
     mean = tuple(recipe.data.mean or (teacher.preprocess.mean if teacher else IMAGENET_MEAN))
     std = tuple(recipe.data.std or (teacher.preprocess.std if teacher else IMAGENET_STD))

@@ -29,7 +29,9 @@ class BingoParams(CropParams):
     hidden_dim: int = 2048
     mix_alpha: float = 2.0  # CutMix λ ~ Beta(α, α)
     bag_weights: tuple[float, float] = (0.5, 0.5)  # (a, b) for (own key, neighbour key) after the warm-up
-    bag_warmup_epochs: int = 10  # (a, b) = (1, 0) while epoch ≤ this (official: `epoch > 10` switches)
+    # (a, b) = (1, 0) while the fractional epoch is below this: the official `if epoch > 10` (epochs from 0) keeps
+    # them for the first 11 epochs; the auto preset scales it to the run
+    bag_warmup_epochs: float = 11
     teacher_feature: TeacherFeature = "auto"  # published: the MoCo teacher's projection (128-d)
     teacher_bn: Literal["eval", "train"] = "train"  # official: the model is never put in eval()
     augmentation: Literal["mocov2", "simclr", "weak"] = "mocov2"
@@ -77,7 +79,7 @@ class Bingo(Method):
         "Linear(d,2048)–ReLU–Linear(2048,D); t_i, t_j = n(T(k_i)), n(T(k_j)) (teacher projection). With "
         "ℓ(u,p) = −log softmax([u·p, u·Q]/τ)[0] over a queue Q of teacher keys t_i (K=65536, τ=0.2): "
         "L = ⅓[a·ℓ(s_i,t_i) + b·ℓ(s_i,t_j) + a·ℓ(s_j,t_j) + b·ℓ(s_j,t_i) + λ·ℓ(s_m,t_i) + (1−λ)·ℓ(s_m,t_j)], "
-        "(a,b) = (1,0) for epochs ≤ 10, then (0.5,0.5). Teacher BatchNorm runs in train mode in the official code."
+        "(a,b) = (1,0) for the first 11 epochs (official `epoch > 10`), then (0.5,0.5). Teacher BatchNorm runs in train mode in the official code."
     )
     published = (
         "ImageNet linear (haohang96/bingo): R50 MoCo-v2 200ep (67.4) → ResNet-18 61.4, ResNet-34 63.5; R50 800ep "
@@ -101,7 +103,7 @@ class Bingo(Method):
                             teacher_bn=self.params.teacher_bn, needs_index=True)
 
     def bag_weights(self, epoch: float) -> tuple[float, float]:
-        return (1.0, 0.0) if int(epoch) <= self.params.bag_warmup_epochs else tuple(self.params.bag_weights)
+        return (1.0, 0.0) if epoch < self.params.bag_warmup_epochs else tuple(self.params.bag_weights)
 
     def mix_views(self, query_i: torch.Tensor, query_j: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
         """One CutMix box and λ per step (as the official per-batch CutMix), replayable from the step."""

@@ -28,12 +28,12 @@ class DINOParams(MethodParams):
     bottleneck_dim: int = 256
     use_bn_in_head: bool = True
     norm_last_layer: bool = True
-    freeze_last_layer_epochs: int = 1  # no gradient into the prototype layer during the first epoch(s)
+    freeze_last_layer_epochs: float = 1  # no gradient into the prototype layer during the first epoch(s)
     momentum: float = 0.996  # teacher EMA, cosine to 1
     student_temperature: float = 0.1
     warmup_teacher_temperature: float = 0.04
     teacher_temperature: float = 0.07
-    warmup_teacher_temperature_epochs: int = 50
+    warmup_teacher_temperature_epochs: float = 50  # fractional: the auto preset's share of a short run
     center_momentum: float = 0.9
     global_crop_scale: tuple[float, float] = (0.3, 1.0)  # DINO baseline: (0.14, 1)
     local_crops: int = 6
@@ -74,14 +74,20 @@ class DINOHead(nn.Module):
         return float32_similarity(embedding, weight)  # cosine logits later divided by τ ≤ 0.1
 
 
-def teacher_temperature(params: DINOParams, epoch: int) -> float:
-    """Linear warm-up over ``warmup_teacher_temperature_epochs`` epochs (np.linspace endpoints), then constant."""
-    warm = params.warmup_teacher_temperature_epochs
+def teacher_temperature(params: DINOParams, epoch: float) -> float:
+    """Linear warm-up over ``warmup_teacher_temperature_epochs`` epochs, then constant. A whole number of epochs
+    follows DINO's per-epoch schedule (np.linspace endpoints at the integer epoch); a fractional one (the auto
+    preset on a short run) ramps continuously over the fractional epoch."""
+    warm = float(params.warmup_teacher_temperature_epochs)
+    start, end = params.warmup_teacher_temperature, params.teacher_temperature
     if epoch >= warm:
-        return params.teacher_temperature
+        return end
+    if not warm.is_integer():
+        return start + (end - start) * epoch / warm
+    epoch = int(epoch)
     if warm == 1:
-        return params.warmup_teacher_temperature
-    return params.warmup_teacher_temperature + (params.teacher_temperature - params.warmup_teacher_temperature) * epoch / (warm - 1)
+        return start
+    return start + (end - start) * epoch / (warm - 1)
 
 
 def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor],
@@ -145,7 +151,7 @@ class DINO(Method):
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
         teacher = require_setup(self.teacher, self.name)
-        epoch = int(inputs.epoch)
+        epoch = float(inputs.epoch)
         self.head.freeze_prototypes = epoch < self.params.freeze_last_layer_epochs
         student_logits = [self.head(f) / self.params.student_temperature for f in inputs.student_features]
         with torch.no_grad():

@@ -18,7 +18,7 @@ _SMALL_TAU_ARCHS = ("mobilenetv3_large", "efficientnet_b0", "efficientnet_b1")
 class SMDParams(CropParams):
     temperature: float | None = None  # None: 0.004 for MobileNetV3-L / EfficientNet-B0/B1 students, else 0.04
     times: float = 1.0  # scale of the SMD term; as in the official loop it applies during the warm-up epochs only
-    warmup_epochs: int = 2  # epochs with the extra −½(cos(t1,s1)+cos(t2,s2)) term
+    warmup_epochs: float = 2  # epochs (fractional: the auto preset) with the extra −½(cos(t1,s1)+cos(t2,s2)) term
     teacher_feature: Literal["backbone", "projection"] = "backbone"  # published: pooled R50 feature, head removed
     teacher_bn: Literal["eval", "train"] = "eval"  # official: teacher_model.eval()
     augmentation: Literal["mocov2", "simclr", "weak"] = "mocov2"
@@ -117,6 +117,6 @@ class SMD(Method):
         cosine = sum(_cosine(t, s) for t, s in zip(teachers, students)) / len(students)
         logs = {"smd": float(distill.detach()), "cos": float(cosine.detach()), "tau": self.temperature,
                 "no_negative_frac": sum(s["no_negative_frac"] for _, s in per_view) / len(per_view)}
-        if int(inputs.epoch) < self.params.warmup_epochs:
+        if inputs.epoch < self.params.warmup_epochs:
             return -cosine + self.params.times * distill, logs
         return distill, logs

@@ -116,6 +116,6 @@ def test_method_views_schedule_and_queue() -> None:
 
 def test_params() -> None:
     p = BingoParams()
-    assert (p.queue_size, p.temperature, p.bag_size, p.mix_alpha, p.bag_warmup_epochs) == (65536, 0.2, 5, 2.0, 10)
+    assert (p.queue_size, p.temperature, p.bag_size, p.mix_alpha, p.bag_warmup_epochs) == (65536, 0.2, 5, 2.0, 11)
     with pytest.raises(ValidationError):
         BingoParams(k=5)

@@ -7,7 +7,8 @@ import pytest
 
 from distillctl.config import Recipe
 from distillctl.methods.base import TeacherDims, build_method
-from distillctl.pipeline import _images_seen, queue_warnings
+from distillctl.methods.presets import queue_warnings
+from distillctl.pipeline import _images_seen
 
 DIMS = TeacherDims(pooled=12, proj=6)
 

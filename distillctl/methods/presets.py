@@ -1,0 +1,380 @@
+"""Preset policy (recipe key ``method.preset``): which values of a method's published recipe fit this run.
+
+The published defaults of the catalogue are ImageNet settings: 65,536-row queues, warm-ups counted in epochs
+of 1.28 M images, learning rates for batch 256, EMA momenta for a million steps. On a 10,000-image run at
+batch 64 they are the wrong size. Two presets:
+
+``published``
+    the paper's values exactly: the Params defaults and the paper's learning rate (with the paper's own batch
+    rule where the official code applies one, e.g. SMD's ``0.05·B/256``).
+``auto`` (default)
+    the size-dependent values derived from the dataset size, the batch and the planned images seen:
+
+    * queue length: a queue of contrastive negatives (``Method.queue_negatives``) stays strictly below the
+      training-set size (else it holds stale copies of the current image among its negatives); a queue of
+      soft-target anchors (SEED, CompRess) is bounded by the training-set size and by the images the run
+      enqueues (else rows stay at their random initialisation). Largest power of two under the bound, the
+      published length when that fits.
+    * warm-ups counted in epochs keep their share of the run: 10 of 200 epochs is 5 % of any run, in steps.
+    * learning rate: the paper's lr scaled by the batch with the method's own rule (:data:`RECIPES`).
+    * EMA momentum: the key/target encoder's time constant ``1/(1-m)`` is at most a tenth of the run, never
+      below 0.99 (MoCo's ablation: 0.99 trains nearly as well as 0.999, 0.9 fails).
+
+Every function here is pure (numbers in, numbers and a reason out); the pipeline applies the result to the
+recipe (:func:`apply`), prints it and writes it into ``recipe.yaml`` (section ``derived``). A key the user set
+(recipe file or ``--set``) is never derived. With the ImageNet run the paper describes, ``auto`` gives the
+published values back exactly.
+
+Left alone (not size-dependent, or no evidence): temperatures, weight decay, the optimizer, the trainer's lr
+warm-up (``train.warmup_epochs``, 0 unless set), DINO's centre momentum (a per-step average of batch means).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+EMA_MIN_MOMENTUM = 0.99  # MoCo (He et al. 2020) Table: m=0.99 → 74.4, 0.999 → 75.1, 0.9 → 55.2 (K=4096)
+EMA_RUN_FRACTION = 0.1  # time constant 1/(1-m) at most this share of the run's steps
+
+LrRule = Literal["linear", "sqrt", "none"]
+Preset = Literal["auto", "published"]
+
+
+@dataclass(frozen=True)
+class PublishedRecipe:
+    """The size-dependent part of a method's published ImageNet recipe.
+
+    ``lr`` is the paper's learning rate at ``batch``; ``published_rule`` is what the official code does with
+    another batch, ``auto_rule`` what ``auto`` does (they differ only where the paper recommends another rule
+    for small batches, e.g. SimCLR's square-root scaling). ``warmups`` are Params fields counted in epochs of
+    the ``epochs``-epoch published run; ``ema`` are EMA momentum fields (per step)."""
+
+    source: str
+    optimizer: str
+    lr: float
+    batch: int
+    published_rule: LrRule
+    auto_rule: LrRule
+    epochs: float
+    rule_source: str
+    warmups: tuple[str, ...] = ()
+    ema: tuple[str, ...] = ()
+    dataset_images: int = IMAGENET_TRAIN_IMAGES
+
+
+def _sgd(source: str, lr: float, batch: int, epochs: float, rule: LrRule = "none", rule_source: str = "",
+         auto_rule: LrRule | None = None, **kwargs: Any) -> PublishedRecipe:
+    return PublishedRecipe(source=source, optimizer="sgd", lr=lr, batch=batch, published_rule=rule,
+                           auto_rule=auto_rule or rule, epochs=epochs,
+                           rule_source=rule_source or "the paper and its code fix the lr at this batch and state no rule",
+                           **kwargs)
+
+
+_SIMREG = _sgd("SimReg (UCDvision/simreg): SGD lr 0.05, batch 256, 130 epochs", 0.05, 256, 130)
+_SEED = _sgd("SEED (jacobswan1/SEED): SGD lr 0.03, batch 256, 200 epochs", 0.03, 256, 200)
+_COMPRESS = _sgd("CompRess (UMBCvision/CompRess): SGD lr 0.01, batch 256, 130 epochs", 0.01, 256, 130)
+_MOCO_RULE = ("MoCo's README: 'for 4-GPU training, follow the linear lr scaling recipe: --lr 0.015 "
+              "--batch-size 128' (the code itself does not scale)")
+
+# Per method: the published recipe's size-dependent values. A method outside this table may declare its own
+# as a class attribute ``preset_recipe``; otherwise only its queues are derived.
+RECIPES: dict[str, PublishedRecipe] = {
+    "simreg": _SIMREG,
+    "simreg-multi": _SIMREG,
+    "cosine-reg": _sgd("baseline without a paper: SimReg's recipe (SGD lr 0.05, batch 256, 130 epochs)", 0.05, 256, 130),
+    "mse-reg": _sgd("baseline without a paper: SimReg's recipe (SGD lr 0.05, batch 256, 130 epochs)", 0.05, 256, 130),
+    "seed": _SEED,
+    "seed-smallpatch": _sgd("SEED main_small-patch.py: SGD lr 0.03, batch 256, 800 epochs", 0.03, 256, 800),
+    "compress-1q": _COMPRESS,
+    "compress-2q": _sgd(_COMPRESS.source, 0.01, 256, 130, ema=("momentum",)),
+    "smd": _sgd("SMD (liuhao-lh/SMD): SGD lr 0.05·B/256, batch 512, 100 epochs, 2 warm-up epochs", 0.1, 512, 100,
+                rule="linear", rule_source="SMD's code sets lr = 0.05 × batch / 256", warmups=("warmup_epochs",)),
+    "disco": _sgd("DisCo (Yuting-Gao/DisCo-pytorch): SGD lr 0.03, batch 256, 200 epochs", 0.03, 256, 200,
+                  ema=("momentum",)),
+    "bingo": _sgd("BINGO (haohang96/bingo): SGD lr 0.03, batch 256, 200 epochs; bag weights switch after 11 epochs",
+                  0.03, 256, 200, warmups=("bag_warmup_epochs",)),
+    "mocov2": _sgd("MoCo v2 (facebookresearch/moco): SGD lr 0.03, batch 256, 200 epochs", 0.03, 256, 200,
+                   rule="none", auto_rule="linear", rule_source=_MOCO_RULE, ema=("momentum",)),
+    "ssl-small": _sgd("ssl-small (WOWNICE/ssl-small, MoCo v2 code): SGD lr 0.06, batch 512, 800 epochs", 0.06, 512, 800,
+                      rule="none", auto_rule="linear", rule_source=_MOCO_RULE, ema=("momentum",)),
+    "simclr": PublishedRecipe(
+        source="SimCLR (google-research/simclr): LARS lr 0.3·B/256 (4.8 at batch 4096), 1000 epochs", optimizer="lars",
+        lr=4.8, batch=4096, published_rule="linear", auto_rule="sqrt", epochs=1000,
+        rule_source="SimCLR appendix B.1: lr = 0.075·√B works better than 0.3·B/256 at small batches"),
+    "byol": PublishedRecipe(
+        source="BYOL (deepmind-research/byol): LARS lr 0.2·B/256, batch 4096, 1000 epochs", optimizer="lars", lr=3.2,
+        batch=4096, published_rule="linear", auto_rule="linear", epochs=1000,
+        rule_source="BYOL's code sets lr = 0.2 × batch / 256", ema=("momentum",)),
+    "dino": PublishedRecipe(
+        source="SSLight (saic-fi/SSLight, DINO code): LARS base lr 0.48 per 256 images, 200 epochs", optimizer="lars",
+        lr=0.48, batch=256, published_rule="linear", auto_rule="linear", epochs=200,
+        rule_source="DINO's code sets lr = base_lr × batch / 256 (SSLight's batch convention not verified)",
+        warmups=("warmup_teacher_temperature_epochs", "freeze_last_layer_epochs"), ema=("momentum",)),
+}
+
+
+@dataclass(frozen=True)
+class Derived:
+    """One value the preset chose: its recipe key, the value, the published value and why."""
+
+    key: str  # e.g. "method.params.queue_size", "train.lr"
+    value: Any
+    published: Any
+    reason: str
+
+    def as_record(self) -> dict[str, Any]:
+        return {"value": self.value, "published": self.published, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class RunSize:
+    """What the derivations look at: training-set size, global batch and planned images seen."""
+
+    dataset_images: int
+    batch_size: int
+    images_seen: int
+    optimizer: str = "sgd"
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.images_seen // max(1, self.batch_size))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.dataset_images // max(1, self.batch_size))
+
+    @property
+    def epochs(self) -> float:
+        """The run's length in the epochs methods count (step / steps-per-epoch)."""
+        return self.steps / self.steps_per_epoch
+
+
+def imagenet_size(recipe: PublishedRecipe) -> RunSize:
+    """The run the paper describes: its dataset, its batch, its number of epochs."""
+    steps_per_epoch = recipe.dataset_images // recipe.batch
+    return RunSize(recipe.dataset_images, recipe.batch, int(round(recipe.epochs * steps_per_epoch)) * recipe.batch,
+                   recipe.optimizer)
+
+
+# --- the derivations --------------------------------------------------------------------------------------
+
+def _power_of_two_at_most(bound: int) -> int:
+    return 1 << max(0, int(bound).bit_length() - 1) if bound >= 1 else 1
+
+
+def derive_queue(published: int, negatives: bool, size: RunSize) -> tuple[int, str]:
+    """Queue length for this run and the reason (see the module docstring)."""
+    if negatives:
+        bound = min(size.dataset_images - 1, size.images_seen)
+        why = (f"a queue of contrastive negatives must stay below the training set ({size.dataset_images:,} images) "
+               f"and fill within the run ({size.images_seen:,} images seen)")
+    else:
+        bound = min(size.dataset_images, size.images_seen)
+        why = (f"a queue of anchors is bounded by the training set ({size.dataset_images:,} images) and the images "
+               f"the run enqueues ({size.images_seen:,})")
+    if published <= bound:
+        return published, f"published {published:,} fits: {why}"
+    value = _power_of_two_at_most(bound)
+    return value, f"published {published:,} is too long: {why}; largest power of two within that: {value:,}"
+
+
+def _round(value: float, digits: int = 6) -> float:
+    """Round to ``digits`` significant digits (an exact integer stays one)."""
+    if value == 0 or float(value).is_integer():
+        return float(value)
+    return round(value, max(0, digits - 1 - int(math.floor(math.log10(abs(value))))))
+
+
+def derive_warmup(published: float, recipe: PublishedRecipe, size: RunSize) -> tuple[float, str]:
+    """A warm-up of ``published`` epochs of the published run keeps its share of this run (in steps)."""
+    share = published / recipe.epochs
+    value = _round(share * size.epochs)
+    steps = int(round(value * size.steps_per_epoch))
+    return value, (f"published {published:g} of {recipe.epochs:g} epochs = {100 * share:.3g}% of the run; this run is "
+                   f"{size.epochs:.4g} epochs ({size.steps:,} steps of {size.batch_size}) → {value:g} epochs "
+                   f"(≈{steps:,} steps)")
+
+
+def scale_lr(lr: float, from_batch: int, to_batch: int, rule: LrRule) -> float:
+    factor = {"linear": to_batch / from_batch, "sqrt": math.sqrt(to_batch / from_batch), "none": 1.0}[rule]
+    return _round(lr * factor)
+
+
+def derive_lr(recipe: PublishedRecipe, size: RunSize, preset: Preset) -> tuple[float | None, str]:
+    """The learning rate for this run's batch, or None (keep the recipe's) when ``auto`` cannot transfer it."""
+    rule = recipe.published_rule if preset == "published" else recipe.auto_rule
+    if preset == "auto" and size.optimizer != recipe.optimizer:
+        return None, (f"not derived: the paper's lr {recipe.lr:g} (batch {recipe.batch}) is a {recipe.optimizer} lr and "
+                      f"this run uses {size.optimizer}; set train.optimizer={recipe.optimizer} to get it scaled, or "
+                      "train.lr")
+    value = scale_lr(recipe.lr, recipe.batch, size.batch_size, rule)
+    formula = {"linear": f"{recipe.lr:g} × {size.batch_size}/{recipe.batch}",
+               "sqrt": f"{recipe.lr:g} × √({size.batch_size}/{recipe.batch})", "none": "unchanged"}[rule]
+    rule_text = {"linear": "linear scaling", "sqrt": "square-root scaling", "none": "no batch scaling"}[rule]
+    note = "" if size.optimizer == recipe.optimizer else f"; the paper uses {recipe.optimizer}, this run {size.optimizer}"
+    return value, (f"{rule_text} of the paper's lr {recipe.lr:g} at batch {recipe.batch} ({recipe.rule_source}): "
+                   f"{formula} → {value:g}{note}")
+
+
+def derive_ema(published: float, size: RunSize) -> tuple[float, str]:
+    """EMA momentum whose time constant 1/(1-m) is at most a tenth of the run, floored at 0.99."""
+    ceiling = 1.0 - 1.0 / (EMA_RUN_FRACTION * size.steps)
+    if published <= ceiling:
+        return published, (f"published {published:g} fits: its time constant ({1 / (1 - published):,.0f} steps) is "
+                           f"within a tenth of the run ({size.steps:,} steps)")
+    value = _round(max(EMA_MIN_MOMENTUM, ceiling), 5)
+    return value, (f"published {published:g} averages over {1 / (1 - published):,.0f} steps, more than a tenth of "
+                   f"this run ({size.steps:,} steps), so the EMA copy would lag its online network for most of "
+                   f"training; 1 − 1/({EMA_RUN_FRACTION:g} × steps) = {ceiling:.5f}, floored at {EMA_MIN_MOMENTUM} "
+                   f"(MoCo's ablation) → {value:g}")
+
+
+# --- one method -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MethodFacts:
+    """What the derivations need to know about a method, without importing it."""
+
+    name: str
+    defaults: dict[str, Any]  # Params defaults (the published values)
+    queue_negatives: bool = False
+    recipe: PublishedRecipe | None = None
+    queue_fields: tuple[str, ...] = field(default=())
+
+
+def method_facts(method_cls) -> MethodFacts:
+    """The facts of a registered method class (Params defaults, queue kind, published recipe)."""
+    defaults = method_cls.Params().model_dump()
+    recipe = getattr(method_cls, "preset_recipe", None) or RECIPES.get(method_cls.name)
+    queues = tuple(name for name in defaults if name == "queue_size" or name.endswith("_queue_size"))
+    return MethodFacts(method_cls.name, defaults, bool(getattr(method_cls, "queue_negatives", False)), recipe, queues)
+
+
+def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
+           explicit: frozenset[str] | set[str] = frozenset()) -> list[Derived]:
+    """Every derived value for one method and run. ``explicit`` holds recipe keys the user set (never derived).
+
+    ``published`` returns the paper's values (with reasons); ``auto`` the values sized for this run."""
+    out: list[Derived] = []
+
+    def add(key: str, value: Any, published: Any, reason: str) -> None:
+        if key not in explicit:
+            out.append(Derived(key, value, published, reason))
+
+    recipe = facts.recipe
+    for name in facts.queue_fields:
+        published = int(facts.defaults[name])
+        if preset == "published":
+            add(f"method.params.{name}", published, published, "published preset: the paper's queue length")
+        else:
+            add(f"method.params.{name}", *_with_published(derive_queue(published, facts.queue_negatives, size), published))
+    if recipe is not None:
+        for name in recipe.warmups:
+            published = facts.defaults[name]
+            if preset == "published":
+                add(f"method.params.{name}", published, published,
+                    f"published preset: {published:g} of the paper's {recipe.epochs:g} epochs")
+            else:
+                add(f"method.params.{name}", *_with_published(derive_warmup(float(published), recipe, size), published))
+        for name in recipe.ema:
+            published = facts.defaults[name]
+            if preset == "published":
+                add(f"method.params.{name}", published, published, "published preset: the paper's EMA momentum")
+            else:
+                add(f"method.params.{name}", *_with_published(derive_ema(float(published), size), published))
+        value, reason = derive_lr(recipe, size, preset)
+        published_lr = recipe.lr
+        if value is not None:
+            add("train.lr", value, published_lr, f"{preset} preset: {reason}")
+        elif "train.lr" not in explicit:
+            out.append(Derived("train.lr", None, published_lr, f"{preset} preset: {reason}"))
+    elif "train.lr" not in explicit:
+        out.append(Derived("train.lr", None, None, f"{preset} preset: not derived: {facts.name} has no published "
+                                                   "recipe in distillctl.methods.presets.RECIPES"))
+    return out
+
+
+def _with_published(pair: tuple[Any, str], published: Any) -> tuple[Any, Any, str]:
+    value, reason = pair
+    return value, published, reason
+
+
+# --- recipes --------------------------------------------------------------------------------------------
+
+def explicit_keys(recipe) -> set[str]:
+    """Recipe keys the user set (recipe file, flag or ``--set``): ``method.params.*`` given, and train fields in
+    pydantic's ``model_fields_set``. ``train.lr_scaling=linear`` counts as setting the lr (its own rule)."""
+    keys = {f"method.params.{name}" for name in recipe.method.params}
+    keys |= {f"train.{name}" for name in recipe.train.model_fields_set}
+    if recipe.train.lr_scaling != "none":
+        keys.add("train.lr")
+    return keys
+
+
+def apply(recipe, derived: list[Derived]):
+    """A copy of ``recipe`` with the derived values set and recorded under ``derived`` (key → value, published,
+    reason). Entries whose value is None (not derived) are recorded but change nothing."""
+    params = dict(recipe.method.params)
+    train_updates: dict[str, Any] = {}
+    for item in derived:
+        if item.value is None:
+            continue
+        section, _, name = item.key.partition(".")
+        if section == "method" and name.startswith("params."):
+            params[name[len("params."):]] = item.value
+        elif section == "train":
+            train_updates[name] = item.value
+    method = recipe.method.model_copy(update={"params": params})
+    train = recipe.train.model_copy(update=train_updates) if train_updates else recipe.train
+    records = {**recipe.derived, **{item.key: item.as_record() for item in derived}}
+    return recipe.model_copy(update={"method": method, "train": train, "derived": records})
+
+
+def describe(derived: list[Derived], preset: str) -> list[str]:
+    """One printable line per derived value."""
+    lines = []
+    for item in derived:
+        shown = "unchanged" if item.value is None else f"{item.value!r}"
+        lines.append(f"preset {preset}: {item.key} = {shown} ({item.reason})")
+    return lines
+
+
+# --- queue warnings (a queue left at an ImageNet length on a small run) ---------------------------------
+
+def queue_warnings(method, train_images: int, images_seen: int) -> list[str]:
+    """Plain-language warnings for feature queues sized for ImageNet on a much smaller run.
+
+    A run that enqueues fewer rows than the queue holds trains against random initial rows for its whole length.
+    Where the rows are contrastive negatives (``Method.queue_negatives``: MoCo v2, DisCo, BINGO), a queue longer
+    than the training set also holds stale copies of the current image among them; soft-target anchor queues
+    (SEED, CompRess) are not hurt by that. Neither is an error (``method.preset=published`` asks for the paper's
+    lengths), so these are warnings; the ``auto`` preset sizes queues so that neither applies.
+    """
+    from distillctl.methods.common import FeatureQueue
+
+    size = max((module.size for module in method.modules() if isinstance(module, FeatureQueue)), default=None)
+    if size is None:
+        return []
+    out = []
+    if images_seen < size:
+        out.append(f"the {size:,}-row queue of {method.name} never fills: the run enqueues about {images_seen:,} rows, "
+                   f"so about {size - images_seen:,} rows stay at their random initialisation; "
+                   "set method.params.queue_size at or below the images seen (or method.preset=auto)")
+    if size > train_images and method.queue_negatives:
+        out.append(f"the {size:,}-row queue of {method.name} is longer than the training set ({train_images:,} images): "
+                   "it holds several embeddings of each image at once (stale copies of the current image among its negatives); "
+                   f"the published length assumes ImageNet, consider method.params.queue_size <= {train_images:,}")
+    return out
+
+
+def preset_recipe(recipe, dataset_images: int, images_seen: int):
+    """``(recipe with the preset's values applied and recorded, the derived values)`` for one run."""
+    from distillctl.methods.base import get_method
+
+    facts = method_facts(get_method(recipe.method.name))
+    size = RunSize(dataset_images, recipe.train.batch_size, images_seen, recipe.train.optimizer)
+    derived = derive(facts, size, recipe.method.preset, explicit_keys(recipe))
+    return apply(recipe, derived), derived

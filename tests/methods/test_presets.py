@@ -1,0 +1,145 @@
+"""method.preset: the auto derivations are pure functions of (method, dataset size, batch, images seen).
+
+ImageNet-sized inputs give the published values back exactly; small inputs give sized values with a reason;
+an explicitly set key is never derived; a tiny run records every derived value in recipe.yaml."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from distillctl.config import build_recipe
+from distillctl.methods.base import TeacherDims, build_method, get_method, registry
+from distillctl.methods.presets import (RECIPES, RunSize, derive, derive_ema, derive_queue, derive_warmup, imagenet_size,
+                                        method_facts, preset_recipe, queue_warnings, scale_lr)
+from tests.conftest import run_cli, tiny_run_args
+
+SMALL = RunSize(dataset_images=10_000, batch_size=64, images_seen=468 * 64)  # the benchmark's 30,000-image cell
+
+
+def _values(name: str, size: RunSize, preset: str = "auto", explicit=frozenset()) -> dict:
+    return {d.key: d.value for d in derive(method_facts(get_method(name)), size, preset, explicit)}
+
+
+def test_every_registered_method_with_a_recipe_is_in_the_table():
+    assert set(RECIPES) <= set(registry())
+    catalogue_one = {"simreg", "seed", "mocov2", "simclr", "smd", "disco", "bingo", "compress-1q", "compress-2q",
+                     "cosine-reg", "mse-reg", "byol", "dino", "seed-smallpatch", "ssl-small", "simreg-multi"}
+    assert catalogue_one <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_imagenet_sized_run_gives_the_published_values_exactly(name):
+    facts = method_facts(get_method(name))
+    size = imagenet_size(facts.recipe)
+    auto = derive(facts, size, "auto")
+    published = derive(facts, size, "published")
+    assert [(d.key, d.value) for d in auto] == [(d.key, d.value) for d in published]
+    for item in auto:
+        assert item.value == item.published, item
+        if item.key.startswith("method.params."):
+            assert item.value == facts.defaults[item.key[len("method.params."):]]
+    assert {d.key: d.value for d in auto}["train.lr"] == facts.recipe.lr
+
+
+def test_imagenet_values_spelled_out():
+    assert _values("mocov2", imagenet_size(RECIPES["mocov2"])) == {
+        "method.params.queue_size": 65536, "method.params.momentum": 0.999, "train.lr": 0.03}
+    assert _values("compress-1q", imagenet_size(RECIPES["compress-1q"])) == {
+        "method.params.queue_size": 128_000, "train.lr": 0.01}
+    assert _values("bingo", imagenet_size(RECIPES["bingo"]))["method.params.bag_warmup_epochs"] == 11
+    assert _values("smd", imagenet_size(RECIPES["smd"])) == {"method.params.warmup_epochs": 2, "train.lr": 0.1}
+
+
+def test_small_run_values():
+    assert _values("compress-1q", SMALL) == {"method.params.queue_size": 8192, "train.lr": 0.01}
+    assert _values("mocov2", SMALL) == {"method.params.queue_size": 8192, "method.params.momentum": 0.99,
+                                        "train.lr": 0.0075}  # MoCo's linear rule: 0.03 × 64/256
+    smd = _values("smd", SMALL)
+    assert smd["method.params.warmup_epochs"] == pytest.approx(0.06)  # 2 % of a 3-epoch run
+    assert smd["train.lr"] == pytest.approx(0.0125)  # 0.05 × 64/256
+    assert _values("bingo", SMALL)["method.params.bag_warmup_epochs"] == pytest.approx(0.165)  # 11/200 of 3 epochs
+    dino = _values("dino", SMALL)
+    assert dino["method.params.warmup_teacher_temperature_epochs"] == pytest.approx(0.75)
+    assert dino["train.lr"] is None  # a LARS lr is not transferred to an SGD run
+
+
+def test_queue_bounds():
+    # negatives: strictly below the training set; anchors: at most the training set and the images seen
+    assert derive_queue(65536, True, RunSize(8192, 64, 100_000))[0] == 4096
+    assert derive_queue(65536, False, RunSize(8192, 64, 100_000))[0] == 8192
+    assert derive_queue(65536, False, RunSize(100_000, 64, 640))[0] == 512
+    value, reason = derive_queue(128_000, False, SMALL)
+    assert value == 8192 and "128,000" in reason and "10,000 images" in reason
+    assert derive_queue(4096, True, SMALL) == (4096, derive_queue(4096, True, SMALL)[1])  # fits: unchanged
+
+
+def test_warmup_keeps_its_share_of_the_run():
+    value, reason = derive_warmup(10, RECIPES["bingo"], RunSize(10_000, 64, 20 * 156 * 64))  # a 20-epoch run
+    assert value == pytest.approx(1.0) and "5% of the run" in reason
+
+
+def test_ema_time_constant_and_floor():
+    assert derive_ema(0.999, RunSize(10_000, 64, 1875 * 64))[0] == pytest.approx(0.99467)  # 1 − 1/187.5
+    assert derive_ema(0.999, RunSize(10_000, 64, 100 * 64))[0] == 0.99  # floored (MoCo's ablation)
+    assert derive_ema(0.999, RunSize(10_000, 64, 20_000 * 64))[0] == 0.999  # long enough: published
+
+
+def test_lr_rules():
+    assert scale_lr(0.03, 256, 64, "linear") == 0.0075
+    assert scale_lr(4.8, 4096, 64, "sqrt") == pytest.approx(0.075 * 64 ** 0.5)  # SimCLR's 0.075·√B
+    assert scale_lr(0.01, 256, 64, "none") == 0.01
+    simclr = derive(method_facts(get_method("simclr")), RunSize(10_000, 64, 30_000, "lars"))
+    assert {d.key: d.value for d in simclr}["train.lr"] == pytest.approx(0.6)
+    published = derive(method_facts(get_method("simclr")), RunSize(10_000, 64, 30_000, "lars"), "published")
+    assert {d.key: d.value for d in published}["train.lr"] == pytest.approx(0.075)  # the code's 0.3·B/256
+
+
+def test_published_preset_gives_paper_values_on_a_small_run():
+    assert _values("compress-1q", SMALL, "published") == {"method.params.queue_size": 128_000, "train.lr": 0.01}
+
+
+def test_explicit_keys_are_never_derived():
+    values = _values("mocov2", SMALL, explicit={"method.params.queue_size", "train.lr"})
+    assert values == {"method.params.momentum": 0.99}
+    recipe = build_recipe({"method": {"name": "mocov2"}, "train": {"batch_size": 64, "epochs": 3}},
+                          ["method.params.queue_size=100", "train.lr=0.2"])
+    resolved, derived = preset_recipe(recipe, 10_000, 468 * 64)
+    assert resolved.method.params["queue_size"] == 100 and resolved.train.lr == 0.2
+    assert {d.key for d in derived} == {"method.params.momentum"}
+    assert resolved.derived["method.params.momentum"]["value"] == 0.99
+    scaled = build_recipe({"method": {"name": "seed"}, "train": {"lr_scaling": "linear"}})
+    assert "train.lr" not in {d.key for d in preset_recipe(scaled, 10_000, 30_000)[1]}
+
+
+def test_preset_recipe_applies_values_that_the_method_accepts():
+    recipe = build_recipe({"method": {"name": "bingo"}, "train": {"batch_size": 64, "epochs": 3}})
+    resolved, _ = preset_recipe(recipe, 10_000, 468 * 64)
+    method = build_method("bingo", resolved.method.params, 8, TeacherDims(12, 6))
+    assert method.queue.size == 8192
+    assert method.bag_weights(0.1) == (1.0, 0.0) and method.bag_weights(0.2) == (0.5, 0.5)
+    assert queue_warnings(method, 10_000, 468 * 64) == []
+    published = build_method("bingo", {}, 8, TeacherDims(12, 6))
+    assert len(queue_warnings(published, 10_000, 468 * 64)) == 2
+
+
+@pytest.mark.slow
+def test_tiny_run_records_derived_values_in_recipe_yaml(tmp_path, tiny_teacher_file):
+    out = tmp_path / "run"
+    proc = run_cli(*tiny_run_args(tiny_teacher_file, out, "--set", "train.max_steps=2", "--set", "eval.linear=false",
+                                  method="seed"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    derived = recipe["derived"]
+    # builtin:digits has 1,797 images; the run plans 2 steps of 64 = 128 images seen
+    assert derived["method.params.queue_size"]["value"] == 128 == recipe["method"]["params"]["queue_size"]
+    assert derived["method.params.queue_size"]["published"] == 65536
+    assert derived["train.lr"]["value"] == 0.03 == recipe["train"]["lr"]
+    assert "preset auto: method.params.queue_size = 128" in proc.stdout + proc.stderr
+    again = run_cli(*tiny_run_args(tiny_teacher_file, tmp_path / "explicit", "--set", "train.max_steps=2",
+                                   "--set", "eval.linear=false", "--set", "method.params.queue_size=96",
+                                   "--lr", "0.02", method="seed"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    explicit = yaml.safe_load((tmp_path / "explicit" / "recipe.yaml").read_text())
+    assert explicit["method"]["params"]["queue_size"] == 96 and explicit["train"]["lr"] == 0.02
+    assert "method.params.queue_size" not in explicit["derived"] and "train.lr" not in explicit["derived"]
