@@ -4,7 +4,9 @@ A checkpoint holds everything the next step depends on: student, method state (h
 encoders), optimizer, AMP scaler, the global step, and the torch RNG states. The LR schedule is a pure
 function of the step and the data order / augmentations are keyed by (seed, epoch, index), so nothing
 else is needed. Files are written to a temporary name, fsynced and renamed; the newest loadable one
-wins, and a truncated file falls back to the previous one with a warning.
+wins. An unreadable file (truncated, corrupt) is moved into ``<dir>/unreadable/`` with a warning, so it
+is kept for inspection but can no longer outrank, by its step number, the checkpoints a resumed run writes
+(pruning keeps the highest steps: left in place, all-unreadable old files would make it delete the new ones).
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ class CheckpointManager:
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
+    @property
+    def unreadable_dir(self) -> Path:
+        """Where unreadable checkpoints are set aside (outside :meth:`list`, so never loaded nor pruned)."""
+        return self.directory / "unreadable"
+
     def save(self, state: dict[str, Any], step: int) -> Path:
         from distillctl.train.faults import KILL_IN_CHECKPOINT_ENV, env_step
 
@@ -95,17 +102,34 @@ class CheckpointManager:
         path = self.directory / f"ckpt_{step:09d}.pt"
         atomic_torch_save(state, path, kill_half_way=env_step(KILL_IN_CHECKPOINT_ENV) == step)
         for _, old in self.list()[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+            if old != path:  # whatever else is on disk, the checkpoint just written survives its own pruning
+                old.unlink(missing_ok=True)
         return path
 
+    def set_aside(self, path: Path, reason: str) -> Path:
+        """Move an unreadable checkpoint into :attr:`unreadable_dir` and say so; returns the new path."""
+        self.unreadable_dir.mkdir(parents=True, exist_ok=True)
+        target = self.unreadable_dir / path.name
+        suffix = 1
+        while target.exists():  # an earlier resume set aside a file of the same name
+            target = self.unreadable_dir / f"{path.name}.{suffix}"
+            suffix += 1
+        os.replace(path, target)
+        console.print(f"[yellow]warning:[/] checkpoint {path.name} is unreadable ({reason}); moved to "
+                      f"{target.relative_to(self.directory)} and falling back to the previous one",
+                      highlight=False, soft_wrap=True)
+        return target
+
     def load_latest(self, fingerprint: str | None = None) -> dict[str, Any] | None:
-        """The newest checkpoint that loads (``weights_only=True``) and matches ``fingerprint``."""
+        """The newest checkpoint that loads (``weights_only=True``) and matches ``fingerprint``; unreadable
+        newer ones are set aside on the way (:meth:`set_aside`)."""
+        set_aside = 0
         for step, path in reversed(self.list()):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # truncated or corrupt file: fall back to the previous one
-                console.print(f"[yellow]warning:[/] checkpoint {path.name} is unreadable ({type(exc).__name__}); "
-                              "falling back to the previous one", highlight=False)
+            except Exception as exc:  # truncated or corrupt file: set it aside, fall back to the previous one
+                self.set_aside(path, type(exc).__name__)
+                set_aside += 1
                 continue
             if not isinstance(state, dict) or "step" not in state:
                 raise InputError(f"{path} is not a distillctl training checkpoint")
@@ -115,6 +139,9 @@ class CheckpointManager:
                     hint="use --restart to discard it, or rerun with the original recipe",
                 )
             return state
+        if set_aside:
+            console.print(f"[yellow]warning:[/] no readable checkpoint left in {self.directory} ({set_aside} unreadable "
+                          f"moved to {self.unreadable_dir})", highlight=False, soft_wrap=True)
         return None
 
     def clear(self) -> None:

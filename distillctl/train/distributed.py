@@ -137,20 +137,27 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 def main_first(action, *args, **kwargs):
     """Run ``action`` on rank 0 only, then tell every rank whether it raised.
 
-    Rank 0 runs ``action(*args, **kwargs)``; if it raises a DistillError, every rank raises the same
-    message, so a disk-full checkpoint on rank 0 cannot leave the others waiting at a barrier forever.
+    Whatever rank 0 raises (a DistillError, an OSError, any other exception, even KeyboardInterrupt), the
+    failure is broadcast before it propagates, so the other ranks raise too instead of waiting at the next
+    collective forever. Rank 0 re-raises its own exception (traceback intact; an OSError becomes a
+    TrainingError as before); the others raise the same DistillError class with the same message, or a
+    TrainingError naming rank 0's exception type and message.
     """
     from distillctl.errors import DistillError, TrainingError
 
-    result, failure = None, None
+    result, failure, notice = None, None, None
     if info().is_main:
         try:
             result = action(*args, **kwargs)
         except DistillError as exc:
-            failure = exc
+            failure, notice = exc, (type(exc).__name__, exc.message, exc.hint)
         except OSError as exc:
             failure = TrainingError(f"rank 0 could not write: {exc}")
-    message = broadcast_object(None if failure is None else (type(failure).__name__, failure.message, failure.hint))
+            failure.__cause__ = exc
+            notice = ("TrainingError", failure.message, failure.hint)
+        except BaseException as exc:  # noqa: BLE001 -- every failure must reach the other ranks
+            failure, notice = exc, ("TrainingError", f"rank 0 failed: {type(exc).__name__}: {exc}", None)
+    message = broadcast_object(notice)
     if failure is not None:
         raise failure
     if message is not None:
