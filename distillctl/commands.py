@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -33,19 +32,18 @@ RUN_FLAG_KEYS = {
 }
 
 
-def _overrides_from_flags(values: dict) -> list[str]:
-    overrides = []
+def _overrides_from_flags(values: dict) -> dict[str, Any]:
+    """The flags that were given, as typed recipe overrides (``--name 2024`` stays the string "2024")."""
+    overrides: dict[str, Any] = {}
     for flag, key in RUN_FLAG_KEYS.items():
         value = values.get(flag)
         if value is None or value is False:
             continue
         if flag == "export_formats":
-            value = "[" + ",".join(v.strip() for v in value.split(",") if v.strip()) + "]"
-        if isinstance(value, bool):
-            value = "true"
-        overrides.append(f"{key}={value}")
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        overrides[key] = value
     if values.get("extra_teacher"):
-        overrides.append("teacher.extra=" + json.dumps([_extra_teacher(v) for v in values["extra_teacher"]]))
+        overrides["teacher.extra"] = [_extra_teacher(v) for v in values["extra_teacher"]]
     return overrides
 
 
@@ -173,10 +171,9 @@ def run(
     if resume and restart:
         raise UsageError("--resume and --restart are mutually exclusive")
     flags = dict(locals())
-    overrides = _overrides_from_flags(flags) + list(set_)
     if recipe is None and flags.get("teacher") is None and flags.get("method") is None:
         raise UsageError("nothing to run: pass --recipe, or --teacher/--method/--data", hint="distillctl run --recipe quickstart")
-    resolved = load_recipe(recipe, overrides)
+    resolved = load_recipe(recipe, _overrides_from_flags(flags), sets=set_)
     if nproc is not None:  # the recipe is checked above, before any process starts
         from distillctl.launch import relaunch
 
@@ -223,7 +220,7 @@ def pretrain(
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr}, "export": {"enabled": False}}
     if out:
         base["out"] = out
-    built = build_recipe(base, list(set_))
+    built = build_recipe(base, sets=set_)
     if nproc is not None:
         from distillctl.launch import relaunch
 

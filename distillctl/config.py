@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distillctl.errors import InputError, UsageError
 
@@ -20,7 +21,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class PretrainSpec(Strict):
+def typed_method_params(method: str, params: dict[str, Any], where: str) -> BaseModel:
+    """``params`` validated once against the method's ``Params`` model (bounds, choices, unknown keys → exit 2)."""
+    from distillctl.methods.base import get_method
+
+    params_model = get_method(method).Params
+    try:
+        return params_model(**params)
+    except ValidationError as exc:
+        raise format_validation_error(exc, params_model, prefix=f"{where} ({method})") from exc
+
+
+class _MethodSection(Strict):
+    """A method name with its parameters, typed once when the recipe is built (``typed_params``)."""
+
+    _typed: BaseModel | None = PrivateAttr(default=None)
+
+    @property
+    def typed_params(self) -> BaseModel:
+        """The method's ``Params`` instance; the trainer and the method get this object, never the raw dict."""
+        assert self._typed is not None
+        return self._typed
+
+
+class PretrainSpec(_MethodSection):
     """An SSL teacher trained first by the tool itself (``teacher.source: pretrain``)."""
 
     method: str = "mocov2"
@@ -29,6 +53,11 @@ class PretrainSpec(Strict):
     batch_size: int = Field(128, ge=2)
     lr: float = Field(0.06, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _type_params(self) -> "PretrainSpec":
+        self._typed = typed_method_params(self.method, self.params, "teacher.pretrain.params")
+        return self
 
 
 class TeacherSource(Strict):
@@ -62,12 +91,17 @@ class StudentSpec(Strict):
     arch: str = "mobilenetv2"
 
 
-class MethodConfig(Strict):
+class MethodConfig(_MethodSection):
     name: str = "simreg"
     # published: the paper's values; auto: size-dependent values (queues, warm-ups, lr, EMA momentum) derived
     # from the dataset, batch and budget (distillctl/methods/presets.py); explicit params/train keys always win
     preset: Literal["auto", "published"] = "auto"
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _type_params(self) -> "MethodConfig":
+        self._typed = typed_method_params(self.name, self.params, "method.params")
+        return self
 
 
 class DataConfig(Strict):
@@ -181,6 +215,11 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
     return UsageError(f"{prefix}: invalid value for '{dotted}': {error['msg']}")
 
 
+Overrides = Mapping[str, Any]
+"""Recipe overrides: dotted key (``train.lr``) → typed value. CLI flags arrive here with the type Typer gave them
+(``--name 2024`` stays the string "2024"); only ``--set key=value`` text is parsed as YAML (:func:`parse_set`)."""
+
+
 def parse_value(text: str) -> Any:
     """``--set`` values are parsed as YAML scalars/lists (safe_load): 0.1, true, [10,20], null, strings."""
     try:
@@ -189,24 +228,40 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` assignments to a nested dict (creating dicts on the way)."""
-    for item in overrides:
-        if "=" not in item:
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """``--set a.b=value`` strings → overrides; the value is YAML (``[10, 20]``, ``true``, ``null``), the key is not."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
             raise UsageError(f"--set expects key=value, got '{item}'", hint="e.g. --set train.lr=0.1")
-        key, value = item.split("=", 1)
+        overrides[key.strip()] = parse_value(value)
+    return overrides
+
+
+def apply_overrides(data: dict, overrides: Overrides | Iterable[str]) -> dict:
+    """Assign each dotted key of ``overrides`` in the nested dict ``data`` (creating sections on the way).
+
+    A mapping carries typed values and is used as given; an iterable of ``key=value`` strings is ``--set`` text
+    and goes through :func:`parse_set` first. Later keys win, so flags-then-``--set`` lets ``--set`` decide.
+    """
+    if not isinstance(overrides, Mapping):
+        overrides = parse_set(overrides)
+    for key, value in overrides.items():
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
-            raise UsageError(f"--set has an empty key in '{item}'")
+            raise UsageError(f"override has an empty key: '{key}'")
         node = data
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UsageError(f"--set {key}: '{part}' is not a section")
+            elif isinstance(child, dict):
+                child = node[part] = dict(child)  # never mutate the caller's nested sections
+            else:
+                raise UsageError(f"override {key}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = parse_value(value)
+        node[parts[-1]] = value
     return data
 
 
@@ -257,14 +312,19 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def build_recipe(base: dict | None = None, overrides: list[str] | None = None) -> Recipe:
-    data = apply_overrides(dict(base or {}), overrides or [])
+def build_recipe(base: dict | None = None, overrides: Overrides | Iterable[str] | None = None,
+                 sets: Iterable[str] = ()) -> Recipe:
+    """The validated recipe: ``base`` (a recipe file's mapping), then typed ``overrides``, then ``--set`` text."""
+    data = apply_overrides(dict(base or {}), overrides or {})
+    data = apply_overrides(data, parse_set(sets))
     try:
         return Recipe(**data)
     except ValidationError as exc:
         raise format_validation_error(exc, Recipe) from None
 
 
-def load_recipe(name_or_path: str | None, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(name_or_path: str | None, overrides: Overrides | Iterable[str] | None = None,
+                sets: Iterable[str] = ()) -> Recipe:
+    """A recipe file (or the defaults) with flag overrides and ``--set`` assignments applied, validated."""
     base = read_yaml(find_recipe(name_or_path)) if name_or_path else {}
-    return build_recipe(base, overrides)
+    return build_recipe(base, overrides, sets)

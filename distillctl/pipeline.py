@@ -21,9 +21,7 @@ import torch
 
 from distillctl import __version__
 from distillctl.cli_common import console
-from pydantic import ValidationError
-
-from distillctl.config import Recipe, format_validation_error
+from distillctl.config import Recipe
 from distillctl.data.datasets import ImageDataset, open_dataset, resolve_splits
 from distillctl.errors import InputError, UsageError
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
@@ -61,11 +59,7 @@ def run_dir_for(recipe: Recipe) -> RunDir:
 def validate(recipe: Recipe) -> tuple[ImageDataset, ImageDataset | None]:
     """Cheap checks before anything is written: names, values, data."""
     method_cls = get_method(recipe.method.name)
-    resolve_arch(recipe.student.arch)
-    try:
-        method_cls.Params(**recipe.method.params)
-    except ValidationError as exc:
-        raise format_validation_error(exc, method_cls.Params, prefix=f"method.params ({recipe.method.name})") from None
+    resolve_arch(recipe.student.arch)  # method.params were typed when the recipe was built
     train_source, val_source = resolve_splits(recipe.data.train, recipe.data.val)
     train_data = open_dataset(train_source, "train")
     val_data = open_dataset(val_source, "test") if val_source else None
@@ -304,7 +298,7 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
     teacher_dims = _teacher_dims(teacher)
     _warn_preprocess(teacher, mean, std, options.quiet)
-    method = build_method(recipe.method.name, recipe.method.params, feature_dim(student), teacher_dims)
+    method = build_method(recipe.method.name, recipe.method.typed_params, feature_dim(student), teacher_dims)
     _warn_queues(recipe, method, len(train_data), options.quiet)
     requirements = method.requirements(recipe.data.image_size)
     mode = _teacher_mode(recipe, requirements.teacher_mode)

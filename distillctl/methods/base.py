@@ -153,18 +153,14 @@ def get_method(name: str) -> type[Method]:
     return methods[name]
 
 
-def build_method(name: str, params: dict, student_dim: int, teacher_dims: TeacherDims | None) -> Method:
-    """Validate ``params`` against the method's Params model and construct it."""
-    from pydantic import ValidationError
-
-    from distillctl.config import format_validation_error
-
+def build_method(name: str, params: BaseModel | dict, student_dim: int, teacher_dims: TeacherDims | None) -> Method:
+    """Construct a method from its typed ``Params`` (``recipe.method.typed_params``; a dict is validated here)."""
     cls = get_method(name)
-    try:
-        validated = cls.Params(**(params or {}))
-    except ValidationError as exc:
-        raise format_validation_error(exc, cls.Params, prefix=f"method.params ({name})") from None
-    return cls(validated, student_dim, teacher_dims)
+    if not isinstance(params, cls.Params):
+        from distillctl.config import typed_method_params
+
+        params = typed_method_params(name, dict(params or {}), "method.params")
+    return cls(params, student_dim, teacher_dims)
 
 
 GatherFn = Callable[[torch.Tensor], torch.Tensor]
