@@ -36,12 +36,25 @@ class _MethodSection(Strict):
     """A method name with its parameters, typed once when the recipe is built (``typed_params``)."""
 
     _typed: BaseModel | None = PrivateAttr(default=None)
+    _typed_from: dict[str, Any] | None = PrivateAttr(default=None)
+
+    def _type_now(self, method: str, where: str) -> None:
+        self._typed = typed_method_params(method, self.params, where)
+        self._typed_from = dict(self.params)
 
     @property
     def typed_params(self) -> BaseModel:
-        """The method's ``Params`` instance; the trainer and the method get this object, never the raw dict."""
+        """The method's ``Params`` instance; the trainer and the method get this object, never the raw dict.
+
+        Typed when the section is validated; a ``model_copy(update=...)`` (which skips validation, e.g. the
+        preset policy) is typed again on first use, so the instance always matches ``params``."""
+        if self._typed is None or self._typed_from != self.params:
+            self._type_now(*self._method_and_where())
         assert self._typed is not None
         return self._typed
+
+    def _method_and_where(self) -> tuple[str, str]:
+        raise NotImplementedError
 
 
 class PretrainSpec(_MethodSection):
@@ -56,8 +69,11 @@ class PretrainSpec(_MethodSection):
 
     @model_validator(mode="after")
     def _type_params(self) -> "PretrainSpec":
-        self._typed = typed_method_params(self.method, self.params, "teacher.pretrain.params")
+        self._type_now(*self._method_and_where())
         return self
+
+    def _method_and_where(self) -> tuple[str, str]:
+        return self.method, "teacher.pretrain.params"
 
 
 class TeacherSource(Strict):
@@ -100,8 +116,11 @@ class MethodConfig(_MethodSection):
 
     @model_validator(mode="after")
     def _type_params(self) -> "MethodConfig":
-        self._typed = typed_method_params(self.name, self.params, "method.params")
+        self._type_now(*self._method_and_where())
         return self
+
+    def _method_and_where(self) -> tuple[str, str]:
+        return self.name, "method.params"
 
 
 class DataConfig(Strict):

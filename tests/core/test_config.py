@@ -77,3 +77,9 @@ def test_method_params_are_typed_when_the_recipe_is_built():
     assert "teacher.pretrain.params (mocov2)" in info.value.message
     recipe = build_recipe({}, sets=["teacher.pretrain.params.queue_size=64"])
     assert recipe.teacher.pretrain.typed_params.queue_size == 64
+
+
+def test_typed_params_follow_a_copy_that_changes_params():
+    recipe = build_recipe({}, sets=["method.params.crop_scale=[0.3, 1.0]"])
+    copied = recipe.method.model_copy(update={"params": {"crop_scale": [0.5, 1.0]}})  # skips validation
+    assert copied.typed_params.crop_scale == (0.5, 1.0) and recipe.method.typed_params.crop_scale == (0.3, 1.0)
