@@ -105,6 +105,17 @@ class TeacherConfig(TeacherSource):
 
 class StudentSpec(Strict):
     arch: str = "mobilenetv2"
+    # timm constructor keywords, e.g. {patch_size: 8, depth: 6} for a small-patch ViT; written to
+    # student/config.json (model_kwargs) with the img_size the run adds for fixed-size models
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted({"num_classes", "pretrained", "img_size"} & set(value))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} are set by distillctl (img_size follows data.image_size)")
+        return value
 
 
 class MethodConfig(_MethodSection):

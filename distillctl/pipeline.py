@@ -27,6 +27,7 @@ from distillctl.errors import InputError, UsageError
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
 from distillctl.methods.presets import queue_warnings  # noqa: F401  (re-exported: the queue policy lives there)
 from distillctl.rundir import RunDir, file_sha256, fingerprint
+from distillctl.resolution import adapt_teacher, check_student, check_teacher_views, student_model_kwargs
 from distillctl.students import StudentConfig, count_parameters, create_backbone, feature_dim, resolve_arch
 from distillctl.teachers.base import Preprocess, Teacher
 from distillctl.pipeline_stages import _eval_stage, _export_stage
@@ -244,6 +245,27 @@ def _teacher_mode(recipe: Recipe, method_mode: str) -> str:
     return requested
 
 
+def _student_kwargs(recipe: Recipe, requirements=None) -> dict:
+    """The student's constructor keywords for the sizes its views come in (recorded in config.json)."""
+    sizes = [view.spec.size for view in requirements.views if view.student] if requirements is not None else []
+    return student_model_kwargs(resolve_arch(recipe.student.arch), recipe.data.image_size, sizes, recipe.student.kwargs)
+
+
+def _fit_student_to_views(student, recipe: Recipe, requirements):
+    """Refuse sizes a ViT student cannot take; rebuild it with a dynamic grid when views come in several sizes
+    (same seed and RNG state, so its initial weights are the ones it would have had)."""
+    sizes = [view.spec.size for view in requirements.views if view.student] or [recipe.data.image_size]
+    check_student(student, recipe.student.arch, sizes)
+    kwargs = _student_kwargs(recipe, requirements)
+    if not kwargs.get("dynamic_img_size"):
+        return student
+    state = torch.get_rng_state()
+    torch.manual_seed(recipe.train.seed)
+    rebuilt = create_backbone(recipe.student.arch, model_kwargs=kwargs)
+    torch.set_rng_state(state)
+    return rebuilt
+
+
 def _write_student(run: RunDir, student, method, recipe: Recipe, teacher: Teacher | None, mean, std) -> StudentConfig:
     from safetensors.torch import save_file
 
@@ -252,7 +274,8 @@ def _write_student(run: RunDir, student, method, recipe: Recipe, teacher: Teache
     config = StudentConfig(arch=arch, num_features=feature_dim(student), input_size=[3, recipe.data.image_size,
                            recipe.data.image_size], mean=list(mean), std=list(std),
                            teacher=teacher.describe() if teacher else {}, method=recipe.method.name,
-                           license=teacher.license if teacher else None)
+                           license=teacher.license if teacher else None,
+                           model_kwargs=_student_kwargs(recipe, method.requirements(recipe.data.image_size)))
     tmp_model = run.student_dir / ".model.safetensors.tmp"
     tmp_heads = run.student_dir / ".heads.safetensors.tmp"
     try:
@@ -287,6 +310,9 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
 
     teacher = resolve_teacher(recipe, run, options, device)  # a bad teacher file fails before anything is written
     recipe = _apply_preset(recipe, len(train_data), options.quiet)
+    if teacher is not None:  # a ViT teacher's position embeddings follow the run's image size (recorded)
+        adapt_teacher(teacher, recipe.data.image_size, None if options.quiet or not distributed.info().is_main
+                      else lambda text: console.print(text, highlight=False, soft_wrap=True))
     distributed.main_first(run.write_recipe, recipe)
     mean = tuple(recipe.data.mean or (teacher.preprocess.mean if teacher else IMAGENET_MEAN))
     std = tuple(recipe.data.std or (teacher.preprocess.std if teacher else IMAGENET_STD))
@@ -295,12 +321,15 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     distributed.main_first(run.record_stage, "teacher", fingerprint(teacher_id), "done", teacher_id)
 
     torch.manual_seed(recipe.train.seed)  # the student's (and heads') initialisation follows the run seed
-    student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
+    student = create_backbone(recipe.student.arch, model_kwargs=_student_kwargs(recipe))
     teacher_dims = _teacher_dims(teacher)
     _warn_preprocess(teacher, mean, std, options.quiet)
     method = build_method(recipe.method.name, recipe.method.typed_params, feature_dim(student), teacher_dims)
     _warn_queues(recipe, method, len(train_data), options.quiet)
     requirements = method.requirements(recipe.data.image_size)
+    student = _fit_student_to_views(student, recipe, requirements)
+    if teacher is not None:
+        check_teacher_views(teacher, [view.spec.size for view in requirements.views if view.teacher])
     mode = _teacher_mode(recipe, requirements.teacher_mode)
     teacher_bn = requirements.teacher_bn if recipe.teacher.bn == "method" else recipe.teacher.bn
 
@@ -308,7 +337,9 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     if mode == "cached":
         cache = _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device)
 
-    distill_fp = fingerprint(teacher_id, data_hash, recipe.student.model_dump(), recipe.method.model_dump(),
+    # student.kwargs joins the fingerprint only when set, so runs recorded before it existed still resume
+    student_fp = recipe.student.model_dump(exclude=None if recipe.student.kwargs else {"kwargs"})
+    distill_fp = fingerprint(teacher_id, data_hash, student_fp, recipe.method.model_dump(),
                              recipe.train.model_dump(exclude={"log_every", "tensorboard", "checkpoint_every_minutes",
                                                                "checkpoint_every_steps", "keep_last", "device",
                                                                "max_steps", "resume", "grad_accum"}),

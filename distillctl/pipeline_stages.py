@@ -52,7 +52,8 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
         result["teacher"] = knn_of(teacher.backbone.to(device).eval(), "teacher")
     if recipe.eval.random_student:
         torch.manual_seed(recipe.train.seed)  # the random-init baseline is reproducible
-        random_student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size)
+        random_student = create_backbone(recipe.student.arch, img_size=recipe.data.image_size,
+                                         model_kwargs=_random_student_kwargs(recipe))
         result["random_student"] = knn_of(random_student.eval().to(device), "random_student")
     if not distributed.info().is_main:  # the linear probe and the manifest are rank 0's
         return distributed.broadcast_object(None)
@@ -108,3 +109,11 @@ def _export_stage_main(recipe, run, student_sha) -> dict:
         raise
     run.record_stage("export", export_fp, "done", result)
     return result
+
+
+def _random_student_kwargs(recipe: Recipe) -> dict:
+    """The trained student's constructor keywords (student.kwargs, img_size), for its random-init twin."""
+    from distillctl.resolution import student_model_kwargs
+    from distillctl.students import resolve_arch
+
+    return student_model_kwargs(resolve_arch(recipe.student.arch), recipe.data.image_size, (), recipe.student.kwargs)

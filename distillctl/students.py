@@ -44,21 +44,28 @@ def resolve_arch(name: str) -> str:
     return arch
 
 
-def create_backbone(arch: str, img_size: int | None = None, exportable: bool = False) -> nn.Module:
-    """A timm model that returns its pooled embedding (``num_classes=0``)."""
+def create_backbone(arch: str, img_size: int | None = None, exportable: bool = False,
+                    model_kwargs: dict | None = None) -> nn.Module:
+    """A timm model that returns its pooled embedding (``num_classes=0``).
+
+    ``model_kwargs`` are extra constructor keywords (recorded in ``config.json``); without them a fixed-size
+    model (ViT) is built for ``img_size`` (see :mod:`distillctl.resolution`).
+    """
     import timm
 
+    from distillctl.resolution import student_model_kwargs
+
+    arch = resolve_arch(arch)
     kwargs: dict = {"num_classes": 0, "pretrained": False}
     if exportable:
         kwargs["exportable"] = True
-    if img_size is not None and _takes_img_size(arch):
-        kwargs["img_size"] = img_size
-    return timm.create_model(resolve_arch(arch), **kwargs)
-
-
-def _takes_img_size(arch: str) -> bool:
-    # ViT-family models bake the input size into their position embeddings.
-    return arch.startswith(("vit_", "deit", "eva", "beit"))
+    if model_kwargs is None:
+        model_kwargs = student_model_kwargs(arch, img_size) if img_size is not None else {}
+    try:
+        return timm.create_model(arch, **kwargs, **model_kwargs)
+    except TypeError as exc:  # an unknown constructor keyword in student.kwargs
+        raise InputError(f"student {arch} does not accept {model_kwargs}: {exc}",
+                         hint="student.kwargs are passed to timm.create_model; check the model's signature") from None
 
 
 def feature_dim(model: nn.Module) -> int:
@@ -85,6 +92,9 @@ class StudentConfig:
     teacher: dict
     method: str
     license: str | None = None
+    # constructor keywords beyond num_classes=0, e.g. {"img_size": 64} for a ViT trained at 64 px:
+    # timm.create_model(arch, num_classes=0, **model_kwargs) + load_state_dict reproduces the embedding
+    model_kwargs: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -103,7 +113,10 @@ def load_student(run_or_student_dir: str | Path, exportable: bool = False) -> tu
         config = StudentConfig(**json.loads(config_path.read_text()))
     except (ValueError, TypeError) as exc:
         raise InputError(f"unreadable student config {config_path}: {exc}") from None
-    model = create_backbone(config.arch, img_size=config.input_size[-1], exportable=exportable)
+    model_kwargs = dict(config.model_kwargs) if config.model_kwargs is not None else None
+    if exportable and model_kwargs:  # same weights; a static grid keeps the pos-embed resample out of the graph
+        model_kwargs.pop("dynamic_img_size", None)
+    model = create_backbone(config.arch, img_size=config.input_size[-1], exportable=exportable, model_kwargs=model_kwargs)
     try:
         state = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types

@@ -132,6 +132,9 @@ def build(
                         crop_pct=crop_pct)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    from distillctl.resolution import adapt_teacher
+
+    adapt_teacher(loaded, spec.size, lambda text: console.print(text, highlight=False))
     started = time.perf_counter()
     cache = build_cache(loaded, dataset, out, spec=spec, views=views, outputs=wanted,
                         mean=_floats(mean, "mean") or loaded.preprocess.mean, std=_floats(std, "std") or loaded.preprocess.std,

@@ -140,6 +140,13 @@ def _prepare(target_arg: str, data: str | None, val_data: str | None, device: st
                                                     teacher_arch=teacher.arch, accept_license=teacher.accept_license)
     if teacher.input_size is not None:
         preprocess = {**preprocess, "input_size": int(teacher.input_size)}
+    if is_teacher and hasattr(encoder, "module"):  # a ViT teacher's position embeddings follow the input size
+        from distillctl.resolution import adapt_to_size
+
+        record = adapt_to_size(encoder.module, int(preprocess["input_size"]), description)
+        if record is not None:
+            console.print(f"{description}: position embeddings resampled {record['grid']} for "
+                          f"{record['input_size']} px inputs", highlight=False)
     train_spec, val_spec, run_crop = _resolve_splits(target, data, val_data)
     train = open_dataset(train_spec, "train")
     # builtin datasets: their held-out test split; folders: as given, labels mapped to train's class indices

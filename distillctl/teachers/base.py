@@ -36,6 +36,7 @@ class Teacher:
     preprocess: Preprocess = field(default_factory=Preprocess)
     source: str = "local"
     reference_top1: float | None = None
+    resolution: dict | None = None  # set when a ViT's position embeddings were resampled (distillctl.resolution)
 
     def freeze(self) -> "Teacher":
         for module in (self.backbone, self.projection):
@@ -71,7 +72,7 @@ class Teacher:
         return result
 
     def describe(self) -> dict:
-        return {
+        described = {
             "name": self.name,
             "arch": self.arch,
             "sha256": self.sha256,
@@ -80,3 +81,6 @@ class Teacher:
             "proj_dim": self.proj_dim,
             "source": self.source,
         }
+        if self.resolution is not None:
+            described["resolution"] = self.resolution
+        return described
