@@ -35,10 +35,13 @@ class ViewSpec:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     crop_pct: float = 0.875  # centre views: side of the box relative to the short side
+    quarter_turns: int = 0  # rotate the finished view by k·90° counter-clockwise (np.rot90; DLKD's rotation copies)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown view family {self.family!r}; valid: {', '.join(FAMILIES)}")
+        if self.quarter_turns not in (0, 1, 2, 3):
+            raise ValueError(f"quarter_turns must be 0, 1, 2 or 3, got {self.quarter_turns}")
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,8 @@ def apply_view_uint8(image: torch.Tensor, params: ViewParams, spec: ViewSpec) ->
         view = F.gaussian_blur(view, [kernel, kernel], [params.blur_sigma, params.blur_sigma])
     if params.solarize:
         view = F.solarize(view, threshold=128)
+    if spec.quarter_turns:
+        view = torch.rot90(view, spec.quarter_turns, dims=(-2, -1))
     return view
 
 
@@ -238,4 +243,5 @@ def params_dict(params: ViewParams) -> dict:
 
 
 def spec_dict(spec: ViewSpec) -> dict:
-    return {f.name: getattr(spec, f.name) for f in fields(spec)}
+    """The spec's fields; ``quarter_turns`` only when set, so unrotated specs keep their manifest form."""
+    return {f.name: getattr(spec, f.name) for f in fields(spec) if f.name != "quarter_turns" or spec.quarter_turns}

@@ -55,10 +55,10 @@ def train_and_resume(tmp_path: Path, teacher: Path, method: str, extra: list[str
     return losses
 
 
-def check_recipes(method: str) -> None:
+def check_recipes(method: str, spells_defaults: bool = True) -> None:
     """The published-setting recipe and the ``_cpu`` recipe validate (recipe schema, the method's Params, a known
     student, a registry teacher for the published one, builtin digits and a pretrained teacher for the CPU one), and
-    the published recipe spells out the published defaults."""
+    (``spells_defaults``) the published recipe spells out the Params defaults."""
     from distillctl.config import load_recipe
     from distillctl.methods.base import get_method
     from distillctl.students import resolve_arch
@@ -78,4 +78,5 @@ def check_recipes(method: str) -> None:
         else:
             load_registry().resolve(recipe.teacher.source)
             assert recipe.data.image_size == 224
-            assert params == cls.Params(**{k: getattr(cls.Params(), k) for k in recipe.method.params})
+            if spells_defaults:
+                assert params == cls.Params(**{k: getattr(cls.Params(), k) for k in recipe.method.params})
