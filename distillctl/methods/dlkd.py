@@ -19,6 +19,7 @@ from torch import nn
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import mlp
+from distillctl.methods.presets import PublishedRecipe
 from distillctl.methods.shared import CropParams, TeacherFeature, at_least_float32, teacher_target
 
 ROTATIONS = 4
@@ -125,6 +126,11 @@ class DLKD(Method):
         "one GPU on CIFAR).",
     )
     Params = DLKDParams
+    preset_recipe = PublishedRecipe(
+        source="DLKD (ifding/DLKD train_student.py, run_cifar_mlkd.sh): SGD lr 0.05, batch 64, 240 epochs on "
+               "CIFAR-100 (50,000 images)",
+        optimizer="sgd", lr=0.05, batch=64, published_rule="none", auto_rule="none", epochs=240,
+        rule_source="the code fixes the lr at batch 64 and states no rule", dataset_images=50_000)
 
     def __init__(self, params: DLKDParams, student_dim: int, teacher_dims) -> None:
         super().__init__(params, student_dim, teacher_dims)

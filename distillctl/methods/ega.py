@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
+from distillctl.methods.presets import PublishedRecipe
 from distillctl.methods.shared import CropParams, TeacherFeature, crop_view, at_least_float32, teacher_target
 
 
@@ -100,6 +101,10 @@ class EGA(Method):
         "swap (C[ts] ↔ C[ts]ᵀ), so it is the same value.",
     )
     Params = EGAParams
+    preset_recipe = PublishedRecipe(
+        source="EGA (yccm/EGA train_student.py): SGD lr 0.05, batch 64, 240 epochs on CIFAR-100 (50,000 images)",
+        optimizer="sgd", lr=0.05, batch=64, published_rule="none", auto_rule="none", epochs=240,
+        rule_source="the code fixes the lr at batch 64 and states no rule", dataset_images=50_000)
 
     def __init__(self, params: EGAParams, student_dim: int, teacher_dims) -> None:
         super().__init__(params, student_dim, teacher_dims)
