@@ -53,7 +53,7 @@ def _mount_subcommands() -> None:
                 continue  # not built yet
             raise
         app.add_typer(module.app, name=command_name)
-    for module_name in ("distillctl.export.cli", "distillctl.commands"):
+    for module_name in ("distillctl.export.cli", "distillctl.commands", "distillctl.ci_commands"):
         try:
             module = import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -102,6 +102,10 @@ def _render_summary(summary: dict) -> None:
         parity = onnx.get("parity", {})
         console.print(f"ONNX: {onnx.get('path')} · parity passed={parity.get('passed')} "
                       f"max|Δ|={parity.get('max_abs')} min cos={parity.get('min_cosine')}")
+    from distillctl.ci_commands import render_gates
+
+    if (summary.get("gates") or {}).get("checked"):
+        render_gates(summary["gates"])
     console.print(f"summary: {summary['run_dir']}/summary.json · wall {summary['wall_s']:.0f}s")
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distillctl.errors import InputError, UsageError
+from distillctl.gates import GatesConfig
 
 
 class Strict(BaseModel):
@@ -216,6 +217,7 @@ class Recipe(Strict):
     # written by the run: every value chosen for it rather than by the user (method.preset, the teacher's
     # preprocessing), key -> {value, published, reason}; recomputed on every run, so an input value is ignored
     derived: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    gates: GatesConfig = Field(default_factory=GatesConfig)  # quality gates (distillctl/gates.py); never fingerprinted
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

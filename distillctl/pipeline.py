@@ -61,6 +61,9 @@ def validate(recipe: Recipe) -> tuple[ImageDataset, ImageDataset | None]:
     """Cheap checks before anything is written: names, values, data."""
     method_cls = get_method(recipe.method.name)
     resolve_arch(recipe.student.arch)  # method.params were typed when the recipe was built
+    from distillctl.gates import check_recipe_gates
+
+    check_recipe_gates(recipe)
     train_source, val_source = resolve_splits(recipe.data.train, recipe.data.val)
     train_data = open_dataset(train_source, "train")
     val_data = open_dataset(val_source, "test") if val_source else None
@@ -296,6 +299,22 @@ def _write_student(run: RunDir, student, method, recipe: Recipe, teacher: Teache
     return config
 
 
+def _summary_head(recipe: Recipe, run: RunDir, method_cls, teacher_id, train_data, val_data, data_hash) -> dict:
+    """The part of summary.json known before training (written first, so a failed run still reports it)."""
+    return {
+        "distillctl_version": __version__,
+        "run_dir": str(run.path),
+        "method": recipe.method.name,
+        "method_kind": method_cls.kind,
+        "teacher": {**teacher_id, "knn_top1": None} if teacher_id else None,
+        "student": {"arch": resolve_arch(recipe.student.arch), "checkpoint": str(run.student_dir / "model.safetensors"),
+                    "knn_top1": None, "knn": None},
+        "data": {"train": recipe.data.train, "images": len(train_data), "manifest_sha256": data_hash,
+                 "eval_images": len(val_data) if val_data else 0},
+        "recipe": recipe.model_dump(mode="json"),
+    }
+
+
 def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     """Run every stage (skipping finished ones); returns the summary dict."""
     options = options or RunOptions()
@@ -319,6 +338,8 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     data_hash = train_data.manifest_hash()
     teacher_id = teacher.describe() if teacher else None
     distributed.main_first(run.record_stage, "teacher", fingerprint(teacher_id), "done", teacher_id)
+    summary = _summary_head(recipe, run, method_cls, teacher_id, train_data, val_data, data_hash)
+    distributed.main_first(run.update_summary, summary)
 
     torch.manual_seed(recipe.train.seed)  # the student's (and heads') initialisation follows the run seed
     student = create_backbone(recipe.student.arch, model_kwargs=_student_kwargs(recipe))
@@ -332,6 +353,8 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
         check_teacher_views(teacher, [view.spec.size for view in requirements.views if view.teacher])
     mode = _teacher_mode(recipe, requirements.teacher_mode)
     teacher_bn = requirements.teacher_bn if recipe.teacher.bn == "method" else recipe.teacher.bn
+    if teacher:
+        summary["teacher"].update(bn_mode=teacher_bn, mode=mode)
 
     cache = None
     if mode == "cached":
@@ -350,35 +373,46 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
                                    mode, teacher_bn, device, distill_fp, bags)
     student_sha = distributed.main_first(file_sha256, run.student_dir / "model.safetensors")
     student_sha = distributed.broadcast_object(student_sha)
+    summary["student"].update({"sha256": student_sha, "params": count_parameters(student)})
+    summary["train"] = train_summary
+    summary["data"]["faults"] = _data_faults(train_data, train_summary)
+    distributed.main_first(run.update_summary, summary)  # summary.json holds every finished stage, whatever follows
 
     eval_result = _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha)
-    export_result = _export_stage(recipe, run, student_sha)
+    if teacher:
+        summary["teacher"]["knn_top1"] = eval_result.get("teacher", {}).get("knn_top1")
+    summary["student"].update(knn_top1=eval_result.get("student", {}).get("knn_top1"),
+                              knn=eval_result.get("student", {}).get("knn"))
+    summary["eval"] = eval_result
+    distributed.main_first(run.update_summary, summary)
+    return _export_and_gates(recipe, run, student_sha, summary, started)
 
-    summary = {
-        "distillctl_version": __version__,
-        "run_dir": str(run.path),
-        "method": recipe.method.name,
-        "method_kind": method_cls.kind,
-        "teacher": ({**teacher_id, "knn_top1": eval_result.get("teacher", {}).get("knn_top1"),
-                     "bn_mode": teacher_bn, "mode": mode} if teacher else None),
-        "student": {"arch": resolve_arch(recipe.student.arch), "checkpoint": str(run.student_dir / "model.safetensors"),
-                    "sha256": student_sha, "params": count_parameters(student),
-                    "knn_top1": eval_result.get("student", {}).get("knn_top1"),
-                    "knn": eval_result.get("student", {}).get("knn")},
-        "train": train_summary,
-        "eval": eval_result,
-        "export": export_result,
-        "data": {"train": recipe.data.train, "images": len(train_data), "manifest_sha256": data_hash,
-                 "eval_images": len(val_data) if val_data else 0, "faults": _data_faults(train_data, train_summary)},
-        "recipe": recipe.model_dump(mode="json"),
-        "wall_s": round(time.monotonic() - started, 2),
-    }
+
+def _export_and_gates(recipe: Recipe, run: RunDir, student_sha: str, summary: dict, started: float) -> dict:
+    """Export, then the recipe's quality gates; summary.json is complete before any gate error is raised."""
+    from distillctl.errors import GateError
+    from distillctl.gates import check_run, failure_from_report
+
+    errors: list[GateError] = []
+    try:
+        export_result = _export_stage(recipe, run, student_sha)
+    except GateError as exc:  # export_run wrote its numbers into summary['export'] before raising
+        export_result = None
+        errors.append(exc)
+
     def finish() -> dict:
-        full = run.update_summary(summary)
-        full["export"] = run.summary().get("export", export_result)
-        return full
+        run.update_summary({**summary, "export": export_result or {}, "wall_s": round(time.monotonic() - started, 2)})
+        check_run(run.path, recipe.gates, raise_on_failure=False)
+        return run.summary()
 
-    return distributed.broadcast_object(distributed.main_first(finish))
+    full = distributed.broadcast_object(distributed.main_first(finish))
+    gate_error = failure_from_report(full["gates"])
+    errors += [gate_error] if gate_error else []
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise GateError(" || ".join(error.message for error in errors), hint=errors[-1].hint)
+    return full
 
 
 def _warn_data_faults(train_data: ImageDataset, quiet: bool) -> None:

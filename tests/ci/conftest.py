@@ -1,0 +1,37 @@
+"""A tiny finished run shared by the CI-pipeline tests (gates, API, bundle, schemas): a random resnet18 teacher,
+the tiny-cnn student for one epoch on builtin:digits at 16 px, kNN for teacher and student, ONNX fp32 + INT8."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def ci_run_args(teacher: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "--teacher", str(teacher), "--teacher-arch", "resnet18", "--student", "tiny-cnn",
+            "--method", "simreg", "--data", "builtin:digits", "--image-size", "16", "--epochs", "1",
+            "--batch-size", "64", "--out", str(out), "--export", "onnx,onnx-int8",
+            "--set", "data.crop_pct=1.0", "--set", "export.calib_size=64", "--set", "export.parity_images=16",
+            "--set", "eval.random_student=false", "--set", "train.log_every=5", *extra]
+
+
+@pytest.fixture(scope="session")
+def ci_run(tiny_teacher_file, tmp_path_factory) -> tuple[Path, dict]:
+    """(run directory, its summary) after one `distillctl run --json` that passed its (loose) gates."""
+    out = tmp_path_factory.mktemp("ci-run") / "run"
+    result = run_cli(*ci_run_args(tiny_teacher_file, out, "--set", "gates.min_student_knn=1", "--json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads(result.stdout)
+
+
+@pytest.fixture()
+def ci_run_copy(ci_run, tmp_path) -> Path:
+    """A private copy of the shared run, for tests that change it."""
+    copy = tmp_path / "run"
+    shutil.copytree(ci_run[0], copy)
+    return copy
