@@ -26,7 +26,7 @@ from distillctl.data.datasets import ImageDataset, open_dataset, resolve_splits
 from distillctl.errors import InputError, UsageError
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
 from distillctl.methods.presets import queue_warnings  # noqa: F401  (re-exported: the queue policy lives there)
-from distillctl.rundir import RunDir, file_sha256, fingerprint
+from distillctl.rundir import RunDir, content_identity, file_sha256, fingerprint
 from distillctl.resolution import adapt_teacher, check_student, check_teacher_views, student_model_kwargs
 from distillctl.students import StudentConfig, count_parameters, create_backbone, feature_dim, resolve_arch
 from distillctl.teachers.base import Preprocess, Teacher
@@ -337,7 +337,8 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     std = tuple(recipe.data.std or (teacher.preprocess.std if teacher else IMAGENET_STD))
     data_hash = train_data.manifest_hash()
     teacher_id = teacher.describe() if teacher else None
-    distributed.main_first(run.record_stage, "teacher", fingerprint(teacher_id), "done", teacher_id)
+    teacher_content = content_identity(teacher_id)  # fingerprints: what the teacher is, not where it was read from
+    distributed.main_first(run.record_stage, "teacher", fingerprint(teacher_content), "done", teacher_id)
     summary = _summary_head(recipe, run, method_cls, teacher_id, train_data, val_data, data_hash)
     distributed.main_first(run.update_summary, summary)
 
@@ -362,11 +363,11 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
 
     # student.kwargs joins the fingerprint only when set, so runs recorded before it existed still resume
     student_fp = recipe.student.model_dump(exclude=None if recipe.student.kwargs else {"kwargs"})
-    distill_fp = fingerprint(teacher_id, data_hash, student_fp, recipe.method.model_dump(),
+    distill_fp = fingerprint(teacher_content, data_hash, student_fp, recipe.method.model_dump(),
                              recipe.train.model_dump(exclude={"log_every", "tensorboard", "checkpoint_every_minutes",
                                                                "checkpoint_every_steps", "keep_last", "device",
                                                                "max_steps", "resume", "grad_accum"}),
-                             recipe.data.model_dump(exclude={"num_workers", "val", "max_bad_fraction"}), mode, teacher_bn,
+                             recipe.data.model_dump(exclude={"train", "num_workers", "val", "max_bad_fraction"}), mode, teacher_bn,
                              recipe.train.max_steps)
     bags = _neighbour_bags(recipe, method, requirements, teacher, cache, train_data, mean, std, device)
     train_summary = _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from distillctl.errors import InputError
@@ -24,9 +24,32 @@ from distillctl.train.checkpoint import atomic_write_text
 
 
 def fingerprint(*parts: Any) -> str:
-    """sha256 of the canonical JSON of ``parts`` (stage inputs)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    """sha256 of the canonical JSON of ``parts`` (stage inputs).
+
+    Fingerprints are taken over content (hashes, settings), never over where files lie: a run directory that was
+    moved or copied must skip its finished stages. A ``Path`` among the parts is therefore a programming error.
+    """
+    blob = json.dumps(parts, sort_keys=True, default=_content_only).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _content_only(value: Any) -> str:
+    if isinstance(value, PurePath):
+        raise TypeError(f"a stage fingerprint must not contain a path ({value}); hash the file's content instead")
+    return str(value)
+
+
+LOCATION_KEYS = frozenset({"source", "path", "run_dir"})
+
+
+def content_identity(described: Any) -> Any:
+    """``described`` (e.g. ``Teacher.describe()``) without the keys that say where something was read from:
+    the content (sha256, architecture, dimensions) identifies it; ``pretrain:/abs/run`` or a typed path do not."""
+    if isinstance(described, dict):
+        return {k: content_identity(v) for k, v in described.items() if k not in LOCATION_KEYS}
+    if isinstance(described, list):
+        return [content_identity(v) for v in described]
+    return described
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
