@@ -352,3 +352,51 @@ def linear(
                   f"retrained on {len(prep.train)} train images, {epochs} epochs; val {len(prep.val)} images)",
                   highlight=False)
 
+
+
+@app.command(help="Dense probe: per-location linear classifier on frozen feature maps over 2x2 mosaics of labelled "
+                  "images (task mosaic-2x2, see README); mIoU and pixel accuracy.\n\n"
+                  "Example: distillctl eval dense runs/quickstart\n\n"
+                  "Example: distillctl eval dense teacher:dino-vits16 --data /data/train --val-data /data/val --json")
+def dense(
+    target: str = TARGET,
+    data: Optional[str] = DATA,
+    val_data: Optional[str] = VAL_DATA,
+    mosaics: int = typer.Option(1000, "--mosaics", min=2, help="Train mosaics (4 train images each)."),
+    val_mosaics: int = typer.Option(500, "--val-mosaics", min=1, help="Evaluation mosaics (4 val images each)."),
+    epochs: int = typer.Option(20, "--epochs", min=1, help="SGD epochs per setting (sweep and final retrain)."),
+    lrs: str = typer.Option("0.01,0.1,1.0", "--lrs", help="Learning rates swept (comma-separated)."),
+    wds: str = typer.Option("0,1e-4,1e-3", "--wds", help="Weight decays swept (comma-separated)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the mosaics (train: seed, val: seed+1) and the SGD order."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Mosaics per forward pass."),
+    device: str = DEVICE,
+    crop_pct: Optional[float] = CROP,
+    input_size: Optional[int] = INPUT_SIZE,
+    teacher_arch: Optional[str] = TEACHER_ARCH,
+    accept_license: bool = ACCEPT,
+    json_output: bool = JSON,
+) -> None:
+    from distillctl.eval.dense import DenseProbeConfig, dense_probe
+
+    config = DenseProbeConfig(train_mosaics=mosaics, val_mosaics=val_mosaics, lrs=_parse_floats(lrs, "--lrs"),
+                              weight_decays=_parse_floats(wds, "--wds"), epochs=epochs, seed=seed)
+    prep = _prepare(target, data, val_data, device, crop_pct, None, True,
+                    _TeacherOptions(teacher_arch, accept_license, input_size))
+    module = getattr(prep.encoder, "module", None)
+    if module is None:
+        raise UsageError(f"the dense probe needs the PyTorch model's feature maps; {prep.target} only gives embeddings",
+                         hint="pass the run directory, its student/ directory or teacher:<name>")
+    start = time.perf_counter()
+    result = dense_probe(module, prep.train, prep.val, input_size=int(prep.preprocess["input_size"]),
+                         mean=prep.preprocess["mean"], std=prep.preprocess["std"], crop_pct=prep.crop_pct,
+                         batch_size=batch_size, device=prep.device, config=config)
+    timing = {"probe_s": round(time.perf_counter() - start, 3)}
+    _merge_summary(prep, {"dense": result.to_dict()})
+    if json_output:
+        print_json({"target": str(prep.target), "encoder": prep.description, "dense": result.to_dict(),
+                    "protocol": result.protocol, "data": _data_record(prep), "timing": timing})
+        return
+    console.print(f"[bold]dense probe ({result.protocol['task']}): mIoU {result.miou:.2f}%, pixel accuracy "
+                  f"{result.pixel_accuracy:.2f}%[/] · {prep.description} (feature grid "
+                  f"{result.feature_grid[0]}x{result.feature_grid[1]}, lr {result.lr:g}, wd {result.weight_decay:g}; "
+                  f"{config.train_mosaics} train / {config.val_mosaics} val mosaics)", highlight=False)
