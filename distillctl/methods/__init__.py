@@ -10,7 +10,7 @@ _METHOD_MODULES = (
     "smd", "disco", "bingo", "compress", "regression", "byol", "dino",
     "seed_variants", "ssl_small", "simreg_variants",
     # Method catalogue II, pooled-embedding methods (issue 13)
-    "ega", "dlkd", "protocpc",
+    "ega", "dlkd", "protocpc", "protoseed",
 )
 
 for _name in _METHOD_MODULES:
