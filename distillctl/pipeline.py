@@ -236,16 +236,14 @@ def _apply_preset(recipe: Recipe, train_images: int, quiet: bool) -> Recipe:
 
 # --- stages ------------------------------------------------------------------------------------
 
-def _teacher_mode(recipe: Recipe, method_mode: str) -> str:
-    if method_mode == "none":
-        return "none"
-    requested = recipe.teacher.mode
-    if requested == "cached" and method_mode == "online":
-        raise UsageError(f"method {recipe.method.name} needs the teacher online (its targets depend on per-step "
-                         "views); use --teacher-mode online")
-    if requested == "auto":
-        return "cached" if method_mode in ("cached_exact", "cached_approx") else "online"
-    return requested
+def _teacher_mode(recipe: Recipe, requirements, teacher_bn: str, quiet: bool) -> str:
+    """none | cached | online | co_trained, by the one cacheability rule (methods.base.teacher_plan)."""
+    from distillctl.methods.base import teacher_plan
+
+    plan = teacher_plan(requirements, teacher_bn, recipe.teacher.mode, method=recipe.method.name)
+    if plan.note and not quiet and distributed.info().is_main:
+        console.print(f"[yellow]note:[/] {plan.note}", highlight=False, soft_wrap=True)
+    return plan.mode
 
 
 def _student_kwargs(recipe: Recipe, requirements=None) -> dict:
@@ -315,6 +313,20 @@ def _summary_head(recipe: Recipe, run: RunDir, method_cls, teacher_id, train_dat
     }
 
 
+def _write_cotrained_teacher(run: RunDir, teacher: Teacher) -> None:
+    """A co-trained teacher's weights beside the student (``teacher_cotrained.safetensors``), for export."""
+    from safetensors.torch import save_file
+
+    teacher.to("cpu")
+    tmp = run.student_dir / ".teacher_cotrained.safetensors.tmp"
+    try:
+        save_file({k: v.detach().contiguous() for k, v in teacher.state_dict().items()}, str(tmp),
+                  metadata={"arch": teacher.arch, "source": teacher.source})
+        tmp.replace(run.student_dir / "teacher_cotrained.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     """Run every stage (skipping finished ones); returns the summary dict."""
     options = options or RunOptions()
@@ -352,8 +364,10 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     student = _fit_student_to_views(student, recipe, requirements)
     if teacher is not None:
         check_teacher_views(teacher, [view.spec.size for view in requirements.views if view.teacher])
-    mode = _teacher_mode(recipe, requirements.teacher_mode)
     teacher_bn = requirements.teacher_bn if recipe.teacher.bn == "method" else recipe.teacher.bn
+    if requirements.teacher_mode == "co_trained":
+        teacher_bn = "train"  # a co-trained teacher always trains its BatchNorm
+    mode = _teacher_mode(recipe, requirements, teacher_bn, options.quiet)
     if teacher:
         summary["teacher"].update(bn_mode=teacher_bn, mode=mode)
 
@@ -550,7 +564,8 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
         lr=recipe.train.lr * (recipe.train.batch_size / 256 if recipe.train.lr_scaling == "linear" else 1.0),
         optimizer=recipe.train.optimizer, weight_decay=recipe.train.weight_decay, momentum=recipe.train.momentum,
         warmup_epochs=recipe.train.warmup_epochs, min_lr_ratio=recipe.train.min_lr_ratio, mean=mean, std=std,
-        image_size=recipe.data.image_size, teacher=teacher if mode == "online" else None, teacher_bn=teacher_bn,
+        image_size=recipe.data.image_size, teacher=teacher if mode in ("online", "co_trained") else None,
+        teacher_bn=teacher_bn,
         cache=cache, bags=bags, amp=recipe.train.amp, channels_last=recipe.train.channels_last, compile=recipe.train.compile,
         grad_clip=recipe.train.grad_clip, grad_accum=recipe.train.grad_accum, sync_bn=recipe.train.sync_bn,
         device=device, seed=recipe.train.seed,
@@ -575,6 +590,8 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
 
     def write() -> None:
         _write_student(run, student, method, recipe, teacher, mean, std)
+        if mode == "co_trained":
+            _write_cotrained_teacher(run, teacher)
         if result.bad_images:
             atomic_write_text(run.path / "bad_images.txt", "\n".join(result.bad_images) + "\n")
         run.record_stage("distill", distill_fp, "done", summary)

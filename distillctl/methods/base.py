@@ -1,4 +1,4 @@
-"""The method contract: what a distillation (or SSL-only) method declares and computes.
+"""The method contract (II): what a distillation (or SSL-only) method declares and computes.
 
 A method is an ``nn.Module`` so that its train-only heads, queues, EMA encoders and other
 persistent state live in ``state_dict()`` and are checkpointed with the student for exact resume.
@@ -7,13 +7,38 @@ the method owns heads, loss and state. Registration is one decorator.
 
 Flow per step (see ``distillctl/train/loop.py``)::
 
-    req = method.requirements()          # views, teacher outputs, teacher mode, BN mode
+    req = method.requirements(size)      # views, teacher outputs + taps, teacher mode, BN mode, grouping
     images = [view_0, view_1, ...]       # one normalised batch per ViewSpec in req.views
-    teacher = [dict(pooled=..., proj=...) or None per view]   # only for views with teacher=True
-    student = [student_backbone(img) for views with student=True]  # pooled features
+    teacher = [dict(pooled=..., proj=..., <teacher tap>=...) or None per view]  # views with teacher=True
+    student = [student_backbone(img) for views with student=True]   # pooled features (+ student_taps)
     loss, logs = method.loss(MethodInputs(...))
     ... backward, optimizer step ...
-    method.after_step(inputs)            # enqueue, EMA update (under no_grad)
+    method.after_step(inputs)            # enqueue, EMA update, per-sample state (under no_grad)
+
+What a method can ask for (all optional; a method that asks for none of it is a contract-I method):
+
+- **Taps** (``student_taps`` / ``teacher_taps``): intermediate outputs from the same forward, e.g.
+  ``"stage:-1"`` (last CNN stage map), ``"tokens"`` (ViT CLS/register/patch tokens), ``"attn:-1"`` (last
+  block's attention probabilities); see :mod:`distillctl.taps`. Student taps arrive in
+  ``MethodInputs.student_taps`` (one dict per student view), teacher taps inside each teacher view's output
+  dict under the tap's name. Teacher taps are spatial, so they need the teacher online: the cacheability
+  rule (:func:`teacher_plan`) refuses a cached mode for them. The deployable student carries no hooks.
+- **Grouped forward** (``grouping="by_resolution"``): views of one resolution go through the student as one
+  concatenated batch (and through an online teacher likewise), split back per view, as the published
+  multi-crop code does (DINO's MultiCropWrapper). BatchNorm then sees the whole group's statistics.
+  Default ``"per_view"``: one forward per view (what contract-I methods were written and checked against).
+- **Co-trained teacher** (``teacher_mode="co_trained"``): the teacher trains with the student (DoGo, OSS,
+  SimDis online): its parameters form their own optimiser group (``teacher_lr_scale``,
+  ``teacher_weight_decay``), its BatchNorm runs in train mode, its outputs carry gradients, its gradients
+  are averaged across ranks with the student's, it is checkpointed and resumed exactly and never cached.
+  The student stays the deployable artefact; the teacher is written beside it
+  (``student/teacher_cotrained.safetensors``). ``MethodInputs.teacher`` is the live teacher.
+- **Per-sample state**: :class:`distillctl.methods.sample_state.SampleState`, a table indexed by dataset
+  index (pseudo-labels, assignments, memory banks) that every rank holds identically; create it in
+  ``setup`` from ``self.num_samples`` (set by the trainer before ``setup``), update it in ``after_step``.
+- **One cacheability rule**: :func:`teacher_plan` decides none / cached / online / co-trained from the
+  method's declared ``teacher_mode``, the effective teacher BatchNorm mode, the teacher views' augmentation
+  and the teacher taps; nothing else decides it.
 """
 
 from __future__ import annotations
@@ -27,8 +52,9 @@ from torch import nn
 
 from distillctl.data.views import ViewSpec
 
-TeacherMode = Literal["cached_exact", "cached_approx", "online", "none"]
+TeacherMode = Literal["cached_exact", "cached_approx", "online", "none", "co_trained"]
 TeacherOutput = Literal["pooled", "proj"]
+Grouping = Literal["per_view", "by_resolution"]
 
 
 class MethodParams(BaseModel):
@@ -53,9 +79,87 @@ class Requirements:
     # cached_exact: cached targets are exactly what the method trains on (teacher sees the student's view);
     # cached_approx: published recipe feeds the teacher a fresh augmentation (cache replays stored ones);
     # online: needs a live teacher; none: SSL-only, no teacher.
+    # co_trained: the teacher is optimised with the student (never cached; BN in train mode).
+    # This is the method's claim; teacher_plan() applies BN mode, view specs and taps to decide.
     teacher_mode: TeacherMode = "cached_exact"
     teacher_bn: Literal["eval", "train"] = "eval"
     needs_index: bool = False
+    student_taps: tuple[str, ...] = ()  # e.g. ("stage:-1",), ("tokens", "attn:-1"); see distillctl.taps
+    teacher_taps: tuple[str, ...] = ()  # delivered in each teacher view's output dict under the tap name
+    grouping: Grouping = "per_view"  # by_resolution: same-size views forwarded as one concatenated batch
+    teacher_lr_scale: float = 1.0  # co_trained: the teacher group's lr = lr · scale (same schedule)
+    teacher_weight_decay: float | None = None  # co_trained: None = train.weight_decay
+
+    def forward_groups(self, slots: list[int]) -> list[list[int]]:
+        """The given view slots partitioned into forward groups (in slot order within a group)."""
+        if self.grouping == "per_view":
+            return [[slot] for slot in slots]
+        groups: dict[int, list[int]] = {}
+        for slot in slots:
+            groups.setdefault(self.views[slot].spec.size, []).append(slot)
+        return list(groups.values())
+
+
+RunTeacherMode = Literal["none", "cached", "online", "co_trained"]
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """How a run gets its teacher targets, and why (the one cacheability decision, see :func:`teacher_plan`)."""
+
+    mode: RunTeacherMode
+    cacheable: Literal["cached_exact", "cached_approx", "no"]  # what a feature cache would give this method
+    reason: str = ""  # why no cache is possible ("" when one is)
+    note: str = ""  # said on screen when ``auto`` chose online although the method itself allows a cache
+
+
+def cacheability(requirements: Requirements, teacher_bn: str) -> tuple[str, str]:
+    """``("cached_exact" | "cached_approx", "")`` when a feature cache can stand in for the teacher, else
+    ``("no", reason)``. The cache is built once with eval-mode BatchNorm from views of one augmentation and
+    stores pooled/projected outputs only, so any of these rules it out: a teacher that is absent, co-trained
+    or declared online; teacher taps (spatial maps are not cached); teacher views of more than one
+    augmentation; teacher BatchNorm in train mode (the cache could not reproduce the recorded mode)."""
+    declared = requirements.teacher_mode
+    if declared == "none":
+        return "no", "the method uses no teacher"
+    if declared == "co_trained":
+        return "no", "its teacher trains with the student"
+    if declared == "online":
+        return "no", "its teacher targets depend on per-step inputs, so the teacher must run online"
+    if requirements.teacher_taps:
+        return "no", f"it reads teacher taps ({', '.join(requirements.teacher_taps)}), which the cache does not store"
+    specs = {view.spec for view in requirements.views if view.teacher}
+    if len(specs) > 1:
+        return "no", f"its teacher sees views of {len(specs)} different augmentations; a cache stores one"
+    if teacher_bn == "train":
+        return "no", "its teacher BatchNorm runs in train mode, and the cache is built with eval-mode BatchNorm"
+    return declared, ""
+
+
+def teacher_plan(requirements: Requirements, teacher_bn: str, requested: str = "auto",
+                 method: str = "the method") -> TeacherPlan:
+    """Decide the run's teacher mode from the method's needs and the request (``auto | online | cached``).
+
+    ``cached`` that cannot be honoured is refused (exit 2, one line); ``auto`` takes the cache when possible
+    and otherwise runs the teacher online (co-trained teachers are always live)."""
+    from distillctl.errors import UsageError
+
+    cacheable, reason = cacheability(requirements, teacher_bn)
+    if requirements.teacher_mode == "none":
+        return TeacherPlan("none", "no", reason)
+    if requested == "cached" and cacheable == "no":
+        hint = ("use --teacher-bn eval, or --teacher-mode online" if teacher_bn == "train" and "BatchNorm" in reason
+                else "use --teacher-mode auto" if requirements.teacher_mode == "co_trained"
+                else "use --teacher-mode online")
+        raise UsageError(f"--teacher-mode cached is not possible for {method}: {reason}", hint=hint)
+    if requirements.teacher_mode == "co_trained":
+        return TeacherPlan("co_trained", "no", reason)
+    if requested == "online" or cacheable == "no":
+        note = ""
+        if requested == "auto" and requirements.teacher_mode in ("cached_exact", "cached_approx"):
+            note = f"{method}: teacher runs online, not from a feature cache: {reason}"
+        return TeacherPlan("online", cacheable, reason, note)
+    return TeacherPlan("cached", cacheable)
 
 
 @dataclass
@@ -77,6 +181,9 @@ class MethodInputs:
     total_epochs: int
     student: nn.Module | None = None  # the student backbone (for EMA key encoders)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # one dict per view with student=True (same order as student_features): requirements.student_taps
+    student_taps: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    teacher: object | None = None  # the live distillctl Teacher in co_trained mode (None otherwise)
 
 
 class Method(nn.Module):
@@ -103,6 +210,7 @@ class Method(nn.Module):
         self.params = params
         self.student_dim = student_dim
         self.teacher_dims = teacher_dims
+        self.num_samples: int | None = None  # training-set size; the trainer sets it before setup()
 
     # --- declared needs -------------------------------------------------------------------------
     def requirements(self, image_size: int) -> Requirements:
@@ -120,7 +228,8 @@ class Method(nn.Module):
         """Epoch-dependent schedules. Default: nothing."""
 
     def setup(self, student: nn.Module) -> None:
-        """Called once after construction with the student (e.g. to create an EMA copy)."""
+        """Called once after construction with the student (e.g. to create an EMA copy or, from
+        ``self.num_samples``, per-sample state), before a checkpoint is restored into the method."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Head parameters optimised together with the student (EMA copies excluded)."""

@@ -22,8 +22,8 @@ class Preprocess:
 
 @dataclass
 class Teacher:
-    """A frozen teacher: ``backbone(x)`` gives the pooled embedding; ``projection`` (optional)
-    maps that embedding to the SSL head's output, kept apart so methods can choose."""
+    """A teacher: ``backbone(x)`` gives the pooled embedding; ``projection`` (optional) maps that embedding
+    to the SSL head's output, kept apart so methods can choose. Frozen, except for co-trained methods."""
 
     name: str
     arch: str
@@ -38,37 +38,66 @@ class Teacher:
     reference_top1: float | None = None
     resolution: dict | None = None  # set when a ViT's position embeddings were resampled (distillctl.resolution)
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The teacher's modules by checkpoint prefix: ``backbone`` and (if any) ``projection``."""
+        return {name: module for name, module in (("backbone", self.backbone), ("projection", self.projection))
+                if module is not None}
+
     def freeze(self) -> "Teacher":
-        for module in (self.backbone, self.projection):
-            if module is not None:
-                module.requires_grad_(False)
+        for module in self.parts().values():
+            module.requires_grad_(False)
         return self
 
+    def unfreeze(self) -> "Teacher":
+        """Make the teacher trainable (``teacher_mode="co_trained"``)."""
+        for module in self.parts().values():
+            module.requires_grad_(True)
+        return self
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for module in self.parts().values() for p in module.parameters()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights and buffers of every part, keys prefixed ``backbone.`` / ``projection.``."""
+        return {f"{name}.{key}": value for name, module in self.parts().items()
+                for key, value in module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict load of :meth:`state_dict`'s output (a co-trained teacher's checkpoint)."""
+        for name, module in self.parts().items():
+            prefix = name + "."
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        unknown = [k for k in state if k.split(".", 1)[0] not in self.parts()]
+        if unknown:
+            raise KeyError(f"unexpected teacher keys, e.g. {unknown[0]}")
+
     def to(self, device: torch.device | str) -> "Teacher":
-        self.backbone.to(device)
-        if self.projection is not None:
-            self.projection.to(device)
+        for module in self.parts().values():
+            module.to(device)
         return self
 
     def set_bn_mode(self, mode: str) -> None:
         """Eval (default) or train-mode BatchNorm for the frozen teacher (recorded in the run)."""
-        for module in (self.backbone, self.projection):
-            if module is not None:
-                module.train(mode == "train")
+        for module in self.parts().values():
+            module.train(mode == "train")
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, outputs: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
-        """Compute the requested outputs: ``pooled`` and/or ``proj``."""
-        pooled = self.backbone(images)
-        result: dict[str, torch.Tensor] = {}
-        if "pooled" in outputs:
-            result["pooled"] = pooled
-        if "proj" in outputs:
-            if self.projection is None:
-                from distillctl.errors import UsageError
+    def forward(self, images: torch.Tensor, outputs: frozenset[str] | set[str], taps: tuple[str, ...] = (),
+                grad: bool = False) -> dict[str, torch.Tensor]:
+        """Compute the requested outputs (``pooled`` and/or ``proj``) and taps (keyed by tap name, see
+        :mod:`distillctl.taps`) from one backbone forward; without gradient unless ``grad`` (co-trained)."""
+        from distillctl.taps import TapRecorder
 
-                raise UsageError(f"teacher '{self.name}' has no projection head; use teacher_feature: backbone")
-            result["proj"] = self.projection(pooled)
+        with torch.set_grad_enabled(grad), TapRecorder(self.backbone, taps) as recorder:
+            pooled = self.backbone(images)
+            result: dict[str, torch.Tensor] = dict(recorder.take()) if taps else {}
+            if "pooled" in outputs:
+                result["pooled"] = pooled
+            if "proj" in outputs:
+                if self.projection is None:
+                    from distillctl.errors import UsageError
+
+                    raise UsageError(f"teacher '{self.name}' has no projection head; use teacher_feature: backbone")
+                result["proj"] = self.projection(pooled)
         return result
 
     def describe(self) -> dict:

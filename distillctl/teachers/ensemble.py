@@ -51,6 +51,10 @@ class TeacherEnsemble(Teacher):
                    proj_dim=first.proj_dim, license="; ".join(licenses), preprocess=first.preprocess,
                    source="ensemble", reference_top1=first.reference_top1, members=list(members))
 
+    def parts(self) -> dict[str, torch.nn.Module]:
+        return {f"member{k}.{name}": module for k, member in enumerate(self.members)
+                for name, module in member.parts().items()}
+
     def freeze(self) -> "TeacherEnsemble":
         for member in self.members:
             member.freeze()
@@ -65,8 +69,11 @@ class TeacherEnsemble(Teacher):
         for member in self.members:
             member.set_bn_mode(mode)
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, outputs: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, outputs: frozenset[str] | set[str], taps: tuple[str, ...] = (),
+                grad: bool = False) -> dict[str, torch.Tensor]:
+        """Each member answers its keys; taps come from teacher 0 (the ensemble is never co-trained)."""
+        if grad:
+            raise UsageError("an ensemble of teachers cannot be co-trained")
         wanted: dict[int, list[tuple[str, str]]] = {}  # member → [(its output, the key asked for)]
         for key in outputs:
             output, k = parse_key(key)
@@ -75,9 +82,12 @@ class TeacherEnsemble(Teacher):
                 raise UsageError(f"teacher output '{key}' asks for teacher {k}, but the run has "
                                  f"{len(self.members)} teachers")
             wanted.setdefault(k, []).append((output, key))
+        if taps:
+            wanted.setdefault(0, [])
         result: dict[str, torch.Tensor] = {}
         for k, pairs in sorted(wanted.items()):
-            values = self.members[k].forward(images, {output for output, _ in pairs})
+            values = self.members[k].forward(images, {output for output, _ in pairs}, taps=taps if k == 0 else ())
+            result.update({tap: values[tap] for tap in (taps if k == 0 else ())})
             for output, key in pairs:
                 result[key] = values[output]
         return result

@@ -2,7 +2,8 @@
 
 One step: take this rank's share of the global batch → split it into ``grad_accum`` micro-batches → for
 each: normalise the views → teacher outputs (online forward, or cache lookup of the replayed stored view)
-→ student features → method loss / grad_accum → backward; then average gradients across ranks (one
+→ student features and taps (same-resolution views grouped where the method asks, see ``train/forward.py``)
+→ method loss / grad_accum → backward; then average gradients across ranks (one
 explicit all-reduce, no DDP wrapper: the frozen teacher is never wrapped) → clip → optimizer step with the
 step's LR → method state update (queues, EMA) on the whole per-rank batch → one small all-reduce that
 agrees on the loss, a preemption signal and a due wall-time checkpoint → metrics, checkpoints.
@@ -15,7 +16,6 @@ to float rounding; without it, N ranks equal one process with ``grad_accum = N``
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,11 +28,13 @@ from distillctl.cli_common import console
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import normalize
 from distillctl.errors import InputError, Preempted, TrainingError
-from distillctl.methods.base import Method, MethodInputs
+from distillctl.methods.base import Method, MethodInputs, Requirements
+from distillctl.taps import TapRecorder, check_taps
 from distillctl.teachers.base import Teacher
 from distillctl.train import distributed, faults
 from distillctl.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from distillctl.train.data import EpochBatchSampler, ViewDataset, collate_views
+from distillctl.train.forward import autocast, merge_inputs, student_forward, teacher_outputs
 from distillctl.train.optim import build_optimizer, learning_rate
 from distillctl.train.progress import MetricsWriter, Progress
 from distillctl.train.syncbn import convert_sync_batchnorm
@@ -116,13 +118,6 @@ def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> i
     return min(total, max_steps) if max_steps else total
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def batch_split(global_batch: int, world: int, grad_accum: int) -> tuple[int, int]:
     """(per-process batch, micro-batch); the global batch never depends on the world size."""
     if global_batch % world:
@@ -145,6 +140,7 @@ def train(job: TrainJob) -> TrainResult:
     student.to(device)
     if job.sync_bn and world > 1:
         convert_sync_batchnorm(student, device.type)
+    method.num_samples = len(job.dataset)  # for per-sample state created in setup()
     method.setup(student)
     method.to(device)
     if job.sync_bn and world > 1:
@@ -160,9 +156,16 @@ def train(job: TrainJob) -> TrainResult:
         raise InputError(f"method {method.name} shows teacher-kNN neighbours but no bag table was built")
     if requirements.teacher_mode != "none" and job.teacher is None and job.cache is None:
         raise InputError(f"method {method.name} needs a teacher")
+    co_trained = _check_teacher_mode(method.name, requirements, job)
+    check_taps(student, requirements.student_taps, f"method {method.name}, student")
     if job.teacher is not None:
-        job.teacher.to(device).freeze()
-        job.teacher.set_bn_mode(job.teacher_bn)  # the frozen teacher is never wrapped in DDP
+        check_taps(job.teacher.backbone, requirements.teacher_taps, f"method {method.name}, teacher")
+        job.teacher.to(device)
+        if co_trained:  # trained with the student: gradients, train-mode BN, its own optimiser group
+            job.teacher.unfreeze().set_bn_mode("train")
+        else:
+            job.teacher.freeze()
+            job.teacher.set_bn_mode(job.teacher_bn)  # the frozen teacher is never wrapped in DDP
 
     steps_per_epoch = len(job.dataset) // job.batch_size
     if steps_per_epoch < 1:
@@ -175,9 +178,20 @@ def train(job: TrainJob) -> TrainResult:
     distributed.broadcast_module(student)
     distributed.broadcast_module(method)
     parameters = list(student.parameters()) + method.trainable_parameters()
-    optimizer = build_optimizer(job.optimizer, parameters, job.lr, job.weight_decay, job.momentum)
+    groups: list = parameters
+    if co_trained:
+        for part in job.teacher.parts().values():
+            distributed.broadcast_module(part)
+        teacher_parameters = job.teacher.parameters()
+        groups = [{"params": parameters},
+                  {"params": teacher_parameters, "lr_scale": requirements.teacher_lr_scale,
+                   "weight_decay": job.weight_decay if requirements.teacher_weight_decay is None
+                   else requirements.teacher_weight_decay}]
+        parameters = parameters + teacher_parameters  # averaged across ranks and clipped with the student's
+    optimizer = build_optimizer(job.optimizer, groups, job.lr, job.weight_decay, job.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=(job.amp == "fp16"))
     forward_student = torch.compile(student) if job.compile else student
+    student_taps = TapRecorder(student, requirements.student_taps)  # hooks only while training runs
 
     checkpoints = CheckpointManager(job.out_dir / "checkpoints", job.keep_last)
     step, resumed_from = 0, None
@@ -192,7 +206,7 @@ def train(job: TrainJob) -> TrainResult:
         raise InputError(f"--resume: no loadable checkpoint in {checkpoints.directory}",
                          hint="drop --resume to start over (unreadable checkpoints are kept for inspection)")
     if state is not None:
-        _restore(state, student, method, optimizer, scaler, dist_info)
+        _restore(state, student, method, optimizer, scaler, dist_info, job.teacher if co_trained else None)
         step = resumed_from = int(state["step"])
         prior_wall = state.get("train_wall_s")
         if dist_info.is_main:
@@ -213,6 +227,7 @@ def train(job: TrainJob) -> TrainResult:
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": world,
             "bad_images": sorted(gathered.items()),
             "train_wall_s": total_wall(time.monotonic()),
+            **({"teacher": job.teacher.state_dict()} if co_trained else {}),
         }, step)
 
     metrics = MetricsWriter(job.metrics_path, job.tensorboard_dir, enabled=dist_info.is_main)
@@ -225,7 +240,7 @@ def train(job: TrainJob) -> TrainResult:
     student.train()
     method.train()
 
-    with faults.StopFlag() as stop, progress:
+    with faults.StopFlag() as stop, progress, student_taps:
         while step < last_step:
             epoch = step // steps_per_epoch
             method.on_epoch_start(epoch)
@@ -245,11 +260,12 @@ def train(job: TrainJob) -> TrainResult:
                                      hint="check the data; distillctl skips isolated corrupt files only")
                 lr = learning_rate(step, total_steps, job.lr, warmup_steps, job.min_lr_ratio)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 optimizer.zero_grad(set_to_none=True)
                 try:
                     loss_value, logs, inputs = _accumulate(job, batch, requirements, teacher_slots, student_slots,
-                                                           forward_student, scaler, device, step, steps_per_epoch)
+                                                           forward_student, student_taps, scaler, device, step,
+                                                           steps_per_epoch, co_trained)
                 except Exception as exc:
                     if faults.is_oom(exc):
                         raise faults.oom_error(exc, job.batch_size, world, job.grad_accum, step) from None
@@ -314,11 +330,15 @@ def train(job: TrainJob) -> TrainResult:
                        bad_images=[f"{path}: {why}" for path, why in sorted(merged.items())])
 
 
-def _restore(state: dict, student: nn.Module, method: Method, optimizer, scaler, dist_info) -> None:
-    """Load a checkpoint into the live objects; a wrong architecture is one line, not a key dump."""
+def _restore(state: dict, student: nn.Module, method: Method, optimizer, scaler, dist_info,
+             teacher: Teacher | None = None) -> None:
+    """Load a checkpoint into the live objects; a wrong architecture is one line, not a key dump.
+    ``teacher``: the co-trained teacher, restored with the student."""
     try:
         student.load_state_dict(state["student"])
         method.load_state_dict(state["method"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
@@ -348,8 +368,22 @@ def _too_many_bad(bad_images: dict[str, str], count: int, fraction: float) -> In
                       hint="fix or remove them, or raise --set data.max_bad_fraction")
 
 
-def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots, forward_student, scaler,
-                device, step: int, steps_per_epoch: int) -> tuple[float, dict[str, float], MethodInputs]:
+def _check_teacher_mode(name: str, requirements: Requirements, job: TrainJob) -> bool:
+    """True for a co-trained teacher. A feature cache cannot serve teacher taps or a co-trained teacher
+    (the pipeline's teacher_plan refuses such runs first; this guards direct callers)."""
+    co_trained = requirements.teacher_mode == "co_trained"
+    if job.cache is not None and (co_trained or requirements.teacher_taps):
+        what = "a co-trained teacher" if co_trained else f"teacher taps {', '.join(requirements.teacher_taps)}"
+        raise InputError(f"method {name} needs {what}, which a feature cache cannot provide",
+                         hint="use --teacher-mode online")
+    if co_trained and job.teacher is None:
+        raise InputError(f"method {name} co-trains its teacher; the run has no teacher model")
+    return co_trained
+
+
+def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots, forward_student,
+                student_taps: TapRecorder, scaler, device, step: int, steps_per_epoch: int,
+                co_trained: bool = False) -> tuple[float, dict[str, float], MethodInputs]:
     """Forward/backward over the micro-batches of this rank's batch; returns (mean loss, mean logs, inputs
     of the whole batch for ``after_step``). Gradients are summed in ``.grad``, each micro-batch weighted 1/k."""
     views_uint8, _labels, index, stored, sources = batch
@@ -359,14 +393,16 @@ def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots
     for rows in chunks:
         images = [_to_device(normalize(v[rows].to(device, non_blocking=True), job.mean, job.std), job.channels_last)
                   for v in views_uint8]
-        teacher_outputs = _teacher_outputs(job, requirements, images, teacher_slots, sources[rows], stored[rows], device)
-        with _autocast(device, job.amp):
-            features = [forward_student(images[i]) for i in student_slots]
-            inputs = MethodInputs(student_features=features, teacher_outputs=teacher_outputs, images=images,
+        targets = teacher_outputs(job.teacher, job.cache, requirements, images, teacher_slots, sources[rows],
+                                  stored[rows], device, job.amp, co_trained)
+        with autocast(device, job.amp):
+            features, taps = student_forward(forward_student, student_taps, requirements, images, student_slots)
+            inputs = MethodInputs(student_features=features, teacher_outputs=targets, images=images,
                                   index=index[rows].to(device), epoch=step / steps_per_epoch, step=step,
                                   total_epochs=job.epochs, student=job.student,
                                   extras={"neighbour_index": sources[rows, neighbour_slots[0]].to(device)}
-                                  if neighbour_slots else {})
+                                  if neighbour_slots else {},
+                                  student_taps=taps, teacher=job.teacher if co_trained else None)
             loss, logs = job.method.loss(inputs)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step} (epoch {step // steps_per_epoch}); "
@@ -379,24 +415,7 @@ def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots
     if len(all_inputs) == 1:
         return losses[0], all_logs[0], all_inputs[0]
     mean_logs = {key: sum(log[key] for log in all_logs) / len(all_logs) for key in all_logs[0]}
-    return sum(losses) / len(losses), mean_logs, _merge_inputs(all_inputs)
-
-
-def _merge_inputs(parts: list[MethodInputs]) -> MethodInputs:
-    """Concatenate micro-batch inputs so ``after_step`` (enqueue, EMA, centring) runs once per optimizer step."""
-    def cat(tensors):
-        return torch.cat([t.detach() for t in tensors])
-
-    first = parts[0]
-    teacher_outputs = [None if out is None else {key: cat([p.teacher_outputs[slot][key] for p in parts]) for key in out}
-                       for slot, out in enumerate(first.teacher_outputs)]
-    extras = {key: cat([p.extras[key] for p in parts]) for key in first.extras
-              if all(key in p.extras and p.extras[key].ndim > 0 for p in parts)}
-    return MethodInputs(student_features=[cat([p.student_features[i] for p in parts]) for i in range(len(first.student_features))],
-                        teacher_outputs=teacher_outputs,
-                        images=[cat([p.images[i] for p in parts]) for i in range(len(first.images))],
-                        index=cat([p.index for p in parts]), epoch=first.epoch, step=first.step,
-                        total_epochs=first.total_epochs, student=first.student, extras=extras)
+    return sum(losses) / len(losses), mean_logs, merge_inputs(all_inputs)
 
 
 def _to_device(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -405,21 +424,6 @@ def _to_device(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def _neighbour_slots(requirements) -> list[int]:
     return [i for i, view in enumerate(requirements.views) if getattr(view, "source", "self") == "neighbour"]
-
-
-def _teacher_outputs(job: TrainJob, requirements, images, teacher_slots, sources, stored, device):
-    """Per view slot: the teacher's outputs for the image that slot shows (``sources``: the sample itself,
-    or its neighbour for neighbour views), from the cache or a live forward."""
-    outputs: list[dict[str, torch.Tensor] | None] = [None] * len(images)
-    for slot in teacher_slots:
-        if job.cache is not None:
-            looked_up = job.cache.lookup(sources[:, slot], stored[:, slot])
-            outputs[slot] = {key: looked_up[key].to(device) for key in requirements.teacher_outputs}
-        else:
-            with torch.no_grad(), _autocast(device, job.amp):
-                result = job.teacher.forward(images[slot], requirements.teacher_outputs)
-            outputs[slot] = {key: value.float() for key, value in result.items()}
-    return outputs
 
 
 def _average_gradients(parameters: list[nn.Parameter]) -> None:
