@@ -24,7 +24,8 @@ RUN_FLAG_KEYS = {
     "accept_license": "teacher.accept_license", "teacher_bn": "teacher.bn", "sha256": "teacher.sha256",
     "no_verify": "teacher.no_verify", "mirror": "teacher.mirror",
     "student": "student.arch", "method": "method.name", "data": "data.train", "val_data": "data.val",
-    "image_size": "data.image_size", "workers": "data.num_workers",
+    "image_size": "data.image_size", "workers": "data.num_workers", "mean": "data.mean", "std": "data.std",
+    "crop_pct": "data.crop_pct",
     "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "optimizer": "train.optimizer",
     "amp": "train.amp", "channels_last": "train.channels_last", "compile": "train.compile",
     "device": "train.device", "seed": "train.seed", "max_steps": "train.max_steps",
@@ -41,10 +42,22 @@ def _overrides_from_flags(values: dict) -> dict[str, Any]:
             continue
         if flag == "export_formats":
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if flag in ("mean", "std"):
+            value = _triple(flag, value)
         overrides[key] = value
     if values.get("extra_teacher"):
         overrides["teacher.extra"] = [_extra_teacher(v) for v in values["extra_teacher"]]
     return overrides
+
+
+def _triple(flag: str, value: str) -> list[float]:
+    """``--mean 0.49,0.48,0.45`` (or ``[0.49, 0.48, 0.45]``) as the list of floats the recipe key takes."""
+    from distillctl.errors import UsageError
+
+    try:
+        return [float(v) for v in value.strip().strip("[]").split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--{flag} expects three numbers R,G,B, got '{value}'", hint=f"e.g. --{flag} 0.5,0.5,0.5") from None
 
 
 def _extra_teacher(value: str) -> dict:
@@ -140,7 +153,12 @@ def run(
     method: Optional[str] = typer.Option(None, help="Distillation method (see: distillctl methods list)."),
     data: Optional[str] = typer.Option(None, help="Training data: ImageFolder dir, train/+val/ layout, or builtin:digits."),
     val_data: Optional[str] = typer.Option(None, help="Labelled evaluation ImageFolder."),
-    image_size: Optional[int] = typer.Option(None, help="Input resolution."),
+    image_size: Optional[int] = typer.Option(None, help="Input resolution (default: the teacher's input size)."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop share of the short side for "
+                                             "evaluation and the cache's centre view (default: the teacher's)."),
+    mean: Optional[str] = typer.Option(None, help="Normalisation mean, R,G,B (default: the teacher's), e.g. "
+                                       "0.4914,0.4822,0.4465."),
+    std: Optional[str] = typer.Option(None, help="Normalisation std, R,G,B (default: the teacher's)."),
     workers: Optional[int] = typer.Option(None, help="Data-loading worker processes."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Global batch size (split across ranks)."),
@@ -200,6 +218,9 @@ def pretrain(
     batch_size: int = typer.Option(128, help="Global batch size."),
     lr: float = typer.Option(0.06, help="Base learning rate."),
     image_size: int = typer.Option(32, help="Input resolution."),
+    crop_pct: float = typer.Option(1.0, "--crop-pct", help="Centre-crop share of the short side for evaluation."),
+    mean: Optional[str] = typer.Option(None, help="Normalisation mean, R,G,B (default ImageNet's)."),
+    std: Optional[str] = typer.Option(None, help="Normalisation std, R,G,B (default ImageNet's)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory."),
     set_: list[str] = typer.Option([], "--set", help="Override any recipe key."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
@@ -220,11 +241,12 @@ def pretrain(
                          hint="distillctl methods list shows the kind of each method")
     base = {"name": f"pretrain-{method}-{arch}", "teacher": {"source": "none"}, "student": {"arch": arch},
             "method": {"name": method}, "data": {"train": data, "val": val_data, "image_size": image_size,
-                                                  "crop_pct": 1.0},
+                                                  "crop_pct": crop_pct},
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr}, "export": {"enabled": False}}
     if out:
         base["out"] = out
-    built = build_recipe(base, sets=set_)
+    normalisation = {f"data.{key}": _triple(key, value) for key, value in (("mean", mean), ("std", std)) if value}
+    built = build_recipe(base, normalisation, sets=set_)
     if nproc is not None:
         from distillctl.launch import relaunch
 

@@ -135,7 +135,16 @@ def load_run_as_teacher(run: RunDir, name: str) -> Teacher:
                    sha256=file_sha256(run.student_dir / "model.safetensors"), projection=projection,
                    proj_dim=proj_dim, license="self-trained", source=f"pretrain:{run.path}",
                    preprocess=Preprocess(mean=tuple(config.mean), std=tuple(config.std),
-                                         input_size=config.input_size[-1], resize=None))
+                                         input_size=config.input_size[-1], resize=None, crop_pct=_run_crop_pct(run),
+                                         origin=f"the run that trained it ({run.path})"))
+
+
+def _run_crop_pct(run: RunDir) -> float:
+    """The centre-crop share a finished run evaluated with (1.0 when its recipe cannot be read)."""
+    try:
+        return float(run.recipe().data.crop_pct)
+    except Exception:  # noqa: BLE001 - an older or hand-made run dir: whole images
+        return 1.0
 
 
 def pretrain_recipe(recipe: Recipe, out: Path, spec=None) -> Recipe:
@@ -218,6 +227,39 @@ def _warn_queues(recipe: Recipe, method, train_images: int, quiet: bool) -> None
         return
     for text in queue_warnings(method, train_images, _images_seen(recipe, train_images)):
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True, markup=True)
+
+
+def _follow_teacher(recipe: Recipe, teacher: Teacher | None, quiet: bool) -> Recipe:
+    """data.image_size / crop_pct / mean / std default to the teacher's preprocessing (data/preprocess.py);
+    printed, recorded under ``derived``; a contradicting setting warns; a size too small for the student is
+    refused (exit 2) or warned."""
+    from rich.markup import escape
+
+    from distillctl.data import preprocess
+
+    theirs = preprocess.from_teacher(teacher.preprocess, teacher.name) if teacher is not None else None
+    current = recipe.data.model_dump()
+    choices, warnings = preprocess.follow_teacher(current, recipe.data.model_fields_set, theirs)
+    updates = {c.key.split(".", 1)[1]: tuple(c.value) if isinstance(c.value, list) else c.value for c in choices}
+    data = recipe.data.model_copy(update=updates)
+    recipe = recipe.model_copy(update={"data": data, "derived": {**recipe.derived,
+                                                                  **{c.key: c.as_record() for c in choices}}})
+    arch = resolve_arch(recipe.student.arch)
+    size_warning = preprocess.check_image_size(data.image_size, arch, preprocess.student_stride(arch))
+    if not quiet and distributed.info().is_main:
+        console.print(escape(preprocess.describe(choices, data.model_dump())), highlight=False, soft_wrap=True)
+        for text in warnings + ([size_warning] if size_warning else []):
+            console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    return recipe
+
+
+def _check_explicit_image_size(recipe: Recipe) -> None:
+    """Refuse an explicitly set input size the student cannot use before any teacher is fetched (exit 2)."""
+    if "image_size" in recipe.data.model_fields_set:
+        from distillctl.data.preprocess import check_image_size, student_stride
+
+        arch = resolve_arch(recipe.student.arch)
+        check_image_size(recipe.data.image_size, arch, student_stride(arch))
 
 
 def _apply_preset(recipe: Recipe, train_images: int, quiet: bool) -> Recipe:
@@ -339,7 +381,9 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     run = run_dir_for(recipe)
     method_cls = get_method(recipe.method.name)
 
+    _check_explicit_image_size(recipe)
     teacher = resolve_teacher(recipe, run, options, device)  # a bad teacher file fails before anything is written
+    recipe = _follow_teacher(recipe, teacher, options.quiet)
     recipe = _apply_preset(recipe, len(train_data), options.quiet)
     if teacher is not None:  # a ViT teacher's position embeddings follow the run's image size (recorded)
         adapt_teacher(teacher, recipe.data.image_size, None if options.quiet or not distributed.info().is_main

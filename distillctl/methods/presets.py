@@ -211,12 +211,15 @@ def derive_lr(recipe: PublishedRecipe, size: RunSize, preset: Preset) -> tuple[f
                       f"this run uses {size.optimizer}; set train.optimizer={recipe.optimizer} to get it scaled, or "
                       "train.lr")
     value = scale_lr(recipe.lr, recipe.batch, size.batch_size, rule)
-    formula = {"linear": f"{recipe.lr:g} × {size.batch_size}/{recipe.batch}",
-               "sqrt": f"{recipe.lr:g} × √({size.batch_size}/{recipe.batch})", "none": "unchanged"}[rule]
-    rule_text = {"linear": "linear scaling", "sqrt": "square-root scaling", "none": "no batch scaling"}[rule]
     note = "" if size.optimizer == recipe.optimizer else f"; the paper uses {recipe.optimizer}, this run {size.optimizer}"
-    return value, (f"{rule_text} of the paper's lr {recipe.lr:g} at batch {recipe.batch} ({recipe.rule_source}): "
-                   f"{formula} → {value:g}{note}")
+    if rule == "none":
+        return value, (f"the paper's lr {recipe.lr:g} at batch {recipe.batch}, not scaled to batch {size.batch_size} "
+                       f"({recipe.rule_source}){note}")
+    formula = {"linear": f"{recipe.lr:g} × {size.batch_size}/{recipe.batch}",
+               "sqrt": f"{recipe.lr:g} × √({size.batch_size}/{recipe.batch})"}[rule]
+    rule_text = {"linear": "linear", "sqrt": "square-root"}[rule]
+    return value, (f"{rule_text} batch scaling of the paper's lr {recipe.lr:g} at batch {recipe.batch} "
+                   f"({recipe.rule_source}): {formula} = {value:g}{note}")
 
 
 def derive_ema(published: float, size: RunSize) -> tuple[float, str]:
@@ -288,12 +291,12 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
         value, reason = derive_lr(recipe, size, preset)
         published_lr = recipe.lr
         if value is not None:
-            add("train.lr", value, published_lr, f"{preset} preset: {reason}")
+            add("train.lr", value, published_lr, reason)
         elif "train.lr" not in explicit:
-            out.append(Derived("train.lr", None, published_lr, f"{preset} preset: {reason}"))
+            out.append(Derived("train.lr", None, published_lr, reason))
     elif "train.lr" not in explicit:
-        out.append(Derived("train.lr", None, None, f"{preset} preset: not derived: {facts.name} has no published "
-                                                   "recipe in distillctl.methods.presets.RECIPES"))
+        out.append(Derived("train.lr", None, None, f"not derived: {facts.name} has no published recipe in "
+                                                   "distillctl.methods.presets.RECIPES"))
     return out
 
 

@@ -18,6 +18,9 @@ class Preprocess:
     input_size: int = 224
     resize: int | None = 256
     interpolation: str = "bilinear"
+    crop_pct: float | None = None  # centre-crop share of the short side; None: input_size / resize (1.0 without)
+    # where these values come from; "not stated…" when the teacher gives none (the run then keeps its defaults)
+    origin: str = "not stated (ImageNet defaults assumed)"
 
 
 @dataclass

@@ -136,7 +136,8 @@ def _prepare_entry(entry: TeacherEntry, *, sha256: str | None, no_verify: bool, 
 
 def _preprocess(entry: TeacherEntry) -> Preprocess:
     p = entry.preprocess
-    return Preprocess(mean=p.mean, std=p.std, input_size=p.input_size, resize=p.resize, interpolation=p.interpolation)
+    return Preprocess(mean=p.mean, std=p.std, input_size=p.input_size, resize=p.resize, interpolation=p.interpolation,
+                      origin=f"registry entry {entry.name}")
 
 
 def _entry_teacher(entry: TeacherEntry, stored: Stored, mirror: str | None) -> Teacher:
@@ -176,7 +177,8 @@ def _timm_teacher(tag: str, *, accept_license: bool, sha256: str | None, no_veri
                    sha256=stored.sha256, license=cfg.license or "unknown", source=f"timm:{url}",
                    preprocess=Preprocess(mean=tuple(cfg.mean), std=tuple(cfg.std), input_size=size,
                                          resize=int(math.floor(size / (cfg.crop_pct or 1.0))),
-                                         interpolation=cfg.interpolation or "bicubic"))
+                                         interpolation=cfg.interpolation or "bicubic", crop_pct=cfg.crop_pct or 1.0,
+                                         origin=f"timm pretrained cfg {tag}"))
 
 
 def _fetch_timm(tag: str, name: str, url: str, spec: ArchSpec, folder: Path, *, sha256: str | None, no_verify: bool,
@@ -289,22 +291,31 @@ def _local_teacher(path: Path, arch: str | None, fmt: str | None, *, accept_lice
         layout = infer_head_layout(converted.head) if converted.head else None
         backbone, head = check_structure(converted, spec, model, None, [], layout, what=str(path))
         stored = _store_local(path, raw_sha, family, spec, backbone, head, layout, converted)
-    preprocess = _sidecar_preprocess(sidecar)
+    preprocess = _sidecar_preprocess(sidecar, path.with_name(_stem(path) + ".json").name)
     return Teacher(name=_stem(path), arch=spec.label(), backbone=stored.backbone, embed_dim=int(stored.backbone.num_features),
                    sha256=stored.sha256, projection=stored.head,
                    proj_dim=head_output_dim(stored.manifest["head"]["layout"]) if stored.head is not None else None,
                    license=str(sidecar.get("license", "unknown")), source=f"local:{path}", preprocess=preprocess)
 
 
-def _sidecar_preprocess(sidecar: dict[str, Any]) -> Preprocess:
-    """Preprocessing from a sidecar (``input_size`` [3,H,W], ``resize`` int or {"to": n}); ImageNet defaults."""
+SIDECAR_PREPROCESS_KEYS = ("input_size", "resize", "crop_pct", "mean", "std")
+
+
+def _sidecar_preprocess(sidecar: dict[str, Any], name: str = "sidecar") -> Preprocess:
+    """Preprocessing from a sidecar (``input_size`` [3,H,W], ``resize`` int or {"to": n}, optional ``crop_pct``);
+    ImageNet defaults for what it does not state. ``{"resize": {"from": 32, "to": 64}}`` upsamples whole images,
+    so the centre crop is the whole image (crop_pct = input size / resize = 1)."""
     size = int((sidecar.get("input_size") or [3, 224, 224])[-1])
     resize = sidecar.get("resize", 256 if size == 224 else size)
     if isinstance(resize, dict):
         resize = resize.get("to", size)
+    stated = [key for key in SIDECAR_PREPROCESS_KEYS if key in sidecar]
+    crop = sidecar.get("crop_pct")
     return Preprocess(mean=tuple(sidecar.get("mean", Preprocess.mean)), std=tuple(sidecar.get("std", Preprocess.std)),
                       input_size=size, resize=int(resize) if resize is not None else None,
-                      interpolation=str(sidecar.get("interpolation", "bilinear")))
+                      interpolation=str(sidecar.get("interpolation", "bilinear")),
+                      crop_pct=float(crop) if crop is not None else None,
+                      origin=f"sidecar {name}" if stated else Preprocess.origin)
 
 
 def _load_plain(path: Path, raw_sha: str, obj: dict, spec: ArchSpec, strip: bool) -> Stored:
