@@ -30,7 +30,9 @@ def typed_method_params(method: str, params: dict[str, Any], where: str) -> Base
     try:
         return params_model(**params)
     except ValidationError as exc:
-        raise format_validation_error(exc, params_model, prefix=f"{where} ({method})") from exc
+        from distillctl.methods.domains import params_error
+
+        raise params_error(exc, params_model, method, where) from exc
 
 
 class _MethodSection(Strict):

@@ -17,21 +17,22 @@ import torch.nn.functional as F
 
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import FeatureQueue, info_nce, mlp_relu
+from distillctl.methods.domains import Count, NonNegative, Positive, WeightPair
 from distillctl.methods.shared import (CropParams, NeighbourView, TeacherFeature, crop_view, cutmix, knn_bags, require_student,
                                        sample_cutmix_box, step_rng, teacher_target)
 
 
 
 class BingoParams(CropParams):
-    queue_size: int = 65536
-    temperature: float = 0.2  # 0.12 in the SwAV-R50×2 → EfficientNet-B0 script
-    bag_size: int = 5  # k nearest neighbours per image, itself excluded (read by the trainer to build the bags)
-    hidden_dim: int = 2048
-    mix_alpha: float = 2.0  # CutMix λ ~ Beta(α, α)
-    bag_weights: tuple[float, float] = (0.5, 0.5)  # (a, b) for (own key, neighbour key) after the warm-up
+    queue_size: Count = 65536
+    temperature: Positive = 0.2  # 0.12 in the SwAV-R50×2 → EfficientNet-B0 script
+    bag_size: Count = 5  # k nearest neighbours per image, itself excluded (read by the trainer to build the bags)
+    hidden_dim: Count = 2048
+    mix_alpha: Positive = 2.0  # CutMix λ ~ Beta(α, α)
+    bag_weights: WeightPair = (0.5, 0.5)  # (a, b) for (own key, neighbour key) after the warm-up
     # (a, b) = (1, 0) while the fractional epoch is below this: the official `if epoch > 10` (epochs from 0) keeps
     # them for the first 11 epochs; the auto preset scales it to the run
-    bag_warmup_epochs: float = 11
+    bag_warmup_epochs: NonNegative = 11
     teacher_feature: TeacherFeature = "auto"  # published: the MoCo teacher's projection (128-d)
     teacher_bn: Literal["eval", "train"] = "train"  # official: the model is never put in eval()
     augmentation: Literal["mocov2", "simclr", "weak"] = "mocov2"

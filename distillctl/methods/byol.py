@@ -8,16 +8,17 @@ from torch import nn
 
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import EMA, cosine_momentum, mlp
+from distillctl.methods.domains import Count, CropScale, Momentum
 from distillctl.methods.shared import BackboneWithHead, CropParams, crop_view, require_setup, require_student
 from distillctl.methods.simreg import simreg_loss
 
 
 class BYOLParams(CropParams):
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # BYOL: RandomResizedCrop with the standard scale
-    projector_hidden_dim: int = 4096
-    projection_dim: int = 256
-    predictor_hidden_dim: int = 4096
-    momentum: float = 0.996  # base τ of the target EMA
+    crop_scale: CropScale = (0.08, 1.0)  # BYOL: RandomResizedCrop with the standard scale
+    projector_hidden_dim: Count = 4096
+    projection_dim: Count = 256
+    predictor_hidden_dim: Count = 4096
+    momentum: Momentum = 0.996  # base τ of the target EMA
     momentum_schedule: bool = True  # τ rises to 1 along a half cosine over training
 
 

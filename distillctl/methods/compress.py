@@ -14,6 +14,7 @@ from torch import nn
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import EMA, FeatureQueue
+from distillctl.methods.domains import Count, CropScale, Momentum, Positive
 from distillctl.methods.shared import (CropParams, crop_view, float32_similarity, require_setup, require_student,
                                        similarity_kl, teacher_target)
 
@@ -25,18 +26,18 @@ _PUBLISHED = (
 
 
 class CompRessParams(CropParams):
-    queue_size: int = 128_000  # anchors
-    temperature: float = 0.04
+    queue_size: Count = 128_000  # anchors
+    temperature: Positive = 0.04
     teacher_feature: Literal["backbone", "projection"] = "backbone"  # published: pooled backbone, fc removed
     # same_view: teacher and student see the same RandomResizedCrop (train_student.py);
     # centre: the teacher sees a centre crop, as in the cached mode (cache_feats.py) that the papers report.
     teacher_input: Literal["same_view", "centre"] = "same_view"
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop(224) with torchvision's default scale
+    crop_scale: CropScale = (0.08, 1.0)  # RandomResizedCrop(224) with torchvision's default scale
     teacher_bn: Literal["eval", "train"] = "eval"
 
 
 class CompRess2qParams(CompRessParams):
-    momentum: float = 0.999  # EMA student key encoder filling the student queue
+    momentum: Momentum = 0.999  # EMA student key encoder filling the student queue
 
 
 class _CompRessBase(Method):

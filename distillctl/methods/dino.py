@@ -16,6 +16,7 @@ from torch import nn
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import EMA, cosine_momentum
+from distillctl.methods.domains import Count, CropScale, Momentum, NonNegative, OptionalCount, Positive, WeightPair
 from distillctl.methods.shared import (BackboneWithHead, at_least_float32, float32_similarity, require_setup,
                                        require_student, scaled_crop_size)
 from distillctl.train.distributed import all_reduce_mean
@@ -23,23 +24,23 @@ from distillctl.train.distributed import all_reduce_mean
 
 class DINOParams(MethodParams):
     flip: bool = True  # horizontal flips on every crop (turn off for digits/text)
-    out_dim: int = 4096
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
+    out_dim: Count = 4096
+    hidden_dim: Count = 2048
+    bottleneck_dim: Count = 256
     use_bn_in_head: bool = True
     norm_last_layer: bool = True
-    freeze_last_layer_epochs: float = 1  # no gradient into the prototype layer during the first epoch(s)
-    momentum: float = 0.996  # teacher EMA, cosine to 1
-    student_temperature: float = 0.1
-    warmup_teacher_temperature: float = 0.04
-    teacher_temperature: float = 0.07
-    warmup_teacher_temperature_epochs: float = 50  # fractional: the auto preset's share of a short run
-    center_momentum: float = 0.9
-    global_crop_scale: tuple[float, float] = (0.3, 1.0)  # DINO baseline: (0.14, 1)
-    local_crops: int = 6
-    local_crop_size: int = 128  # at 224 px, scaled with data.image_size; DINO baseline: 96
-    local_crop_scale: tuple[float, float] = (0.05, 0.3)  # DINO baseline: (0.05, 0.14)
-    loss_weights: tuple[float, float] = (0.4, 0.6)  # (global–global, global–local); DINO's mean ≈ (0.143, 0.857)
+    freeze_last_layer_epochs: NonNegative = 1  # no gradient into the prototype layer during the first epoch(s)
+    momentum: Momentum = 0.996  # teacher EMA, cosine to 1
+    student_temperature: Positive = 0.1
+    warmup_teacher_temperature: Positive = 0.04
+    teacher_temperature: Positive = 0.07
+    warmup_teacher_temperature_epochs: NonNegative = 50  # fractional: the auto preset's share of a short run
+    center_momentum: Momentum = 0.9
+    global_crop_scale: CropScale = (0.3, 1.0)  # DINO baseline: (0.14, 1)
+    local_crops: OptionalCount = 6
+    local_crop_size: Count = 128  # at 224 px, scaled with data.image_size; DINO baseline: 96
+    local_crop_scale: CropScale = (0.05, 0.3)  # DINO baseline: (0.05, 0.14)
+    loss_weights: WeightPair = (0.4, 0.6)  # (global–global, global–local); DINO's mean ≈ (0.143, 0.857)
 
 
 class DINOHead(nn.Module):

@@ -10,19 +10,20 @@ from torch import nn
 
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import EMA, FeatureQueue, info_nce, mlp_relu
+from distillctl.methods.domains import Count, Momentum, NonNegative, Positive
 from distillctl.methods.shared import (BackboneWithHead, CropParams, TeacherFeature, crop_view, require_setup, require_student,
                                        shuffled_forward, teacher_target)
 
 
 class DisCoParams(CropParams):
-    queue_size: int = 65536
-    temperature: float = 0.2
-    momentum: float = 0.999  # EMA "mean student" key encoder
-    hidden_dim: int = 2048  # the widened MLP hidden layer that removes the "distilling bottleneck"
+    queue_size: Count = 65536
+    temperature: Positive = 0.2
+    momentum: Momentum = 0.999  # EMA "mean student" key encoder
+    hidden_dim: Count = 2048  # the widened MLP hidden layer that removes the "distilling bottleneck"
     teacher_feature: TeacherFeature = "auto"  # published: the teacher's MoCo projection (128-d)
     only_mse: bool = False  # --only-mse: drop the InfoNCE term
-    moco_weight: float = 1.0
-    mse_weight: float = 1.0
+    moco_weight: NonNegative = 1.0
+    mse_weight: NonNegative = 1.0
     # The official code sums over its per-GPU batch (32 = 256 / 8 GPUs) and dims. "published" reproduces that
     # scale whatever the world size or batch (32 · batch mean); "sum" sums over this rank's batch; "mean" averages.
     mse_reduction: Literal["published", "sum", "mean"] = "published"

@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
+from distillctl.methods.domains import CropScale
 from distillctl.methods.presets import PublishedRecipe
 from distillctl.methods.shared import CropParams, TeacherFeature, crop_view, at_least_float32, teacher_target
 
@@ -33,7 +34,7 @@ class EGAParams(CropParams):
     # view independently); same_view: both see the student's tensor
     teacher_input: Literal["other_view", "same_view"] = "other_view"
     # RandomCrop(32, padding=4) + flip keeps 28–32 px windows of a 32-px image: ≈ area 0.77–1
-    crop_scale: tuple[float, float] = (0.77, 1.0)
+    crop_scale: CropScale = (0.77, 1.0)
 
 
 def pearson_matrix(rows: torch.Tensor) -> torch.Tensor:

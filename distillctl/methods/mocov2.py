@@ -11,17 +11,18 @@ from torch import nn
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import EMA, FeatureQueue, cosine_momentum, info_nce, mlp_relu
+from distillctl.methods.domains import Augmentation, Count, CropScale, Momentum, Positive
 
 
 class MocoV2Params(MethodParams):
-    queue_size: int = 65536
-    temperature: float = 0.2
-    momentum: float = 0.999
-    hidden_dim: int | None = None  # default: the student's feature dim (MoCo v2: 2048 for R50)
-    out_dim: int = 128
+    queue_size: Count = 65536
+    temperature: Positive = 0.2
+    momentum: Momentum = 0.999
+    hidden_dim: Count | None = None  # default: the student's feature dim (MoCo v2: 2048 for R50)
+    out_dim: Count = 128
     symmetric: bool = True  # both views as queries (2 loss terms per step); MoCo v2 used one
-    augmentation: str = "mocov2"
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    augmentation: Augmentation = "mocov2"
+    crop_scale: CropScale = (0.2, 1.0)  # RandomResizedCrop area range
     flip: bool = True  # horizontal flips (turn off for digits/text)
     momentum_schedule: bool = False  # cosine ramp of the EMA momentum to 1 (BYOL-style)
 

@@ -10,17 +10,18 @@ import torch.nn.functional as F
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import FeatureQueue, mlp_relu, soft_cross_entropy
+from distillctl.methods.domains import Count, CropScale, Positive
 from distillctl.methods.shared import at_least_float32
 
 
 class SeedParams(MethodParams):
-    queue_size: int = 65536
-    student_temperature: float = 0.2
-    teacher_temperature: float = 1e-4
+    queue_size: Count = 65536
+    student_temperature: Positive = 0.2
+    teacher_temperature: Positive = 1e-4
     teacher_feature: Literal["auto", "backbone", "projection"] = "auto"  # auto: projection when the teacher has one
-    head_dim: int | None = None  # default: the teacher target's dim (128 for MoCo v2)
+    head_dim: Count | None = None  # default: the teacher target's dim (128 for MoCo v2)
     augmentation: Literal["mocov2", "simclr", "weak"] = "mocov2"
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_scale: CropScale = (0.2, 1.0)
     flip: bool = True
 
 

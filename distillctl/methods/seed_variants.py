@@ -9,16 +9,17 @@ from pydantic import Field
 
 from distillctl.methods.base import MethodInputs, MethodView, Requirements, register
 from distillctl.methods.common import FeatureQueue
+from distillctl.methods.domains import Count, CropScale, NonNegative
 from distillctl.methods.seed import Seed, SeedParams, seed_loss
 from distillctl.methods.shared import crop_view, scaled_crop_size
 
 
 class SeedSmallPatchParams(SeedParams):
-    crop_scale: tuple[float, float] = (0.14, 1.0)  # swav_aug: RandomResizedCrop(224, scale=(0.14, 1))
+    crop_scale: CropScale = (0.14, 1.0)  # swav_aug: RandomResizedCrop(224, scale=(0.14, 1))
     small_crops: int = Field(6, ge=1)
-    small_crop_size: int = 96  # at 224 px; scaled with data.image_size
-    small_crop_scale: tuple[float, float] = (0.05, 0.14)
-    small_weight: float = 1.0  # loss = CE(main) + small_weight · CE(small crops)
+    small_crop_size: Count = 96  # at 224 px; scaled with data.image_size
+    small_crop_scale: CropScale = (0.05, 0.14)
+    small_weight: NonNegative = 1.0  # loss = CE(main) + small_weight · CE(small crops)
 
 
 @register

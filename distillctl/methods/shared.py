@@ -20,6 +20,7 @@ from torch import nn
 from distillctl.errors import UsageError
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import MethodParams, MethodView, TeacherDims
+from distillctl.methods.domains import CropScale
 from distillctl.methods.mocov2 import _Encoder as BackboneWithHead  # noqa: F401  (re-exported)
 from distillctl.train.distributed import all_gather_concat, info, is_distributed
 
@@ -29,7 +30,7 @@ TeacherFeature = Literal["auto", "backbone", "projection"]
 class CropParams(MethodParams):
     """The random-resized-crop knobs every augmented method exposes (as mocov2/seed/simreg do)."""
 
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    crop_scale: CropScale = (0.2, 1.0)  # RandomResizedCrop area range
     flip: bool = True  # horizontal flips (turn off for digits/text)
 
 

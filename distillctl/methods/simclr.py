@@ -8,14 +8,15 @@ import torch.nn.functional as F
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import mlp
+from distillctl.methods.domains import Count, CropScale, Positive
 from distillctl.train.distributed import all_gather_concat, info
 
 
 class SimCLRParams(MethodParams):
-    temperature: float = 0.2
-    hidden_dim: int | None = None
-    out_dim: int = 128
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    temperature: Positive = 0.2
+    hidden_dim: Count | None = None
+    out_dim: Count = 128
+    crop_scale: CropScale = (0.08, 1.0)
     flip: bool = True
 
 

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import mlp
+from distillctl.methods.domains import CropScale
 
 
 class SimRegParams(MethodParams):
     teacher_feature: Literal["backbone", "projection"] = "backbone"  # --teacher_fc uses the projection
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # single weak view: RandomResizedCrop(0.2-1) + flip
+    crop_scale: CropScale = (0.2, 1.0)  # single weak view: RandomResizedCrop(0.2-1) + flip
     flip: bool = True
 
 

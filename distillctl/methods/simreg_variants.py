@@ -19,6 +19,7 @@ from torch import nn
 
 from distillctl.errors import UsageError
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, TeacherDims, register
+from distillctl.methods.domains import NonNegative
 from distillctl.methods.shared import CropParams, crop_view
 from distillctl.methods.simreg import simreg_head, simreg_loss
 from distillctl.teachers.ensemble import member_key as multi_teacher_key
@@ -26,7 +27,7 @@ from distillctl.teachers.ensemble import member_key as multi_teacher_key
 
 class SimRegMultiParams(CropParams):
     teacher_feature: Literal["backbone", "projection"] = "backbone"
-    teacher_weights: list[float] | None = Field(None, description="loss weight per teacher; default 1 each (sum)")
+    teacher_weights: list[NonNegative] | None = Field(None, description="loss weight per teacher; default 1 each (sum)")
 
 
 @register

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
+from distillctl.methods.domains import NonNegative, Positive
 from distillctl.methods.shared import CropParams, at_least_float32, crop_view, teacher_target
 
 # liuhao-lh/SMD main_distill.py switches τ to 0.004 for exactly these students (timm names).
@@ -16,9 +17,9 @@ _SMALL_TAU_ARCHS = ("mobilenetv3_large", "efficientnet_b0", "efficientnet_b1")
 
 
 class SMDParams(CropParams):
-    temperature: float | None = None  # None: 0.004 for MobileNetV3-L / EfficientNet-B0/B1 students, else 0.04
-    times: float = 1.0  # scale of the SMD term; as in the official loop it applies during the warm-up epochs only
-    warmup_epochs: float = 2  # epochs (fractional: the auto preset) with the extra −½(cos(t1,s1)+cos(t2,s2)) term
+    temperature: Positive | None = None  # None: 0.004 for MobileNetV3-L / EfficientNet-B0/B1 students, else 0.04
+    times: NonNegative = 1.0  # scale of the SMD term; as in the official loop it applies during the warm-up epochs only
+    warmup_epochs: NonNegative = 2  # epochs (fractional: the auto preset) with the extra −½(cos(t1,s1)+cos(t2,s2)) term
     teacher_feature: Literal["backbone", "projection"] = "backbone"  # published: pooled R50 feature, head removed
     teacher_bn: Literal["eval", "train"] = "eval"  # official: teacher_model.eval()
     augmentation: Literal["mocov2", "simclr", "weak"] = "mocov2"

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from distillctl.methods.base import register
+from distillctl.methods.domains import Augmentation, Count, Positive
 from distillctl.methods.mocov2 import MocoV2, MocoV2Params
 
 
 class SslSmallParams(MocoV2Params):
-    temperature: float = 0.1
-    hidden_dim: int | None = None  # None: 2 × the student's feature dim (the "wide" head)
+    temperature: Positive = 0.1
+    hidden_dim: Count | None = None  # None: 2 × the student's feature dim (the "wide" head)
     symmetric: bool = False  # one InfoNCE term per step, as in MoCo v2 / main_moco_final.py
-    augmentation: str = "ssl-small"  # stronger colour jitter (--cj 1), grayscale, blur
+    augmentation: Augmentation = "ssl-small"  # stronger colour jitter (--cj 1), grayscale, blur
 
 
 @register
