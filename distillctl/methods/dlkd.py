@@ -18,6 +18,7 @@ from torch import nn
 
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
+from distillctl.methods.domains import CropScale
 from distillctl.methods.common import mlp
 from distillctl.methods.presets import PublishedRecipe
 from distillctl.methods.shared import CropParams, TeacherFeature, at_least_float32, teacher_target
@@ -39,7 +40,7 @@ class DLKDParams(CropParams):
     contrast_positives: Literal["image", "pair"] = "image"
     teacher_feature: TeacherFeature = "backbone"  # published: the penultimate pooled feature (feat[-1])
     # RandomCrop(32, padding=4) per rotated copy: ≈ area 0.77–1 of the image
-    crop_scale: tuple[float, float] = (0.77, 1.0)
+    crop_scale: CropScale = (0.77, 1.0)
 
 
 def align_loss(predicted: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
