@@ -90,7 +90,6 @@ def test_zero_is_rejected_where_it_is_meaningless(method, name, default):
 def test_momentum_above_one_is_rejected(method, name, default):
     with pytest.raises(ValidationError):
         registry()[method].Params(**{name: 1.5})
-    registry()[method].Params(**{name: 1.0})  # 1 (frozen) is allowed
 
 
 @pytest.mark.parametrize("method,name,default", [c for c in CASES if c[1].endswith("crop_scale")], ids=lambda value: str(value))
