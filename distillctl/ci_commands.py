@@ -60,5 +60,29 @@ def render_gates(report: dict[str, Any], json_out: bool = False) -> None:
     console.print(table)
 
 
+VERIFY_HELP = """Verify a release bundle: re-hash every file against its manifest and re-run the parity check of each
+ONNX artefact on the bundled samples. Exit 3 on any mismatch (changed, missing or unlisted file; parity).
+
+Example: distillctl verify release/ --json
+"""
+
+
+def verify_command(
+    bundle: Path = typer.Argument(..., help="A bundle directory written by distillctl export RUN --bundle OUT."),
+    json_out: bool = typer.Option(False, "--json", help="Print the verification report as one JSON object on stdout."),
+) -> None:
+    from distillctl.export.bundle import verify_bundle
+
+    report = verify_bundle(bundle)
+    if json_out:
+        print_json(report)
+        return
+    for rel, entry in report["parity"].items():
+        console.print(f"parity {rel} ({entry['precision']}): min cos {entry['min_cosine']:.6f}, "
+                      f"max|Δ| {entry['max_abs']:.3g} — ok", highlight=False)
+    console.print(f"bundle {report['bundle']}: {report['files']} files match the manifest; parity ok", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("gate", help=GATE_HELP)(gate_command)
+    app.command("verify", help=VERIFY_HELP)(verify_command)

@@ -188,7 +188,6 @@ def run(
     """
     from distillctl.config import load_recipe
     from distillctl.errors import UsageError
-    from distillctl.pipeline import RunOptions, run_pipeline
 
     if resume and restart:
         raise UsageError("--resume and --restart are mutually exclusive")
@@ -200,7 +199,17 @@ def run(
         from distillctl.launch import relaunch
 
         sys.exit(relaunch(nproc))  # SystemExit: the exit code must survive click's standalone_mode=False
-    summary = run_pipeline(resolved, RunOptions(resume=resume, restart=restart))
+    from distillctl.api import run as api_run
+    from distillctl.errors import GateError
+
+    try:
+        summary = api_run(resolved, resume=resume, restart=restart).data
+    except GateError:  # summary.json is complete: CI still gets the numbers (one JSON object) before exit 3
+        if json_out and _is_main_process():
+            from distillctl.pipeline import run_dir_for
+
+            print_json(run_dir_for(resolved).summary())
+        raise
     if not _is_main_process():
         return
     if json_out:

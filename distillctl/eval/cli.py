@@ -240,6 +240,36 @@ def _knn_settings(prep: _Prepared, ks: tuple[int, ...] | None, temperature: floa
     return ks or (20,), temperature if temperature is not None else 0.07
 
 
+def knn_report(target: str, data: str | None = None, val_data: str | None = None, k: str | None = None,
+               temperature: float | None = None, batch_size: int = 256, device: str = "auto",
+               num_workers: int | None = None, crop_pct: float | None = None, cache_dir: str | None = None,
+               no_cache: bool = False, input_size: int | None = None, teacher_arch: str | None = None,
+               accept_license: bool = False) -> tuple[dict, dict, "_Prepared"]:
+    """``eval knn`` without the rendering: (the --json report, scores by k, the prepared target); records the
+    result in the run's summary.json. Used by the CLI and by :func:`distillctl.evaluate`."""
+    from distillctl.eval.features import eval_transform
+    from distillctl.eval.knn import knn_evaluate, knn_protocol
+
+    ks = _parse_ks(k) if k is not None else None
+    if temperature is not None and temperature <= 0:
+        raise UsageError(f"--t must be > 0, got {temperature}")
+    prep = _prepare(target, data, val_data, device, crop_pct, cache_dir, no_cache,
+                    _TeacherOptions(teacher_arch, accept_license, input_size))
+    ks, temperature = _knn_settings(prep, ks, temperature)
+    (train_emb, train_labels), (val_emb, val_labels), timing = _embed_both(prep, batch_size, num_workers)
+    start = time.perf_counter()
+    scores = knn_evaluate(train_emb, train_labels, val_emb, val_labels, ks=ks, temperature=temperature,
+                          num_classes=len(prep.train.classes), device=prep.device)
+    timing["knn_s"] = round(time.perf_counter() - start, 3)
+    protocol = {**knn_protocol(ks, temperature), "bank": "train split", "bn": "eval",
+                "transform": eval_transform(crop_pct=prep.crop_pct, **prep.preprocess)}
+    knn_result = {str(key): round(value, 4) for key, value in sorted(scores.items())}
+    _merge_summary(prep, {"knn": knn_result, "knn_protocol": protocol})
+    result = {"target": str(prep.target), "encoder": prep.description, "knn": knn_result, "protocol": protocol,
+              "data": _data_record(prep), "timing": timing, "embedding_dim": int(train_emb.shape[1])}
+    return result, scores, prep
+
+
 @app.command(help="Weighted kNN top-1 (cosine, exp(sim/T) votes) for several k in one pass.\n\n"
                   "Example: distillctl eval knn runs/quickstart --k 10,20,200\n\n"
                   "Example: distillctl eval knn runs/r/export/student.int8.onnx --data builtin:digits --json")
@@ -262,35 +292,20 @@ def knn(
     accept_license: bool = ACCEPT,
     json_output: bool = JSON,
 ) -> None:
-    from distillctl.eval.features import eval_transform
-    from distillctl.eval.knn import knn_evaluate, knn_protocol
-
-    ks = _parse_ks(k) if k is not None else None
-    if temperature is not None and temperature <= 0:
-        raise UsageError(f"--t must be > 0, got {temperature}")
-    prep = _prepare(target, data, val_data, device, crop_pct, cache_dir, no_cache,
-                    _TeacherOptions(teacher_arch, accept_license, input_size))
-    ks, temperature = _knn_settings(prep, ks, temperature)
-    (train_emb, train_labels), (val_emb, val_labels), timing = _embed_both(prep, batch_size, num_workers)
-    start = time.perf_counter()
-    scores = knn_evaluate(train_emb, train_labels, val_emb, val_labels, ks=ks, temperature=temperature,
-                          num_classes=len(prep.train.classes), device=prep.device)
-    timing["knn_s"] = round(time.perf_counter() - start, 3)
-    protocol = {**knn_protocol(ks, temperature), "bank": "train split", "bn": "eval",
-                "transform": eval_transform(crop_pct=prep.crop_pct, **prep.preprocess)}
-    knn_result = {str(key): round(value, 4) for key, value in sorted(scores.items())}
-    _merge_summary(prep, {"knn": knn_result, "knn_protocol": protocol})
+    result, scores, prep = knn_report(target, data, val_data, k, temperature, batch_size, device, num_workers, crop_pct,
+                                      cache_dir, no_cache, input_size, teacher_arch, accept_license)
     if json_output:
-        print_json({"target": str(prep.target), "encoder": prep.description, "knn": knn_result, "protocol": protocol,
-                    "data": _data_record(prep), "timing": timing, "embedding_dim": int(train_emb.shape[1])})
+        print_json(result)
         return
+    train_emb_shape = (len(prep.train), result["embedding_dim"])
+    temperature = result["protocol"]["temperature"]
     table = Table(title="weighted kNN")
     table.add_column("k", justify="right")
     table.add_column("top-1 %", justify="right")
     for key, value in sorted(scores.items()):
         table.add_row(str(key), f"{value:.2f}")
     console.print(table)
-    console.print(f"[dim]{prep.description}: T={temperature}, cosine, bank {len(prep.train)} × {train_emb.shape[1]}-d "
+    console.print(f"[dim]{prep.description}: T={temperature}, cosine, bank {train_emb_shape[0]} × {train_emb_shape[1]}-d "
                   f"({prep.train_spec}), queries {len(prep.val)} ({prep.val_spec})[/]", highlight=False)
 
 

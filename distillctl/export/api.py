@@ -138,6 +138,7 @@ def export_run(
         evaluation=_eval_section(run_dir, report),
         parity={name: entry["parity"] for name, entry in _flat_entries(report) if "parity" in entry},
         quantization=quantization or None, engines=engines or None,
+        created=card_module.created_stamp(run_dir / "student" / "model.safetensors"),
     )
     artefacts = [run_dir / entry["path"] for _, entry in _flat_entries(report) if "path" in entry]
     props = card_module.card_to_metadata(card)

@@ -43,6 +43,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def created_stamp(student_file: Path) -> str:
+    """The card's ``created``: ``SOURCE_DATE_EPOCH`` when set (reproducible builds), else the time the student file
+    was written. Not the export's wall clock: re-exporting the same run must give the same bytes (release bundles)."""
+    import os
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    seconds = int(epoch) if epoch.isdigit() else int(Path(student_file).stat().st_mtime)
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def build_model_card(
     *,
     student: dict[str, Any],
@@ -57,11 +67,12 @@ def build_model_card(
     quantization: dict[str, Any] | None = None,
     engines: dict[str, Any] | None = None,
     license: str | None = None,
+    created: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble the card; every argument is already a plain JSON-able dict."""
+    """Assemble the card; every argument is already a plain JSON-able dict (``created``: see :func:`created_stamp`)."""
     card: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "description": f"{student.get('arch')} student distilled from {teacher.get('name')} with {method}; "
                        f"input '{input_spec.get('name')}' NCHW float32 RGB normalised, output '{output_spec.get('name')}'",
         "license": license,

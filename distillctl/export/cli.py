@@ -56,6 +56,9 @@ def export_command(
     parity_images: int = typer.Option(64, "--parity-images", help="Held-out images for the parity gates."),
     data: str = typer.Option(None, "--data", help="Labelled train data (overrides the run's recorded data)."),
     val_data: str = typer.Option(None, "--val-data", help="Labelled eval data (overrides the run's recorded data)."),
+    bundle: Path = typer.Option(None, "--bundle", help="Also write a release bundle here: artefacts, model card, "
+                                "summary.json, sample inputs + reference embeddings, sha256 manifest (distillctl verify)."),
+    bundle_samples: int = typer.Option(8, "--bundle-samples", help="Held-out sample images in the bundle."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as one JSON object on stdout."),
 ) -> None:
     from distillctl.export.api import export_run
@@ -72,7 +75,14 @@ def export_command(
     except GateError:
         _render_export_from_summary(run_dir, json_out)
         raise
+    if bundle is not None:
+        from distillctl.export.bundle import write_bundle
+
+        report["bundle"] = write_bundle(run_dir, bundle, samples=bundle_samples)
     _render_export(report, json_out)
+    if bundle is not None and not json_out:
+        console.print(f"bundle: {report['bundle']['path']} ({report['bundle']['files']} files; "
+                      f"check with: distillctl verify {report['bundle']['path']})", highlight=False)
 
 
 def _render_export_from_summary(run_dir: Path, json_out: bool) -> None:
