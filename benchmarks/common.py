@@ -51,9 +51,35 @@ def require_shared(need_teacher: bool = True) -> None:
     missing = [str(p) for p in ([TARBALL] + ([TEACHER, TEACHER_JSON] if need_teacher else [])) if not p.is_file()]
     if missing:
         print(f"error: benchmark inputs missing: {', '.join(missing)}\n"
-              f"hint: benchmarks need the shared folder beside the checkout (../shared, or set DISTILLCTL_SHARED)",
+              f"hint: benchmarks need the shared folder beside the checkout (../shared, or set DISTILLCTL_SHARED): "
+              f"data/cifar10-jpeg.tar.gz and teachers/resnet18_cifar10_64px.safetensors + .json",
               file=sys.stderr)
         raise SystemExit(2)
+
+
+# The protocol's class-balanced subsets (name → split, images per class) that RESULTS.md's commands read from
+# benchmarks/work/; `python benchmarks/setup_data.py` makes them all once.
+PROTOCOL_SUBSETS: dict[str, tuple[str, int]] = {
+    "train10k": ("train", 1000),  # the quality table's training set and kNN bank
+    "test2k": ("test", 200),  # its queries
+    "train1k": ("train", 100),  # --quick, and the cache-build benchmark
+    "test500": ("test", 50),  # --quick queries
+}
+
+
+def subset_path(name: str) -> Path:
+    """Where a protocol subset lives (nothing is made: see :func:`make_subset`)."""
+    return WORK / name
+
+
+def subset_ready(name: str) -> bool:
+    return (subset_path(name) / ".complete").is_file()
+
+
+def protocol_subset(name: str) -> Path:
+    """Make (once) and return one of :data:`PROTOCOL_SUBSETS`."""
+    split, per_class = PROTOCOL_SUBSETS[name]
+    return make_subset(split, per_class, name)
 
 
 def teacher_preprocess() -> dict:
@@ -113,9 +139,12 @@ def rel(path: Path | str) -> str:
         return str(path)
 
 
-def standard_data() -> dict[str, str]:
-    """The quality benchmark's subsets: 10k train images (1000/class), 2k test images (200/class)."""
-    return {"train": rel(make_subset("train", 1000, "train10k")), "test": rel(make_subset("test", 200, "test2k"))}
+def standard_data(make: bool = True) -> dict[str, str]:
+    """The quality benchmark's subsets: 10k train images (1000/class), 2k test images (200/class); with
+    ``make=False`` only their paths (a dry run must not unpack or build anything)."""
+    if not make:
+        return {"train": rel(subset_path("train10k")), "test": rel(subset_path("test2k"))}
+    return {"train": rel(protocol_subset("train10k")), "test": rel(protocol_subset("test2k"))}
 
 
 def python_env(threads: int | None = None) -> dict[str, str]:

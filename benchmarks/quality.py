@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, TEACHER, WORK, BenchError, display_command, distillctl, log, machine_info,  # noqa: E402
-                    make_subset, read_json, rel, registered_methods, require_shared, standard_data, teacher_preprocess,
-                    write_json)
+                    protocol_subset, read_json, rel, registered_methods, require_shared, standard_data, subset_path,
+                    teacher_preprocess, write_json)
 
 
 # Guards ``result``: cell workers record rows and the heartbeat thread writes it (a dict changing size while
@@ -84,7 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="OMP/torch threads of every distillctl process (default: cores / jobs).")
     parser.add_argument("--collect", action="store_true",
                         help="Run nothing: record the cells (and reference evaluations) that already finished.")
-    parser.add_argument("--dry-run", action="store_true", help="Print the cells and their commands; run nothing.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Print the cells and their commands; run, unpack, build and write nothing.")
+    parser.add_argument("--preset", default="auto", choices=("auto", "published"),
+                        help="method.preset of every cell (auto: values sized for the protocol; published: the "
+                             "papers' values; default auto).")
     parser.add_argument("--out", default=None, help="Result JSON (default results/quality.json, quality_quick.json).")
     return parser.parse_args(argv)
 
@@ -185,7 +189,8 @@ def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, arg
 def common_sets(args: argparse.Namespace, cell: dict, steps: int, pre: dict, first: bool) -> list[str]:
     mean = ",".join(f"{v:g}" for v in pre["mean"])
     std = ",".join(f"{v:g}" for v in pre["std"])
-    sets = [f"train.max_steps={steps}", f"train.seed={args.seed}", "data.crop_pct=1.0", f"data.mean=[{mean}]",
+    sets = [f"method.preset={getattr(args, 'preset', 'auto')}",
+            f"train.max_steps={steps}", f"train.seed={args.seed}", "data.crop_pct=1.0", f"data.mean=[{mean}]",
             f"data.std=[{std}]", "export.enabled=false", f"eval.linear={'false' if args.no_linear else 'true'}",
             f"eval.teacher={'true' if first else 'false'}", f"eval.random_student={'true' if first else 'false'}",
             "train.log_every=10", "train.checkpoint_every_minutes=5"]
@@ -245,6 +250,8 @@ def row_from_summary(cell: dict, summary: dict, command: list[str]) -> dict:
             **train_time(train, cell_dir(cell) / "metrics.jsonl"), "images_per_sec": train.get("images_per_sec"),
             "steps": train.get("steps"), "images_seen": (train.get("steps") or 0) * args_batch(summary),
             "teacher_mode": train.get("teacher_mode"), "cell_wall_s": summary.get("wall_s"),
+            "lr": train.get("lr"), "preset": ((summary.get("recipe") or {}).get("method") or {}).get("preset"),
+            "derived": (summary.get("recipe") or {}).get("derived"),
             "teacher_knn_top1": (summary.get("teacher") or {}).get("knn_top1"),
             "random_student_knn_top1": ((summary.get("eval") or {}).get("random_student") or {}).get("knn_top1"),
             "eval_protocol": (summary.get("eval") or {}).get("protocol"),
@@ -381,21 +388,22 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         args.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    make = not args.dry_run  # a dry run prints the commands: it unpacks, builds and writes nothing
     if args.quick:
         args.budget_images, args.batch_size, args.image_size, args.cache_views = 256, 32, 32, 2
         args.methods = "simreg" if args.methods == "all" else args.methods
         args.ssl_methods = "mocov2" if args.ssl_methods == "all" else args.ssl_methods
-        data = {"train": rel(make_subset("train", 100, "train1k")), "test": rel(make_subset("test", 50, "test500")),
-                "train_images": 1000, "test_images": 500}
+        subsets = {key: (protocol_subset(name) if make else subset_path(name))
+                   for key, name in (("train", "train1k"), ("test", "test500"))}
+        data = {"train": rel(subsets["train"]), "test": rel(subsets["test"]), "train_images": 1000, "test_images": 500}
     else:
-        data = {**standard_data(), "train_images": 10_000, "test_images": 2_000}
+        data = {**standard_data(make), "train_images": 10_000, "test_images": 2_000}
     out = Path(args.out) if args.out else RESULTS / ("quality_quick.json" if args.quick else "quality.json")
     pre = teacher_preprocess()
     methods = registered_methods()
     modes = {m["name"]: m["teacher_mode"] for m in methods}
     teachers = {"sup": {"path": str(TEACHER), "arch": pre["arch"], "dim": 512, "modes": modes}}
     cells = plan_cells(args, methods)
-    (WORK / "quality").mkdir(parents=True, exist_ok=True)
     log_path = WORK / "quality" / ("quick.log" if args.quick else "suite.log")
     previous = read_json(out) or {}
     result = {"benchmark": "quality", "argv": sys.argv[1:] if argv is None else argv,
@@ -423,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, cell in enumerate(cells):
             print("distillctl " + display_command(cell_command(cell, args, data, pre, teachers, i == 0)))
         return 0
+    (WORK / "quality").mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         with RESULT_LOCK:

@@ -14,6 +14,17 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))  # the lr table reads distillctl's preset policy
+# "Which method?": the measured table as package data (``distillctl methods list``) and the README section
+MEASURED = REPO / "distillctl" / "methods" / "measured.json"
+README = REPO / "README.md"
+README_START, README_END = "<!-- which-method:start (python benchmarks/render.py) -->", "<!-- which-method:end -->"
+SETUP_COMMAND = "python benchmarks/setup_data.py"
+# Cells that ran before method.preset existed trained with the CLI's lr, the same for every method:
+# `distillctl run` took train.lr's default 0.05 (distillctl/config.py at commit 1580ee6) and `distillctl pretrain`
+# its --lr default 0.06 (distillctl/commands.py at 1580ee6). Their commands are pinned to those settings.
+LEGACY_LR = {"run": 0.05, "pretrain": 0.06}
 ISSUE_REFERENCE = {"images": 120_000, "knn_top1": 42.3, "random": 25.6, "teacher": 86.6,
                    "what": "independent minimal cosine-regression distiller quoted in issue 8 (not measured here)"}
 
@@ -23,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", default=str(BENCH / "results"), help="Directory of the JSON results.")
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"), help="Markdown file to write.")
     parser.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    parser.add_argument("--measured", default=str(MEASURED),
+                        help="Package data file for `distillctl methods list` ('' to skip).")
+    parser.add_argument("--readme", default=str(README),
+                        help="README whose 'Which method?' block is regenerated ('' to skip).")
     return parser.parse_args(argv)
 
 
@@ -59,6 +74,77 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # --- quality -----------------------------------------------------------------------------------
+
+def _verb(command: str) -> str:
+    parts = command.split()
+    return parts[1] if len(parts) > 1 and parts[0] == "distillctl" else ""
+
+
+def _flag(command: str, flag: str) -> str | None:
+    parts = command.split()
+    return parts[parts.index(flag) + 1] if flag in parts[:-1] else None
+
+
+def cell_lr(row: dict) -> float | None:
+    """The learning rate a cell trained with: recorded, given on its command line, or (cells from before
+    method.preset) the CLI default of its verb (:data:`LEGACY_LR`)."""
+    if row.get("lr") is not None:
+        return float(row["lr"])
+    command = row.get("command") or ""
+    given = _flag(command, "--lr")
+    return float(given) if given else LEGACY_LR.get(_verb(command))
+
+
+def cell_preset(row: dict) -> str:
+    command = row.get("command") or ""
+    return row.get("preset") or next((p.split("=", 1)[1] for p in command.split() if p.startswith("method.preset=")),
+                                     "published (before method.preset)")
+
+
+def reproducible_command(command: str) -> str:
+    """A cell's command pinned to what it ran with: cells from before method.preset get
+    ``--set method.preset=published`` (the papers' values, which were the defaults then) and their verb's lr."""
+    verb = _verb(command)
+    if verb not in LEGACY_LR or "method.preset=" in command:
+        return command
+    pinned = command + " --set method.preset=published"
+    if _flag(command, "--lr") is None:
+        pinned += f" --lr {LEGACY_LR[verb]:g}"
+    return pinned
+
+
+def lr_lines(q: dict, facts: dict) -> list[str]:
+    """Per method: the lr its cells ran with, the paper's lr, and what ``method.preset=auto`` gives on this protocol."""
+    try:
+        from distillctl.methods.base import get_method
+        from distillctl.methods.presets import RunSize, derive, method_facts
+    except ImportError:  # render without the package: no lr table
+        return []
+    cfg = q["config"]
+    size = RunSize(int(cfg.get("train_images") or 10_000), int(cfg.get("batch_size") or 64), int(facts["budget"]))
+    lines = []
+    seen = {}
+    for r in q.get("rows", {}).values():
+        if r.get("status") == "done":
+            seen.setdefault(r["method"], set()).add(cell_lr(r))
+    for method in sorted(seen):
+        try:
+            method_facts_ = method_facts(get_method(method))
+        except Exception:  # noqa: BLE001 - a method no longer registered keeps its measured lr only
+            method_facts_ = None
+        ran = ", ".join(f"{v:g}" for v in sorted(v for v in seen[method] if v is not None)) or "–"
+        recipe = method_facts_.recipe if method_facts_ else None
+        if recipe is None:
+            lines.append(f"- {method}: ran at lr {ran}; no published recipe in distillctl's preset table.")
+            continue
+        auto = {d.key: d.value for d in derive(method_facts_, size, "auto")}.get("train.lr")
+        auto_text = f"{auto:g}" if auto is not None else f"not derived ({recipe.optimizer} paper lr, sgd run)"
+        rule = {"none": "not scaled by batch", "linear": "× batch/256-style linear rule",
+                "sqrt": "square-root batch rule"}[recipe.published_rule]
+        lines.append(f"- {method}: ran at lr {ran}; published {recipe.lr:g} at batch {recipe.batch} ({recipe.optimizer}, "
+                     f"{rule}); `method.preset=auto` at batch {size.batch_size}: {auto_text}.")
+    return lines
+
 
 def table_budget(q: dict) -> int:
     """The budget of the full table: the one with the most finished supervised-teacher cells (ties: the larger)."""
@@ -143,7 +229,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                + "".join(f"; {', '.join(sorted(per_budget[b]))} also at **{b:,}**" for b in sorted(per_budget)
                          if b != budget) +
                f" (batch {cfg['batch_size']}, `train.max_steps` = budget / batch, cosine schedule over "
-               f"⌈steps / steps-per-epoch⌉ epochs, each method's default lr), seed {cfg['seed']}, {cfg['image_size']} px (32 px JPEGs upsampled, crop_pct 1.0), "
+               f"⌈steps / steps-per-epoch⌉ epochs, the lr in the lr column), seed {cfg['seed']}, {cfg['image_size']} px (32 px JPEGs upsampled, crop_pct 1.0), "
                f"feature cache with K = {cfg['cache_views']} stored views per image where the method allows it. "
                f"Train subset `{cfg['data']['train']}`: {cfg['train_images']:,} images (1 000 per class, seeded); "
                f"kNN bank = that subset; queries `{cfg['data']['test']}`: {cfg['test_images']:,} test images "
@@ -164,13 +250,13 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                    f"{budget:,}): " + "; ".join(f"{m} at {', '.join(f'{b:,}' for b in points[m])}" for m in top3)
                    + (" — every one reaches the target." if all(points[m][-1] >= CURVE_TARGET for m in top3) else
                       f" — {', '.join(m for m in top3 if points[m][-1] < CURVE_TARGET)} not yet at {CURVE_TARGET:,}."))
-    header = ["row", "kind", "teacher", "images seen", "kNN top-1 %", "linear top-1 %", "kNN student/teacher",
+    header = ["row", "kind", "teacher", "images seen", "lr", "kNN top-1 %", "linear top-1 %", "kNN student/teacher",
               "kNN gain vs best SSL-only (pts)", "train wall s", "img/s", "teacher mode"]
     rows = []
-    rows.append([f"teacher ResNet-18 (supervised, {cfg['teacher']['file']})", "teacher", "–", "–", pct(teacher),
+    rows.append([f"teacher ResNet-18 (supervised, {cfg['teacher']['file']})", "teacher", "–", "–", "–", pct(teacher),
                  pct(facts["teacher_linear"]), "1.00", "–", "–", "–", "–"])
     rnd = facts["random"]
-    rows.append([f"random-init {cfg['students']}", "floor", "–", "0", pct(rnd.get("knn_top1")),
+    rows.append([f"random-init {cfg['students']}", "floor", "–", "0", "–", pct(rnd.get("knn_top1")),
                  pct(rnd.get("linear_top1")), num(rnd["knn_top1"] / teacher, 2) if teacher and rnd.get("knn_top1") else "–",
                  num(rnd["knn_top1"] - best_ssl["knn_top1"], 1) if best_ssl and rnd.get("knn_top1") else "–",
                  "–", "–", "–"])
@@ -180,7 +266,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
     for r in all_rows:
         teacher_knn = teacher if r["teacher"] == "sup" else (q.get("reference", {}).get("ssl_teacher") or {}).get("knn_top1")
         if r.get("status") != "done":
-            rows.append([f"{r['method']} ({r['status']})", r["kind"], r["teacher"] or "–", f"{r['budget']:,}",
+            rows.append([f"{r['method']} ({r['status']})", r["kind"], r["teacher"] or "–", f"{r['budget']:,}", "–",
                          "–", "–", "–", "–", "–", "–", (r.get("error") or "")[:80].replace("|", "/")])
             continue
         ratio = r["knn_top1"] / teacher_knn if teacher_knn and r["kind"] == "distill" else None
@@ -190,7 +276,8 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
         if same and r["kind"] == "distill":
             gain = r["knn_top1"] - same[0]["knn_top1"]
         rows.append([r["method"], r["kind"], {"sup": "ResNet-18 sup.", "ssl": "ResNet-18 SSL"}.get(r["teacher"], "–"),
-                     f"{r['budget']:,}", pct(r["knn_top1"]), pct(r.get("linear_top1")), num(ratio, 2) if ratio else "–",
+                     f"{r['budget']:,}", num(cell_lr(r), 4).rstrip("0").rstrip(".") if cell_lr(r) else "–",
+                     pct(r["knn_top1"]), pct(r.get("linear_top1")), num(ratio, 2) if ratio else "–",
                      (f"{gain:+.1f}" if gain is not None else "–"),
                      ("≈" if r.get("train_wall_estimated") else "") + num(r.get("train_wall_s"), 0),
                      num(r.get("images_per_sec"), 0), r.get("teacher_mode") or "none"])
@@ -200,11 +287,12 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             continue
         why = ("not run: needs two or more teachers; the suite has one" if m.get("teachers") == "2+"
                else "not run: the suite was stopped before this cell")
-        rows.append([m["name"], m["kind"], "–", f"{budget:,}", "–", "–", "–", "–", "–", "–", why])
+        rows.append([m["name"], m["kind"], "–", f"{budget:,}", "–", "–", "–", "–", "–", "–", "–", why])
     ssl_teacher = q.get("reference", {}).get("ssl_teacher")
     if ssl_teacher:
         rows.append([f"SSL teacher: `distillctl pretrain --method {ssl_teacher['method']} --arch {ssl_teacher['student']}`",
-                     "teacher", "–", f"{ssl_teacher['budget']:,}", pct(ssl_teacher.get("knn_top1")),
+                     "teacher", "–", f"{ssl_teacher['budget']:,}", num(cell_lr(ssl_teacher), 4).rstrip("0").rstrip(".")
+                     if cell_lr(ssl_teacher) else "–", pct(ssl_teacher.get("knn_top1")),
                      pct(ssl_teacher.get("linear_top1")), "–", "–", num(ssl_teacher.get("train_wall_s"), 0),
                      num(ssl_teacher.get("images_per_sec"), 0), "none"])
     out += ["", table(header, rows), ""]
@@ -213,7 +301,15 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                "distilled from. \"train wall s\" (all invocations of a resumed cell; ≈: summed from its metrics.jsonl "
                "because it was resumed from a checkpoint older than distillctl's total_wall_s) and \"img/s\" (last "
                "invocation) are the distill stage's own; cells ran as the suite's command says (two one-thread "
-               "cells at a time on the two cores, so img/s is per core).")
+               "cells at a time on the two cores, so img/s is per core). \"lr\": the learning rate the cell trained "
+               "with; cells run before `method.preset` existed used the CLI's default for every method (run "
+               f"{LEGACY_LR['run']:g}, pretrain {LEGACY_LR['pretrain']:g}) with the papers' other values "
+               "(`method.preset=published`).")
+    lrs = lr_lines(q, facts)
+    if lrs:
+        out += ["", "**Learning rates** (ran at: the cells above; published: the paper's lr at its batch, as "
+                    "`distillctl methods show` lists it; auto: what the default `method.preset=auto` derives for this "
+                    "protocol):", "", *lrs]
     if "curve" in plots:
         out += ["", "![kNN top-1 vs images seen](quality_budget.png)", ""]
     if q.get("reference", {}).get("error"):
@@ -222,9 +318,18 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                 f"pauses between invocations excluded; invocations killed before the suite had a one-minute heartbeat "
                 f"lost their time since their last result). Calendar span: {num(calendar_minutes(q), 1)} min "
                 f"(started {q.get('started_utc')}, last write {q.get('finished_utc')}).", "",
-            "<details><summary>Exact commands</summary>", "", "```", q.get("command", ""), *q.get("extra_commands", [])]
+            "<details><summary>Exact commands</summary>", "",
+            f"Set-up, once, from a fresh clone with the shared folder beside it (../shared): `pip install -e .` and "
+            f"`{SETUP_COMMAND}` (unpacks ../shared/data/cifar10-jpeg.tar.gz into the protocol subsets in "
+            "benchmarks/work/). Then every command below runs as written from the repository root. The suite "
+            "commands (`python benchmarks/quality.py …`) ran before `method.preset` existed: run today they use the "
+            "default `--preset auto` and so re-measure; the per-cell commands are pinned (`--set "
+            "method.preset=published` and the lr they ran with) and reproduce the rows.", "",
+            "```", q.get("command", ""), *q.get("extra_commands", [])]
+    if ssl_teacher and ssl_teacher.get("command"):  # makes the teacher file the SSL-teacher cells read
+        out.append(reproducible_command(ssl_teacher["command"]))
     for r in all_rows:
-        out.append(r.get("command", ""))
+        out.append(reproducible_command(r.get("command", "")))
     for key in ("teacher_linear",):
         if q.get("reference", {}).get(key, {}).get("command"):
             out.append(q["reference"][key]["command"])
@@ -233,6 +338,97 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             out.append(rnd[key])
     out += ["```", "", "</details>", ""]
     return "\n".join(out), facts
+
+
+# --- "Which method?": package data for `distillctl methods list` and the README section -------------------
+
+def _protocol(q: dict) -> str:
+    cfg = q["config"]
+    return (f"CIFAR-10, {cfg.get('train_images', 0):,} training images ({cfg['data']['train']}), "
+            f"{cfg.get('test_images', 0):,} test queries, {cfg['image_size']} px, student {cfg['students']}, "
+            f"supervised ResNet-18 teacher, batch {cfg['batch_size']}, seed {cfg['seed']}")
+
+
+def measured_data(q: dict, facts: dict) -> dict:
+    """The measured table, per method and budget (rank among the distillation methods at that budget), with its
+    source: what `distillctl methods list` shows and the README's "Which method?" section is made from."""
+    done = [r for r in q.get("rows", {}).values() if r.get("status") == "done" and r["teacher"] in ("sup", None)]
+    teacher = facts.get("teacher_knn")
+    ranks: dict[tuple[int, str], tuple[int, int]] = {}
+    for budget in sorted({r["budget"] for r in done}):
+        for kind in ("distill", "ssl"):
+            ranked = sorted((r for r in done if r["budget"] == budget and r["kind"] == kind),
+                            key=lambda r: -(r.get("knn_top1") or 0))
+            for i, r in enumerate(ranked):
+                ranks[(budget, r["method"], kind)] = (i + 1, len(ranked))
+    methods: dict[str, dict] = {}
+    for r in sorted(done, key=lambda r: (r["method"], r["budget"])):
+        rank, of = ranks[(r["budget"], r["method"], r["kind"])]
+        methods.setdefault(r["method"], {"kind": r["kind"], "cells": []})["cells"].append({
+            "images_seen": r["budget"], "knn_top1": r.get("knn_top1"), "linear_top1": r.get("linear_top1"),
+            "student_teacher": round(r["knn_top1"] / teacher, 3) if teacher and r["kind"] == "distill" else None,
+            "rank": rank, "of": of, "lr": cell_lr(r), "preset": cell_preset(r)})
+    machine = q.get("machine") or {}
+    return {"source": {"file": "benchmarks/RESULTS.md", "made_by": "python benchmarks/render.py",
+                       "results": "benchmarks/results/quality*.json", "commit": machine.get("git_commit"),
+                       "date": machine.get("date_utc"), "protocol": _protocol(q)},
+            "reference": {"teacher_knn_top1": teacher, "random_init_knn_top1": (facts.get("random") or {}).get("knn_top1")},
+            "methods": methods}
+
+
+def which_method_section(data: dict) -> str:
+    """The README's "Which method?" block (numbers from :func:`measured_data` only)."""
+    methods = data["methods"]
+    budgets = sorted({c["images_seen"] for m in methods.values() for c in m["cells"]})
+    floor = data["reference"].get("random_init_knn_top1")
+    lines = [README_START, "## Which method?", "",
+             f"Measured, not promised: kNN top-1 on the benchmark protocol ({data['source']['protocol']}); source "
+             f"[`{data['source']['file']}`](benchmarks/RESULTS.md), commit {data['source']['commit']}. "
+             "`distillctl methods list` shows the same numbers per method. Distillation methods ranked per budget "
+             "(images seen), best first, with student/teacher kNN:", "",
+             "| images seen | distillation, best first | best SSL-only (no teacher) | random-init student |",
+             "|---|---|---|---|"]
+    for budget in budgets:
+        cells = sorted(((name, c) for name, m in methods.items() for c in m["cells"]
+                        if c["images_seen"] == budget and m["kind"] == "distill"), key=lambda nc: nc[1]["rank"])
+        ssl = sorted(((name, c) for name, m in methods.items() for c in m["cells"]
+                      if c["images_seen"] == budget and m["kind"] == "ssl"), key=lambda nc: nc[1]["rank"])
+        shown = ", ".join(f"{name} {c['knn_top1']:.1f}" + (f" ({c['student_teacher']:.2f})" if c["student_teacher"] else "")
+                          for name, c in cells[:4]) + (f", … ({len(cells)} measured)" if len(cells) > 4 else "")
+        best_ssl = f"{ssl[0][0]} {ssl[0][1]['knn_top1']:.1f}" if ssl else "–"
+        lines.append(f"| {budget:,} | {shown or '–'} | {best_ssl} | {pct(floor)} |")
+    below = sorted(name for name, m in methods.items() if m["kind"] == "distill" and floor is not None
+                   and any(c["knn_top1"] is not None and c["knn_top1"] < floor for c in m["cells"]))
+    leaders = {budget: next((name for name, m in methods.items() for c in m["cells"] if m["kind"] == "distill"
+                             and c["images_seen"] == budget and c["rank"] == 1), None) for budget in budgets}
+    distinct = sorted({name for name in leaders.values() if name})
+    lead = (f"{distinct[0]} is first at every budget measured" if len(distinct) == 1 else
+            "first per budget: " + ", ".join(f"{leaders[b]} at {b:,}" for b in budgets if leaders[b]))
+    legacy = sorted({c["preset"] for name in below for c in methods[name]["cells"]})
+    lines += ["", f"Which to use: the method first in the row of your budget ({lead}). "
+              + (f"Below the random-init student on this protocol: {', '.join(below)}; their cells ran with "
+                 f"{', '.join(legacy)} settings: the papers' ImageNet-sized queues and warm-ups and one lr for every "
+                 "method (RESULTS.md's lr column). The default `method.preset=auto` now sizes queues, warm-ups, lr "
+                 "and EMA momentum to the run; those cells have not been re-measured with it yet. "
+                 if below else "")
+              + "Budgets, protocol and the exact commands are in benchmarks/RESULTS.md.", README_END]
+    return "\n".join(lines)
+
+
+def write_which_method(data: dict, measured: Path | None, readme: Path | None) -> None:
+    """Write the package data file and replace the README block between its markers (left alone without them)."""
+    if measured:
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        if not measured.is_file() or measured.read_text() != text:
+            measured.write_text(text)
+    if readme and readme.is_file():
+        current = readme.read_text()
+        if README_START in current and README_END in current:
+            head, rest = current.split(README_START, 1)
+            tail = rest.split(README_END, 1)[1]
+            updated = head + which_method_section(data) + tail
+            if updated != current:
+                readme.write_text(updated)
 
 
 def plot_quality(q: dict, path: Path) -> bool:
@@ -501,7 +697,8 @@ def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
     return merged
 
 
-def render(results: Path, out: Path, plots_enabled: bool = True) -> str:
+def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path | None = None,
+           readme: Path | None = None) -> str:
     q, s, e = load(results, "quality.json"), load(results, "speed.json"), load(results, "export.json")
     for extra in sorted(results.glob("quality_*.json")):  # cells run as separate processes (not --quick)
         if extra.name != "quality_quick.json":
@@ -525,12 +722,15 @@ def render(results: Path, out: Path, plots_enabled: bool = True) -> str:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text)
     tmp.replace(out)
+    if q and qf:
+        write_which_method(measured_data(q, qf), measured, readme)
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    render(Path(args.results), Path(args.out), plots_enabled=not args.no_plots)
+    render(Path(args.results), Path(args.out), plots_enabled=not args.no_plots,
+           measured=Path(args.measured) if args.measured else None, readme=Path(args.readme) if args.readme else None)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -271,12 +271,14 @@ def pretrain(
 
 @methods_app.command("list")
 def methods_list(json_out: bool = typer.Option(False, "--json", help="JSON output.")) -> None:
-    """List every method with its kind and teacher mode.
+    """List every method with its kind, teacher mode and what the benchmark measured (which works best at which budget).
 
     Example: distillctl methods list --json
     """
+    from distillctl.methods import measured
     from distillctl.methods.base import registry
 
+    bench = measured.load()
     rows = []
     for name, cls in sorted(registry().items()):
         try:
@@ -284,15 +286,16 @@ def methods_list(json_out: bool = typer.Option(False, "--json", help="JSON outpu
         except Exception as exc:  # noqa: BLE001 - listing must not fail on one method
             mode = f"? ({type(exc).__name__})"
         rows.append({"name": name, "kind": cls.kind, "teacher_mode": mode, "title": cls.title,
-                     "teachers": _teacher_count(cls)})
+                     "teachers": _teacher_count(cls), "measured": measured.cells(bench, name)})
     if json_out:
-        print_json({"methods": rows})
+        print_json({"methods": rows, "measured_source": bench.get("source") or {}})
         return
-    table = Table(title="distillctl methods")
-    for column in ("name", "kind", "teachers", "teacher mode", "paper"):
+    table = Table(title="distillctl methods", caption=escape(measured.source_line(bench)), caption_justify="left")
+    for column in ("name", "kind", "teachers", "teacher mode", "measured kNN % (images: rank)", "paper"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["kind"], row["teachers"], row["teacher_mode"], escape(row["title"]))
+        table.add_row(row["name"], row["kind"], row["teachers"], row["teacher_mode"], measured.summary(bench, row["name"]),
+                      escape(row["title"]))
     console.print(table)
 
 
@@ -314,14 +317,18 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
 
     Example: distillctl methods show seed
     """
+    from distillctl.methods import measured
     from distillctl.methods.base import get_method
+    from distillctl.methods.presets import recipe_summary
 
     cls = get_method(name)
     defaults = cls.Params().model_dump(mode="json")
     mode = _probe_method(cls).requirements(32).teacher_mode
+    bench = measured.load()
     info = {"name": name, "kind": cls.kind, "title": cls.title, "objective": cls.objective,
             "published": cls.published, "teacher_mode": mode, "teachers": _teacher_count(cls), "defaults": defaults,
-            "sources": cls.sources, "assumptions": list(cls.assumptions)}
+            "sources": cls.sources, "assumptions": list(cls.assumptions), "preset": recipe_summary(cls),
+            "measured": measured.cells(bench, name), "measured_source": bench.get("source") or {}}
     if json_out:
         print_json(info)
         return
@@ -337,6 +344,24 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
         console.print("[bold]assumptions:[/]")
         for assumption in cls.assumptions:
             console.print(f"  - {escape(assumption)}", highlight=False)
+    _print_lr(info["preset"], measured.ran_lr(bench, name), measured.summary(bench, name))
+
+
+def _print_lr(preset: dict | None, ran: str | None, measured_summary: str) -> None:
+    """The learning rates a user meets: the paper's, what method.preset=auto derives, what the benchmark ran."""
+    if preset and "lr" in preset:
+        rule = {"none": "not scaled by batch", "linear": "linear in the batch", "sqrt": "square root of the batch"}
+        example = preset["auto_lr_example"]
+        console.print(f"[bold]learning rate:[/] published {preset['lr']:g} at batch {preset['batch']} "
+                      f"({preset['optimizer']}, {rule[preset['published_rule']]}); method.preset=auto: "
+                      f"{rule[preset['auto_rule']]} ({escape(preset['rule_source'])}), e.g. {example['lr']:g} at batch "
+                      f"{example['batch']}" + ("" if preset["optimizer"] == "sgd" else
+                                              f" when train.optimizer={preset['optimizer']}"), highlight=False)
+    if preset and preset.get("sized_params"):
+        console.print(f"[bold]sized by method.preset=auto:[/] {', '.join(preset['sized_params'])}", highlight=False)
+    if ran:
+        console.print(f"[bold]benchmark (benchmarks/RESULTS.md):[/] ran at lr {escape(ran)}; kNN {measured_summary}",
+                      highlight=False)
 
 
 @students_app.command("list")

@@ -381,3 +381,17 @@ def preset_recipe(recipe, dataset_images: int, images_seen: int):
     size = RunSize(dataset_images, recipe.train.batch_size, images_seen, recipe.train.optimizer)
     derived = derive(facts, size, recipe.method.preset, explicit_keys(recipe))
     return apply(recipe, derived), derived
+
+
+def recipe_summary(method_cls, example_batch: int = 64) -> dict[str, Any] | None:
+    """What ``methods show`` prints about the preset: the paper's lr and batch rule, the auto rule (with the lr it
+    gives at ``example_batch``), and which params the auto preset sizes."""
+    facts = method_facts(method_cls)
+    recipe = facts.recipe
+    if recipe is None:
+        return None if not facts.queue_fields else {"sized_params": list(facts.queue_fields)}
+    return {"source": recipe.source, "optimizer": recipe.optimizer, "lr": recipe.lr, "batch": recipe.batch,
+            "published_rule": recipe.published_rule, "auto_rule": recipe.auto_rule, "rule_source": recipe.rule_source,
+            "auto_lr_example": {"batch": example_batch,
+                                "lr": scale_lr(recipe.lr, recipe.batch, example_batch, recipe.auto_rule)},
+            "sized_params": list(facts.queue_fields + recipe.warmups + recipe.ema)}

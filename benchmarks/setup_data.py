@@ -1,0 +1,60 @@
+"""One-time set-up for the benchmarks: unpack the CIFAR-10 JPEG tarball from ../shared and build the protocol's
+class-balanced subsets in benchmarks/work/ (train10k, test2k, train1k, test500) that the commands in
+benchmarks/RESULTS.md read. Idempotent: finished subsets are kept; an interrupted run is redone cleanly (each
+subset is built in a temporary folder and renamed into place).
+
+Example: python benchmarks/setup_data.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (PROTOCOL_SUBSETS, SHARED, TARBALL, TEACHER, WORK, BenchError, log, protocol_subset,  # noqa: E402
+                    rel, require_shared, subset_ready)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Example: python benchmarks/setup_data.py",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subsets", default=",".join(PROTOCOL_SUBSETS),
+                        help=f"Comma-separated subsets to build (default: all of {', '.join(PROTOCOL_SUBSETS)}).")
+    parser.add_argument("--check", action="store_true", help="Build nothing: say which subsets are ready (exit 1 if any "
+                                                             "is missing).")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [n.strip() for n in args.subsets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROTOCOL_SUBSETS]
+    if unknown:
+        print(f"error: unknown subset(s) {', '.join(unknown)}; known: {', '.join(PROTOCOL_SUBSETS)}", file=sys.stderr)
+        return 2
+    if args.check:
+        missing = [n for n in names if not subset_ready(n)]
+        for name in names:
+            print(f"{name}: {'ready' if name not in missing else 'missing'} ({rel(WORK / name)})")
+        return 1 if missing else 0
+    require_shared()  # exit 2 naming what is missing from ../shared
+    log(f"shared inputs: {TARBALL} and {TEACHER} (shared folder {SHARED})")
+    for name in names:
+        split, per_class = PROTOCOL_SUBSETS[name]
+        already = subset_ready(name)
+        path = protocol_subset(name)
+        log(f"{name}: {'already there' if already else 'built'}: {rel(path)} ({per_class} {split} images per class)")
+    print(f"benchmark data ready in {rel(WORK)}: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1)

@@ -1,0 +1,57 @@
+"""What the benchmark measured per method (``measured.json`` beside this module, written by
+``python benchmarks/render.py`` from benchmarks/results/*.json; never typed by hand): shown by
+``distillctl methods list`` (which method works best at which budget) and ``methods show`` (the lr the cells ran
+with next to the published one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MEASURED = Path(__file__).with_name("measured.json")
+
+
+def load(path: Path = MEASURED) -> dict[str, Any]:
+    """The measured table, or an empty one when the file is missing or unreadable (a listing must not fail)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"methods": {}, "source": {}}
+    return data if isinstance(data, dict) else {"methods": {}, "source": {}}
+
+
+def _budget(images: int) -> str:
+    return f"{images // 1000}k" if images % 1000 == 0 else f"{images:,}"
+
+
+def cells(data: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    return list(((data.get("methods") or {}).get(method) or {}).get("cells") or [])
+
+
+def summary(data: dict[str, Any], method: str) -> str:
+    """``30k #1/10 37.6 · 120k #1/2 55.8``: per budget measured, the method's rank among its kind and its kNN %."""
+    parts = [f"{_budget(c['images_seen'])} #{c['rank']}/{c['of']} {c['knn_top1']:.1f}"
+             for c in cells(data, method) if c.get("knn_top1") is not None]
+    return " · ".join(parts) if parts else "–"
+
+
+def source_line(data: dict[str, Any]) -> str:
+    source = data.get("source") or {}
+    if not source:
+        return "measured: no benchmark results packaged (python benchmarks/render.py writes them)"
+    reference = data.get("reference") or {}
+    floor = reference.get("random_init_knn_top1")
+    teacher = reference.get("teacher_knn_top1")
+    return (f"measured: kNN top-1 % at N images seen, rank among methods of the same kind, from {source.get('file')} "
+            f"(commit {source.get('commit')}, {source.get('date')}); protocol: {source.get('protocol')}; "
+            f"random-init student {floor if floor is not None else '–'}, teacher {teacher if teacher is not None else '–'}")
+
+
+def ran_lr(data: dict[str, Any], method: str) -> str | None:
+    """``0.05 (published (before method.preset))``: the lr(s) the method's benchmark cells trained with."""
+    seen = sorted({(c.get("lr"), c.get("preset")) for c in cells(data, method) if c.get("lr") is not None},
+                  key=lambda pair: (pair[0], str(pair[1])))
+    if not seen:
+        return None
+    return ", ".join(f"{lr:g} ({preset})" for lr, preset in seen)

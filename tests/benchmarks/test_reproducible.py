@@ -1,0 +1,199 @@
+"""Benchmarks from a fresh clone: one set-up command builds the protocol subsets from ../shared (and says clearly
+when it is missing), a dry run does no work, RESULTS.md's per-cell commands are pinned to the settings they ran
+with, and the measured table reaches `distillctl methods list` and the README through render.py's data file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+TEACHER_CARD = {"arch": "resnet18", "input_size": [3, 64, 64], "mean": [0.4914, 0.4822, 0.4465],
+                "std": [0.247, 0.2435, 0.2616], "knn_top1": {"value": 0.86}}
+
+
+def _run(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
+
+
+def _fake_shared(root: Path, per_class: dict[str, int] | None = None) -> Path:
+    """../shared with a tarball of tiny JPEGs (``per_class`` images per class per split; empty when None) and a
+    teacher file + card (the card is all a dry run reads)."""
+    from PIL import Image
+
+    shared = root / "shared"
+    (shared / "data").mkdir(parents=True)
+    (shared / "teachers").mkdir()
+    (shared / "teachers" / "resnet18_cifar10_64px.safetensors").write_bytes(b"not read by these tests")
+    (shared / "teachers" / "resnet18_cifar10_64px.json").write_text(json.dumps(TEACHER_CARD))
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (120, 30, 200)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    with tarfile.open(shared / "data" / "cifar10-jpeg.tar.gz", "w:gz") as archive:
+        for split, count in (per_class or {}).items():
+            for cls in ("cat", "dog"):
+                for i in range(count):
+                    info = tarfile.TarInfo(f"{split}/{cls}/{i:04d}.jpg")
+                    info.size = len(jpeg)
+                    archive.addfile(info, io.BytesIO(jpeg))
+    return shared
+
+
+def _env(tmp_path: Path, shared: Path) -> dict:
+    return {"DISTILLCTL_SHARED": str(shared), "DISTILLCTL_BENCH_WORK": str(tmp_path / "work"),
+            "DISTILLCTL_BENCH_RESULTS": str(tmp_path / "results")}
+
+
+def test_setup_data_help_and_missing_shared(tmp_path):
+    assert "Example" in _run("setup_data.py", "--help", env={}).stdout
+    proc = _run("setup_data.py", env=_env(tmp_path, tmp_path / "nowhere"))
+    assert proc.returncode == 2
+    assert "benchmark inputs missing" in proc.stderr and "cifar10-jpeg.tar.gz" in proc.stderr
+    assert "../shared" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_setup_data_builds_the_protocol_subsets_once(tmp_path):
+    shared = _fake_shared(tmp_path, {"train": 100, "test": 50})
+    env = _env(tmp_path, shared)
+    proc = _run("setup_data.py", "--subsets", "train1k,test500", env=env)
+    assert proc.returncode == 0, proc.stderr
+    work = tmp_path / "work"
+    for name, count in (("train1k", 100), ("test500", 50)):
+        for cls in ("cat", "dog"):
+            assert len(list((work / name / cls).glob("*.jpg"))) == count
+        assert (work / name / ".complete").is_file()
+    again = _run("setup_data.py", "--subsets", "train1k,test500", env=env)
+    assert again.returncode == 0 and again.stderr.count("already there") == 2
+    check = _run("setup_data.py", "--check", env=env)
+    assert check.returncode == 1 and "train10k: missing" in check.stdout and "train1k: ready" in check.stdout
+    too_many = _run("setup_data.py", "--subsets", "train10k", env=env)  # 1,000 per class asked, 100 there
+    assert too_many.returncode == 1 and "fewer than 1000" in too_many.stderr
+
+
+def test_quality_dry_run_does_no_work(tmp_path):
+    shared = _fake_shared(tmp_path)  # an empty tarball: a dry run must not even open it
+    proc = _run("quality.py", "--dry-run", "--methods", "simreg,compress-1q", "--ssl-methods", "mocov2",
+                env=_env(tmp_path, shared))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("distillctl run --method compress-1q") for line in lines)
+    assert all("method.preset=auto" in line for line in lines) and len(lines) == 3
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()
+
+
+def test_reproducible_commands_and_lr():
+    import render
+
+    legacy_run = "distillctl run --method compress-1q --teacher t --batch-size 64 --set train.max_steps=468"
+    pinned = render.reproducible_command(legacy_run)
+    assert pinned.endswith("--set method.preset=published --lr 0.05")
+    legacy_pretrain = "distillctl pretrain --method simclr --arch mobilenetv2_100"
+    assert render.reproducible_command(legacy_pretrain).endswith("--set method.preset=published --lr 0.06")
+    new = "distillctl run --method seed --set method.preset=auto"
+    assert render.reproducible_command(new) == new
+    assert render.reproducible_command("distillctl eval knn x") == "distillctl eval knn x"
+    assert render.cell_lr({"command": legacy_run}) == 0.05
+    assert render.cell_lr({"command": new, "lr": 0.03}) == 0.03
+    assert render.cell_lr({"command": "distillctl run --lr 0.2 --method x"}) == 0.2
+
+
+def _quality(rows: dict) -> dict:
+    return {"command": "python benchmarks/quality.py", "rows": rows,
+            "machine": {"git_commit": "abc1234", "date_utc": "2026-01-01 00:00 UTC", "cores": 2},
+            "config": {"budget_images": 30000, "batch_size": 64, "image_size": 64, "cache_views": 4, "seed": 0,
+                       "students": "mobilenetv2_100", "train_images": 10000, "test_images": 2000,
+                       "data": {"train": "train10k", "test": "test2k"}, "teacher": {"file": "t.safetensors"}},
+            "reference": {"teacher_knn": {"sup": 80.0}, "random": {"knn_top1": 20.0}}}
+
+
+def _row(method: str, budget: int, knn: float, kind: str = "distill") -> dict:
+    verb = "run" if kind == "distill" else "pretrain"
+    return {"id": f"{method}-{budget}", "method": method, "budget": budget, "knn_top1": knn, "linear_top1": knn + 1,
+            "kind": kind, "status": "done", "teacher": "sup" if kind == "distill" else None,
+            "command": f"distillctl {verb} --method {method}"}
+
+
+def test_render_writes_the_measured_table_and_the_readme_block(tmp_path):
+    import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = {"a": _row("compress-1q", 30000, 40.0), "b": _row("smd", 30000, 15.0), "c": _row("simreg", 30000, 35.0),
+            "d": _row("compress-1q", 120000, 60.0), "e": _row("simreg", 120000, 50.0),
+            "f": _row("simclr", 30000, 28.0, "ssl")}
+    (results / "quality.json").write_text(json.dumps(_quality(rows)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{render.README_START}\nold\n{render.README_END}\n\n## Next\n")
+    measured = tmp_path / "measured.json"
+    text = render.render(results, tmp_path / "RESULTS.md", plots_enabled=False, measured=measured, readme=readme)
+    assert "| compress-1q | distill | ResNet-18 sup. | 30,000 | 0.05 | 40.0 |" in text
+    assert "compress-1q: ran at lr 0.05; published 0.01 at batch 256 (sgd, not scaled by batch)" in text
+    assert "python benchmarks/setup_data.py" in text
+    assert "distillctl run --method compress-1q --set method.preset=published --lr 0.05" in text
+    data = json.loads(measured.read_text())
+    assert data["source"]["file"] == "benchmarks/RESULTS.md" and data["source"]["commit"] == "abc1234"
+    cells = {c["images_seen"]: c for c in data["methods"]["compress-1q"]["cells"]}
+    assert cells[30000]["rank"] == 1 and cells[30000]["of"] == 3 and cells[30000]["student_teacher"] == 0.5
+    assert cells[120000]["knn_top1"] == 60.0 and data["methods"]["simclr"]["kind"] == "ssl"
+    block = readme.read_text()
+    assert "old" not in block and block.endswith("## Next\n") and "## Which method?" in block
+    assert "| 30,000 | compress-1q 40.0 (0.50), simreg 35.0 (0.44), smd 15.0 (0.19) | simclr 28.0 | 20.0 |" in block
+    assert "compress-1q is first at every budget measured" in block
+    assert "Below the random-init student on this protocol: smd" in block
+
+
+def test_methods_list_and_show_read_the_packaged_table(tmp_path):
+    from distillctl.methods import measured
+
+    data = {"source": {"file": "benchmarks/RESULTS.md", "commit": "abc", "date": "d", "protocol": "p"},
+            "reference": {"random_init_knn_top1": 20.0, "teacher_knn_top1": 80.0},
+            "methods": {"simreg": {"kind": "distill", "cells": [
+                {"images_seen": 30000, "knn_top1": 35.0, "rank": 2, "of": 3, "lr": 0.05, "preset": "published"},
+                {"images_seen": 120000, "knn_top1": 50.0, "rank": 1, "of": 2, "lr": 0.05, "preset": "published"}]}}}
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(data))
+    loaded = measured.load(path)
+    assert measured.summary(loaded, "simreg") == "30k #2/3 35.0 · 120k #1/2 50.0"
+    assert measured.summary(loaded, "seed") == "–"
+    assert measured.ran_lr(loaded, "simreg") == "0.05 (published)"
+    assert "benchmarks/RESULTS.md" in measured.source_line(loaded) and "random-init student 20.0" in measured.source_line(loaded)
+    assert measured.load(tmp_path / "missing.json")["methods"] == {}
+
+
+def test_packaged_table_matches_results_md():
+    """The shipped data file is render.py's output for the shipped results (regenerate with render.py)."""
+    import render
+
+    shipped = json.loads((REPO / "distillctl" / "methods" / "measured.json").read_text())
+    q = render.load(BENCH / "results", "quality.json")
+    for extra in sorted((BENCH / "results").glob("quality_*.json")):
+        if extra.name != "quality_quick.json":
+            q = render.merge_quality(q, render.load(BENCH / "results", extra.name))
+    assert shipped == json.loads(json.dumps(render.measured_data(q, render.quality_facts(q))))
+
+
+@pytest.mark.parametrize("command", [["methods", "list", "--json"], ["methods", "show", "compress-1q", "--json"]])
+def test_cli_reports_measured_numbers_with_their_source(command):
+    proc = subprocess.run([sys.executable, "-m", "distillctl", *command], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["measured_source"]["file"] == "benchmarks/RESULTS.md"
+    if command[1] == "list":
+        rows = {row["name"]: row for row in data["methods"]}
+        assert rows["compress-1q"]["measured"] and rows["compress-1q"]["measured"][0]["lr"] == 0.05
+    else:
+        assert data["preset"]["lr"] == 0.01 and data["preset"]["batch"] == 256
+        assert {c["lr"] for c in data["measured"]} == {0.05}
