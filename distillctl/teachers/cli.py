@@ -32,6 +32,7 @@ def _hash_state(entry: TeacherEntry) -> dict[str, Any]:
     locked = read_lock().get(entry.name)
     state: dict[str, Any] = {"pinned_sha256": entry.sha256, "published_md5_prefix":
                              entry.published_hash.md5_prefix if entry.published_hash else None,
+                             "published_sha256_prefix": entry.published_hash.sha256_prefix if entry.published_hash else None,
                              "locked_sha256": locked["sha256"] if locked else None}
     state["state"] = "pinned" if entry.sha256 else ("tofu-locked" if locked else "tofu-unrecorded")
     return state
@@ -97,6 +98,8 @@ def info(name: str = typer.Argument(..., help="Registry name or alias."), mirror
                  "tofu-unrecorded": "no published sha256: recorded on first download (TOFU)"}[hash_state["state"]]
     if hash_state["published_md5_prefix"]:
         hash_text += f"; published md5 prefix {hash_state['published_md5_prefix']}"
+    if hash_state["published_sha256_prefix"]:
+        hash_text += f"; published sha256 prefix {hash_state['published_sha256_prefix']} (enforced)"
     pre = entry.preprocess
     lines = [
         ("arch", f"{entry.arch.label()}  ({entry.family} checkpoint, {entry.format})"),

@@ -220,10 +220,91 @@ def convert_dinov2(obj: dict, rules: KeyRules, model: nn.Module, spec: ArchSpec)
     return converted
 
 
+def convert_dinov3(obj: dict, rules: KeyRules, model: nn.Module, spec: ArchSpec) -> Converted:
+    """DINOv3 (facebookresearch/dinov3 layout) -> timm: the ViTs into ``Eva`` (``vit_*_patch16_dinov3_qkvb``),
+    the ConvNeXt distillations into ``ConvNeXt``; see :func:`_dinov3_vit_keys` and :func:`_dinov3_convnext_keys`."""
+    converted = split_by_rules(obj, rules, "dinov3", model, spec)
+    state = dict(converted.backbone)
+    if "downsample_layers.0.0.weight" in state:
+        converted.backbone = _dinov3_convnext_keys(state, converted.dropped)
+    else:
+        converted.backbone = _dinov3_vit_keys(state, converted.dropped)
+    return converted
+
+
+def _dinov3_vit_keys(state: dict[str, torch.Tensor], dropped: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Official DinoVisionTransformer keys -> timm Eva keys, checking what the rename assumes.
+
+    ``storage_tokens`` -> ``reg_token``; ``ls1/ls2.gamma`` -> ``gamma_1/gamma_2``; the qkv bias (a
+    ``LinearKMaskedBias``: bias * bias_mask, the mask zero on the key third) -> ``q_bias``/``v_bias`` after
+    checking the mask is exactly 1/0/1; ``rope_embed.periods`` is checked against timm's RoPE periods
+    (base 100) and dropped (timm computes them); ``mask_token`` and the training-only ``local_cls_norm`` dropped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in ("mask_token",) or key.startswith("local_cls_norm."):
+            dropped[key.split(".")[0]] = dropped.get(key.split(".")[0], 0) + 1
+            continue
+        if key == "rope_embed.periods":
+            _check_rope_periods(value, state)
+            dropped[key] = 1
+            continue
+        if key.startswith("cls_norm.") or re.search(r"\.mlp\.w[123]\.", key):
+            raise InputError(f"DINOv3 checkpoint has '{key}': untied CLS norms and SwiGLU (the 'plus' and 7B "
+                             "models) are not supported; use ViT-S/B/L or a ConvNeXt")
+        if key.endswith(".attn.qkv.bias_mask"):
+            continue
+        if key.endswith(".attn.qkv.bias"):
+            mask = state.get(key + "_mask")
+            dim = value.shape[0] // 3
+            expected = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)]).to(value.dtype)
+            if mask is not None and not torch.equal(mask.to(value.dtype), expected):
+                raise InputError(f"DINOv3 checkpoint: {key}_mask is not the key-bias mask (1, 0, 1 by thirds)")
+            if mask is None and value[dim:2 * dim].abs().max() > 0:
+                raise InputError(f"DINOv3 checkpoint: {key} has a key bias but no bias_mask to remove it")
+            out[key.replace("qkv.bias", "q_bias")] = value[:dim]
+            out[key.replace("qkv.bias", "v_bias")] = value[2 * dim:]
+            continue
+        key = key.replace("storage_tokens", "reg_token").replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
+        out[key] = value
+    return out
+
+
+def _check_rope_periods(periods: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    """The file's RoPE periods must be base-100 ones (what timm's DINOv3 RoPE computes); anything else is refused."""
+    quarter = periods.shape[0]
+    expected = 100.0 ** (2 * torch.arange(quarter, dtype=torch.float64) / (2 * quarter))
+    if not torch.allclose(periods.double(), expected, rtol=1e-5, atol=0):
+        raise InputError("DINOv3 checkpoint: rope_embed.periods are not base-100 periods; this variant is not supported")
+
+
+def _dinov3_convnext_keys(state: dict[str, torch.Tensor], dropped: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Official DINOv3 ConvNeXt keys -> timm ConvNeXt keys (``downsample_layers`` -> ``stem``/``stages.i.downsample``,
+    ``dwconv``/``pwconv`` -> ``conv_dw``/``mlp.fc``, final ``norm`` -> ``head.norm``); ``norms.3`` is the same
+    module as ``norm`` in the official model, checked equal and dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("norms."):
+            twin = state.get("norm." + key.split(".", 2)[2])
+            if twin is None or not torch.equal(twin, value):
+                raise InputError(f"DINOv3 ConvNeXt checkpoint: {key} differs from the final norm it should share")
+            dropped["norms."] = dropped.get("norms.", 0) + 1
+            continue
+        key = key.replace("downsample_layers.0.", "stem.")
+        key = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", key)
+        key = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", key)
+        key = key.replace(".dwconv.", ".conv_dw.").replace(".pwconv1.", ".mlp.fc1.").replace(".pwconv2.", ".mlp.fc2.")
+        if key.startswith("norm."):
+            key = "head." + key
+        out[key] = value
+    return out
+
+
 ConverterFn = Callable[[dict, KeyRules, nn.Module, ArchSpec], Converted]
 CONVERTERS: dict[str, ConverterFn] = {
     "moco": convert_moco, "moco3": convert_moco3, "swav": convert_swav, "tv": convert_tv, "dino": convert_dino,
     "dinov2": convert_dinov2, "simsiam": convert_simsiam, "mae": convert_mae, "ibot": convert_ibot,
+    "dinov3": convert_dinov3,
 }
 
 

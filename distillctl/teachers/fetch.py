@@ -138,6 +138,7 @@ class Expected:
     origin: str  # "--sha256" | "registry" | "lock" | "none"
     md5_prefix: str | None = None
     size: int | None = None
+    sha256_prefix: str | None = None  # published in the file name (torch.hub convention, e.g. DINOv3)
 
 
 def expected_hash(name: str, pinned: str | None, user_sha256: str | None, md5_prefix: str | None = None,
@@ -165,6 +166,8 @@ def check_file(path: Path, name: str, expected: Expected, no_verify: bool) -> st
     problems = []
     if expected.sha256 and sha != expected.sha256:
         problems.append(f"sha256 {sha} != {expected.sha256} (from {expected.origin})")
+    if expected.sha256_prefix and not sha.startswith(expected.sha256_prefix):
+        problems.append(f"sha256 {sha[:len(expected.sha256_prefix)]}… != published prefix {expected.sha256_prefix}")
     if expected.md5_prefix and not md5.startswith(expected.md5_prefix):
         problems.append(f"md5 {md5[:len(expected.md5_prefix)]}… != published prefix {expected.md5_prefix}")
     if expected.size is not None and size != expected.size and not problems:

@@ -22,7 +22,7 @@ from distillctl.errors import InputError, unknown_name
 from distillctl.teachers.archs import ArchSpec
 
 REGISTRY_PATH = Path(__file__).with_name("registry.yaml")
-FAMILIES = ("moco", "moco3", "swav", "tv", "dino", "dinov2", "simsiam", "mae", "ibot", "byol", "simclr1")
+FAMILIES = ("moco", "moco3", "swav", "tv", "dino", "dinov2", "simsiam", "mae", "ibot", "byol", "simclr1", "dinov3")
 # Families whose files must be unpickled with dill (JAX/Haiku) or read with TensorFlow: never implicit.
 EXTERNAL_FAMILIES = ("byol", "simclr1")
 
@@ -54,6 +54,8 @@ class Source(_Strict):
 
 class PublishedHash(_Strict):
     md5_prefix: str | None = Field(default=None, pattern="^[0-9a-f]{4,32}$")
+    # torch.hub convention: the '-<hex>' in a released file name is the start of its sha256 (DINOv3)
+    sha256_prefix: str | None = Field(default=None, pattern="^[0-9a-f]{6,64}$")
 
 
 class HeadSpec(_Strict):

@@ -106,6 +106,7 @@ def _prepare_entry(entry: TeacherEntry, *, sha256: str | None, no_verify: bool, 
         return load_converted(folder, manifest)
     md5 = entry.published_hash.md5_prefix if entry.published_hash else None
     expected = expected_hash(entry.name, entry.sha256, sha256, md5, entry.size)
+    expected.sha256_prefix = entry.published_hash.sha256_prefix if entry.published_hash else None
     manifest = read_manifest(folder)
     if not force and import_from is None and _usable_manifest(entry, manifest, expected.sha256, no_verify):
         return load_converted(folder, manifest)

@@ -32,6 +32,7 @@ def verify_entry(entry: TeacherEntry) -> dict[str, Any]:
     if raw.is_file() and not entry.needs_explicit_convert:
         md5 = entry.published_hash.md5_prefix if entry.published_hash else None
         expected = expected_hash(entry.name, entry.sha256, None, md5, entry.size)
+        expected.sha256_prefix = entry.published_hash.sha256_prefix if entry.published_hash else None
         if expected.sha256 is None:
             raise GateError(f"teacher '{entry.name}' has no pinned or recorded sha256 to verify against",
                             hint=f"re-import it with a known hash: distillctl teacher import {entry.name} FILE --sha256 HEX")

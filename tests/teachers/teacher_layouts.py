@@ -162,11 +162,21 @@ def ibot() -> Case:
     return Case("ibot", "ibot-vits16", {"state_dict": dict(backbone.state_dict())}, backbone, None, {"arch": arch, "embed_dim": 48})
 
 
+def dinov3_vit() -> Case:
+    from dinov3_reference import OfficialReference, official_vit_cls, official_vit_state
+
+    state = official_vit_state(64, 2, 2, torch.Generator().manual_seed(14))
+    arch = {"builder": "timm", "name": "vit_small_patch16_dinov3_qkvb",
+            "kwargs": {"global_pool": "token", "embed_dim": 64, "depth": 2, "num_heads": 2}}
+    return Case("dinov3", "dinov3-vits16", state, OfficialReference(official_vit_cls, state, heads=2), None,
+                {"arch": arch, "embed_dim": 64, "published_hash": None})
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "moco-v2": moco_v2, "moco-v1": moco_v1, "moco3-resnet": moco3_resnet, "moco3-vit": moco3_vit, "swav": swav,
     "swav-w2": swav_w2, "tv-dino-r50": tv_dino_r50, "tv-densecl": tv_densecl, "dino": dino_vit, "dinov2": dinov2,
-    "simsiam": simsiam, "mae": mae, "ibot": ibot,
+    "simsiam": simsiam, "mae": mae, "ibot": ibot, "dinov3": dinov3_vit,
 }
 CASE_FAMILIES = {"moco-v2": "moco", "moco-v1": "moco", "moco3-resnet": "moco3", "moco3-vit": "moco3", "swav": "swav",
                  "swav-w2": "swav", "tv-dino-r50": "tv", "tv-densecl": "tv", "dino": "dino", "dinov2": "dinov2",
-                 "simsiam": "simsiam", "mae": "mae", "ibot": "ibot"}
+                 "simsiam": "simsiam", "mae": "mae", "ibot": "ibot", "dinov3": "dinov3"}

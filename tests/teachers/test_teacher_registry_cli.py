@@ -56,7 +56,8 @@ def test_registry_entries_are_consistent():
             assert head_output_dim(entry.head.layout) == entry.head_dim, entry.name
             assert entry.head.layout.startswith(f"Linear({entry.embed_dim},"), entry.name
         assert entry.reference.source and entry.license.id, entry.name
-        assert entry.license.requires_acceptance == ("NC" in entry.license.id), entry.name
+        custom = entry.license.id.endswith("-License")  # custom terms that must be accepted (DINOv3)
+        assert entry.license.requires_acceptance == ("NC" in entry.license.id or custom), entry.name
     assert registry.teachers["swav-r50w2-400ep"].arch.builder == "distillctl"
     assert registry.teachers["simclrv1-r50-1x"].preprocess.mean == (0.0, 0.0, 0.0)  # unnormalised input
     assert registry.teachers["mocov2-r50-800ep"].published_hash.md5_prefix == "a04e12f8"
