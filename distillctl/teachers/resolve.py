@@ -235,16 +235,39 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _sidecar(path: Path) -> dict[str, Any]:
-    """``weights.json`` next to ``weights.safetensors`` (arch, mean/std, input size), if present."""
+def _sidecar_path(path: Path) -> Path:
+    """``weights.json`` next to ``weights.safetensors``; for a distillctl student (``<run>/student/model.safetensors``)
+    its ``config.json`` (arch, mean/std, input size: how the run fed it)."""
     candidate = path.with_name(_stem(path) + ".json")
+    student_config = path.with_name("config.json")
+    if not candidate.is_file() and path.name == "model.safetensors" and student_config.is_file():
+        return student_config
+    return candidate
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    """The sidecar's contents (see :func:`_sidecar_path`), or {} when there is none. A distillctl student's
+    config gets the crop_pct its run evaluated with, from the run's recipe.yaml."""
+    candidate = _sidecar_path(path)
     if not candidate.is_file():
         return {}
     try:
         data = json.loads(candidate.read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    recipe = candidate.parent.parent / "recipe.yaml"
+    if candidate.name == "config.json" and "crop_pct" not in data and recipe.is_file():
+        import yaml
+
+        try:
+            crop = ((yaml.safe_load(recipe.read_text()) or {}).get("data") or {}).get("crop_pct")
+        except (OSError, yaml.YAMLError, AttributeError):
+            crop = None
+        if isinstance(crop, (int, float)):
+            data = {**data, "crop_pct": float(crop)}
+    return data
 
 
 def _local_teacher(path: Path, arch: str | None, fmt: str | None, *, accept_license: bool, sha256: str | None,
@@ -292,7 +315,7 @@ def _local_teacher(path: Path, arch: str | None, fmt: str | None, *, accept_lice
         layout = infer_head_layout(converted.head) if converted.head else None
         backbone, head = check_structure(converted, spec, model, None, [], layout, what=str(path))
         stored = _store_local(path, raw_sha, family, spec, backbone, head, layout, converted)
-    preprocess = _sidecar_preprocess(sidecar, path.with_name(_stem(path) + ".json").name)
+    preprocess = _sidecar_preprocess(sidecar, _sidecar_path(path).name)
     return Teacher(name=_stem(path), arch=spec.label(), backbone=stored.backbone, embed_dim=int(stored.backbone.num_features),
                    sha256=stored.sha256, projection=stored.head,
                    proj_dim=head_output_dim(stored.manifest["head"]["layout"]) if stored.head is not None else None,

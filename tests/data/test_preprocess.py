@@ -123,3 +123,20 @@ def test_run_follows_a_sidecar_and_warns_on_contradiction(tmp_path, tiny_teacher
     assert recipe["derived"]["data.image_size"]["value"] == 16
     assert "sidecar r18_16px.json" in recipe["derived"]["data.std"]["reason"]
     assert "data.crop_pct" not in recipe["derived"]
+
+
+def test_a_distillctl_students_config_is_its_sidecar(tmp_path, tiny_teacher_file):
+    """``--teacher <run>/student/model.safetensors`` (an SSL teacher pretrained by distillctl) follows the size and
+    normalisation its run used (student/config.json) and the run's crop_pct (recipe.yaml)."""
+    from distillctl.teachers.resolve import load_teacher
+
+    student = tmp_path / "run" / "student"
+    student.mkdir(parents=True)
+    shutil.copy(tiny_teacher_file, student / "model.safetensors")
+    (student / "config.json").write_text(json.dumps({"arch": "resnet18", "num_features": 512, "input_size": [3, 32, 32],
+                                                     "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}))
+    (tmp_path / "run" / "recipe.yaml").write_text("data:\n  crop_pct: 0.9\n")
+    teacher = load_teacher(str(student / "model.safetensors"))  # arch from config.json
+    theirs = from_teacher(teacher.preprocess, teacher.name)
+    assert (theirs.image_size, theirs.crop_pct, theirs.mean, theirs.known) == (32, 0.9, (0.4, 0.4, 0.4), True)
+    assert "sidecar config.json" in theirs.origin
