@@ -60,8 +60,10 @@ def render_gates(report: dict[str, Any], json_out: bool = False) -> None:
     console.print(table)
 
 
-VERIFY_HELP = """Verify a release bundle: re-hash every file against its manifest and re-run the parity check of each
-ONNX artefact on the bundled samples. Exit 3 on any mismatch (changed, missing or unlisted file; parity).
+VERIFY_HELP = """Verify a release bundle: re-hash every file and re-run parity on its samples.
+
+Every file must match the bundle's sha256 manifest and each ONNX artefact must still compute the bundled reference
+embeddings of the sample inputs. Exit 3 on any mismatch (changed, missing or unlisted file; parity).
 
 Example: distillctl verify release/ --json
 """

@@ -6,6 +6,8 @@ import os
 import sys
 
 import typer
+import typer.core
+import typer.main
 from rich.markup import escape
 
 from distillctl import __version__
@@ -37,33 +39,79 @@ def _root(
         os.environ["DISTILLCTL_DEBUG"] = "1"
 
 
+# Command groups imported only when used: `distillctl --help` and the listing verbs must not pay for torch.
+# name -> (module with a Typer `app`, the one-line help `distillctl --help` shows; a test keeps both in step)
+LAZY_GROUPS = {
+    "teacher": ("distillctl.teachers.cli", "Named SSL teachers: list, inspect, download (verified), import, verify, convert."),
+    "cache": ("distillctl.cache.cli", "Feature cache: run the teacher once over K stored views per image, replay them "
+              "during distillation."),
+    "eval": ("distillctl.eval.cli", "Evaluate frozen embeddings (weighted kNN, linear probe) of a run, student or "
+             "exported artefact."),
+}
+
+
+class _LazyGroup(typer.core.TyperGroup):
+    """The root group: the LAZY_GROUPS are listed from their static help and imported when invoked."""
+
+    _listing = False
+
+    def list_commands(self, ctx):  # noqa: ANN001
+        return [*LAZY_GROUPS, *(name for name in super().list_commands(ctx) if name not in LAZY_GROUPS)]
+
+    def get_command(self, ctx, cmd_name: str):  # noqa: ANN001
+        if cmd_name in LAZY_GROUPS and cmd_name not in self.commands:
+            module_name, help_text = LAZY_GROUPS[cmd_name]
+            if self._listing:  # the root --help only needs the one-line help
+                return typer.core.TyperGroup(name=cmd_name, help=help_text)
+            from importlib import import_module
+
+            command = typer.main.get_command(import_module(module_name).app)
+            command.name = cmd_name
+            self.commands[cmd_name] = command
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx, args):  # noqa: ANN001
+        try:
+            return super().resolve_command(ctx, args)
+        except _click_exceptions().UsageError as exc:  # suggest lazy groups too ("evl" -> "eval")
+            if args and "Did you mean" not in exc.message:
+                import difflib
+
+                close = difflib.get_close_matches(args[0], self.list_commands(ctx))
+                if close:
+                    exc.message = f"{exc.message.rstrip('.')}. Did you mean {', '.join(repr(c) for c in close)}?"
+            raise
+
+    def format_help(self, ctx, formatter):  # noqa: ANN001
+        self._listing = True
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
+app.info.cls = _LazyGroup
+
+
 def _mount_subcommands() -> None:
-    """Sub-apps live next to the code they drive; each module exposes ``app`` (a Typer)."""
+    """Top-level verbs register themselves (their modules import nothing heavy at import time)."""
     from importlib import import_module
 
-    for module_name, command_name in (
-        ("distillctl.teachers.cli", "teacher"),
-        ("distillctl.cache.cli", "cache"),
-        ("distillctl.eval.cli", "eval"),
-    ):
-        try:
-            module = import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # not built yet
-            raise
-        app.add_typer(module.app, name=command_name)
     for module_name in ("distillctl.export.cli", "distillctl.commands", "distillctl.ci_commands"):
-        try:
-            module = import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        module.register(app)
+        import_module(module_name).register(app)
 
 
 _mount_subcommands()
+
+
+def _click_exceptions():
+    """The click that typer runs on: typer >= 0.20 vendors its own (``typer._click``), whose usage errors are not
+    ``click.exceptions.UsageError`` — matching the wrong one turned an unknown command into exit 1 instead of 2."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # older typer: plain click
+        from click import exceptions
+    return exceptions
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,11 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         console.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        click_exceptions = _click_exceptions()
+        if isinstance(exc, click_exceptions.ClickException):
             exc.show()
-            sys.exit(EXIT_USAGE if isinstance(exc, click.exceptions.UsageError) else exc.exit_code)
+            sys.exit(EXIT_USAGE if isinstance(exc, click_exceptions.UsageError) else exc.exit_code)
         if debug_enabled():
             raise
         console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False, soft_wrap=True)

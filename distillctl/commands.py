@@ -275,18 +275,12 @@ def methods_list(json_out: bool = typer.Option(False, "--json", help="JSON outpu
 
     Example: distillctl methods list --json
     """
+    from distillctl.method_catalogue import rows as catalogue_rows
     from distillctl.methods import measured
-    from distillctl.methods.base import registry
 
     bench = measured.load()
-    rows = []
-    for name, cls in sorted(registry().items()):
-        try:
-            mode = _probe_method(cls).requirements(32).teacher_mode
-        except Exception as exc:  # noqa: BLE001 - listing must not fail on one method
-            mode = f"? ({type(exc).__name__})"
-        rows.append({"name": name, "kind": cls.kind, "teacher_mode": mode, "title": cls.title,
-                     "teachers": _teacher_count(cls), "measured": measured.cells(bench, name)})
+    # a static index while it matches the method files: no torch import
+    rows = [{**row, "measured": measured.cells(bench, row["name"])} for row in catalogue_rows()]
     if json_out:
         print_json({"methods": rows, "measured_source": bench.get("source") or {}})
         return

@@ -1,8 +1,10 @@
-"""Method catalogue. Importing this package registers every method module listed here."""
+"""Method catalogue: ``registry()`` (methods/base.py) imports every module listed here so that they register.
+
+Importing the package itself stays light (no torch): pure-data modules such as ``measured`` load without the
+training stack, which keeps ``distillctl methods list`` and ``--help`` fast. The names below re-export lazily.
+"""
 
 from importlib import import_module
-
-from distillctl.methods.base import Method, MethodParams, get_method, register, registry
 
 _METHOD_MODULES = (
     "simreg", "seed", "mocov2", "simclr",
@@ -13,7 +15,19 @@ _METHOD_MODULES = (
     "ega", "dlkd", "protocpc", "protoseed",
 )
 
-for _name in _METHOD_MODULES:
-    import_module(f"distillctl.methods.{_name}")
+__all__ = ["Method", "MethodParams", "get_method", "register", "registry", "load_all"]
 
-__all__ = ["Method", "MethodParams", "get_method", "register", "registry"]
+
+def load_all() -> None:
+    """Import every method module (each registers its classes with ``@register``)."""
+    for name in _METHOD_MODULES:
+        import_module(f"distillctl.methods.{name}")
+
+
+def __getattr__(name: str):
+    if name in ("Method", "MethodParams", "get_method", "register", "registry"):
+        from distillctl.methods import base
+
+        load_all()
+        return getattr(base, name)
+    raise AttributeError(f"module 'distillctl.methods' has no attribute {name!r}")

@@ -248,7 +248,9 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def registry() -> dict[str, type[Method]]:
-    import distillctl.methods  # noqa: F401  (imports every method module so they register)
+    from distillctl.methods import load_all
+
+    load_all()  # imports every method module so they register
 
     return dict(_REGISTRY)
 
