@@ -5,9 +5,16 @@ cover 0.3–1 of the image, the six local crops are larger (128 px, scale 0.05�
 global–global and global–local terms are re-weighted 0.4 / 0.6 instead of DINO's implicit
 2/14 / 12/14. The teacher is an EMA of student + head; its outputs are centred (EMA centre) and
 sharpened with a temperature that warms up from 0.04 to 0.07.
+
+Forward as in the published MultiCropWrapper (saic-fi/SSLight ``sslight/backbone/layer.py``, DINO's
+``utils.py``): the backbone runs once per resolution group (the two global crops together, the local crops
+together: ``grouping="by_resolution"``), the head once on all crops concatenated, and the EMA teacher once on
+the two global crops concatenated, so train-mode BatchNorm in backbone and head sees those batches.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +68,11 @@ class DINOHead(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
+        # The official head applies trunc_normal(0.02) to the MLP only and creates the weight-normalised prototype
+        # layer afterwards, so v keeps nn.Linear's default init (kaiming-uniform, a=√5: U(±1/√bottleneck)).
         self.prototype_direction = nn.Parameter(torch.empty(params.out_dim, params.bottleneck_dim))
-        nn.init.trunc_normal_(self.prototype_direction, std=0.02)
-        # weight norm: W = g · v/‖v‖; with norm_last_layer g is fixed at 1
+        nn.init.kaiming_uniform_(self.prototype_direction, a=math.sqrt(5))
+        # weight norm: W = g · v/‖v‖; g starts at 1 and with norm_last_layer stays fixed there
         self.prototype_scale = nn.Parameter(torch.ones(params.out_dim, 1), requires_grad=not params.norm_last_layer)
         self.freeze_prototypes = False
 
@@ -125,8 +134,10 @@ class DINO(Method):
     )
     published = (
         "ImageNet linear, DINO baseline → SSLight (saic-fi/SSLight README): MobileNetV2 66.2 → 68.3, ResNet-18 "
-        "62.2 → 65.7, ResNet-34 67.7 → 69.7, ViT-Tiny/16 66.7 → 69.5. Recipe: LARS, base lr 0.48, min lr 0.0048, "
-        "wd 1e-6, 200 epochs, batch 128 per the config."
+        "62.2 → 65.7, ResNet-34 67.7 → 69.7, ViT-Tiny/16 66.7 → 69.5. Recipe: LARS, base lr 0.48 scaled linearly "
+        "(lr = 0.48 · global batch / 256 = 1.92), min lr 0.0048, wd 1e-6, 10 warm-up epochs, 200 epochs, global "
+        "batch 1024 = 128 per GPU × 8 GPUs with SyncBatchNorm (config TRAIN.BATCH_SIZE is per GPU; paper: "
+        "batch 1024, 8-GPU server)."
     )
     Params = DINOParams
 
@@ -148,16 +159,20 @@ class DINO(Method):
         local = MethodView(ViewSpec(size=scaled_crop_size(image_size, self.params.local_crop_size), family="mocov2",
                                     scale=tuple(self.params.local_crop_scale), flip=self.params.flip), teacher=False)
         return Requirements(views=globals_ + (local,) * self.params.local_crops, teacher_outputs=frozenset(),
-                            teacher_mode="none")
+                            teacher_mode="none", grouping="by_resolution")
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
         teacher = require_setup(self.teacher, self.name)
         epoch = float(inputs.epoch)
         self.head.freeze_prototypes = epoch < self.params.freeze_last_layer_epochs
-        student_logits = [self.head(f) / self.params.student_temperature for f in inputs.student_features]
+        views = len(inputs.student_features)
+        # head once on every crop (global crops first), teacher once on the two global crops, as published
+        student_logits = list((self.head(torch.cat(inputs.student_features)) / self.params.student_temperature)
+                              .chunk(views))
         with torch.no_grad():
-            teacher_logits = [at_least_float32(teacher(img)) for img in inputs.images[:2]]
-        inputs.extras["dino_teacher_logits"] = torch.cat(teacher_logits)
+            teacher_all = at_least_float32(teacher(torch.cat(inputs.images[:2])))
+        teacher_logits = list(teacher_all.chunk(2))
+        inputs.extras["dino_teacher_logits"] = teacher_all
         temperature = teacher_temperature(self.params, epoch)
         probs = [F.softmax((t - self.center) / temperature, dim=-1).to(student_logits[0].dtype) for t in teacher_logits]
         loss, logs = dino_loss(student_logits, probs, tuple(self.params.loss_weights))

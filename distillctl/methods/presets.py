@@ -111,7 +111,8 @@ RECIPES: dict[str, PublishedRecipe] = {
     "dino": PublishedRecipe(
         source="SSLight (saic-fi/SSLight, DINO code): LARS base lr 0.48 per 256 images, 200 epochs", optimizer="lars",
         lr=0.48, batch=256, published_rule="linear", auto_rule="linear", epochs=200,
-        rule_source="DINO's code sets lr = base_lr × batch / 256 (SSLight's batch convention not verified)",
+        rule_source="SSLight trainer.py: lr = BASE_LR × global batch / 256 (TRAIN.BATCH_SIZE 128 is per GPU; "
+                    "the paper's batch is 1024 on 8 GPUs, with SyncBatchNorm)",
         warmups=("warmup_teacher_temperature_epochs", "freeze_last_layer_epochs"), ema=("momentum",)),
 }
 

@@ -47,9 +47,10 @@ class SeedSmallPatch(Seed):
         small = crop_view(self.params, scaled_crop_size(image_size, self.params.small_crop_size),
                           self.params.augmentation, scale=self.params.small_crop_scale)
         views = (MethodView(main),) + (MethodView(small),) * self.params.small_crops
-        # online: the feature cache stores views of one spec, and the small crops have their own
+        # online: the feature cache stores views of one spec, and the small crops have their own. The small
+        # crops go through student and teacher as one batch, as main_small-patch.py does (B·6 crops per call).
         return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), teacher_mode="online",
-                            teacher_bn="eval")
+                            teacher_bn="eval", grouping="by_resolution")
 
     def _embed(self, inputs: MethodInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         students = [F.normalize(self.head(f), dim=1) for f in inputs.student_features]

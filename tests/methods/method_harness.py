@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from distillctl.methods.base import Method, MethodInputs, TeacherDims
+from distillctl.taps import TapRecorder
+from distillctl.train.forward import student_forward
 
 STUDENT_DIM = 8
 TEACHER_DIMS = TeacherDims(pooled=12, proj=6)
@@ -75,7 +77,9 @@ def make_inputs(method: Method, student: nn.Module, teachers: list[TinyTeacher] 
                 step: int = 0, epoch: float = 0.0, total_epochs: int = 10, index: torch.Tensor | None = None,
                 ) -> MethodInputs:
     req = method.requirements(images[0].shape[-1])
-    student_features = [student(img) for view, img in zip(req.views, images) if view.student]
+    # the trainer's forward: one call per view, or per resolution group for methods that group their views
+    slots = [i for i, view in enumerate(req.views) if view.student]
+    student_features, _ = student_forward(student, TapRecorder(student, ()), req, images, slots)
     teacher = teacher_outputs_for(method, images, teachers) if teachers else [None] * len(images)
     batch = images[0].shape[0]
     return MethodInputs(student_features=student_features, teacher_outputs=teacher, images=images,

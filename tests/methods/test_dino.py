@@ -50,8 +50,10 @@ def test_loss_matches_loop_with_sslight_weights() -> None:
     images = [i.double() for i in make_images(method, 3, 32)]
     assert [img.shape[-1] for img in images] == [32, 32, 18, 18, 18]  # 128/224 of 32 px
     loss, logs = method.loss(make_inputs(method, student, None, images, epoch=4.5, total_epochs=100))
-    student_out = [method.head(student(img)).tolist() for img in images]
-    teacher_out = [method.teacher(img).tolist() for img in images[:2]]
+    # published forward: backbone once per resolution, head once on all crops, teacher once on the globals
+    features = torch.cat([student(torch.cat(images[:2])), student(torch.cat(images[2:]))])
+    student_out = [part.tolist() for part in method.head(features).chunk(5)]
+    teacher_out = [part.tolist() for part in method.teacher(torch.cat(images[:2])).chunk(2)]
     t_temp = 0.04 + 0.03 * 4 / 49
     expected = reference(student_out, teacher_out, method.center[0].tolist(), t_temp, 0.1, (0.4, 0.6))
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-9)
@@ -92,6 +94,30 @@ def test_center_update_and_prototype_freeze() -> None:
     later = make_inputs(method, student, None, images, epoch=1.0)
     method.loss(later)[0].backward()
     assert method.head.prototype_direction.grad is not None
+
+
+def test_prototype_init_follows_the_official_head() -> None:
+    """MLP Linear layers: trunc_normal(0.02), bias 0; prototypes v: nn.Linear's default init (created after the
+    MLP init in the official DINOHead), so with the same RNG state v equals a fresh Linear's weight; g = 1."""
+    torch.manual_seed(3)
+    method = DINO(DINOParams(**TINY), STUDENT_DIM)
+    torch.manual_seed(3)
+    reference_layers = [torch.nn.Linear(STUDENT_DIM, 12), torch.nn.Linear(12, 12), torch.nn.Linear(12, 5)]
+    for layer in reference_layers:
+        torch.nn.init.trunc_normal_(layer.weight, std=0.02)
+    prototypes = torch.nn.Linear(5, 10, bias=False)
+    linears = [m for m in method.head.mlp if isinstance(m, torch.nn.Linear)]
+    for got, want in zip(linears, reference_layers):
+        assert got.weight.equal(want.weight) and not got.bias.any()
+    assert method.head.prototype_direction.equal(prototypes.weight)
+    assert float(method.head.prototype_direction.detach().abs().max()) <= 1 / math.sqrt(5)
+    assert method.head.prototype_scale.eq(1).all()
+
+
+def test_views_grouped_by_resolution() -> None:
+    requirements = DINO(DINOParams(**TINY), STUDENT_DIM).requirements(32)
+    assert requirements.grouping == "by_resolution"
+    assert requirements.forward_groups(list(range(5))) == [[0, 1], [2, 3, 4]]
 
 
 def test_params() -> None:

@@ -35,7 +35,9 @@ def test_smallpatch_loss_matches_loop() -> None:
     images = [i.double() for i in make_images(method, 3, 32)]
     assert [img.shape[-1] for img in images] == [32, 14, 14, 14]  # 96/224 of 32 px
     loss, logs = method.loss(make_inputs(method, student, [teacher], images))
-    embed_s = [[unit(r) for r in method.head(student(img)).tolist()] for img in images]
+    # main_small-patch.py: the small crops go through the student as one batch (train-mode BN over all of them)
+    features = [student(images[0])] + list(student(torch.cat(images[1:])).split(3))
+    embed_s = [[unit(r) for r in method.head(f).tolist()] for f in features]
     embed_t = [[unit(r) for r in teacher(img)["proj"].tolist()] for img in images]
     queue, small_queue = method.queue.data.tolist(), method.small_queue.data.tolist()
     main = sum(seed_term(s, t, queue, 0.2, 0.5) for s, t in zip(embed_s[0], embed_t[0])) / 3
