@@ -22,6 +22,7 @@ import torch
 from distillctl import __version__
 from distillctl.cli_common import console
 from distillctl.config import Recipe
+from distillctl.data.bad_images import BadImages
 from distillctl.data.datasets import ImageDataset, open_dataset, resolve_splits
 from distillctl.errors import InputError, UsageError
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
@@ -518,7 +519,8 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
     cache = build_cache_guarded(teacher, train_data, cache_dir, spec=spec, views=recipe.teacher.cache_views,
                                 outputs=outputs, mean=mean, std=std, batch_size=recipe.eval.batch_size, device=device,
                                 amp=recipe.train.amp, channels_last=recipe.train.channels_last, seed=recipe.train.seed,
-                                num_workers=recipe.data.num_workers, on_batch=_cache_kill_hook())
+                                num_workers=recipe.data.num_workers, on_batch=_cache_kill_hook(),
+                                max_bad_fraction=recipe.data.max_bad_fraction)
     distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
     return cache
 
@@ -636,11 +638,15 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
         _write_student(run, student, method, recipe, teacher, mean, std)
         if mode == "co_trained":
             _write_cotrained_teacher(run, teacher)
-        if result.bad_images:
-            atomic_write_text(run.path / "bad_images.txt", "\n".join(result.bad_images) + "\n")
+        if bad:
+            bad.write(run.path / "bad_images.txt")
         run.record_stage("distill", distill_fp, "done", summary)
 
+    bad = BadImages("train", len(train_data), recipe.data.max_bad_fraction,
+                    dict(line.split(": ", 1) for line in result.bad_images))
     distributed.main_first(write)
+    if distributed.info().is_main:
+        bad.report("substituted", run.path / "bad_images.txt")
     return summary
 
 

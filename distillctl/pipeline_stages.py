@@ -24,6 +24,7 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
         result = {"skipped": "no labelled eval split (pass --val-data or use a train/ + val/ layout)"}
         distributed.main_first(run.record_stage, "eval", eval_fp, "done", result)
         return result
+    from distillctl.data.bad_images import BadImages
     from distillctl.eval.features import embed_dataset
     from distillctl.eval.knn import knn_evaluate
     from distillctl.students import load_student
@@ -34,10 +35,12 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
                 "crop_pct": recipe.data.crop_pct, "image_size": recipe.data.image_size, "bn": "eval"}
 
     embeddings: dict[str, tuple] = {}  # the student's, kept for the linear probe (embedded once)
+    # unreadable images are skipped in the bank and the queries (every encoder meets the same files)
+    bad = BadImages("eval", len(train_data) + len(val_data), recipe.data.max_bad_fraction)
 
     def knn_of(encoder, name: str) -> dict:
         kwargs = dict(input_size=recipe.data.image_size, mean=mean, std=std, crop_pct=recipe.data.crop_pct,
-                      batch_size=recipe.eval.batch_size, device=device)
+                      batch_size=recipe.eval.batch_size, device=device, bad_images=bad)
         bank, bank_labels = _embed_sharded(embed_dataset, encoder, train_data, kwargs)
         queries, query_labels = _embed_sharded(embed_dataset, encoder, val_data, kwargs)
         if not distributed.info().is_main:
@@ -48,6 +51,10 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
 
     student, _ = load_student(run.path)
     result = {"protocol": protocol, "student": knn_of(student.to(device), "student")}
+    merged = bad.gathered()  # every rank sees the same list: all stop together above the limit, or none
+    merged.check()
+    if merged and distributed.info().is_main:
+        result.update(merged.finish("skipped", run.path / "bad_images_eval.txt"))
     if teacher is not None and recipe.eval.teacher:
         result["teacher"] = knn_of(teacher.backbone.to(device).eval(), "teacher")
     if recipe.eval.random_student:
@@ -103,7 +110,8 @@ def _export_stage_main(recipe, run, student_sha) -> dict:
         result = export_run(run.path, list(recipe.export.formats), calib_data=recipe.export.calib_data,
                             calib_size=recipe.export.calib_size, calib_method=recipe.export.calib_method,
                             max_drop=recipe.export.max_drop, half=recipe.export.half, exporter=recipe.export.exporter,
-                            parity_images=recipe.export.parity_images)
+                            parity_images=recipe.export.parity_images,
+                            max_bad_fraction=recipe.data.max_bad_fraction)
     except GateError:
         run.record_stage("export", export_fp, "failed", run.summary().get("export", {}))
         raise

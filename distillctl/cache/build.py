@@ -26,6 +26,7 @@ from distillctl.cache import layout
 from distillctl.cache.progress import BuildProgress
 from distillctl.cache.shard import ShardPlan, ShardWriter, finish_sealed
 from distillctl.cache.store import FeatureCache, centre_spec, manifest_differences, read_manifest
+from distillctl.data.bad_images import DEFAULT_MAX_FRACTION, BadImages, load_or_substitute
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import (PARAMS_DTYPE, ViewParams, ViewSpec, apply_view_uint8, normalize,
                                    params_to_record, sample_rng, sample_view, spec_dict)
@@ -35,7 +36,7 @@ from distillctl.train import distributed
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NPY_HEADER_BYTES = 128
-LAYOUT_NAMES = {layout.MANIFEST, "index", "params", "done", "artifacts", *layout.OUTPUT_KINDS}
+LAYOUT_NAMES = {layout.MANIFEST, "index", "params", "done", "artifacts", "bad_images.txt", *layout.OUTPUT_KINDS}
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,12 @@ class ViewProducer(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, np.ndarray | None, str | None]:
-        try:
-            image = self.dataset.load_image(index)
-        except Exception as exc:  # reported by the main process as one InputError line
-            where = self.dataset.paths[index] if self.dataset.paths else f"row {index}"
-            return index, None, None, f"cannot decode image {index} ({where}): {exc}"
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, np.ndarray | None, list[tuple[str, str]]]:
+        # an unreadable image gets the rows of its keyed substitute, as training substitutes it (data/bad_images.py):
+        # the trainer never reads the bad image's rows, and the cache stays complete and index-aligned
+        _, image, bad = load_or_substitute(self.dataset, index)
+        if image is None:
+            return index, None, None, bad
         height, width = int(image.shape[-2]), int(image.shape[-1])
         records = np.zeros(self.views, dtype=PARAMS_DTYPE)
         pixels = []
@@ -86,15 +87,19 @@ class ViewProducer(torch.utils.data.Dataset):
             params = stored_view(self.spec, self.seed, index, k, height, width)
             records[k] = params_to_record(params)
             pixels.append(apply_view_uint8(image, params, centre_spec(self.spec) if k == 0 else self.spec))
-        return index, torch.stack(pixels), records, None
+        return index, torch.stack(pixels), records, bad
 
 
-def _collate(items: list) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
-    for _, _, _, error in items:
-        if error is not None:
-            raise InputError(error)
+def _collate(items: list) -> tuple[np.ndarray, torch.Tensor, np.ndarray, list[tuple[str, str]]]:
+    """Stack the items' views; also the unreadable files met. An item none of whose substitutes could be
+    read stops the build (a whole run of unreadable files is not an isolated fault)."""
+    bad = [entry for item in items for entry in item[3]]
+    for index, pixels, _, entries in items:
+        if pixels is None:
+            raise InputError(f"cache: image {index} and its {len(entries) - 1} substitutes are unreadable; "
+                             f"first: {entries[0][0]}: {entries[0][1]}", hint="check the data")
     indices = np.array([item[0] for item in items], dtype=np.int64)
-    return indices, torch.cat([item[1] for item in items]), np.concatenate([item[2] for item in items])
+    return indices, torch.cat([item[1] for item in items]), np.concatenate([item[2] for item in items]), bad
 
 
 def estimate_bytes(num_images: int, views: int, dims: dict[str, int], shard_size: int) -> int:
@@ -202,8 +207,11 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
                 outputs: set[str], mean, std, batch_size: int = 256, device: str = "cpu", amp: str = "none",
                 channels_last: bool = False, seed: int = 0, shard_size: int = 50000, num_workers: int = 0,
                 progress: bool = True, on_batch: Callable[[BatchInfo], None] | None = None,
-                flush_seconds: float = 2.0) -> FeatureCache:
-    """Build (or resume, or reuse) the cache at ``out``; returns it opened. See the module docstring."""
+                flush_seconds: float = 2.0, max_bad_fraction: float = DEFAULT_MAX_FRACTION) -> FeatureCache:
+    """Build (or resume, or reuse) the cache at ``out``; returns it opened. See the module docstring.
+
+    Unreadable images get their keyed substitute's rows (as training substitutes them); they are counted,
+    listed in ``<out>/bad_images.txt`` and reported, and above ``max_bad_fraction`` the build stops (exit 2)."""
     outputs = set(outputs)
     if views < 1 or batch_size < 1 or shard_size < 1:
         raise UsageError("--views, --batch-size and --shard-size must be >= 1")
@@ -253,7 +261,8 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
     if channels_last:
         teacher.backbone.to(memory_format=torch.channels_last)
     producer = ViewProducer(dataset, spec, views, seed)
-    probe_index, probe_views, _ = _collate([producer[0]])
+    probe_index, probe_views, _, _ = _collate([producer[0]])
+    bad = BadImages("cache", len(dataset), max_bad_fraction)
     probe = _forward(teacher, probe_views, outputs, torch_device, amp, channels_last, mean, std)
     dims = {name: int(values.shape[1]) for name, values in probe.items()}
 
@@ -292,7 +301,10 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
                 collate_fn=_collate, pin_memory=torch_device.type == "cuda")
             last_flush = time.perf_counter()
             try:
-                for indices, pixels, records in loader:
+                for indices, pixels, records, unreadable in loader:
+                    bad.add(unreadable)
+                    if rank.world_size == 1:  # several ranks decide together once every shard is built
+                        bad.check()
                     features = _forward(teacher, pixels, outputs, torch_device, amp, channels_last, mean, std)
                     for name, values in features.items():
                         if values.shape != (len(indices) * views, dims[name]):
@@ -319,13 +331,18 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
         meter.close()
     seconds = time.perf_counter() - started
     distributed.barrier()
+    bad = bad.gathered()  # the same merged list on every rank: all stop together, or none
+    bad.check()
     built = [meter.session_done]
     if distributed.is_distributed():
         built = [0] * rank.world_size
         torch.distributed.all_gather_object(built, meter.session_done)
     if rank.is_main:
+        if bad:
+            bad.write(root / "bad_images.txt")
+            bad.report("substituted", root / "bad_images.txt")
         build_info.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          seconds=round(seconds, 3), images_built=sum(built),
+                          seconds=round(seconds, 3), images_built=sum(built), unreadable_images=len(bad),
                           images_per_second=round(sum(built) / seconds, 2) if seconds > 0 else None)
         manifest = write_manifest(root, header, plans, build_info)
         if not manifest["complete"]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distillctl.data.bad_images import BadImages, try_load
 from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
 from distillctl.errors import InputError, UsageError
 
@@ -120,7 +121,10 @@ def as_encoder(encoder: Encoder | nn.Module | Callable[[torch.Tensor], torch.Ten
 
 
 class _CentreViews(torch.utils.data.Dataset):
-    """Dataset adaptor: decoded image → uint8 centre view (3,S,S) and label. Runs in DataLoader workers."""
+    """Dataset adaptor: decoded image → uint8 centre view (3,S,S) and label. Runs in DataLoader workers.
+
+    An unreadable image is skipped (``None`` view) and reported with the item: evaluation must not count
+    another image twice (data/bad_images.py)."""
 
     def __init__(self, dataset: Any, spec: ViewSpec) -> None:
         self.dataset = dataset
@@ -129,10 +133,22 @@ class _CentreViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.dataset.load_image(index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, list[tuple[str, str]]]:
+        image, bad = try_load(self.dataset, index)
+        if image is None:
+            return None, int(self.dataset.labels[index]), bad
         params = sample_view(self.spec, int(image.shape[-2]), int(image.shape[-1]), None)
-        return apply_view_uint8(image, params, self.spec), int(self.dataset.labels[index])
+        return apply_view_uint8(image, params, self.spec), int(self.dataset.labels[index]), bad
+
+
+def _collate_readable(items: list) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
+    """Stack the readable items' views and labels (``None`` views when none is); the unreadable files met."""
+    bad = [entry for item in items for entry in item[2]]
+    kept = [item for item in items if item[0] is not None]
+    if not kept:
+        return None, torch.zeros(0, dtype=torch.int64), bad
+    return (torch.stack([item[0] for item in kept]), torch.tensor([item[1] for item in kept], dtype=torch.int64),
+            bad)
 
 
 def align_classes(train: Any, val: Any) -> Any:
@@ -171,19 +187,27 @@ def embed_dataset(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    bad_images: BadImages | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed every image of ``dataset`` (centre view); returns (N×D float32, N int64 labels) on CPU."""
+    """Embed every readable image of ``dataset`` (centre view); returns (N×D float32, N int64 labels) on CPU.
+
+    Unreadable images are skipped (N drops by their number) and added to ``bad_images``; the caller then
+    decides (``BadImages.finish``). Without a collector the limit is checked and the skips are reported here."""
     if len(dataset) == 0:
         raise InputError("cannot embed an empty dataset")
+    collector = bad_images if bad_images is not None else BadImages("eval", len(dataset))
     runner = as_encoder(encoder, device)
     spec = ViewSpec(size=int(input_size), family="centre", crop_pct=float(crop_pct))
     loader = torch.utils.data.DataLoader(
         _CentreViews(dataset, spec), batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
-        pin_memory=runner.input_device.type == "cuda", persistent_workers=False,
+        pin_memory=runner.input_device.type == "cuda", persistent_workers=False, collate_fn=_collate_readable,
     )
     embeddings: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    for views, batch_labels in loader:
+    for views, batch_labels, bad in loader:
+        collector.add(bad)
+        if views is None:
+            continue
         batch = normalize(views.to(runner.input_device, non_blocking=True), tuple(mean), tuple(std))
         out = runner(batch)
         if out.ndim != 2 or out.shape[0] != views.shape[0]:
@@ -193,6 +217,10 @@ def embed_dataset(
             )
         embeddings.append(out.detach().to("cpu", torch.float32))
         labels.append(batch_labels.to(torch.int64))
+    if bad_images is None:
+        collector.finish("skipped")
+    if not embeddings:
+        raise InputError(f"no image of the {len(dataset)} could be read", hint="check the data")
     result = torch.cat(embeddings)
     if not torch.isfinite(result).all():
         raise InputError("the encoder produced non-finite embeddings (NaN/inf)")

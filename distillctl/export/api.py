@@ -55,6 +55,7 @@ def export_run(
     parity_images: int = 64,
     data: str | None = None,
     val_data: str | None = None,
+    max_bad_fraction: float = 0.01,  # data.max_bad_fraction: unreadable calibration/parity images allowed
     crop_pct: float | None = None,
 ) -> dict[str, Any]:
     """Export the student of ``run_dir`` to ``<run>/export`` and return the per-format report.
@@ -87,7 +88,8 @@ def export_run(
     model, config = load_student(run_dir, exportable=True)
     size = int(config.input_size[-1])
     splits = _labelled_splits(run_dir, data, val_data, crop_pct)
-    parity_set = _eval_images(splits.test, _spread(len(splits.test), parity_images), size, config, splits.crop_pct)
+    parity_set = _eval_images(splits.test, _spread(len(splits.test), parity_images), size, config, splits.crop_pct,
+                              max_bad_fraction)
     export_dir = run_dir / "export"
     export_dir.mkdir(parents=True, exist_ok=True)
 
@@ -117,7 +119,8 @@ def export_run(
             gate(fp16, fp16_path.name)
         if "onnx-int8" in formats or "engine-int8" in formats:
             report["onnx-int8"], quantization = _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set,
-                                                      calib_data, calib_size, calib_method, max_drop, gate)
+                                                      calib_data, calib_size, calib_method, max_drop, gate,
+                                                      max_bad_fraction=max_bad_fraction)
         for name in engines_wanted:
             engines[name], report[name] = _engine(model, export_dir, run_dir, size, engine_precision[name], config,
                                                   parity_set, gate)
@@ -156,14 +159,15 @@ def export_run(
 
 
 def _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set, calib_data, calib_size, calib_method,
-          max_drop, gate) -> tuple[dict, dict]:
+          max_drop, gate, max_bad_fraction: float = 0.01) -> tuple[dict, dict]:
     """Both INT8 artefacts (ORT and TensorRT-compatible), their parity and the kNN accuracy report."""
     from distillctl.data.datasets import open_dataset
     from distillctl.export.accuracy import compare_knn
 
     calib_dataset = open_dataset(calib_data, "train") if calib_data else splits.train
     indices = np.sort(np.random.default_rng(0).permutation(len(calib_dataset))[:calib_size])
-    calib = _eval_images(calib_dataset, indices, int(config.input_size[-1]), config, splits.crop_pct).numpy()
+    calib = _eval_images(calib_dataset, indices, int(config.input_size[-1]), config, splits.crop_pct,
+                         max_bad_fraction).numpy()
     knn_args = dict(input_size=int(config.input_size[-1]), mean=list(config.mean), std=list(config.std),
                     crop_pct=splits.crop_pct, max_drop=max_drop)
     chosen, tried = _choose_calibration(model, onnx_path, export_dir, calib, parity_set, calib_method)
@@ -290,15 +294,26 @@ def _spread(n: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(np.int64))
 
 
-def _eval_images(dataset, indices, size: int, config, crop_pct: float) -> torch.Tensor:
-    """Normalised float batch of the centre (eval) views of ``indices``."""
+def _eval_images(dataset, indices, size: int, config, crop_pct: float,
+                 max_bad_fraction: float = 0.01) -> torch.Tensor:
+    """Normalised float batch of the centre (eval) views of ``indices`` (parity set, INT8 calibration).
+
+    An unreadable image is replaced by its keyed substitute (any readable image serves a calibration or parity
+    sample), counted and reported as in every stage (data/bad_images.py); the limit is judged over the split,
+    so a split the evaluation admitted is not refused here for one file that a small sample happened to hit."""
+    from distillctl.data.bad_images import BadImages, load_or_substitute
     from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
 
     spec = ViewSpec(size=size, family="centre", crop_pct=crop_pct)
-    views = []
+    views, bad = [], BadImages("export", len(dataset), max_bad_fraction)
     for index in indices:
-        image = dataset.load_image(int(index))
+        _, image, unreadable = load_or_substitute(dataset, int(index))
+        bad.add(unreadable)
+        if image is None:
+            raise InputError(f"export: image {int(index)} and its substitutes are unreadable; first: "
+                             f"{unreadable[0][0]}: {unreadable[0][1]}", hint="check the data")
         views.append(apply_view_uint8(image, sample_view(spec, int(image.shape[-2]), int(image.shape[-1]), None), spec))
+    bad.finish("substituted")
     return normalize(torch.stack(views), tuple(config.mean), tuple(config.std)).contiguous()
 
 

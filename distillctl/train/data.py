@@ -13,11 +13,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from distillctl.data.bad_images import load_or_substitute
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import ViewSpec, apply_view_uint8, sample_rng, sample_view
 from distillctl.errors import InputError
-
-_SUBSTITUTES = 16  # substitute attempts for an unreadable image before the batch is given up
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
@@ -96,16 +95,7 @@ class ViewDataset(torch.utils.data.Dataset):
         Substituting keeps every rank's batch the same size, so collectives inside methods (all-gathers
         of keys, queues) never see ragged batches, and the choice is deterministic for exact resume.
         """
-        bad: list[tuple[str, str]] = []
-        candidate = index
-        for attempt in range(_SUBSTITUTES + 1):
-            try:
-                return candidate, self.base.load_image(candidate), bad
-            except Exception as exc:  # corrupt/unreadable image: counted, reported, replaced
-                where = self.base.paths[candidate] if self.base.paths is not None else f"row {candidate}"
-                bad.append((where, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]))
-                candidate = (index + (attempt + 1) * 7919) % len(self.base)
-        return index, None, bad
+        return load_or_substitute(self.base, index)  # the policy shared with the cache build
 
     def __getitem__(self, index: int):
         index, image, bad = self._load_or_substitute(index)

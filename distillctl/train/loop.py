@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from distillctl.cli_common import console
+from distillctl.data.bad_images import BadImages
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import normalize
 from distillctl.errors import InputError, Preempted, TrainingError
@@ -288,8 +289,7 @@ def train(job: TrainJob) -> TrainResult:
                      *(float(logs[key]) for key in log_keys)])
                 last_loss = loss_sum / world
                 logs = {key: value / world for key, value in zip(log_keys, log_sums)}  # metrics = mean over ranks
-                if bad_count > job.max_bad_fraction * len(job.dataset):
-                    raise _too_many_bad(bad_images, int(bad_count), job.max_bad_fraction)
+                BadImages("train", len(job.dataset), job.max_bad_fraction, bad_images).check(int(bad_count))
                 batch_images = per_rank * world
                 images_seen += batch_images
                 log_images += batch_images
@@ -359,13 +359,6 @@ def _pause_hook() -> tuple[int, int | None]:
         return 0, None
     step, _, rank = value.partition(":")
     return int(step), int(rank) if rank else None
-
-
-def _too_many_bad(bad_images: dict[str, str], count: int, fraction: float) -> InputError:
-    first = next(iter(sorted(bad_images.items())), None)
-    detail = f"; first: {first[0]}: {first[1]}" if first else ""
-    return InputError(f"{count} unreadable images (> {fraction:.1%} of the data){detail}",
-                      hint="fix or remove them, or raise --set data.max_bad_fraction")
 
 
 def _check_teacher_mode(name: str, requirements: Requirements, job: TrainJob) -> bool:

@@ -108,6 +108,6 @@ def test_run_lists_bad_images_and_stops_above_the_fraction(faulty_folder, tmp_pa
 
     strict = run_cli(*_args(faulty_folder, tmp_path / "strict", "--set", "data.max_bad_fraction=0.01"), *teacher)
     assert strict.returncode == 2, strict.stderr[-3000:]
-    assert "unreadable images (> 1.0% of the data); first:" in strict.stderr and "broken" in strict.stderr
+    assert "train: 2 unreadable images (> 1.0% of 48); first:" in strict.stderr and "broken" in strict.stderr
     assert "max_bad_fraction" in strict.stderr and "Traceback" not in strict.stderr
     assert not (tmp_path / "strict" / "student").exists()
