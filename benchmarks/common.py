@@ -129,6 +129,27 @@ def make_subset(split: str, per_class: int, name: str, seed: int = 0) -> Path:
     return out
 
 
+def random_student(student: str, image_size: int, seed: int, pre: dict) -> Path:
+    """The random-init reference student (the floor every method must beat), saved once as a student folder that
+    ``distillctl eval`` reads: ``work/quality/reference/random-<student>``; seeded, so every machine makes the same."""
+    out = WORK / "quality" / "reference" / f"random-{student}"
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    import torch
+    from safetensors.torch import save_file
+
+    from distillctl.students import StudentConfig, create_backbone, feature_dim
+
+    torch.manual_seed(seed)
+    model = create_backbone(student, img_size=image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    config = StudentConfig(arch=student, num_features=feature_dim(model), input_size=[3, image_size, image_size],
+                           mean=pre["mean"], std=pre["std"], teacher={}, method="random-init")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(config.to_json())
+    return out
+
+
 def rel(path: Path | str) -> str:
     """A path as the CLI is given it: relative to the repository (the subprocess cwd) when inside it.
     Dataset names (and so manifest hashes and cache fingerprints) include this string."""

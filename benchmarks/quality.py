@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, TEACHER, WORK, BenchError, display_command, distillctl, log, machine_info,  # noqa: E402
-                    protocol_subset, read_json, rel, registered_methods, require_shared, standard_data, subset_path,
+                    protocol_subset, random_student, read_json, rel, registered_methods, require_shared, standard_data, subset_path,
                     teacher_preprocess, write_json)
 
 
@@ -319,8 +319,6 @@ def ssl_teacher(args, data, pre, log_path: Path) -> dict:
 
 def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
     """Teacher linear probe and a random-init student (kNN + linear) through ``distillctl eval``."""
-    from distillctl.students import StudentConfig, create_backbone, feature_dim
-
     rows = {}
     common = ["--data", str(data["train"]), "--val-data", str(data["test"]), "--crop-pct", "1.0"]
     if not args.no_linear:
@@ -336,18 +334,7 @@ def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
             write_json(out, result)
         rows["teacher_linear"] = {"linear_top1": result["result"]["linear"]["top1"], "command": result["command"],
                                   "protocol": result["result"].get("protocol")}
-    random_dir = WORK / "quality" / "reference" / f"random-{student}"
-    if not (random_dir / "model.safetensors").is_file():
-        import torch
-        from safetensors.torch import save_file
-
-        torch.manual_seed(args.seed)
-        model = create_backbone(student, img_size=args.image_size)
-        random_dir.mkdir(parents=True, exist_ok=True)
-        config = StudentConfig(arch=student, num_features=feature_dim(model), input_size=[3, args.image_size,
-                               args.image_size], mean=pre["mean"], std=pre["std"], teacher={}, method="random-init")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(random_dir / "model.safetensors"))
-        (random_dir / "config.json").write_text(config.to_json())
+    random_dir = random_student(student, args.image_size, args.seed, pre)
     for kind in ("knn",) + (() if args.no_linear else ("linear",)):
         out = random_dir.parent / f"random-{student}-{kind}.json"
         result = read_json(out)

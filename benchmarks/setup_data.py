@@ -1,6 +1,6 @@
 """One-time set-up for the benchmarks: unpack the CIFAR-10 JPEG tarball from ../shared and build the protocol's
-class-balanced subsets in benchmarks/work/ (train10k, test2k, train1k, test500) that the commands in
-benchmarks/RESULTS.md read. Idempotent: finished subsets are kept; an interrupted run is redone cleanly (each
+class-balanced subsets in benchmarks/work/ (train10k, test2k, train1k, test500) and the seeded random-init
+reference student that the commands in benchmarks/RESULTS.md read. Idempotent: finished subsets are kept; an interrupted run is redone cleanly (each
 subset is built in a temporary folder and renamed into place).
 
 Example: python benchmarks/setup_data.py
@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (PROTOCOL_SUBSETS, SHARED, TARBALL, TEACHER, WORK, BenchError, log, protocol_subset,  # noqa: E402
-                    rel, require_shared, subset_ready)
+                    random_student, rel, require_shared, subset_ready, teacher_preprocess)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subsets", default=",".join(PROTOCOL_SUBSETS),
                         help=f"Comma-separated subsets to build (default: all of {', '.join(PROTOCOL_SUBSETS)}).")
+    parser.add_argument("--random-students", default="mobilenetv2_100",
+                        help="Random-init reference students to save (comma-separated timm names, 'none'; default "
+                             "mobilenetv2_100): the floor rows' `distillctl eval` commands read them.")
+    parser.add_argument("--image-size", type=int, default=64, help="Input size of those students (default 64).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of those students (default 0).")
     parser.add_argument("--check", action="store_true", help="Build nothing: say which subsets are ready (exit 1 if any "
                                                              "is missing).")
     return parser.parse_args(argv)
@@ -48,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         already = subset_ready(name)
         path = protocol_subset(name)
         log(f"{name}: {'already there' if already else 'built'}: {rel(path)} ({per_class} {split} images per class)")
-    print(f"benchmark data ready in {rel(WORK)}: {', '.join(names)}")
+    students = [s.strip() for s in args.random_students.split(",") if s.strip() and s.strip() != "none"]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # distillctl from this checkout
+    for student in students:
+        log(f"random-init {student}: {rel(random_student(student, args.image_size, args.seed, teacher_preprocess()))}")
+    print(f"benchmark data ready in {rel(WORK)}: {', '.join(names + [f'random-{s}' for s in students])}")
     return 0
 
 

@@ -67,14 +67,16 @@ def test_setup_data_help_and_missing_shared(tmp_path):
 def test_setup_data_builds_the_protocol_subsets_once(tmp_path):
     shared = _fake_shared(tmp_path, {"train": 100, "test": 50})
     env = _env(tmp_path, shared)
-    proc = _run("setup_data.py", "--subsets", "train1k,test500", env=env)
+    proc = _run("setup_data.py", "--subsets", "train1k,test500", "--random-students", "test_resnet", env=env)
     assert proc.returncode == 0, proc.stderr
     work = tmp_path / "work"
     for name, count in (("train1k", 100), ("test500", 50)):
         for cls in ("cat", "dog"):
             assert len(list((work / name / cls).glob("*.jpg"))) == count
         assert (work / name / ".complete").is_file()
-    again = _run("setup_data.py", "--subsets", "train1k,test500", env=env)
+    random = work / "quality" / "reference" / "random-test_resnet"  # the floor rows' eval commands read it
+    assert (random / "model.safetensors").is_file() and json.loads((random / "config.json").read_text())["arch"] == "test_resnet"
+    again = _run("setup_data.py", "--subsets", "train1k,test500", "--random-students", "none", env=env)
     assert again.returncode == 0 and again.stderr.count("already there") == 2
     check = _run("setup_data.py", "--check", env=env)
     assert check.returncode == 1 and "train10k: missing" in check.stdout and "train1k: ready" in check.stdout
