@@ -116,8 +116,9 @@ class DLKD(Method):
         "Views: four weak views (crop area 0.77–1 ≈ RandomCrop(32, padding=4)) rotated by 0–3 quarter turns. "
         "Officially one flip decision is shared by the four copies and each copy gets its own crop; here each copy "
         "draws its own crop and flip.",
-        "The student backbone runs one forward per rotation, so its BatchNorm normalises each rotation separately "
-        "(officially one 4B batch); the heads see all 4B rows at once, as published.",
+        "The four copies go through the student as one 4B batch (grouped forward), so its BatchNorm statistics "
+        "cover all rotations as in the official stacked batch; the row order inside the batch differs (rotation-"
+        "major instead of image-major), which changes no term.",
         "Cache mode: online. The four rotated specs are four views the feature cache (one spec) cannot replay.",
         "Teacher feature: the pooled backbone feature (the release's supervised teachers have no projection); "
         "teacher_feature=projection/auto use a projection head where the teacher has one.",
@@ -144,7 +145,9 @@ class DLKD(Method):
     def requirements(self, image_size: int) -> Requirements:
         views = tuple(MethodView(ViewSpec(size=image_size, family="weak", scale=tuple(self.params.crop_scale),
                                           flip=self.params.flip, quarter_turns=turns)) for turns in range(ROTATIONS))
-        return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), teacher_mode="online")
+        # one 4B forward, as the official loader stacks the copies: BatchNorm sees all rotations together
+        return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), teacher_mode="online",
+                            grouping="by_resolution")
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
         params = self.params

@@ -116,6 +116,7 @@ def test_method_assembles_weighted_terms_over_all_rotations() -> None:
     method = DLKD(DLKDParams(embed_dim=4, align_hidden_factor=2), 5, dims).double()
     req = method.requirements(16)
     assert [v.spec.quarter_turns for v in req.views] == [0, 1, 2, 3] and req.teacher_mode == "online"
+    assert req.forward_groups([0, 1, 2, 3]) == [[0, 1, 2, 3]]  # one 4B student forward, as the official batch
     batch = 2
     student = [torch.randn(batch, 5, dtype=torch.float64) for _ in range(4)]
     teacher = [torch.randn(batch, 6, dtype=torch.float64) for _ in range(4)]

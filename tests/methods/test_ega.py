@@ -97,7 +97,7 @@ def test_params_defaults_and_domains() -> None:
 def test_trains_and_resumes_exactly(tmp_path, tiny_teacher_file) -> None:
     from pooled_e2e import train_and_resume
 
-    train_and_resume(tmp_path, tiny_teacher_file, "ega", ["--teacher-mode", "online"])
+    train_and_resume(tmp_path, tiny_teacher_file, "ega", [])  # auto: cached (the teacher view replayed from the cache)
 
 
 def test_recipes_validate() -> None:
