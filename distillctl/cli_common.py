@@ -15,9 +15,26 @@ from typing import Any
 
 from rich.console import Console
 
+
+def _log_width(stream) -> int | None:  # noqa: ANN001
+    """Terminals: their width. Logs and pipes (CI): COLUMNS if set, else 200, so tables are not cut at Rich's
+    default of 80 columns. Rich writes no ANSI codes when the stream is not a terminal and honours NO_COLOR."""
+    if stream.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else 200
+
+
 # Human output goes to stderr so that `--json` leaves exactly one JSON object on stdout.
-console = Console(stderr=True)
-stdout_console = Console()
+console = Console(stderr=True, width=_log_width(sys.stderr))
+stdout_console = Console(width=_log_width(sys.stdout))
+
+
+def phase(message: str) -> None:
+    """One plain line saying what a long step is doing now (eval, export, bundle), on the main process only."""
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return
+    console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def debug_enabled() -> bool:

@@ -41,8 +41,10 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
     def knn_of(encoder, name: str) -> dict:
         kwargs = dict(input_size=recipe.data.image_size, mean=mean, std=std, crop_pct=recipe.data.crop_pct,
                       batch_size=recipe.eval.batch_size, device=device, bad_images=bad)
-        bank, bank_labels = _embed_sharded(embed_dataset, encoder, train_data, kwargs)
-        queries, query_labels = _embed_sharded(embed_dataset, encoder, val_data, kwargs)
+        bank, bank_labels = _embed_sharded(embed_dataset, encoder, train_data,
+                                           {**kwargs, **_meter(f"eval: {name}", "bank", train_data)})
+        queries, query_labels = _embed_sharded(embed_dataset, encoder, val_data,
+                                               {**kwargs, **_meter(f"eval: {name}", "queries", val_data)})
         if not distributed.info().is_main:
             return {}
         embeddings[name] = (bank, bank_labels, queries, query_labels)
@@ -77,6 +79,18 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
         result["student"]["linear"] = probe.to_dict()
     run.record_stage("eval", eval_fp, "done", result)
     return distributed.broadcast_object(result)
+
+
+def _meter(label: str, split: str, dataset) -> dict:
+    """``progress=`` for embed_dataset: a line when embedding starts and one every few seconds (rank 0)."""
+    from distillctl.cache.progress import BuildProgress
+    from distillctl.cli_common import phase
+
+    main = distributed.info().is_main
+    if main:
+        phase(f"{label}: embedding the {split} ({len(dataset):,} images)")
+    meter = BuildProgress(len(dataset), 0, enabled=main, label=f"{label} {split}", plain_every_s=15.0)
+    return {"progress": meter.advance}
 
 
 def _embed_sharded(embed_dataset, encoder, dataset: ImageDataset, kwargs: dict):

@@ -188,11 +188,13 @@ def embed_dataset(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     bad_images: BadImages | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every readable image of ``dataset`` (centre view); returns (N×D float32, N int64 labels) on CPU.
 
     Unreadable images are skipped (N drops by their number) and added to ``bad_images``; the caller then
-    decides (``BadImages.finish``). Without a collector the limit is checked and the skips are reported here."""
+    decides (``BadImages.finish``). Without a collector the limit is checked and the skips are reported here.
+    ``progress(n)`` is called after each batch of n images (long evaluations report as they go)."""
     if len(dataset) == 0:
         raise InputError("cannot embed an empty dataset")
     collector = bad_images if bad_images is not None else BadImages("eval", len(dataset))
@@ -217,6 +219,8 @@ def embed_dataset(
             )
         embeddings.append(out.detach().to("cpu", torch.float32))
         labels.append(batch_labels.to(torch.int64))
+        if progress is not None:
+            progress(int(views.shape[0]))
     if bad_images is None:
         collector.finish("skipped")
     if not embeddings:

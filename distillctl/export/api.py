@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distillctl.cli_common import phase
 from distillctl.errors import GateError, InputError, UsageError
 from distillctl.export import card as card_module
 from distillctl.export.onnx import (BATCH_DIM, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, default_opset,
@@ -104,8 +105,10 @@ def export_run(
         except GateError as exc:
             failures.append(exc)
 
+    phase(f"export: ONNX fp32 ({exporter} exporter) of {config.arch}")
     onnx_path = export_onnx(model, export_dir / FILES["onnx"], size, exporter=exporter,
                            metadata=card_module.card_to_metadata({"input": _input_spec(config, splits.crop_pct)}))
+    phase(f"export: parity of student.onnx against PyTorch on {len(parity_set)} held-out images")
     fp32 = check_parity(model, ort_runner(onnx_path), parity_set, precision="fp32")
     report["onnx"] = {"path": _rel(onnx_path, run_dir), "opset": default_opset(onnx_path), "exporter": exporter,
                       "parity": fp32.to_dict()}
@@ -113,6 +116,7 @@ def export_run(
 
     if fp32.passed:
         if "onnx-fp16" in formats or ("engine" in formats and half and major >= 11):
+            phase("export: fp16 ONNX and its parity")
             fp16_path = convert_fp16(onnx_path, export_dir / FILES["onnx-fp16"])
             fp16 = check_parity(model, ort_runner(fp16_path), parity_set, precision="fp16")
             report["onnx-fp16"] = {"path": _rel(fp16_path, run_dir), "parity": fp16.to_dict()}
@@ -130,6 +134,7 @@ def export_run(
                 report[name] = {"skipped": "the fp32 ONNX failed its parity gate"}
 
     report["passed"] = not failures
+    phase("export: model card and metadata")
     card = card_module.build_model_card(
         student={"arch": config.arch, "num_features": config.num_features, "params": count_parameters(model)},
         teacher=dict(config.teacher or {}), method=config.method, license=config.license,
@@ -170,6 +175,7 @@ def _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set, cal
                          max_bad_fraction).numpy()
     knn_args = dict(input_size=int(config.input_size[-1]), mean=list(config.mean), std=list(config.std),
                     crop_pct=splits.crop_pct, max_drop=max_drop)
+    phase(f"export: INT8 calibration ({calib_method}) on {len(indices)} images, parity per try")
     chosen, tried = _choose_calibration(model, onnx_path, export_dir, calib, parity_set, calib_method)
     entries: dict[str, dict] = {}
     reference_top1 = None
@@ -182,6 +188,8 @@ def _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set, cal
             info = quantize_int8(onnx_path, export_dir / FILES[key], calib, method=chosen["method"], tensorrt=trt)
             parity = check_parity(model, ort_runner(info.path), parity_set, precision="int8")
         gate(parity, FILES[key])
+        phase(f"export: INT8 kNN accuracy of {Path(info.path).name} vs fp32 ({len(splits.train):,} + "
+              f"{len(splits.test):,} images through ONNX Runtime)")
         accuracy = compare_knn(onnx_path, info.path, splits.train, splits.test, reference_top1=reference_top1, **knn_args)
         reference_top1 = accuracy.reference_top1
         gate(accuracy, None)

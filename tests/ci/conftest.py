@@ -21,12 +21,12 @@ def ci_run_args(teacher: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def ci_run(tiny_teacher_file, tmp_path_factory) -> tuple[Path, dict]:
-    """(run directory, its summary) after one `distillctl run --json` that passed its (loose) gates."""
+def ci_run(tiny_teacher_file, tmp_path_factory) -> tuple[Path, dict, str]:
+    """(run directory, its summary, stderr) after one `distillctl run --json` that passed its (loose) gates."""
     out = tmp_path_factory.mktemp("ci-run") / "run"
     result = run_cli(*ci_run_args(tiny_teacher_file, out, "--set", "gates.min_student_knn=1", "--json"))
     assert result.returncode == 0, result.stderr[-3000:]
-    return out, json.loads(result.stdout)
+    return out, json.loads(result.stdout), result.stderr
 
 
 @pytest.fixture()
