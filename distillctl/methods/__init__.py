@@ -13,6 +13,8 @@ _METHOD_MODULES = (
     "seed_variants", "ssl_small", "simreg_variants",
     # Method catalogue II, pooled-embedding methods (issue 13)
     "ega", "dlkd", "protocpc", "protoseed",
+    # Method catalogue III, dense / ViT methods (issue 14)
+    "dense_reg",
 )
 
 __all__ = ["Method", "MethodParams", "get_method", "register", "registry", "load_all"]

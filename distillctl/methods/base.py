@@ -166,6 +166,8 @@ def teacher_plan(requirements: Requirements, teacher_bn: str, requested: str = "
 class TeacherDims:
     pooled: int
     proj: int | None = None
+    # the teacher network itself (frozen), for methods that size heads from its taps (dense-reg, PCD)
+    backbone: nn.Module | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

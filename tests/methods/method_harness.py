@@ -6,6 +6,8 @@ teacher is a frozen random CNN, the student a tiny CNN, so each test runs in wel
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -14,7 +16,9 @@ from distillctl.taps import TapRecorder
 from distillctl.train.forward import student_forward
 
 STUDENT_DIM = 8
-TEACHER_DIMS = TeacherDims(pooled=12, proj=6)
+# backbone: what dense methods read their map geometry from (TinyNet's one stage: 8 channels)
+TEACHER_DIMS = TeacherDims(pooled=12, proj=6,
+                           backbone=SimpleNamespace(feature_info=[{"module": "body.2", "num_chs": 8, "reduction": 1}]))
 
 
 class TinyNet(nn.Module):
@@ -26,6 +30,8 @@ class TinyNet(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, out_dim))
         self.num_features = out_dim
+        # one timm-style stage (the B×8×H×W map after the ReLU), so dense methods can tap "stage:-1"
+        self.feature_info = [{"module": "body.2", "num_chs": 8, "reduction": 1}]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
@@ -58,7 +64,10 @@ def make_images(method: Method, batch: int, image_size: int, seed: int = 0) -> l
 
 def teacher_outputs_for(method: Method, images: list[torch.Tensor],
                         teachers: list[TinyTeacher]) -> list[dict[str, torch.Tensor] | None]:
-    """Per view: the requested teacher outputs; keys ``name_k`` come from teacher k (multi-teacher)."""
+    """Per view: the requested teacher outputs; keys ``name_k`` come from teacher k (multi-teacher); teacher
+    taps (dense methods) recorded from teacher 0's backbone forward."""
+    from distillctl.taps import TapRecorder
+
     req = method.requirements(images[0].shape[-1])
     outputs: list[dict[str, torch.Tensor] | None] = []
     for view, img in zip(req.views, images):
@@ -69,6 +78,10 @@ def teacher_outputs_for(method: Method, images: list[torch.Tensor],
         for key in req.teacher_outputs:
             name, _, k = key.partition("_")
             out[key] = teachers[int(k) if k else 0](img)[name]
+        if req.teacher_taps:
+            with torch.no_grad(), TapRecorder(teachers[0].backbone, req.teacher_taps) as recorder:
+                teachers[0].backbone(img)
+                out.update(recorder.take())
         outputs.append(out)
     return outputs
 
@@ -79,9 +92,10 @@ def make_inputs(method: Method, student: nn.Module, teachers: list[TinyTeacher] 
     req = method.requirements(images[0].shape[-1])
     # the trainer's forward: one call per view, or per resolution group for methods that group their views
     slots = [i for i, view in enumerate(req.views) if view.student]
-    student_features, _ = student_forward(student, TapRecorder(student, ()), req, images, slots)
+    with TapRecorder(student, req.student_taps) as recorder:
+        student_features, student_taps = student_forward(student, recorder, req, images, slots)
     teacher = teacher_outputs_for(method, images, teachers) if teachers else [None] * len(images)
     batch = images[0].shape[0]
     return MethodInputs(student_features=student_features, teacher_outputs=teacher, images=images,
                         index=index if index is not None else torch.arange(batch), epoch=epoch, step=step,
-                        total_epochs=total_epochs, student=student)
+                        total_epochs=total_epochs, student=student, student_taps=student_taps)
