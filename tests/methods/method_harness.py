@@ -66,7 +66,6 @@ def teacher_outputs_for(method: Method, images: list[torch.Tensor],
                         teachers: list[TinyTeacher]) -> list[dict[str, torch.Tensor] | None]:
     """Per view: the requested teacher outputs; keys ``name_k`` come from teacher k (multi-teacher); teacher
     taps (dense methods) recorded from teacher 0's backbone forward."""
-    from distillctl.taps import TapRecorder
 
     req = method.requirements(images[0].shape[-1])
     outputs: list[dict[str, torch.Tensor] | None] = []
