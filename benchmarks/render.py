@@ -322,8 +322,8 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             f"Set-up, once, from a fresh clone with the shared folder beside it (../shared): `pip install -e .` and "
             f"`{SETUP_COMMAND}` (unpacks ../shared/data/cifar10-jpeg.tar.gz into the protocol subsets in "
             "benchmarks/work/ and saves the seeded random-init reference student). Then every command below runs as "
-            "written from the repository root, in order (the SSL-teacher cell reads the teacher the line before it "
-            "trains). The suite "
+            "written from the repository root, in order (the SSL-teacher cell reads the teacher that the SSL-teacher "
+            "`distillctl pretrain` line trains). The suite "
             "commands (`python benchmarks/quality.py …`) ran before `method.preset` existed: run today they use the "
             "default `--preset auto` and so re-measure; the per-cell commands are pinned (`--set "
             "method.preset=published` and the lr they ran with) and reproduce the rows.", "",
