@@ -144,13 +144,18 @@ def plan_cells(args: argparse.Namespace, methods: list[dict]) -> list[dict]:
                               "budget": args.budget_images})
     # cheapest budgets first; within a budget the --first methods (in that order, distillation or SSL) before the
     # rest, and among the rest distillation before SSL
+    for cell in cells:
+        cell["preset"] = args.preset
     first = [n.strip() for n in args.first.split(",") if n.strip()]
     return sorted(cells, key=lambda c: (c["budget"], first.index(c["method"]) if c["method"] in first else len(first),
                                         c["kind"] == "ssl"))
 
 
 def cell_id(cell: dict) -> str:
-    return f"{cell['student']}/{cell['teacher'] or 'none'}/{cell['method']}-{cell['budget']}"
+    """``student/teacher/method-budget[-preset]``: cells run with ``--preset`` carry it, so they never reuse (or
+    overwrite) a cell of another preset; cells from before method.preset have no suffix."""
+    suffix = f"-{cell['preset']}" if cell.get("preset") else ""
+    return f"{cell['student']}/{cell['teacher'] or 'none'}/{cell['method']}-{cell['budget']}{suffix}"
 
 
 def cell_dir(cell: dict) -> Path:
@@ -232,6 +237,8 @@ def finished(cell: dict, steps: int) -> dict | None:
     summary = read_json(cell_dir(cell) / "summary.json")
     if not summary or summary.get("recipe", {}).get("train", {}).get("max_steps") != steps:
         return None
+    if cell.get("preset") and (summary.get("recipe", {}).get("method") or {}).get("preset") != cell["preset"]:
+        return None
     if summary.get("student", {}).get("knn_top1") is None or summary.get("train", {}).get("steps") != steps:
         return None
     return summary
@@ -292,12 +299,19 @@ def teacher_modes() -> dict[str, str]:
     return {m["name"]: m["teacher_mode"] for m in registered_methods()}
 
 
+def ssl_teacher_dir(args) -> Path:
+    """Where ``--ssl-teacher METHOD:ARCH:IMAGES`` is pretrained (one folder per preset)."""
+    method, arch, images = args.ssl_teacher.split(":")
+    return WORK / "quality" / "ssl-teacher" / f"{method}-{arch}-{images}-{args.preset}"
+
+
 def ssl_teacher(args, data, pre, log_path: Path) -> dict:
     """Pretrain the SSL teacher with ``distillctl pretrain`` (resumable like any cell)."""
     method, arch, images = args.ssl_teacher.split(":")
-    cell = {"kind": "ssl-teacher", "method": method, "teacher": None, "student": arch, "budget": int(images)}
+    cell = {"kind": "ssl-teacher", "method": method, "teacher": None, "student": arch, "budget": int(images),
+            "preset": args.preset}
     steps, epochs = schedule(cell["budget"], args.batch_size, data["train_images"])
-    out = WORK / "quality" / "ssl-teacher" / f"{method}-{arch}-{images}"
+    out = ssl_teacher_dir(args)
     sets = common_sets(args, cell, steps, pre, first=False)
     command = ["pretrain", "--method", method, "--arch", arch, "--data", str(data["train"]), "--val-data",
                str(data["test"]), "--image-size", str(args.image_size), "--epochs", str(epochs), "--batch-size",
@@ -314,7 +328,7 @@ def ssl_teacher(args, data, pre, log_path: Path) -> dict:
 
     dim = timm.create_model(arch, pretrained=False, num_classes=0).num_features
     return {"path": str(out / "student" / "model.safetensors"), "arch": arch, "dim": dim, "row": row,
-            "key": f"ssl-{method}-{arch}-{images}"}
+            "key": f"ssl-{method}-{arch}-{images}-{args.preset}"}
 
 
 def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
@@ -412,9 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         if args.ssl_teacher != "none":
             method, arch, images = args.ssl_teacher.split(":")
-            teachers["ssl"] = {"path": str(WORK / "quality" / "ssl-teacher" / f"{method}-{arch}-{images}" / "student"
-                                           / "model.safetensors"), "arch": arch, "dim": 512, "modes": modes,
-                               "key": f"ssl-{method}-{arch}-{images}"}
+            teachers["ssl"] = {"path": str(ssl_teacher_dir(args) / "student" / "model.safetensors"), "arch": arch,
+                               "dim": 512, "modes": modes, "key": f"ssl-{method}-{arch}-{images}-{args.preset}"}
         for i, cell in enumerate(cells):
             print("distillctl " + display_command(cell_command(cell, args, data, pre, teachers, i == 0)))
         return 0
@@ -558,7 +571,8 @@ def run_curve(args, data, pre, teachers, result, log_path, save) -> None:
     with RESULT_LOCK:
         result["curve"] = {"methods": top, "ranked_at_budget": common_budget,
                            "budgets": [int(b) for b in args.curve_budgets.split(",")]}
-    cells = [{"kind": "distill", "method": m, "teacher": "sup", "student": ranked[0]["student"], "budget": b}
+    cells = [{"kind": "distill", "method": m, "teacher": "sup", "student": ranked[0]["student"], "budget": b,
+              "preset": args.preset}
              for b in result["curve"]["budgets"] for m in top]
     run_cells(cells, args, data, pre, teachers, result, log_path, save)
 

@@ -95,6 +95,11 @@ def cell_lr(row: dict) -> float | None:
     return float(given) if given else LEGACY_LR.get(_verb(command))
 
 
+def label(row: dict) -> str:
+    """A cell's method, with the preset it ran with when it ran under method.preset (``simreg [auto]``)."""
+    return row["method"] + (f" [{row['preset']}]" if row.get("preset") else "")
+
+
 def cell_preset(row: dict) -> str:
     command = row.get("command") or ""
     return row.get("preset") or next((p.split("=", 1)[1] for p in command.split() if p.startswith("method.preset=")),
@@ -266,7 +271,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
     for r in all_rows:
         teacher_knn = teacher if r["teacher"] == "sup" else (q.get("reference", {}).get("ssl_teacher") or {}).get("knn_top1")
         if r.get("status") != "done":
-            rows.append([f"{r['method']} ({r['status']})", r["kind"], r["teacher"] or "–", f"{r['budget']:,}", "–",
+            rows.append([f"{label(r)} ({r['status']})", r["kind"], r["teacher"] or "–", f"{r['budget']:,}", "–",
                          "–", "–", "–", "–", "–", "–", (r.get("error") or "")[:80].replace("|", "/")])
             continue
         ratio = r["knn_top1"] / teacher_knn if teacher_knn and r["kind"] == "distill" else None
@@ -275,7 +280,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                        and s["budget"] == r["budget"]), key=lambda s: -(s.get("knn_top1") or 0))
         if same and r["kind"] == "distill":
             gain = r["knn_top1"] - same[0]["knn_top1"]
-        rows.append([r["method"], r["kind"], {"sup": "ResNet-18 sup.", "ssl": "ResNet-18 SSL"}.get(r["teacher"], "–"),
+        rows.append([label(r), r["kind"], {"sup": "ResNet-18 sup.", "ssl": "ResNet-18 SSL"}.get(r["teacher"], "–"),
                      f"{r['budget']:,}", num(cell_lr(r), 4).rstrip("0").rstrip(".") if cell_lr(r) else "–",
                      pct(r["knn_top1"]), pct(r.get("linear_top1")), num(ratio, 2) if ratio else "–",
                      (f"{gain:+.1f}" if gain is not None else "–"),
@@ -378,6 +383,10 @@ def measured_data(q: dict, facts: dict) -> dict:
             "methods": methods}
 
 
+def _preset_tag(cell: dict) -> str:
+    return f" [{cell['preset']}]" if cell.get("preset") in ("auto", "published") else ""
+
+
 def which_method_section(data: dict) -> str:
     """The README's "Which method?" block (numbers from :func:`measured_data` only)."""
     methods = data["methods"]
@@ -395,9 +404,10 @@ def which_method_section(data: dict) -> str:
                         if c["images_seen"] == budget and m["kind"] == "distill"), key=lambda nc: nc[1]["rank"])
         ssl = sorted(((name, c) for name, m in methods.items() for c in m["cells"]
                       if c["images_seen"] == budget and m["kind"] == "ssl"), key=lambda nc: nc[1]["rank"])
-        shown = ", ".join(f"{name} {c['knn_top1']:.1f}" + (f" ({c['student_teacher']:.2f})" if c["student_teacher"] else "")
+        shown = ", ".join(f"{name}{_preset_tag(c)} {c['knn_top1']:.1f}"
+                          + (f" ({c['student_teacher']:.2f})" if c["student_teacher"] else "")
                           for name, c in cells[:4]) + (f", … ({len(cells)} measured)" if len(cells) > 4 else "")
-        best_ssl = f"{ssl[0][0]} {ssl[0][1]['knn_top1']:.1f}" if ssl else "–"
+        best_ssl = f"{ssl[0][0]}{_preset_tag(ssl[0][1])} {ssl[0][1]['knn_top1']:.1f}" if ssl else "–"
         lines.append(f"| {budget:,} | {shown or '–'} | {best_ssl} | {pct(floor)} |")
     below = sorted(name for name, m in methods.items() if m["kind"] == "distill" and floor is not None
                    and any(c["knn_top1"] is not None and c["knn_top1"] < floor for c in m["cells"]))
@@ -442,7 +452,7 @@ def plot_quality(q: dict, path: Path) -> bool:
     series: dict[str, list[tuple[int, float]]] = {}
     for r in q.get("rows", {}).values():
         if r.get("status") == "done" and r["teacher"] in ("sup", None):
-            series.setdefault(f"{r['method']}" + (" (SSL-only)" if r["kind"] == "ssl" else ""), []).append(
+            series.setdefault(label(r) + (" (SSL-only)" if r["kind"] == "ssl" else ""), []).append(
                 (r["budget"], r["knn_top1"]))
     if not series:
         return False
@@ -633,7 +643,7 @@ def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None) -> str:
     if qf.get("best"):
         best = qf["best"]
         line = (f"- Best method at {qf['budget']:,} images (the full table, {len(qf['distill'])} distillation methods): "
-                f"**{best['method']}**, kNN {best['knn_top1']:.1f}% "
+                f"**{label(best)}**, kNN {best['knn_top1']:.1f}% "
                 f"(teacher {pct(qf['teacher_knn'])}%, student/teacher **{num(qf.get('ratio'), 2)}**)")
         if qf.get("best_ssl"):
             line += (f"; gain over the best SSL-only student at the same budget ({qf['best_ssl']['method']}, "
@@ -641,7 +651,7 @@ def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None) -> str:
         out.append(line + ".")
     for budget, facts in sorted((qf.get("long") or {}).items(), reverse=True):
         for r in facts["distill"]:
-            line = f"- {r['method']} at {budget:,} images: kNN {r['knn_top1']:.1f}%"
+            line = f"- {label(r)} at {budget:,} images: kNN {r['knn_top1']:.1f}%"
             if qf.get("teacher_knn"):
                 line += f" (student/teacher {r['knn_top1'] / qf['teacher_knn']:.2f})"
             if budget == ISSUE_REFERENCE["images"]:

@@ -62,7 +62,7 @@ def test_plan_cells_follows_the_registry():
     cells = quality.plan_cells(args, methods)
     names = [(c["method"], c["budget"]) for c in cells]
     assert names == [("zeta", 6400), ("simreg", 6400), ("mocov2", 6400), ("simreg", 120000)]
-    assert quality.cell_id(cells[0]) == "mobilenetv2_100/sup/zeta-6400"
+    assert quality.cell_id(cells[0]) == "mobilenetv2_100/sup/zeta-6400-auto"  # cells carry their method.preset
     assert quality.schedule(120_000, 64, 10_000) == (1875, 13)
     with pytest.raises(quality.BenchError):
         quality.plan_cells(quality.parse_args(["--methods", "nope"]), methods)

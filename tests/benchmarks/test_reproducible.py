@@ -199,3 +199,24 @@ def test_cli_reports_measured_numbers_with_their_source(command):
     else:
         assert data["preset"]["lr"] == 0.01 and data["preset"]["batch"] == 256
         assert {c["lr"] for c in data["measured"]} == {0.05}
+
+
+def test_cells_of_another_preset_are_never_reused(tmp_path, monkeypatch):
+    """A --preset auto suite must not pick up (or overwrite) the cells that ran before method.preset."""
+    import quality
+
+    monkeypatch.setattr(quality, "WORK", tmp_path)
+    args = quality.parse_args(["--methods", "simreg", "--ssl-methods", "none", "--budget-images", "30000"])
+    methods = [{"name": "simreg", "kind": "distill", "teacher_mode": "cached_exact"}]
+    (cell,) = quality.plan_cells(args, methods)
+    assert cell["preset"] == "auto" and quality.cell_id(cell) == "mobilenetv2_100/sup/simreg-30000-auto"
+    legacy = {k: v for k, v in cell.items() if k != "preset"}
+    assert quality.cell_id(legacy) == "mobilenetv2_100/sup/simreg-30000"  # the ids in today's results
+    summary = {"recipe": {"train": {"max_steps": 468}, "method": {"name": "simreg", "preset": "published"}},
+               "train": {"steps": 468}, "student": {"knn_top1": 30.0}}
+    quality.cell_dir(cell).mkdir(parents=True)
+    (quality.cell_dir(cell) / "summary.json").write_text(json.dumps(summary))
+    assert quality.finished(cell, 468) is None  # ran with another preset: not this cell's result
+    summary["recipe"]["method"]["preset"] = "auto"
+    (quality.cell_dir(cell) / "summary.json").write_text(json.dumps(summary))
+    assert quality.finished(cell, 468) == summary
