@@ -23,7 +23,7 @@ RUN_FLAG_KEYS = {
     "teacher_mode": "teacher.mode", "cache": "teacher.cache", "cache_views": "teacher.cache_views",
     "accept_license": "teacher.accept_license", "teacher_bn": "teacher.bn", "sha256": "teacher.sha256",
     "no_verify": "teacher.no_verify", "mirror": "teacher.mirror",
-    "student": "student.arch", "method": "method.name", "data": "data.train", "val_data": "data.val",
+    "student": "student.arch", "method": "method.name", "preset": "method.preset", "data": "data.train", "val_data": "data.val",
     "image_size": "data.image_size", "workers": "data.num_workers", "mean": "data.mean", "std": "data.std",
     "crop_pct": "data.crop_pct",
     "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "optimizer": "train.optimizer",
@@ -151,6 +151,8 @@ def run(
     mirror: Optional[str] = typer.Option(None, help="Mirror base URL replacing the teacher's host (or DISTILLCTL_MIRROR)."),
     student: Optional[str] = typer.Option(None, help="Student architecture (mobilenetv2, resnet18, any timm name)."),
     method: Optional[str] = typer.Option(None, help="Distillation method (see: distillctl methods list)."),
+    preset: Optional[str] = typer.Option(None, help="auto (default): size queues, warm-ups, lr and EMA momentum to "
+                                         "the data and budget; published: the paper's values (method.preset)."),
     data: Optional[str] = typer.Option(None, help="Training data: ImageFolder dir, train/+val/ layout, or builtin:digits."),
     val_data: Optional[str] = typer.Option(None, help="Labelled evaluation ImageFolder."),
     image_size: Optional[int] = typer.Option(None, help="Input resolution (default: the teacher's input size)."),

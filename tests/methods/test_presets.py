@@ -147,3 +147,13 @@ def test_tiny_run_records_derived_values_in_recipe_yaml(tmp_path, tiny_teacher_f
     explicit = yaml.safe_load((tmp_path / "explicit" / "recipe.yaml").read_text())
     assert explicit["method"]["params"]["queue_size"] == 96 and explicit["train"]["lr"] == 0.02
     assert "method.params.queue_size" not in explicit["derived"] and "train.lr" not in explicit["derived"]
+
+
+def test_preset_flag_maps_to_method_preset():
+    from distillctl.commands import _overrides_from_flags
+    from distillctl.errors import UsageError
+
+    assert _overrides_from_flags({"preset": "published"})["method.preset"] == "published"
+    assert build_recipe({}, {"method.preset": "published"}).method.preset == "published"
+    with pytest.raises(UsageError, match="method.preset"):
+        build_recipe({}, {"method.preset": "imagenet"})
