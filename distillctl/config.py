@@ -220,6 +220,7 @@ class Recipe(Strict):
     # preprocessing), key -> {value, published, reason}; recomputed on every run, so an input value is ignored
     derived: dict[str, dict[str, Any]] = Field(default_factory=dict)
     gates: GatesConfig = Field(default_factory=GatesConfig)  # quality gates (distillctl/gates.py); never fingerprinted
+    prune: bool = True  # a successful run deletes what it no longer needs (distillctl/prune.py); never fingerprinted
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

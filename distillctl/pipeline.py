@@ -472,7 +472,18 @@ def _export_and_gates(recipe: Recipe, run: RunDir, student_sha: str, summary: di
         raise errors[0]
     if errors:
         raise GateError(" || ".join(error.message for error in errors), hint=errors[-1].hint)
+    if recipe.prune:
+        full = distributed.broadcast_object(distributed.main_first(_prune, run))
     return full
+
+
+def _prune(run: RunDir) -> dict:
+    """A successful run keeps its newest checkpoint and its final pretrained teacher (distillctl/prune.py)."""
+    from distillctl.prune import prune_run
+
+    pruned = prune_run(run.path)
+    return run.update_summary({"disk": {"run_bytes": pruned["run_bytes"], "pruned_bytes": pruned["freed_bytes"],
+                                        "pruned": pruned["removed"]}})
 
 
 def _warn_data_faults(train_data: ImageDataset, quiet: bool) -> None:
