@@ -37,12 +37,21 @@ class TinyNet(nn.Module):
         return self.body(images)
 
 
-class TinyTeacher(nn.Module):
-    """Frozen random teacher with a pooled feature and a projection output."""
+def tiny_vit(dim: int, seed: int = 0) -> nn.Module:
+    """A one-block timm ViT (2 heads, 8-px patches, 24 px inputs: a 3x3 grid) for ViT-only methods."""
+    import timm
 
-    def __init__(self, dims: TeacherDims = TEACHER_DIMS, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", num_classes=0, embed_dim=dim, depth=1, num_heads=2, patch_size=8,
+                             img_size=24)
+
+
+class TinyTeacher(nn.Module):
+    """Frozen random teacher with a pooled feature and a projection output (``vit``: a tiny ViT backbone)."""
+
+    def __init__(self, dims: TeacherDims = TEACHER_DIMS, seed: int = 1, vit: bool = False) -> None:
         super().__init__()
-        self.backbone = TinyNet(dims.pooled, seed=seed)
+        self.backbone = tiny_vit(dims.pooled, seed) if vit else TinyNet(dims.pooled, seed=seed)
         self.proj = nn.Linear(dims.pooled, dims.proj) if dims.proj else None
         self.requires_grad_(False)
         self.eval()

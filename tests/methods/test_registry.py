@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from distillctl.methods.base import Method, TeacherDims, registry
-from method_harness import STUDENT_DIM, TEACHER_DIMS, TinyNet, TinyTeacher, make_images, make_inputs
+from method_harness import STUDENT_DIM, TEACHER_DIMS, TinyNet, TinyTeacher, make_images, make_inputs, tiny_vit
 
 METHODS = sorted(registry())
 # Shrink the published sizes so every method runs on tiny tensors.
@@ -41,13 +41,16 @@ def teachers_for(cls: type[Method]) -> list[TinyTeacher] | None:
         return None
     if cls.name == "simreg-multi":
         return [TinyTeacher(MULTI_TEACHER_DIMS[0], seed=1), TinyTeacher(MULTI_TEACHER_DIMS[1], seed=2)]
-    return [TinyTeacher()]
+    return [TinyTeacher(vit=getattr(cls, "vit_only", False))]
 
 
 def build(name: str, student_seed: int = 0) -> tuple[Method, TinyNet]:
     cls = registry()[name]
-    method = cls(cls.Params(**tiny_params(cls)), STUDENT_DIM, teacher_dims_for(cls))
-    student = TinyNet(STUDENT_DIM, seed=student_seed)
+    teacher_dims = teacher_dims_for(cls)
+    if getattr(cls, "vit_only", False):  # ViT-only methods: tiny timm ViTs on both sides (the teacher's built later)
+        teacher_dims = TeacherDims(TEACHER_DIMS.pooled, TEACHER_DIMS.proj)
+    method = cls(cls.Params(**tiny_params(cls)), STUDENT_DIM, teacher_dims)
+    student = tiny_vit(STUDENT_DIM, seed=student_seed) if getattr(cls, "vit_only", False) else TinyNet(STUDENT_DIM, seed=student_seed)
     method.setup(student)
     return method, student
 
