@@ -1,4 +1,5 @@
-# Two entry points (see README): `make quickstart` and `make test`. Both create .venv on first use.
+# Entry points (see README): `make quickstart`, `make test` (what CI runs: every test) and `make test-fast`
+# (the inner loop: everything not marked slow, i.e. no CLI training runs). All create .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 # torch/torchvision pinned to the tested release; set TORCH_SPEC="" to keep an existing install.
@@ -7,7 +8,7 @@ PYTEST_ARGS ?= -n 2 -q
 
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +24,9 @@ quickstart: install
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS) -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

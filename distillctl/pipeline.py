@@ -661,23 +661,5 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
     return summary
 
 
-def summary_table_rows(summary: dict) -> list[tuple[str, str, str, str]]:
-    """Teacher vs student rows for the closing Rich table: name, kNN top-1, params, latency."""
-    rows = []
-    teacher = summary.get("teacher")
-    if teacher:
-        rows.append(("teacher " + teacher["arch"], _pct(teacher.get("knn_top1")), "", ""))
-    student = summary["student"]
-    rows.append(("student " + student["arch"], _pct(student.get("knn_top1")), f"{student['params'] / 1e6:.2f}M", ""))
-    random_student = summary.get("eval", {}).get("random_student")
-    if random_student:
-        rows.append(("random-init student", _pct(random_student.get("knn_top1")), "", ""))
-    return rows
-
-
-def _pct(value) -> str:
-    return "–" if value is None else f"{value:.1f}%"
-
-
 def dumps(summary: dict) -> str:
     return json.dumps(summary, indent=2, sort_keys=True, default=str)

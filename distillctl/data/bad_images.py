@@ -84,9 +84,6 @@ class BadImages:
             merged.found.update(part)
         return merged
 
-    def too_many(self, count: int | None = None) -> bool:
-        return (len(self) if count is None else count) > self.max_fraction * self.total
-
     def check(self, count: int | None = None) -> None:
         """Raise InputError (exit 2) above ``max_fraction``; ``count`` overrides the local count (e.g. a sum
         over ranks)."""

@@ -14,7 +14,7 @@ or whether the run was resumed: that is what makes resume exact and DDP runs com
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -236,10 +236,6 @@ def normalize(views_uint8: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
     mean_t = torch.tensor(mean, dtype=torch.float32, device=views_uint8.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=views_uint8.device).view(3, 1, 1)
     return (views_uint8.float() / 255.0 - mean_t) / std_t
-
-
-def params_dict(params: ViewParams) -> dict:
-    return asdict(params)
 
 
 def spec_dict(spec: ViewSpec) -> dict:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from cache_helpers import MEAN, STD, make_teacher
@@ -38,6 +39,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_split_shards_and_match_a_single_process_build(image_folder, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(tests=str(TESTS_DIR)))

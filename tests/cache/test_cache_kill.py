@@ -62,6 +62,7 @@ def _single_thread_build(*args, **kwargs):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_shard_then_resume_is_identical(image_folder, tmp_path):
     script = tmp_path / "build.py"
     script.write_text(BUILD_SCRIPT.format(tests=str(TESTS_DIR)))

@@ -14,6 +14,7 @@ def _weights(run_dir):
     return {name: load_file(str(run_dir / "student" / name)) for name in ("model.safetensors", "heads.safetensors")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, method, extra", [
     ("online", "simreg", []),
     ("cached", "seed", ["--set", "method.params.queue_size=100"]),  # queue wraps: 100 is not a multiple of 64
@@ -47,6 +48,7 @@ def test_resume_without_checkpoint_is_a_usage_error(tmp_path, tiny_teacher_file)
     assert "no checkpoint to resume from" in result.stderr
 
 
+@pytest.mark.slow
 def test_restart_starts_a_fresh_metrics_file(tmp_path, tiny_teacher_file):
     args = tiny_run_args(tiny_teacher_file, tmp_path / "run", "--set", "train.max_steps=4", "--set",
                          "train.log_every=2", "--teacher-mode", "online")

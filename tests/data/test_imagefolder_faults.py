@@ -93,6 +93,7 @@ def faulty_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_run_lists_bad_images_and_stops_above_the_fraction(faulty_folder, tmp_path, tiny_teacher_file):
     teacher = ["--teacher", str(tiny_teacher_file), "--teacher-arch", "resnet18"]
     ok = run_cli(*_args(faulty_folder, tmp_path / "ok", "--set", "data.max_bad_fraction=0.1"), *teacher, "--json")

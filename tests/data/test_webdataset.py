@@ -85,6 +85,7 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_training_run_on_shards(shards, tmp_path, tiny_teacher_file):
     out, _ = shards
     result = run_cli("run", "--teacher", str(tiny_teacher_file), "--teacher-arch", "resnet18", "--student", "tiny-cnn",

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.faults.run_helpers import max_difference, signal_when_paused, small_run_args, start_cli
 
+pytestmark = pytest.mark.slow  # CLI training runs / several processes
+
 
 @pytest.fixture(scope="module")
 def one_process(tiny_teacher_file, tmp_path_factory):

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from distillctl.launch import strip_nproc, torchrun_command
 
 RANK_SCRIPT = r"""
@@ -44,6 +46,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_gloo_sync_batchnorm_equals_one_process_batchnorm(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)

@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.faults.run_helpers import assert_bit_exact, signal_when_paused, small_run_args, start_cli
 
+pytestmark = pytest.mark.slow  # CLI training runs / several processes
+
 
 @pytest.fixture(scope="module")
 def reference(tiny_teacher_file, tmp_path_factory):

@@ -63,6 +63,7 @@ def _losses(run_dir) -> list[float]:
     return [row["loss"] for row in rows if row.get("stage") == "distill"]
 
 
+@pytest.mark.slow
 def test_two_teachers_from_one_cache_train_and_resume_exactly(tmp_path, trained_teacher_file, tiny_teacher_file) -> None:
     full = run_cli(*_args(tmp_path / "full", trained_teacher_file, tiny_teacher_file))
     assert full.returncode == 0, full.stderr[-3000:]
@@ -90,6 +91,7 @@ def test_two_teachers_from_one_cache_train_and_resume_exactly(tmp_path, trained_
         assert all(expected[key].equal(got[key]) for key in expected), name
 
 
+@pytest.mark.slow
 def test_two_teachers_online(tmp_path, trained_teacher_file, tiny_teacher_file) -> None:
     result = run_cli(*_args(tmp_path / "run", trained_teacher_file, tiny_teacher_file, "--teacher-mode", "online",
                             "--set", "train.max_steps=3"))

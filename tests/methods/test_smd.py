@@ -156,8 +156,8 @@ def test_bf16_autocast_keeps_targets_fp32() -> None:
         heads = [method.head(f) for f in inputs.student_features]
     assert heads[0].dtype == torch.bfloat16 and amp_loss.dtype == torch.float32
     targets = [out["pooled"] for out in inputs.teacher_outputs]
-    reference = sum(float(smd_loss(t.double(), s.double(), 0.04)[0]) for t, s in zip(targets, heads)) / 2
-    rounded = sum(float(smd_loss(t.bfloat16().double(), s.double(), 0.04)[0]) for t, s in zip(targets, heads)) / 2
-    amp_error, rounded_error = abs(float(amp_loss) - reference), abs(rounded - reference)
+    reference = sum(float(smd_loss(t.double(), s.detach().double(), 0.04)[0]) for t, s in zip(targets, heads)) / 2
+    rounded = sum(float(smd_loss(t.bfloat16().double(), s.detach().double(), 0.04)[0]) for t, s in zip(targets, heads)) / 2
+    amp_error, rounded_error = abs(float(amp_loss.detach()) - reference), abs(rounded - reference)
     assert amp_error <= 1e-6 * reference  # fp32 rounding only (measured 1.6e-7 relative)
     assert rounded_error > 1000 * amp_error  # bf16 targets: 9.6e-3 absolute here

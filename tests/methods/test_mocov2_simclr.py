@@ -1,0 +1,77 @@
+"""MoCo v2's InfoNCE and SimCLR's NT-Xent against independent per-sample loops (float64, tiny tensors), and
+the MoCo v2 method's symmetric loss built from those terms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distillctl.methods.common import info_nce
+from distillctl.methods.mocov2 import MocoV2, MocoV2Params
+from distillctl.methods.simclr import nt_xent
+from method_harness import STUDENT_DIM, TinyNet, make_images, make_inputs
+
+
+def _unit(rows: torch.Tensor) -> list[list[float]]:
+    return [[x / math.sqrt(sum(v * v for v in row)) for x in row] for row in rows.tolist()]
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def _infonce_loop(query, key, queue, tau: float) -> float:
+    """mean_i −log( exp(q_i·k_i/τ) / (exp(q_i·k_i/τ) + Σ_j exp(q_i·Q_j/τ)) ), inputs already unit vectors."""
+    total = 0.0
+    for q, k in zip(query, key):
+        logits = [_dot(q, k) / tau] + [_dot(q, n) / tau for n in queue]
+        top = max(logits)
+        total += -(logits[0] - top - math.log(sum(math.exp(v - top) for v in logits)))
+    return total / len(query)
+
+
+def _ntxent_loop(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
+    """Over the 2B unit vectors: view a's positive is its pair, its negatives every other view but itself."""
+    z = _unit(torch.cat([z1, z2]))
+    batch, total = z1.shape[0], 0.0
+    for a in range(2 * batch):
+        positive = (a + batch) % (2 * batch)
+        others = [_dot(z[a], z[k]) / tau for k in range(2 * batch) if k != a]
+        top = max(others)
+        total += -(_dot(z[a], z[positive]) / tau - top - math.log(sum(math.exp(v - top) for v in others)))
+    return total / (2 * batch)
+
+
+@pytest.mark.parametrize("tau", [0.07, 0.2, 1.0])
+def test_infonce_matches_loop(tau):
+    generator = torch.Generator().manual_seed(0)
+    query, key, queue = (F.normalize(torch.randn(n, 5, generator=generator, dtype=torch.float64), dim=1)
+                         for n in (4, 4, 9))
+    expected = _infonce_loop(query.tolist(), key.tolist(), queue.tolist(), tau)
+    assert float(info_nce(query, key, queue, tau)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_ntxent_matches_loop(tau):
+    generator = torch.Generator().manual_seed(1)
+    z1, z2 = (3.0 * torch.randn(5, 6, generator=generator, dtype=torch.float64) for _ in range(2))  # unnormalised
+    assert float(nt_xent(z1, z2, tau)) == pytest.approx(_ntxent_loop(z1, z2, tau), rel=1e-12)
+
+
+def test_mocov2_symmetric_loss_is_the_mean_of_both_directions():
+    torch.manual_seed(0)
+    method = MocoV2(MocoV2Params(queue_size=12, out_dim=4, temperature=0.2), STUDENT_DIM).double()
+    student = TinyNet(STUDENT_DIM).double()
+    method.setup(student)
+    images = [image.double() for image in make_images(method, 6, 16)]
+    inputs = make_inputs(method, student, None, images)
+    loss, _ = method.loss(inputs)
+    with torch.no_grad():
+        queries = [_unit(method.head(f)) for f in inputs.student_features]
+        keys = [_unit(method.key_encoder(image)) for image in images]
+        queue = _unit(method.queue.data)
+    expected = (_infonce_loop(queries[0], keys[1], queue, 0.2) + _infonce_loop(queries[1], keys[0], queue, 0.2)) / 2
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-10)
