@@ -18,7 +18,7 @@ from torch import nn
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
 from distillctl.methods.domains import CropScale
 from distillctl.methods.presets import PublishedRecipe
-from distillctl.methods.shared import CropParams, TeacherFeature, crop_view, at_least_float32, teacher_target
+from distillctl.methods.shared import CropParams, TeacherFeature, at_least_float32, crop_view, teacher_target
 
 
 class EGAParams(CropParams):

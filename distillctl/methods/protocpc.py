@@ -63,9 +63,13 @@ class ProtoCPC(Method):
     )
     sources = (
         "No official code found. The loss form (KD cross-entropy + prior-weighted log-partition, EMA 0.9 prior "
-        "rescaled to mean 1, τ_T 0.04, τ_S 0.1, K 65536, prototypes copied to the teacher side) follows a "
-        "third-party reimplementation (loss/ProtoCPC.py in an unresolved 'distillers zoo' repository) described in "
-        "docs/methods.md §4, judged consistent with the paper's abstract; not checked against the paper's text."
+        "rescaled to mean 1, τ_T 0.04, τ_S 0.1, K 65536) follows a third-party reimplementation in the code index "
+        "(.../loss/ProtoCPC.py, class protocpc_loss; its repository could not be resolved), described in "
+        "docs/methods.md §4. Checked against that file on identical float64 tensors (scratch harness, one process, "
+        "B ∈ {2, 7, 16}, K ∈ {5, 64, 1024}, 4 steps): the loss, its gradient w.r.t. the student logits and the "
+        "prior after each update agree to ≤ 4.3e-16 relative (tolerance 1e-6). That file holds only the loss; the "
+        "head and the teacher-side handling below are not checked against anything, nor is any of it against the "
+        "paper's text."
     )
     assumptions = (
         "Teacher head: the teacher's own projection (n(T(x)), the cache's stored output) feeds the copied "
