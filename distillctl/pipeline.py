@@ -199,7 +199,7 @@ def _teacher_dims(teacher: Teacher | None):
         return None
     if isinstance(teacher, TeacherEnsemble):
         return teacher.member_dims()
-    return TeacherDims(teacher.embed_dim, teacher.proj_dim, backbone=teacher.backbone)
+    return TeacherDims(teacher.embed_dim, teacher.proj_dim, backbone=teacher.backbone, projection=teacher.projection)
 
 
 def _warn_preprocess(teacher: Teacher | None, mean, std, quiet: bool) -> None:

@@ -14,7 +14,7 @@ _METHOD_MODULES = (
     # Method catalogue II, pooled-embedding methods (issue 13)
     "ega", "dlkd", "protocpc", "protoseed",
     # Method catalogue III, dense / ViT methods (issue 14)
-    "dense_reg", "attndistill",
+    "dense_reg", "attndistill", "pcd",
 )
 
 __all__ = ["Method", "MethodParams", "get_method", "register", "registry", "load_all"]

@@ -168,6 +168,7 @@ class TeacherDims:
     proj: int | None = None
     # the teacher network itself (frozen), for methods that size heads from its taps (dense-reg, PCD)
     backbone: nn.Module | None = field(default=None, repr=False, compare=False)
+    projection: nn.Module | None = field(default=None, repr=False, compare=False)  # its projection head (PCD)
 
 
 @dataclass
