@@ -193,11 +193,13 @@ class EvalConfig(Strict):
 
 
 class ExportConfig(Strict):
-    formats: list[Literal["onnx", "onnx-fp16", "onnx-int8", "engine", "engine-int8"]] = Field(default_factory=lambda: ["onnx"])
+    formats: list[Literal["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "engine", "engine-int8"]] = Field(default_factory=lambda: ["onnx"])
     calib_data: str | None = None  # default: the run's training data
     calib_size: int = Field(512, ge=1)
-    # auto: minmax, then percentile, then entropy, until the INT8 parity gate passes (every try recorded)
+    # auto: minmax, percentile and entropy ranked by cosine, the first within the kNN budget kept (every try recorded)
     calib_method: Literal["auto", "minmax", "percentile", "entropy"] = "auto"
+    int8_form: Literal["auto", "qdq-u8s8", "qoperator-u8s8", "qdq-s8s8"] = "auto"  # student.int8.onnx layout
+    slim: bool = False  # onnxslim clean-up of the fp32 graph, kept only if it passes parity (distillctl[slim])
     max_drop: float = Field(1.0, ge=0)  # INT8 kNN top-1 budget, points
     half: bool = False  # TensorRT fp16 engine
     parity_images: int = Field(64, ge=4)

@@ -125,7 +125,8 @@ def _export_stage_main(recipe, run, student_sha) -> dict:
                             calib_size=recipe.export.calib_size, calib_method=recipe.export.calib_method,
                             max_drop=recipe.export.max_drop, half=recipe.export.half, exporter=recipe.export.exporter,
                             parity_images=recipe.export.parity_images,
-                            max_bad_fraction=recipe.data.max_bad_fraction)
+                            max_bad_fraction=recipe.data.max_bad_fraction, int8_form=recipe.export.int8_form,
+                            slim=recipe.export.slim)
     except GateError:
         run.record_stage("export", export_fp, "failed", run.summary().get("export", {}))
         raise

@@ -38,8 +38,8 @@ class AccuracyReport:
                 f"INT8 accuracy gate failed for {self.candidate}: kNN@{self.k} top-1 {self.candidate_top1:.2f}% vs "
                 f"{self.reference_top1:.2f}% fp32, a drop of {self.drop:.2f} points > budget {self.max_drop:g} "
                 f"(over by {self.drop - self.max_drop:.2f})",
-                hint="try more --calib-size images or another --calib-method (auto picks by the parity gate), or raise "
-                     "--max-drop",
+                hint="try more --calib-size images or --calib-method auto (it tries every method and leaves the most "
+                     "sensitive layers in float; the tries are in the model card), or raise --max-drop",
             )
 
 
@@ -56,13 +56,18 @@ def knn_top1_of_artifact(
     temperature: float,
     batch_size: int = 128,
 ) -> float:
-    """Embed both splits with an ONNX artefact on CPU and return weighted-kNN top-1 (percent)."""
+    """Embed both splits with an ONNX artefact (onnxruntime) or an OpenVINO IR on CPU; weighted-kNN top-1 (percent)."""
     import torch
 
     from distillctl.eval.features import OnnxEncoder, embed_dataset
     from distillctl.eval.knn import knn_evaluate
 
-    encoder = OnnxEncoder(path, providers=["CPUExecutionProvider"], threads=torch.get_num_threads())
+    if Path(path).suffix == ".xml":  # an OpenVINO IR
+        from distillctl.export.openvino import OpenVinoEncoder
+
+        encoder = OpenVinoEncoder(path, threads=torch.get_num_threads())
+    else:
+        encoder = OnnxEncoder(path, providers=["CPUExecutionProvider"], threads=torch.get_num_threads())
     common = dict(input_size=input_size, mean=mean, std=std, crop_pct=crop_pct, batch_size=batch_size)
     train_emb, train_labels = embed_dataset(encoder, train_dataset, **common)
     test_emb, test_labels = embed_dataset(encoder, test_dataset, **common)
@@ -102,7 +107,8 @@ def compare_knn(
     protocol = {**knn_protocol((k,), temperature), "train": getattr(train_dataset, "name", ""),
                 "test": getattr(test_dataset, "name", ""), "train_images": len(train_dataset),
                 "test_images": len(test_dataset), "transform": "centre crop", "crop_pct": crop_pct,
-                "runtime": "onnxruntime CPUExecutionProvider"}
+                "runtime": "OpenVINO CPU (f32 hint)" if Path(candidate_path).suffix == ".xml"
+                else "onnxruntime CPUExecutionProvider"}
     return AccuracyReport(
         reference=Path(reference_path).name, candidate=Path(candidate_path).name,
         reference_top1=round(reference_top1, 4), candidate_top1=round(candidate_top1, 4), drop=round(drop, 4),

@@ -24,11 +24,13 @@ from distillctl.export import card as card_module
 from distillctl.export.onnx import (BATCH_DIM, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, default_opset,
                                     export_onnx, set_metadata)
 from distillctl.export.parity import ParityResult, check_parity, ort_runner
-from distillctl.export.quantize import (CALIBRATION_METHODS, check_tensorrt_compatible, convert_fp16,
-                                        quantize_int8)
+from distillctl.export.quantize import (CALIBRATION_METHODS, CPU_FORMS, check_tensorrt_compatible, convert_fp16,
+                                        default_cpu_form)
 
-EXPORT_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "engine", "engine-int8")
+EXPORT_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "engine", "engine-int8")
+INT8_FORMATS = ("onnx-int8", "engine-int8", "openvino-int8")
 FILES = {"onnx": "student.onnx", "onnx-fp16": "student.fp16.onnx", "onnx-int8": "student.int8.onnx",
+         "openvino": "student.openvino.xml", "openvino-int8": "student.int8.openvino.xml",
          "onnx-int8-trt": "student.int8.trt.onnx"}
 
 
@@ -58,10 +60,15 @@ def export_run(
     val_data: str | None = None,
     max_bad_fraction: float = 0.01,  # data.max_bad_fraction: unreadable calibration/parity images allowed
     crop_pct: float | None = None,
+    int8_form: str = "auto",
+    slim: bool = False,
 ) -> dict[str, Any]:
     """Export the student of ``run_dir`` to ``<run>/export`` and return the per-format report.
 
-    ``data``/``val_data``/``crop_pct`` override the labelled splits recorded in the run.
+    ``data``/``val_data``/``crop_pct`` override the labelled splits recorded in the run. ``int8_form``
+    is the layout of ``student.int8.onnx`` (``auto``: the fast one for ONNX Runtime on this CPU, see
+    :func:`distillctl.export.quantize.default_cpu_form`); ``slim`` cleans the fp32 graph with onnxslim
+    before anything is derived from it, kept only if it passes the fp32 parity gate.
     Raises :class:`GateError` (exit 3) after writing the report if any gate failed.
     """
     from distillctl.students import count_parameters, load_student
@@ -73,8 +80,19 @@ def export_run(
 
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter '{exporter}'; valid: {', '.join(EXPORTERS)}")
+    if int8_form not in CPU_FORMS + ("auto",):
+        raise UsageError(f"unknown INT8 form '{int8_form}'; valid: auto, {', '.join(CPU_FORMS)}")
+    int8_form = default_cpu_form() if int8_form == "auto" else int8_form
     if calib_size < 1 or parity_images < 1:
         raise UsageError("--calib-size and the number of parity images must be >= 1")
+    if any(name.startswith("openvino") for name in formats):  # fail fast (exit 2) before minutes of export work
+        from distillctl.export.openvino import require_openvino
+
+        require_openvino()
+    if slim:  # fail fast (exit 2) before minutes of export work
+        from distillctl.export.onnx import require_onnxslim
+
+        require_onnxslim()
     engine_precision = {"engine": "fp16" if half else "fp32", "engine-int8": "int8"}
     if half and not any(name.startswith("engine") for name in formats):
         raise UsageError("--half applies to --format engine", hint="for an fp16 ONNX file use --format onnx-fp16")
@@ -108,10 +126,13 @@ def export_run(
     phase(f"export: ONNX fp32 ({exporter} exporter) of {config.arch}")
     onnx_path = export_onnx(model, export_dir / FILES["onnx"], size, exporter=exporter,
                            metadata=card_module.card_to_metadata({"input": _input_spec(config, splits.crop_pct)}))
+    slim_report = _slim(model, onnx_path, parity_set, exporter) if slim else None
     phase(f"export: parity of student.onnx against PyTorch on {len(parity_set)} held-out images")
     fp32 = check_parity(model, ort_runner(onnx_path), parity_set, precision="fp32")
     report["onnx"] = {"path": _rel(onnx_path, run_dir), "opset": default_opset(onnx_path), "exporter": exporter,
                       "parity": fp32.to_dict()}
+    if slim_report is not None:
+        report["onnx"]["slim"] = slim_report
     gate(fp32, "student.onnx")
 
     if fp32.passed:
@@ -121,10 +142,17 @@ def export_run(
             fp16 = check_parity(model, ort_runner(fp16_path), parity_set, precision="fp16")
             report["onnx-fp16"] = {"path": _rel(fp16_path, run_dir), "parity": fp16.to_dict()}
             gate(fp16, fp16_path.name)
+        calibration = _Calibration(splits, config, calib_data, calib_size, max_bad_fraction) \
+            if any(name in formats for name in INT8_FORMATS) else None
+        accuracy_of = _accuracy_judge(onnx_path, splits, config, max_drop)
         if "onnx-int8" in formats or "engine-int8" in formats:
-            report["onnx-int8"], quantization = _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set,
-                                                      calib_data, calib_size, calib_method, max_drop, gate,
-                                                      max_bad_fraction=max_bad_fraction)
+            report["onnx-int8"], quantization = _int8(model, onnx_path, export_dir, run_dir, calibration, parity_set,
+                                                      calib_method, int8_form, accuracy_of, gate)
+        if any(name.startswith("openvino") for name in formats):
+            openvino_quantization = _openvino(model, onnx_path, export_dir, run_dir, formats, calibration, parity_set,
+                                              accuracy_of, gate, report)
+            if openvino_quantization:
+                quantization = {**quantization, "openvino": openvino_quantization}
         for name in engines_wanted:
             engines[name], report[name] = _engine(model, export_dir, run_dir, size, engine_precision[name], config,
                                                   parity_set, gate)
@@ -149,10 +177,17 @@ def export_run(
         created=card_module.created_stamp(run_dir / "student" / "model.safetensors"),
     )
     artefacts = [run_dir / entry["path"] for _, entry in _flat_entries(report) if "path" in entry]
+    artefacts += [path.with_suffix(".bin") for path in artefacts if path.suffix == ".xml"]
     props = card_module.card_to_metadata(card)
-    for artefact in artefacts:
-        if artefact.suffix == ".onnx":
-            set_metadata(artefact, props)
+    for name, entry in _flat_entries(report):
+        artefact = run_dir / entry.get("path", "")
+        own = props | card_module.artifact_metadata(name, artefact.name, entry.get("quantization"))
+        if "path" in entry and artefact.suffix == ".onnx":
+            set_metadata(artefact, own)
+        elif "path" in entry and artefact.suffix == ".xml":
+            from distillctl.export.openvino import set_ir_metadata
+
+            set_ir_metadata(artefact, own)
     card_path = card_module.write_model_card(export_dir / "model_card.json", card, artefacts)
     report["model_card"] = _rel(card_path, run_dir)
     _merge_summary(run_dir, report)
@@ -163,86 +198,150 @@ def export_run(
     return report
 
 
-def _int8(model, onnx_path, export_dir, run_dir, splits, config, parity_set, calib_data, calib_size, calib_method,
-          max_drop, gate, max_bad_fraction: float = 0.01) -> tuple[dict, dict]:
-    """Both INT8 artefacts (ORT and TensorRT-compatible), their parity and the kNN accuracy report."""
-    from distillctl.data.datasets import open_dataset
+class _Calibration:
+    """The INT8 calibration images (eval transform), shared by every INT8 artefact, and how they were drawn."""
+
+    def __init__(self, splits, config, calib_data: str | None, calib_size: int, max_bad_fraction: float) -> None:
+        from distillctl.data.datasets import open_dataset
+
+        dataset = open_dataset(calib_data, "train") if calib_data else splits.train
+        self.indices = np.sort(np.random.default_rng(0).permutation(len(dataset))[:calib_size])
+        phase(f"export: INT8 calibration images ({len(self.indices)}, eval transform)")
+        self.images = _eval_images(dataset, self.indices, int(config.input_size[-1]), config, splits.crop_pct,
+                                   max_bad_fraction).numpy()
+        self.describe = {"data": calib_data or splits.train_spec, "images": int(len(self.indices)),
+                         "data_manifest_sha256": dataset.manifest_hash(),
+                         "indices_sha256": hashlib.sha256(self.indices.astype(np.int64).tobytes()).hexdigest(),
+                         "transform": "eval (centre crop)"}
+
+
+def _accuracy_judge(onnx_path: Path, splits, config, max_drop: float):
+    """``accuracy_of(path)``: kNN report of an artefact (ONNX or OpenVINO IR) vs the fp32 ONNX, fp32 computed once."""
     from distillctl.export.accuracy import compare_knn
 
-    calib_dataset = open_dataset(calib_data, "train") if calib_data else splits.train
-    indices = np.sort(np.random.default_rng(0).permutation(len(calib_dataset))[:calib_size])
-    calib = _eval_images(calib_dataset, indices, int(config.input_size[-1]), config, splits.crop_pct,
-                         max_bad_fraction).numpy()
     knn_args = dict(input_size=int(config.input_size[-1]), mean=list(config.mean), std=list(config.std),
                     crop_pct=splits.crop_pct, max_drop=max_drop)
-    phase(f"export: INT8 calibration ({calib_method}) on {len(indices)} images, parity per try")
-    chosen, tried = _choose_calibration(model, onnx_path, export_dir, calib, parity_set, calib_method)
+    reference: dict[str, float] = {}
+
+    def accuracy_of(path):
+        phase(f"export: kNN accuracy of {Path(path).name} vs fp32 ({len(splits.train):,} + {len(splits.test):,} "
+              "images)")
+        report = compare_knn(onnx_path, path, splits.train, splits.test, reference_top1=reference.get("top1"),
+                             **knn_args)
+        reference["top1"] = report.reference_top1
+        return report
+
+    return accuracy_of
+
+
+def _int8(model, onnx_path, export_dir, run_dir, calibration, parity_set, calib_method, int8_form, accuracy_of,
+          gate) -> tuple[dict, dict]:
+    """Both INT8 artefacts (the CPU form and the TensorRT form), their parity and kNN accuracy reports.
+
+    Calibration runs once per method (shared by both forms); the method and the layers left in float
+    are chosen per artefact by :func:`distillctl.export.int8.select_int8`, because the two forms round
+    differently (uint8 asymmetric vs symmetric int8 activations).
+    """
+    from distillctl.export.int8 import select_int8
+    from distillctl.export.quantize import FORMS, Int8Quantizer
+
+    calib = calibration.images
+    methods = CALIBRATION_METHODS if calib_method == "auto" else (calib_method,)
     entries: dict[str, dict] = {}
-    reference_top1 = None
-    for key, trt in (("onnx-int8", False), ("onnx-int8-trt", True)):
-        if not trt and chosen["info"] is not None:  # the auto search already wrote and checked this one
-            info, parity = chosen["info"], chosen["parity"]
-            os.replace(info.path, export_dir / FILES[key])
+    selections: dict[str, dict] = {}
+    with Int8Quantizer(onnx_path, calib, workdir=export_dir) as quantizer:
+        for key, form in (("onnx-int8", int8_form), ("onnx-int8-trt", "tensorrt")):
+            phase(f"export: INT8 {form} ({', '.join(methods)} calibration), parity per try")
+            chosen, tried = select_int8(quantizer, model, parity_set, export_dir, methods=methods, form=form,
+                                        accuracy_of=accuracy_of)
+            os.replace(chosen.info.path, export_dir / FILES[key])
+            info = chosen.info
             info.path = str(export_dir / FILES[key])
-        else:
-            info = quantize_int8(onnx_path, export_dir / FILES[key], calib, method=chosen["method"], tensorrt=trt)
-            parity = check_parity(model, ort_runner(info.path), parity_set, precision="int8")
-        gate(parity, FILES[key])
-        phase(f"export: INT8 kNN accuracy of {Path(info.path).name} vs fp32 ({len(splits.train):,} + "
-              f"{len(splits.test):,} images through ONNX Runtime)")
-        accuracy = compare_knn(onnx_path, info.path, splits.train, splits.test, reference_top1=reference_top1, **knn_args)
-        reference_top1 = accuracy.reference_top1
-        gate(accuracy, None)
-        entry = {"path": _rel(Path(info.path), run_dir), "parity": parity.to_dict(), "accuracy": accuracy.to_dict(),
-                 "quantization": info.to_dict() | {"path": _rel(Path(info.path), run_dir)}}
-        if trt:
-            check_tensorrt_compatible(info.path)  # quantize_int8 checked already; cheap, and explicit here
-            entry["tensorrt_compatible"] = True
-        entries[key] = entry
-    calibration = {"data": calib_data or splits.train_spec, "images": int(len(indices)), "method": chosen["method"],
-                   "requested": calib_method, "tried": tried,
-                   "data_manifest_sha256": calib_dataset.manifest_hash(),
-                   "indices_sha256": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
-                   "transform": "eval (centre crop)", "per_channel": True, "activation_type": "QInt8",
-                   "weight_type": "QInt8", "format": "QDQ"}
+            gate(chosen.parity, FILES[key])
+            gate(chosen.accuracy, None)
+            entry = {"path": _rel(Path(info.path), run_dir), "form": info.form, "parity": chosen.parity.to_dict(),
+                     "accuracy": chosen.accuracy.to_dict(),
+                     "quantization": info.to_dict() | {"path": _rel(Path(info.path), run_dir)}}
+            if form == "tensorrt":
+                check_tensorrt_compatible(info.path)  # Int8Quantizer checked already; cheap, and explicit here
+                entry["tensorrt_compatible"] = True
+            entries[key] = entry
+            selections[FILES[key]] = {"method": chosen.method, "excluded_nodes": chosen.exclude, "tried": tried,
+                                      "sensitivity": chosen.sensitivity}
+    described = {**calibration.describe, "requested": calib_method, "method": selections[FILES["onnx-int8"]]["method"],
+                 "selection": selections, "decided_by": "kNN accuracy budget (--max-drop), then the INT8 cosine floor",
+                 "per_channel": True}
     result = entries["onnx-int8"] | {"tensorrt_variant": entries["onnx-int8-trt"]}
-    return result, {"calibration": calibration, FILES["onnx-int8"]: entries["onnx-int8"]["quantization"],
+    forms = {FILES[key]: FORMS[entries[key]["form"]].to_dict() for key in entries}
+    return result, {"calibration": described, "forms": forms,
+                    FILES["onnx-int8"]: entries["onnx-int8"]["quantization"],
                     FILES["onnx-int8-trt"]: entries["onnx-int8-trt"]["quantization"]}
 
 
-def _choose_calibration(model, onnx_path, export_dir, calib, parity_set, calib_method) -> tuple[dict, list[dict]]:
-    """The calibration method of the INT8 artefacts. ``auto`` (the documented recipe): MinMax, then Percentile
-    (99.999), then Entropy, keeping the first whose ORT artefact passes the INT8 parity gate, else the one with the
-    best p1 cosine (its gate then fails with that margin). Every try is recorded."""
-    if calib_method != "auto":
-        return {"method": calib_method, "info": None, "parity": None}, []
-    tried: list[dict] = []
-    try:
-        best = _search_calibration(model, onnx_path, export_dir, calib, parity_set, tried)
-    except BaseException:  # interrupted or failed: no half-made tries left beside the artefacts
-        for leftover in export_dir.glob(".int8-try-*.onnx"):
-            leftover.unlink(missing_ok=True)
-        raise
-    return best, tried
+def _openvino(model, onnx_path, export_dir, run_dir, formats, calibration, parity_set, accuracy_of, gate,
+              report) -> dict | None:
+    """``openvino`` (fp32 IR) and ``openvino-int8`` (NNCF) into ``report``; returns the INT8 card section."""
+    from distillctl.export.openvino import OPENVINO_PRESETS, convert_ir, ov_runner, quantize_ir, remove_ir
 
-
-def _search_calibration(model, onnx_path, export_dir, calib, parity_set, tried: list[dict]) -> dict:
-    best: dict | None = None
-    for method in CALIBRATION_METHODS:
-        info = quantize_int8(onnx_path, export_dir / f".int8-try-{method}.onnx", calib, method=method)
-        parity = check_parity(model, ort_runner(info.path), parity_set, precision="int8")
-        tried.append({"method": method, "mean_cosine": parity.mean_cosine, "p1_cosine": parity.p1_cosine,
-                      "passed": parity.passed})
-        candidate = {"method": method, "info": info, "parity": parity}
-        if best is None or (parity.passed, parity.p1_cosine) > (best["parity"].passed, best["parity"].p1_cosine):
+    phase("export: OpenVINO fp32 IR and its parity")
+    xml = convert_ir(onnx_path, export_dir / FILES["openvino"])
+    parity = check_parity(model, ov_runner(xml), parity_set, precision="fp32")
+    gate(parity, xml.name)
+    if "openvino" in formats:
+        report["openvino"] = {"path": _rel(xml, run_dir), "parity": parity.to_dict(),
+                              "runtime": "OpenVINO CPU plugin, INFERENCE_PRECISION_HINT=f32"}
+    if "openvino-int8" not in formats:
+        return None
+    tried, best = [], None
+    for preset in OPENVINO_PRESETS:
+        phase(f"export: OpenVINO INT8 (NNCF, {preset}) on {len(calibration.images)} calibration images")
+        info = quantize_ir(xml, export_dir / f".int8-try-{preset}.openvino.xml", calibration.images, preset=preset)
+        candidate = {"info": info, "parity": check_parity(model, ov_runner(info.path), parity_set, precision="int8")}
+        candidate["accuracy"] = accuracy_of(info.path)
+        candidate["passed"] = candidate["parity"].passed and candidate["accuracy"].passed
+        tried.append({"preset": preset, "mean_cosine": candidate["parity"].mean_cosine,
+                      "p1_cosine": candidate["parity"].p1_cosine, "cosine_floor_passed": candidate["parity"].passed,
+                      "knn_drop": candidate["accuracy"].drop, "accuracy_passed": candidate["accuracy"].passed})
+        if best is None or (candidate["passed"], -candidate["accuracy"].drop) > (best["passed"], -best["accuracy"].drop):
             if best is not None:
-                Path(best["info"].path).unlink(missing_ok=True)
+                remove_ir(best["info"].path)
             best = candidate
         else:
-            Path(info.path).unlink(missing_ok=True)
-        if parity.passed:
+            remove_ir(info.path)
+        if best["passed"]:
             break
-    return best
+    final = export_dir / FILES["openvino-int8"]
+    for staged, target in zip((Path(best["info"].path).with_suffix(".bin"), Path(best["info"].path)),
+                              (final.with_suffix(".bin"), final)):
+        os.replace(staged, target)
+    best["info"].path = str(final)
+    gate(best["parity"], final.name)
+    gate(best["accuracy"], None)
+    report["openvino-int8"] = {"path": _rel(final, run_dir), "form": "openvino-nncf", "parity": best["parity"].to_dict(),
+                               "accuracy": best["accuracy"].to_dict(),
+                               "quantization": best["info"].to_dict() | {"path": _rel(final, run_dir)}}
+    if "openvino" not in formats:  # the fp32 IR was only the input to NNCF
+        remove_ir(xml)
+    return {"calibration": {**calibration.describe, "tried": tried, "preset": best["info"].preset,
+                            "decided_by": "kNN accuracy budget (--max-drop), then the INT8 cosine floor"},
+            FILES["openvino-int8"]: report["openvino-int8"]["quantization"]}
+
+
+def _slim(model, onnx_path: Path, parity_set, exporter: str) -> dict[str, Any]:
+    """Replace ``onnx_path`` by its onnxslim clean-up if that passes the fp32 parity gate; say what happened."""
+    from distillctl.export.onnx import slim_onnx
+
+    candidate = onnx_path.with_name(f".{onnx_path.stem}.slim.onnx")
+    try:
+        counts = slim_onnx(onnx_path, candidate, DEFAULT_OPSET[exporter])
+        parity = check_parity(model, ort_runner(candidate), parity_set, precision="fp32")
+        if parity.passed:
+            os.replace(candidate, onnx_path)
+        return {**counts, "applied": parity.passed, "parity": parity.to_dict()}
+    except GateError as exc:  # the slimmed graph failed onnx.checker / the opset read-back: keep the original
+        return {"applied": False, "error": exc.message}
+    finally:
+        candidate.unlink(missing_ok=True)
 
 
 def _engine(model, export_dir, run_dir, size, precision, config, parity_set, gate) -> tuple[dict, dict]:

@@ -1,9 +1,11 @@
 """Latency and throughput of the student per deployable format and batch size.
 
 Each (format, batch) is timed ``repeats`` times after ``warmup`` untimed calls; p50/p90 are over
-the timed calls, throughput is batch / p50. Thread counts (torch intra-op, ORT intra-op) are
-recorded with the numbers, because CPU latency means nothing without them. ONNX Runtime sessions
-get the same intra-op thread count as torch, so the comparison is like for like.
+the timed calls, throughput is batch / p50. Thread counts are recorded with the numbers, because CPU
+latency means nothing without them; torch, ONNX Runtime and OpenVINO get the same intra-op thread
+count, so the comparison is like for like. Every row carries the artefact's export verdict (parity
+and kNN budget from summary.json), and :func:`fastest` names, per batch and thread count, the
+fastest format that passed — a fast artefact that failed its gate is not a candidate.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import torch
 
 from distillctl.errors import InputError, UsageError
 
-BENCH_FORMATS = ("torch", "onnx", "onnx-int8", "onnx-fp16", "engine")
-ARTEFACTS = {"onnx": "student.onnx", "onnx-int8": "student.int8.onnx", "onnx-fp16": "student.fp16.onnx"}
+BENCH_FORMATS = ("torch", "onnx", "onnx-fp16", "onnx-int8", "onnx-int8-trt", "openvino", "openvino-int8", "engine")
+ARTEFACTS = {"onnx": "student.onnx", "onnx-int8": "student.int8.onnx", "onnx-fp16": "student.fp16.onnx",
+             "onnx-int8-trt": "student.int8.trt.onnx", "openvino": "student.openvino.xml",
+             "openvino-int8": "student.int8.openvino.xml"}
+BASELINE = "onnx"  # speed-ups are against ONNX Runtime fp32 at the same batch and threads
+BENCH_SCHEMA = "distillctl-bench/2"
 
 
 def time_runner(run: Callable[[], object], *, repeats: int, warmup: int, sync: Callable[[], None] | None = None) -> list[float]:
@@ -52,36 +58,133 @@ def bench_run(
     repeats: int = 20,
     warmup: int = 3,
     device: str | None = None,
+    threads: list[int] | None = None,
 ) -> list[dict]:
-    """Benchmark the student of ``run_dir`` and its exported artefacts; one dict per (format, batch)."""
+    """Benchmark the student of ``run_dir`` and its exported artefacts; one dict per (threads, format, batch).
+
+    ``formats`` may contain ``all``: every format whose artefact exists in ``<run>/export`` (TensorRT
+    only where it is installed and an engine for this GPU exists). ``threads`` (default: torch's
+    current count) sets torch, ONNX Runtime and OpenVINO alike for each pass. Each row says whether
+    the artefact passed its export gates (``gate``: passed / failed / not-gated / reference).
+    """
     from distillctl.students import count_parameters, load_student
 
-    unknown = [name for name in formats if name not in BENCH_FORMATS]
-    if unknown:
-        raise UsageError(f"unknown bench format(s) {', '.join(unknown)}; valid: {', '.join(BENCH_FORMATS)}")
+    run_dir = Path(run_dir)
+    export_dir = run_dir / "export"
+    formats = expand_formats(formats, export_dir)
     if not batches or any(batch < 1 for batch in batches):
         raise UsageError(f"batch sizes must be positive integers, got {batches}")
     if repeats < 1 or warmup < 0:
         raise UsageError("--repeats must be >= 1 and warm-up >= 0")
-    run_dir = Path(run_dir)
+    if threads is not None and (not threads or min(threads) < 1):
+        raise UsageError(f"thread counts must be positive integers, got {threads}")
     model, config = load_student(run_dir)
     params = count_parameters(model)
     size = int(config.input_size[-1])
-    export_dir = run_dir / "export"
-    threads = torch.get_num_threads()
+    gates = gate_status(run_dir)
+    previous = torch.get_num_threads()
     rows: list[dict] = []
-    for name in formats:
-        runner, sync, artefact, where = _make_runner(name, model, export_dir, threads, device)
-        for batch in batches:
-            images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-            call = runner(images)
-            seconds = time_runner(call, repeats=repeats, warmup=warmup, sync=sync)
-            rows.append({
-                "format": name, "batch": batch, **summarise(seconds, batch), "repeats": repeats, "warmup": warmup,
-                "size_mb": round(artefact.stat().st_size / 1e6, 3), "artefact": artefact.name, "params": params,
-                "device": where, "torch_threads": threads, "ort_threads": threads if name.startswith("onnx") else None,
-            })
+    try:
+        for count in threads or [previous]:
+            torch.set_num_threads(count)
+            for name in formats:
+                runner, sync, artefact, where = _make_runner(name, model, export_dir, count, device)
+                for batch in batches:
+                    images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+                    seconds = time_runner(runner(images), repeats=repeats, warmup=warmup, sync=sync)
+                    rows.append({
+                        "format": name, "batch": batch, "threads": count, **summarise(seconds, batch),
+                        "repeats": repeats, "warmup": warmup, "size_mb": round(_size(artefact) / 1e6, 3),
+                        "artefact": artefact.name, "params": params, "device": where, "torch_threads": count,
+                        "ort_threads": count if name.startswith("onnx") else None, "gate": gates.get(name, "not-gated"),
+                    })
+    finally:
+        torch.set_num_threads(previous)
+    _add_speedups(rows)
     return rows
+
+
+def expand_formats(formats: list[str], export_dir: Path) -> list[str]:
+    """Validate ``formats``; ``all`` becomes torch plus every exported artefact present, in BENCH_FORMATS order."""
+    unknown = [name for name in formats if name not in BENCH_FORMATS + ("all",)]
+    if unknown or not formats:
+        raise UsageError(f"unknown bench format(s) {', '.join(unknown) or '(none)'}; valid: all, {', '.join(BENCH_FORMATS)}")
+    if "all" not in formats:
+        return [name for name in BENCH_FORMATS if name in formats]
+    present = {"torch"} | {name for name, file in ARTEFACTS.items() if (export_dir / file).is_file()}
+    if name_available_engine(export_dir):
+        present.add("engine")
+    if present == {"torch"}:
+        raise InputError(f"no exported artefacts in {export_dir}",
+                         hint=f"run: distillctl export {export_dir.parent} --format onnx,onnx-int8")
+    return [name for name in BENCH_FORMATS if name in present or name in formats]
+
+
+def name_available_engine(export_dir: Path) -> bool:
+    """True when TensorRT is usable here and an engine for this GPU / TensorRT version was exported."""
+    try:
+        from distillctl.export.tensorrt import find_engines, require_tensorrt
+
+        return bool(find_engines(export_dir, require_tensorrt()))
+    except Exception:  # noqa: BLE001 - no TensorRT, no GPU: simply not part of "all"
+        return False
+
+
+def gate_status(run_dir: Path) -> dict[str, str]:
+    """``{bench format: passed | failed}`` from the export report in summary.json (parity and accuracy gates)."""
+    import json
+
+    try:
+        report = json.loads((run_dir / "summary.json").read_text()).get("export") or {}
+    except (OSError, ValueError, AttributeError):
+        report = {}
+    entries = {name: entry for name, entry in report.items() if isinstance(entry, dict)}
+    if isinstance(entries.get("onnx-int8", {}).get("tensorrt_variant"), dict):
+        entries["onnx-int8-trt"] = entries["onnx-int8"]["tensorrt_variant"]
+    status = {"torch": "reference"}
+    for name, entry in entries.items():
+        if "parity" not in entry:
+            continue
+        passed = bool(entry["parity"].get("passed")) and bool((entry.get("accuracy") or {"passed": True}).get("passed"))
+        key = "engine" if name.startswith("engine") else name
+        status[key] = "passed" if passed else "failed"
+    return status
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    baseline = {(row["threads"], row["batch"]): row for row in rows if row["format"] == BASELINE}
+    for row in rows:
+        base = baseline.get((row["threads"], row["batch"]))
+        row["speedup_vs_onnx_fp32"] = round(base["p50_ms"] / row["p50_ms"], 3) if base and row["p50_ms"] > 0 else None
+
+
+def fastest(rows: list[dict]) -> list[dict]:
+    """Per (threads, batch): the fastest format that passed its gates (the PyTorch student counts as passed)."""
+    best: dict[tuple[int, int], dict] = {}
+    for row in rows:
+        if row["gate"] not in ("passed", "reference"):
+            continue
+        key = (row["threads"], row["batch"])
+        if key not in best or row["images_per_sec"] > best[key]["images_per_sec"]:
+            best[key] = row
+    return [{"threads": threads, "batch": batch, "format": row["format"], "images_per_sec": row["images_per_sec"],
+             "p50_ms": row["p50_ms"], "speedup_vs_onnx_fp32": row["speedup_vs_onnx_fp32"]}
+            for (threads, batch), row in sorted(best.items())]
+
+
+def bench_report(run_dir: str | Path, rows: list[dict]) -> dict:
+    """The one JSON object ``distillctl bench --json`` prints."""
+    return {"schema": BENCH_SCHEMA, "run": str(run_dir), "baseline": BASELINE, "results": rows,
+            "fastest": fastest(rows), "skipped": [], "not_gated": sorted({row["format"] for row in rows
+                                                                          if row["gate"] == "not-gated"})}
+
+
+def _size(artefact: Path) -> int:
+    """Bytes of an artefact (an OpenVINO IR counts its .bin too)."""
+    size = artefact.stat().st_size
+    if artefact.suffix == ".xml" and artefact.with_suffix(".bin").is_file():
+        size += artefact.with_suffix(".bin").stat().st_size
+    return size
 
 
 def _make_runner(name: str, model: torch.nn.Module, export_dir: Path, threads: int, device: str | None):
@@ -113,7 +216,14 @@ def _make_runner(name: str, model: torch.nn.Module, export_dir: Path, threads: i
         return (lambda images: (lambda: engine(images))), None, engines[0], "tensorrt (cuda)"
     artefact = export_dir / ARTEFACTS[name]
     if not artefact.is_file():
-        raise InputError(f"{artefact} does not exist", hint=f"run: distillctl export {export_dir.parent} --format {name}")
+        export_format = "onnx-int8" if name == "onnx-int8-trt" else name
+        raise InputError(f"{artefact} does not exist",
+                         hint=f"run: distillctl export {export_dir.parent} --format {export_format}")
+    if name.startswith("openvino"):
+        from distillctl.export.openvino import ov_runner
+
+        run = ov_runner(artefact, threads=threads)
+        return (lambda images: (lambda: run(images))), None, artefact, "OpenVINO CPU (f32 hint, latency)"
     from distillctl.export.onnx import INPUT_NAME, ort_session
 
     session = ort_session(artefact, threads=threads)

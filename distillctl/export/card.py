@@ -107,6 +107,18 @@ def card_to_metadata(card: dict[str, Any]) -> dict[str, str]:
     return props
 
 
+def artifact_metadata(format_name: str, file_name: str, quantization: dict[str, Any] | None = None) -> dict[str, str]:
+    """``distillctl.artifact``: which of the card's artefacts this file is (format, and INT8 form if any)."""
+    entry: dict[str, Any] = {"format": format_name, "file": file_name}
+    if quantization:
+        entry["int8"] = {key: quantization[key] for key in ("form", "format", "activation_type", "weight_type",
+                                                            "per_channel", "symmetric", "reduce_range", "runtime",
+                                                            "calibration_method", "excluded_nodes", "preset",
+                                                            "fast_bias_correction", "ignored_nodes")
+                         if key in quantization}
+    return {METADATA_PREFIX + "artifact": json.dumps(entry, sort_keys=True)}
+
+
 def metadata_to_card(props: dict[str, str]) -> dict[str, Any]:
     """Inverse of :func:`card_to_metadata` (JSON values decoded, plain strings kept)."""
     card: dict[str, Any] = {}

@@ -14,18 +14,24 @@ import typer
 from distillctl.cli_common import console, print_json
 from distillctl.errors import UsageError
 
-EXPORT_HELP = """Export a run's student to ONNX (fp32 / fp16 / INT8) or a TensorRT engine, with parity and accuracy gates.
+EXPORT_HELP = """Export a run's student to ONNX (fp32 / fp16 / INT8), OpenVINO IR (fp32 / INT8) or a TensorRT engine, with parity and accuracy gates.
 
 Writes <run>/export/student.onnx (+ student.fp16.onnx, student.int8.onnx, student.int8.trt.onnx,
-student.<precision>.<gpu>.trt<ver>.engine) and export/model_card.json, and merges the report into
-summary.json. Exit 3 when a gate fails (the numbers are still written).
+student.openvino.xml, student.int8.openvino.xml, student.<precision>.<gpu>.trt<ver>.engine) and
+export/model_card.json, and merges the report into summary.json. INT8 artefacts pass when their kNN
+drop is within --max-drop and their embedding cosine above the INT8 floor. Exit 3 when a gate fails
+(the numbers are still written); exit 2 when an optional extra (openvino, tensorrt, slim) is missing.
 
 Example: distillctl export runs/quickstart --format onnx,onnx-int8 --calib-size 512
 """
 
-BENCH_HELP = """Latency (p50/p90) and throughput of the student per format and batch size.
+BENCH_HELP = """Latency (p50/p90) and throughput of every exported format side by side, and the fastest one that passed its gates.
 
-Example: distillctl bench runs/quickstart --formats torch,onnx,onnx-int8 --batch 1,32 --json
+Formats: PyTorch, ONNX Runtime fp32/fp16/INT8 (CPU form and TensorRT form), OpenVINO fp32/INT8, TensorRT
+engines where present. Each row carries the artefact's export verdict (parity + kNN budget); speed-ups
+are against ONNX Runtime fp32 at the same batch and thread count.
+
+Example: distillctl bench runs/quickstart --batch 1,32 --threads 1 --json
 """
 
 
@@ -33,23 +39,24 @@ def _split_csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _batches(value: str) -> list[int]:
+def _batches(value: str, flag: str = "--batch") -> list[int]:
     try:
         batches = [int(item) for item in _split_csv(value)]
     except ValueError:
-        raise UsageError(f"--batch must be comma-separated integers, got '{value}'") from None
+        raise UsageError(f"{flag} must be comma-separated integers, got '{value}'") from None
     if not batches or min(batches) < 1:
-        raise UsageError(f"--batch sizes must be >= 1, got '{value}'")
+        raise UsageError(f"{flag} values must be >= 1, got '{value}'")
     return batches
 
 
 def export_command(
     run_dir: Path = typer.Argument(..., help="Run directory with student/model.safetensors and student/config.json."),
-    format: str = typer.Option("onnx", "--format", "-f", help="Comma-separated: onnx, onnx-fp16, onnx-int8, engine, engine-int8."),
+    format: str = typer.Option("onnx", "--format", "-f", help="Comma-separated: onnx, onnx-fp16, onnx-int8, openvino, openvino-int8 (distillctl[openvino]), engine, engine-int8 (distillctl[tensorrt])."),
     calib_data: str = typer.Option(None, "--calib-data", help="Images for INT8 calibration (ImageFolder or builtin:NAME); default: the run's train split."),
     calib_size: int = typer.Option(512, "--calib-size", help="Number of calibration images (eval transform)."),
-    calib_method: str = typer.Option("auto", "--calib-method", help="INT8 calibration: auto (minmax, then percentile, "
-                                     "then entropy until the parity gate passes), minmax, percentile or entropy."),
+    calib_method: str = typer.Option("auto", "--calib-method", help="INT8 calibration: auto (minmax, percentile and "
+                                     "entropy ranked by embedding cosine, the first within the kNN budget kept; then the "
+                                     "most sensitive layers left in float), minmax, percentile or entropy."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="INT8 budget: largest allowed kNN top-1 drop vs fp32, in points."),
     half: bool = typer.Option(False, "--half", help="Build the TensorRT engine in fp16."),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (opset 18, default) or legacy (TorchScript, opset 17)."),
@@ -59,6 +66,11 @@ def export_command(
     bundle: Path = typer.Option(None, "--bundle", help="Also write a release bundle here: artefacts, model card, "
                                 "summary.json, sample inputs + reference embeddings, sha256 manifest (distillctl verify)."),
     bundle_samples: int = typer.Option(8, "--bundle-samples", help="Held-out sample images in the bundle."),
+    int8_form: str = typer.Option("auto", "--int8-form", help="Layout of student.int8.onnx: auto (qdq-u8s8 on x86-64, "
+                                  "qdq-s8s8 elsewhere), qdq-u8s8, qoperator-u8s8 or qdq-s8s8. student.int8.trt.onnx is "
+                                  "always the symmetric TensorRT form."),
+    slim: bool = typer.Option(False, "--slim", help="Clean the fp32 graph with onnxslim first (kept only if it passes "
+                              "the fp32 parity gate; needs distillctl[slim])."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as one JSON object on stdout."),
 ) -> None:
     from distillctl.export.api import export_run
@@ -71,7 +83,7 @@ def export_command(
     try:
         report = export_run(run_dir, _split_csv(format), calib_data=calib_data, calib_size=calib_size,
                             calib_method=calib_method, max_drop=max_drop, half=half, exporter=exporter,
-                            parity_images=parity_images, data=data, val_data=val_data)
+                            parity_images=parity_images, data=data, val_data=val_data, int8_form=int8_form, slim=slim)
     except GateError:
         _render_export_from_summary(run_dir, json_out)
         raise
@@ -133,31 +145,43 @@ def _entries(report: dict[str, Any]):
 
 def bench_command(
     run_dir: Path = typer.Argument(..., help="Run directory (exported artefacts are read from <run>/export)."),
-    formats: str = typer.Option("torch,onnx", "--formats", help="Comma-separated: torch, onnx, onnx-int8, onnx-fp16, engine."),
+    formats: str = typer.Option("all", "--formats", help="Comma-separated: all (torch + every exported artefact), "
+                                "torch, onnx, onnx-fp16, onnx-int8, onnx-int8-trt, openvino, openvino-int8, engine."),
     batch: str = typer.Option("1,32", "--batch", help="Comma-separated batch sizes."),
+    threads: str = typer.Option(None, "--threads", help="Comma-separated intra-op thread counts (torch, ONNX Runtime "
+                                "and OpenVINO alike); default: torch's current count."),
     repeats: int = typer.Option(20, "--repeats", help="Timed calls per (format, batch), after warm-up."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up calls per (format, batch)."),
-    json_out: bool = typer.Option(False, "--json", help="Print {'results': [...]} as one JSON object on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (schema, results, fastest) on stdout."),
 ) -> None:
-    from distillctl.export.bench import bench_run
+    from distillctl.export.bench import bench_report, bench_run
 
     if not run_dir.is_dir():
         from distillctl.errors import InputError
 
         raise InputError(f"run directory does not exist: {run_dir}")
-    rows = bench_run(run_dir, _split_csv(formats), _batches(batch), repeats=repeats, warmup=warmup)
+    thread_counts = _batches(threads, "--threads") if threads else None
+    rows = bench_run(run_dir, _split_csv(formats), _batches(batch), repeats=repeats, warmup=warmup,
+                     threads=thread_counts)
+    report = bench_report(run_dir, rows)
     if json_out:
-        print_json({"results": rows})
+        print_json(report)
         return
     from rich.table import Table
 
-    table = Table(title=f"distillctl bench (torch threads {rows[0]['torch_threads'] if rows else '?'})")
-    for column in ("format", "batch", "p50 ms", "p90 ms", "img/s", "size MB", "params"):
-        table.add_column(column, justify="right" if column != "format" else "left")
+    table = Table(title="distillctl bench")
+    for column in ("format", "threads", "batch", "p50 ms", "p90 ms", "img/s", "× onnx fp32", "gate", "size MB"):
+        table.add_column(column, justify="right" if column not in ("format", "gate") else "left")
     for row in rows:
-        table.add_row(row["format"], str(row["batch"]), f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}",
-                      f"{row['images_per_sec']:.1f}", f"{row['size_mb']:.2f}", f"{row['params']:,}")
+        speedup = row["speedup_vs_onnx_fp32"]
+        table.add_row(row["format"], str(row["threads"]), str(row["batch"]), f"{row['p50_ms']:.3f}",
+                      f"{row['p90_ms']:.3f}", f"{row['images_per_sec']:.1f}", f"{speedup:.2f}" if speedup else "-",
+                      row["gate"], f"{row['size_mb']:.2f}")
     console.print(table)
+    for best in report["fastest"]:
+        speedup = f", {best['speedup_vs_onnx_fp32']:.2f}× ONNX Runtime fp32" if best["speedup_vs_onnx_fp32"] else ""
+        console.print(f"fastest passing format at batch {best['batch']}, {best['threads']} thread(s): "
+                      f"[bold]{best['format']}[/] ({best['images_per_sec']:.1f} img/s{speedup})")
 
 
 def register(app: typer.Typer) -> None:

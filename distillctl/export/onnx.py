@@ -173,3 +173,37 @@ def ort_session(path: str | Path, threads: int | None = None, providers: list[st
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
+
+
+SLIM_INSTALL_HINT = "pip install 'distillctl[slim]'  (installs onnxslim)"
+
+
+def require_onnxslim():
+    """Import onnxslim (optional extra) or raise a UsageError (exit 2) with the install hint."""
+    try:
+        import onnxslim  # noqa: PLC0415 - optional extra, imported only when asked for
+    except ImportError:
+        raise UsageError("--slim needs onnxslim, which is not installed", hint=SLIM_INSTALL_HINT) from None
+    return onnxslim
+
+
+def slim_onnx(source: str | Path, out_path: str | Path, opset: int) -> dict[str, int]:
+    """Graph clean-up with onnxslim (constant folding, dead/identity node removal, fusions) into ``out_path``.
+
+    The slimmed file keeps the metadata and passes :func:`verify_onnx`; whether it computes the same
+    embedding is for the caller's parity gate to decide. Returns the node counts before and after.
+    """
+    import onnx
+
+    onnxslim = require_onnxslim()
+    proto = onnx.load(str(source))
+    before = len(proto.graph.node)
+    with contextlib.redirect_stdout(sys.stderr):
+        slimmed = onnxslim.slim(proto)
+    del slimmed.metadata_props[:]
+    slimmed.metadata_props.extend(proto.metadata_props)
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        onnx.save(slimmed, str(tmp))
+        verify_onnx(tmp, opset)
+    return {"nodes_before": before, "nodes_after": len(slimmed.graph.node)}

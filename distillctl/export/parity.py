@@ -44,9 +44,20 @@ TOLERANCES: dict[str, Tolerance] = {
     # CUDA EP / TensorRT fp32 (TF32 may be used by the builder).
     "gpu-fp32": Tolerance("gpu-fp32", max_abs=1e-3, abs_floor=1.0, min_cosine=0.9999),
     "fp16": Tolerance("fp16", max_abs=1e-2, abs_floor=0.0, min_cosine=0.9995, mean_cosine=0.9999),
-    # INT8 is judged by the embedding's direction; the task gate (kNN drop) is separate.
-    "int8": Tolerance("int8", mean_cosine=0.99, p1_cosine=0.98),
+    # INT8: the task gate (kNN drop within --max-drop) decides deployability; this cosine floor only
+    # catches broken quantization that a small kNN test set could miss. See INT8_FLOOR_SOURCE.
+    "int8": Tolerance("int8", mean_cosine=0.98, p1_cosine=0.95),
 }
+
+
+INT8_FLOOR_SOURCE = (
+    "INT8 cosine floor (mean >= 0.98, p1 >= 0.95 on held-out images): set below the INT8 artefacts that met the kNN "
+    "budget in distillctl's measurements and far above broken quantization. Met: the issue-15 compress-1q MobileNetV2 "
+    "(p1 0.9665 with INT8 kNN 0.7 points better than fp32), the 64 px MobileNetV2 benchmark student "
+    "(benchmarks/RESULTS.md, every calibration method); broken: per-tensor weights on the same student "
+    "(benchmarks/RESULTS.md). The earlier 0.99/0.98 came from random-weight models (export_cache_data.md §A.2) and "
+    "failed INT8 students whose kNN was better than fp32."
+)
 
 
 @dataclass
@@ -86,8 +97,9 @@ class ParityResult:
 _HINTS = {
     "fp32": "the exported file does not compute the student's embedding; try --exporter legacy, or report the architecture",
     "fp16": "fp16 rounding moved the embedding too far for this student; use the fp32 artefact",
-    "int8": "INT8 rounding moved the embedding too far: try more --calib-size images or another --calib-method "
-            "(auto tries minmax, percentile and entropy; the tries are in the report), or ship the fp32/fp16 artefact",
+    "int8": "INT8 rounding moved the embedding below the cosine floor (a sign of broken quantization): try more "
+            "--calib-size images or --calib-method auto (every try, and the layers left in float, are in the report), "
+            "or ship the fp32/fp16 artefact",
 }
 
 

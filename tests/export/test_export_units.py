@@ -214,52 +214,111 @@ def test_engine_build_follows_tensorrt_rules(monkeypatch, fake_gpu: Path, versio
     assert fake.call("cache-in")[-1] == (b"+t",)
 
 
-def _fake_quantize(calls: list):
-    from distillctl.export.quantize import QuantizationInfo
+class _FakeQuantizer:
+    """Writes '<method>|<excluded>' files instead of models; records what was asked for."""
 
-    def quantize(fp32_path, out_path, calib, *, method="minmax", tensorrt=False, **_):
-        Path(out_path).write_bytes(method.encode())
-        calls.append(method)
-        return QuantizationInfo(path=str(out_path), format="QDQ", per_channel=True, symmetric=tensorrt,
-                                calibration_method=method, calibration_images=len(calib), quantize_linear=1,
-                                dequantize_linear=1, size_bytes=1)
+    images = np.zeros((4, 3, 8, 8), dtype=np.float32)
+    prepared = None
 
-    return quantize
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
 
+    def write(self, path, *, method, form, exclude=()):
+        from distillctl.export.quantize import FORMS, QuantizationInfo
 
-def _fake_parity(p1_by_method: dict):
-    from distillctl.export.parity import TOLERANCES, ParityResult
-
-    def check(model, runner, images, precision="fp32", **_):
-        p1 = p1_by_method[runner.method]
-        return ParityResult(max_abs=0.0, max_rel=0.0, ref_abs_max=1.0, min_cosine=p1, mean_cosine=p1, p1_cosine=p1,
-                            batches=[1], images=4, passed=p1 >= 0.99, tolerance=TOLERANCES["int8"],
-                            failures=[] if p1 >= 0.99 else [f"p1 cosine {p1}"])
-
-    return check
+        Path(path).write_text(f"{method}|{','.join(exclude)}")
+        self.calls.append((method, tuple(exclude)))
+        spec = FORMS[form]
+        return QuantizationInfo(path=str(path), form=form, format=spec.format, activation_type=spec.activation_type,
+                                weight_type=spec.weight_type, per_channel=True, symmetric=spec.symmetric,
+                                reduce_range=False, runtime=spec.runtime, calibration_method=method,
+                                calibration_images=4, quantize_linear=1, dequantize_linear=1, quantized_ops=0,
+                                size_bytes=1, excluded_nodes=list(exclude))
 
 
-@pytest.mark.parametrize("p1, chosen, tried", [
-    ({"minmax": 0.995, "percentile": 0.999, "entropy": 0.999}, "minmax", ["minmax"]),  # first pass wins
-    ({"minmax": 0.90, "percentile": 0.995, "entropy": 0.999}, "percentile", ["minmax", "percentile"]),
-    ({"minmax": 0.90, "percentile": 0.95, "entropy": 0.93}, "percentile", ["minmax", "percentile", "entropy"]),
-])
-def test_auto_calibration_keeps_the_first_passing_or_the_best(monkeypatch, tmp_path: Path, p1, chosen, tried) -> None:
-    from distillctl.export import api
+def _selection(monkeypatch, tmp_path: Path, cosine: dict, drop: dict, ranking: list[str] | None = None):
+    """Run select_int8 with per-key ('method' or 'method|a,b') mean cosines and kNN drops (budget 1 point)."""
+    from types import SimpleNamespace
 
-    calls: list = []
-    monkeypatch.setattr(api, "quantize_int8", _fake_quantize(calls))
+    from distillctl.export import int8
+    from distillctl.export.parity import TOLERANCES, evaluate_parity
+
+    def check(model, runner, images, precision="int8", **_):
+        c = cosine[runner.key]  # a 2-D rotation by angle acos(c): every row has cosine c
+        reference = np.tile([[1.0, 0.0]], (100, 1))
+        return evaluate_parity(reference, {1: np.tile([[c, np.sqrt(1 - c * c)]], (100, 1))}, TOLERANCES[precision])
 
     def runner(path):
         run = lambda batch: batch  # noqa: E731
-        run.method = Path(path).read_bytes().decode()
+        run.key = Path(path).read_text().rstrip("|")
         return run
 
-    monkeypatch.setattr(api, "ort_runner", runner)
-    monkeypatch.setattr(api, "check_parity", _fake_parity(p1))
-    best, record = api._choose_calibration(None, tmp_path / "m.onnx", tmp_path, np.zeros((4, 3, 8, 8)), None, "auto")
-    assert best["method"] == chosen and [t["method"] for t in record] == tried == calls
-    assert [t["passed"] for t in record] == [p1[m] >= 0.99 for m in tried]
-    assert [p.name for p in tmp_path.iterdir()] == [f".int8-try-{chosen}.onnx"]  # the losers are deleted
-    fixed, none_tried = api._choose_calibration(None, tmp_path / "m.onnx", tmp_path, np.zeros(1), None, "entropy")
-    assert fixed == {"method": "entropy", "info": None, "parity": None} and none_tried == []
+    evaluated: list[str] = []
+
+    def accuracy_of(path):
+        key = Path(path).read_text().rstrip("|")
+        evaluated.append(key)
+        return SimpleNamespace(drop=drop[key], passed=drop[key] <= 1.0)
+
+    monkeypatch.setattr(int8, "check_parity", check)
+    monkeypatch.setattr(int8, "ort_runner", runner)
+    monkeypatch.setattr(int8, "_sensitivity", lambda *a: [{"node": n, "added": 1.0} for n in (ranking or [])])
+    quantizer = _FakeQuantizer()
+    chosen, tried = int8.select_int8(quantizer, None, None, tmp_path, methods=("minmax", "percentile", "entropy"),
+                                     form="qdq-u8s8", accuracy_of=accuracy_of)
+    return chosen, tried, evaluated, quantizer
+
+
+def test_int8_selection_the_accuracy_budget_decides(monkeypatch, tmp_path: Path) -> None:
+    # percentile has the best cosine but misses the kNN budget; entropy (second by cosine) meets it.
+    chosen, tried, evaluated, quantizer = _selection(
+        monkeypatch, tmp_path, cosine={"minmax": 0.97, "percentile": 0.995, "entropy": 0.99},
+        drop={"minmax": 0.0, "percentile": 1.5, "entropy": 0.4})
+    assert (chosen.method, chosen.exclude) == ("entropy", [])
+    assert evaluated == ["percentile", "entropy"]  # minmax fails the cosine floor (mean 0.97 < 0.98): not evaluated
+    assert [(t["method"], t["cosine_floor_passed"]) for t in tried] == [("minmax", False), ("percentile", True),
+                                                                        ("entropy", True)]
+    assert tried[1]["knn_drop"] == 1.5 and tried[1]["accuracy_passed"] is False
+    assert [p.name for p in tmp_path.iterdir()] == [".int8-try-entropy.onnx"]  # the losers are deleted
+
+
+def test_int8_selection_leaves_the_most_sensitive_layers_in_float(monkeypatch, tmp_path: Path) -> None:
+    layers = [f"conv{i}" for i in range(12)]
+    chosen, tried, evaluated, quantizer = _selection(
+        monkeypatch, tmp_path, cosine={"minmax": 0.99, "percentile": 0.985, "entropy": 0.97, "minmax|conv0": 0.992,
+                                       "minmax|conv0,conv1": 0.995},
+        drop={"minmax": 2.0, "percentile": 3.0, "minmax|conv0": 1.2, "minmax|conv0,conv1": 0.3}, ranking=layers)
+    assert (chosen.method, chosen.exclude) == ("minmax", ["conv0", "conv1"])
+    assert quantizer.calls[-2:] == [("minmax", ("conv0",)), ("minmax", ("conv0", "conv1"))]
+    assert tried[-1]["excluded_nodes"] == ["conv0", "conv1"] and tried[-1]["accuracy_passed"] is True
+    assert chosen.sensitivity[0]["node"] == "conv0"
+
+
+def test_int8_selection_keeps_the_smallest_drop_when_nothing_passes(monkeypatch, tmp_path: Path) -> None:
+    layers = ["a", "b", "c", "d"]  # a quarter of 4 layers: only one exclusion step (1 layer)
+    chosen, tried, evaluated, quantizer = _selection(
+        monkeypatch, tmp_path, cosine={"minmax": 0.99, "percentile": 0.985, "entropy": 0.99, "minmax|a": 0.99},
+        drop={"minmax": 2.0, "percentile": 1.8, "entropy": 2.5, "minmax|a": 1.9}, ranking=layers)
+    assert not chosen.passed and (chosen.method, chosen.exclude) == ("percentile", [])
+    assert len(tried) == 4 and quantizer.calls[-1] == ("minmax", ("a",))
+    assert [p.name for p in tmp_path.iterdir()] == [".int8-try-percentile.onnx"]
+
+
+def test_int8_floor_passes_the_issue_15_student_and_fails_broken_quantization() -> None:
+    """p1 cosine 0.9665 with INT8 kNN better than fp32 must pass the floor; a collapsed embedding must not."""
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((200, 64))
+    noise = rng.standard_normal((200, 64))
+
+    def at_cosine(target: float) -> np.ndarray:  # rows at a chosen angle to the reference
+        ortho = noise - (noise * reference).sum(1, keepdims=True) / (reference ** 2).sum(1, keepdims=True) * reference
+        ortho *= np.linalg.norm(reference, axis=1, keepdims=True) / np.linalg.norm(ortho, axis=1, keepdims=True)
+        return target * reference + np.sqrt(1 - target ** 2) * ortho
+
+    cosines = np.full(200, 0.99)
+    cosines[:3] = 0.9665  # the measured p1 (3 of 200 rows below the 1st percentile)
+    candidate = np.stack([at_cosine(c)[i] for i, c in enumerate(cosines)])
+    result = evaluate_parity(reference, {1: candidate}, TOLERANCES["int8"])
+    assert 0.96 < result.p1_cosine < 0.97 and result.passed
+    broken = evaluate_parity(reference, {1: at_cosine(0.8)}, TOLERANCES["int8"])
+    assert not broken.passed and len(broken.failures) == 2

@@ -1,0 +1,169 @@
+"""INT8 calibration and forms on a tiny conv net: any number of calibration images, entropy really
+applied, the CPU form (uint8 activations) vs the symmetric TensorRT form, sensitivity ranking, and the
+selection in which the kNN budget decides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from distillctl.export.calibration import calibrate, entropy_range, ranges_of
+from distillctl.export.onnx import export_onnx
+from distillctl.export.quantize import (FORMS, Int8Quantizer, count_ops, default_cpu_form, quantize_int8,
+                                        tensorrt_incompatibilities)
+
+SIZE = 12
+
+
+class TinyNet(torch.nn.Module):
+    """Stem conv, depthwise conv, pointwise conv, global pool: the MobileNet pattern in miniature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pointwise = torch.nn.Conv2d(8, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp(self.stem(x), 0, 6)
+        x = torch.clamp(self.depthwise(x), 0, 6)
+        return self.pointwise(x).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[TinyNet, Path]:
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    path = export_onnx(model, tmp_path_factory.mktemp("int8") / "tiny.onnx", SIZE)
+    return model, path
+
+
+def _images(count: int, seed: int = 0, outliers: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((count, 3, SIZE, SIZE)).astype(np.float32)
+    if outliers:  # a few extreme pixels: MinMax must stretch its range to them, entropy should clip
+        images.reshape(-1)[rng.choice(images.size, 4, replace=False)] = 60.0
+    return images
+
+
+def _prepared(path: Path, tmp_path: Path) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = tmp_path / "prepared.onnx"
+    quant_pre_process(str(path), str(prepared))
+    return prepared
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_13_images_at_batch_4_calibrate_for_every_method(tiny, tmp_path: Path, method: str) -> None:
+    """onnxruntime's histogram calibrators crashed ('inhomogeneous shape') when the last batch was smaller."""
+    prepared = _prepared(tiny[1], tmp_path)
+    images = _images(13)
+    ragged = ranges_of(calibrate(prepared, images, method, tmp_path, batch_size=4))
+    assert "input" in ragged and len(ragged) >= 4
+    assert all(np.isfinite(low) and np.isfinite(high) and low <= high for low, high in ragged.values())
+    if method == "minmax":  # min/max merge exactly: batch size must not matter
+        whole = ranges_of(calibrate(prepared, images, method, tmp_path, batch_size=13))
+        assert ragged == whole
+        assert ragged["input"] == (float(images.min()), float(images.max()))
+
+
+def test_entropy_is_applied_and_differs_from_minmax(tiny, tmp_path: Path) -> None:
+    """With onnxruntime's defaults (128 bins, 128 quantized bins) entropy returned the MinMax ranges exactly."""
+    prepared = _prepared(tiny[1], tmp_path)
+    images = _images(32, outliers=True)
+    minmax = ranges_of(calibrate(prepared, images, "minmax", tmp_path))
+    entropy = ranges_of(calibrate(prepared, images, "entropy", tmp_path))
+    assert minmax["input"][1] == pytest.approx(60.0)
+    assert entropy["input"][1] < 20.0  # the 4 outliers among 13,824 values are clipped away
+    assert entropy["input"][1] > 2.5  # ... but not the bulk of a unit Gaussian
+    # And the quantized graphs really use different scales for the input.
+    scales = {}
+    for method in ("minmax", "entropy"):
+        info = quantize_int8(tiny[1], tmp_path / f"{method}.onnx", images, method=method, form="qdq-u8s8")
+        scales[method] = _input_scale(Path(info.path))
+    assert scales["entropy"] < scales["minmax"] / 3
+
+
+def _input_scale(path: Path) -> float:
+    proto = onnx.load(str(path))
+    constants = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    node = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    return float(constants[node.input[1]])
+
+
+def test_entropy_range_of_a_gaussian_with_outliers() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(200_000), [40.0, -45.0]]).astype(np.float32)
+    threshold = float(np.abs(values).max())
+    counts, edges = np.histogram(values, 2048, range=(-threshold, threshold))
+    low, high = entropy_range((counts, edges, values.min(), values.max(), threshold))
+    assert -10.0 < low < -3.0 and 3.0 < high < 10.0
+
+
+def test_cpu_form_uses_uint8_activations_and_int8_per_channel_weights(tiny, tmp_path: Path) -> None:
+    info = quantize_int8(tiny[1], tmp_path / "cpu.onnx", _images(8), form="qdq-u8s8")
+    assert (info.form, info.format, info.activation_type, info.weight_type, info.symmetric) == \
+        ("qdq-u8s8", "QDQ", "QUInt8", "QInt8", False)
+    proto = onnx.load(info.path)
+    constants = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    activation_zero_points = [constants[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert activation_zero_points and all(z.dtype == np.uint8 for z in activation_zero_points)
+    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and constants.get(n.input[0]) is not None
+                 and constants[n.input[0]].ndim == 4]
+    assert len(weight_dq) == 3  # the three convs' weights
+    assert all(constants[n.input[0]].dtype == np.int8 for n in weight_dq)
+    assert all(constants[n.input[1]].size == constants[n.input[0]].shape[0] for n in weight_dq)  # per channel
+    assert tensorrt_incompatibilities(info.path)  # uint8 zero-points: not for TensorRT
+
+
+def test_tensorrt_form_stays_symmetric_with_zero_point_0(tiny, tmp_path: Path) -> None:
+    info = quantize_int8(tiny[1], tmp_path / "trt.onnx", _images(13), method="entropy", form="tensorrt",
+                         batch_size=4)
+    assert (info.form, info.symmetric, info.activation_type) == ("tensorrt", True, "QInt8")
+    assert tensorrt_incompatibilities(info.path) == []
+    proto = onnx.load(info.path)
+    zero_points = [numpy_helper.to_array(i) for i in proto.graph.initializer if i.name.endswith("zero_point")]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+
+
+def test_qoperator_form_and_one_calibration_for_every_form(tiny, tmp_path: Path) -> None:
+    from distillctl.export.parity import check_parity, ort_runner
+
+    model, path = tiny
+    images = _images(16)
+    with Int8Quantizer(path, images, workdir=tmp_path) as quantizer:
+        infos = {form: quantizer.write(tmp_path / f"{form}.onnx", method="minmax", form=form) for form in FORMS}
+        assert list(quantizer._ranges) == ["minmax"]  # calibrated once, shared by the four forms
+    assert count_ops(infos["qoperator-u8s8"].path).get("QLinearConv") == 3
+    assert infos["qoperator-u8s8"].quantized_ops >= 3
+    for form, info in infos.items():
+        parity = check_parity(model, ort_runner(info.path), images, precision="int8")
+        assert parity.mean_cosine > 0.98, form
+    assert not list(tmp_path.glob(".quant-*"))  # the work directory is gone
+
+
+def test_default_cpu_form_by_machine() -> None:
+    assert default_cpu_form("x86_64") == "qdq-u8s8" and default_cpu_form("AMD64") == "qdq-u8s8"
+    assert default_cpu_form("aarch64") == "qdq-s8s8" and default_cpu_form("arm64") == "qdq-s8s8"
+
+
+def test_sensitivity_ranks_the_layer_fed_by_an_outlier_range_first(tiny, tmp_path: Path) -> None:
+    from distillctl.export.sensitivity import layer_sensitivity
+
+    path = tiny[1]
+    # Calibrated on images with extreme pixels (MinMax): the stem's input step becomes ~60/255, so the
+    # stem (fed by that input) adds by far the most error on ordinary images.
+    with Int8Quantizer(path, _images(16, outliers=True), workdir=tmp_path) as quantizer:
+        info = quantizer.write(tmp_path / "q.onnx", method="minmax", form="qdq-u8s8")
+        ranking = layer_sensitivity(quantizer.prepared, info.path, _images(8, seed=1))
+        names = quantizer.quantizable_nodes()
+    assert sorted(row["node"] for row in ranking) == sorted(names) and len(names) == 3
+    assert ranking[0]["node"] == names[0]  # the stem conv
+    assert ranking[0]["added"] > 3 * ranking[1]["added"] > 0
+    assert all(row["error"] >= 0 for row in ranking)
