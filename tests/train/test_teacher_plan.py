@@ -75,3 +75,16 @@ def test_methods_that_claimed_cached_exact_under_train_bn_go_online(name):
         teacher_plan(requirements, requirements.teacher_bn, "cached", name)
     eval_requirements = build_method(name, {"teacher_bn": "eval"}, 8, TeacherDims(12, 6)).requirements(16)
     assert teacher_plan(eval_requirements, "eval", "auto", name).mode == "cached"
+
+
+def test_cli_refuses_a_cache_with_train_mode_teacher_bn(tiny_teacher_file, tmp_path):
+    """End to end: ``--teacher-mode cached --teacher-bn train`` exits 2 with one line before any cache or
+    training work (the cache would hold eval-mode BatchNorm targets while the run records train)."""
+    from tests.conftest import run_cli, tiny_run_args
+
+    result = run_cli(*tiny_run_args(tiny_teacher_file, tmp_path / "run", "--teacher-mode", "cached",
+                                    "--teacher-bn", "train", method="smd"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--teacher-mode cached is not possible for smd" in result.stderr
+    assert "eval-mode BatchNorm" in result.stderr
+    assert not (tmp_path / "run" / "cache").exists() and not (tmp_path / "run" / "distill").exists()
