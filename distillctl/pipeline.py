@@ -615,22 +615,10 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
         raise UsageError(f"--resume: no checkpoint to resume from in {checkpoints.directory}")
     distributed.main_first(run.record_stage, "distill", distill_fp, "running")
     job = TrainJob(
-        method=method, student=student, dataset=train_data, out_dir=run.path / "distill",
-        metrics_path=run.metrics_path, fingerprint=distill_fp, epochs=recipe.train.epochs,
-        batch_size=recipe.train.batch_size,
-        lr=recipe.train.lr * (recipe.train.batch_size / 256 if recipe.train.lr_scaling == "linear" else 1.0),
-        optimizer=recipe.train.optimizer, weight_decay=recipe.train.weight_decay, momentum=recipe.train.momentum,
-        warmup_epochs=recipe.train.warmup_epochs, min_lr_ratio=recipe.train.min_lr_ratio, mean=mean, std=std,
-        image_size=recipe.data.image_size, teacher=teacher if mode in ("online", "co_trained") else None,
-        teacher_bn=teacher_bn,
-        cache=cache, bags=bags, amp=recipe.train.amp, channels_last=recipe.train.channels_last, compile=recipe.train.compile,
-        grad_clip=recipe.train.grad_clip, grad_accum=recipe.train.grad_accum, sync_bn=recipe.train.sync_bn,
-        device=device, seed=recipe.train.seed,
-        max_steps=recipe.train.max_steps, log_every=recipe.train.log_every,
-        checkpoint_every_steps=recipe.train.checkpoint_every_steps,
-        checkpoint_every_minutes=recipe.train.checkpoint_every_minutes, keep_last=recipe.train.keep_last,
-        num_workers=recipe.data.num_workers, max_bad_fraction=recipe.data.max_bad_fraction, resume=not options.restart,
-        require_resume=require,
+        method=method, student=student, dataset=train_data, train=recipe.train, data=recipe.data,
+        out_dir=run.path / "distill", metrics_path=run.metrics_path, fingerprint=distill_fp, mean=mean, std=std,
+        device=device, teacher=teacher if mode in ("online", "co_trained") else None, teacher_bn=teacher_bn,
+        cache=cache, bags=bags, resume=not options.restart, require_resume=require,
         stage="pretrain" if teacher is None and method.kind == "ssl" else "distill",
         tensorboard_dir=run.path / "tensorboard" if recipe.train.tensorboard else None,
     )

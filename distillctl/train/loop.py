@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from distillctl.cli_common import console
+from distillctl.config import DataConfig, TrainConfig
 from distillctl.data.bad_images import BadImages
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import normalize
@@ -43,48 +44,34 @@ from distillctl.train.syncbn import convert_sync_batchnorm
 
 @dataclass
 class TrainJob:
-    """Everything the loop needs; built by the pipeline."""
+    """What the loop needs: the recipe's ``train`` and ``data`` sections as they are, plus what the pipeline
+    built (method, student, dataset, teacher or cache, resolved normalisation and device, paths)."""
 
     method: Method
     student: nn.Module
     dataset: ImageDataset
+    train: TrainConfig  # recipe.train: schedule, optimiser, batch, AMP, checkpoints, seed
+    data: DataConfig  # recipe.data: image_size, num_workers, max_bad_fraction
     out_dir: Path  # checkpoints go to out_dir/checkpoints
     metrics_path: Path
     fingerprint: str
-    epochs: int
-    batch_size: int  # global
-    lr: float
-    optimizer: str = "sgd"
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # resolved (recipe data.mean may defer to the teacher)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    image_size: int = 224
+    device: str = "cpu"  # resolved (recipe train.device may say auto)
     teacher: Teacher | None = None
     teacher_bn: str = "eval"
     cache: object | None = None  # distillctl.cache.store.FeatureCache in cached mode
     bags: object | None = None  # (N, k) teacher-kNN neighbour table for methods with neighbour views (BINGO)
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    grad_clip: float | None = None
-    grad_accum: int = 1
-    sync_bn: bool = False
-    device: str = "cpu"
-    seed: int = 0
-    max_steps: int | None = None
-    log_every: int = 10
-    checkpoint_every_steps: int | None = None
-    checkpoint_every_minutes: float | None = 15.0
-    keep_last: int = 2
-    num_workers: int = 0
-    max_bad_fraction: float = 0.01
     resume: bool = True  # continue from the newest loadable matching checkpoint, if any
     require_resume: bool = False  # --resume: no loadable checkpoint is an error, not a fresh start
     stage: str = "distill"
     tensorboard_dir: Path | None = None
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: ``train.lr``, times global batch / 256 with ``train.lr_scaling: linear``."""
+        scale = self.train.batch_size / 256 if self.train.lr_scaling == "linear" else 1.0
+        return self.train.lr * scale
 
 
 @dataclass
@@ -136,19 +123,19 @@ def train(job: TrainJob) -> TrainResult:
     dist_info = distributed.info()
     device = torch.device(distributed.local_device(job.device))
     world = dist_info.world_size
-    per_rank, micro = batch_split(job.batch_size, world, job.grad_accum)
+    per_rank, micro = batch_split(job.train.batch_size, world, job.train.grad_accum)
     method, student = job.method, job.student
     student.to(device)
-    if job.sync_bn and world > 1:
+    if job.train.sync_bn and world > 1:
         convert_sync_batchnorm(student, device.type)
     method.num_samples = len(job.dataset)  # for per-sample state created in setup()
     method.setup(student)
     method.to(device)
-    if job.sync_bn and world > 1:
+    if job.train.sync_bn and world > 1:
         convert_sync_batchnorm(method, device.type)
-    if job.channels_last:
+    if job.train.channels_last:
         student.to(memory_format=torch.channels_last)
-    requirements = method.requirements(job.image_size)
+    requirements = method.requirements(job.data.image_size)
     specs = [view.spec for view in requirements.views]
     teacher_slots = [i for i, view in enumerate(requirements.views) if view.teacher]
     student_slots = [i for i, view in enumerate(requirements.views) if view.student]
@@ -168,13 +155,13 @@ def train(job: TrainJob) -> TrainResult:
             job.teacher.freeze()
             job.teacher.set_bn_mode(job.teacher_bn)  # the frozen teacher is never wrapped in DDP
 
-    steps_per_epoch = len(job.dataset) // job.batch_size
+    steps_per_epoch = len(job.dataset) // job.train.batch_size
     if steps_per_epoch < 1:
-        raise InputError(f"dataset has {len(job.dataset)} images, fewer than one batch of {job.batch_size}",
+        raise InputError(f"dataset has {len(job.dataset)} images, fewer than one batch of {job.train.batch_size}",
                          hint="lower train.batch_size")
-    total_steps = job.epochs * steps_per_epoch
-    last_step = planned_steps(steps_per_epoch, job.epochs, job.max_steps)
-    warmup_steps = int(round(job.warmup_epochs * steps_per_epoch))
+    total_steps = job.train.epochs * steps_per_epoch
+    last_step = planned_steps(steps_per_epoch, job.train.epochs, job.train.max_steps)
+    warmup_steps = int(round(job.train.warmup_epochs * steps_per_epoch))
 
     distributed.broadcast_module(student)
     distributed.broadcast_module(method)
@@ -186,15 +173,15 @@ def train(job: TrainJob) -> TrainResult:
         teacher_parameters = job.teacher.parameters()
         groups = [{"params": parameters},
                   {"params": teacher_parameters, "lr_scale": requirements.teacher_lr_scale,
-                   "weight_decay": job.weight_decay if requirements.teacher_weight_decay is None
+                   "weight_decay": job.train.weight_decay if requirements.teacher_weight_decay is None
                    else requirements.teacher_weight_decay}]
         parameters = parameters + teacher_parameters  # averaged across ranks and clipped with the student's
-    optimizer = build_optimizer(job.optimizer, groups, job.lr, job.weight_decay, job.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=(job.amp == "fp16"))
-    forward_student = torch.compile(student) if job.compile else student
+    optimizer = build_optimizer(job.train.optimizer, groups, job.lr, job.train.weight_decay, job.train.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=(job.train.amp == "fp16"))
+    forward_student = torch.compile(student) if job.train.compile else student
     student_taps = TapRecorder(student, requirements.student_taps)  # hooks only while training runs
 
-    checkpoints = CheckpointManager(job.out_dir / "checkpoints", job.keep_last)
+    checkpoints = CheckpointManager(job.out_dir / "checkpoints", job.train.keep_last)
     step, resumed_from = 0, None
     prior_wall: float | None = 0.0  # training seconds spent before this invocation (from the checkpoint)
 
@@ -245,13 +232,13 @@ def train(job: TrainJob) -> TrainResult:
         while step < last_step:
             epoch = step // steps_per_epoch
             method.on_epoch_start(epoch)
-            view_data = ViewDataset(job.dataset, specs, job.seed, epoch,
+            view_data = ViewDataset(job.dataset, specs, job.train.seed, epoch,
                                     cache=job.cache, cached_slots=teacher_slots if job.cache is not None else (),
                                     neighbour_slots=neighbour_slots, bags=job.bags)
-            sampler = EpochBatchSampler(len(job.dataset), job.batch_size, job.seed, epoch,
+            sampler = EpochBatchSampler(len(job.dataset), job.train.batch_size, job.train.seed, epoch,
                                         start_step=step - epoch * steps_per_epoch,
                                         rank=dist_info.rank, world_size=world)
-            loader = torch.utils.data.DataLoader(view_data, batch_sampler=sampler, num_workers=job.num_workers,
+            loader = torch.utils.data.DataLoader(view_data, batch_sampler=sampler, num_workers=job.data.num_workers,
                                                  collate_fn=collate_views, persistent_workers=False)
             for batch, bad in loader:
                 bad_images.update(bad)
@@ -259,7 +246,7 @@ def train(job: TrainJob) -> TrainResult:
                     raise InputError(f"a whole batch of images (and their substitutes) is unreadable at step {step}; "
                                      f"first: {next(iter(bad_images.items()), ('?', ''))}",
                                      hint="check the data; distillctl skips isolated corrupt files only")
-                lr = learning_rate(step, total_steps, job.lr, warmup_steps, job.min_lr_ratio)
+                lr = learning_rate(step, total_steps, job.lr, warmup_steps, job.train.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 optimizer.zero_grad(set_to_none=True)
@@ -269,32 +256,32 @@ def train(job: TrainJob) -> TrainResult:
                                                            steps_per_epoch, co_trained)
                 except Exception as exc:
                     if faults.is_oom(exc):
-                        raise faults.oom_error(exc, job.batch_size, world, job.grad_accum, step) from None
+                        raise faults.oom_error(exc, job.train.batch_size, world, job.train.grad_accum, step) from None
                     raise
                 _average_gradients(parameters)
-                if job.grad_clip:
+                if job.train.grad_clip:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(parameters, job.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(parameters, job.train.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 method.after_step(inputs)
                 step += 1
                 if pause_at and step == pause_at and pause_rank in (None, dist_info.rank):
                     faults.pause_for_signal(job.out_dir, stop)
-                due_time = bool(job.checkpoint_every_minutes
-                                and time.monotonic() - last_ckpt_time > 60 * job.checkpoint_every_minutes)
+                due_time = bool(job.train.checkpoint_every_minutes
+                                and time.monotonic() - last_ckpt_time > 60 * job.train.checkpoint_every_minutes)
                 log_keys = sorted(logs)
                 loss_sum, stop_votes, time_votes, bad_count, *log_sums = distributed.all_reduce_sum(
                     [loss_value, float(stop.signal is not None), float(due_time), float(len(bad_images)),
                      *(float(logs[key]) for key in log_keys)])
                 last_loss = loss_sum / world
                 logs = {key: value / world for key, value in zip(log_keys, log_sums)}  # metrics = mean over ranks
-                BadImages("train", len(job.dataset), job.max_bad_fraction, bad_images).check(int(bad_count))
+                BadImages("train", len(job.dataset), job.data.max_bad_fraction, bad_images).check(int(bad_count))
                 batch_images = per_rank * world
                 images_seen += batch_images
                 log_images += batch_images
                 progress.update(step, last_loss, lr)
-                if step % job.log_every == 0 or step == last_step:
+                if step % job.train.log_every == 0 or step == last_step:
                     now = time.monotonic()
                     rate = log_images / max(now - log_time, 1e-9)
                     metrics.write({"stage": job.stage, "step": step, "epoch": round(step / steps_per_epoch, 4),
@@ -302,7 +289,7 @@ def train(job: TrainJob) -> TrainResult:
                                    **{k: round(v, 6) for k, v in logs.items()}})
                     progress.log_line(step, last_loss, lr, rate)
                     log_time, log_images = now, 0
-                due_steps = job.checkpoint_every_steps and step % job.checkpoint_every_steps == 0
+                due_steps = job.train.checkpoint_every_steps and step % job.train.checkpoint_every_steps == 0
                 if (due_steps or time_votes) and step < last_step:
                     save_checkpoint()
                     last_ckpt_time = time.monotonic()
@@ -322,11 +309,11 @@ def train(job: TrainJob) -> TrainResult:
     merged: dict[str, str] = {}
     for part in distributed.all_gather_object(bad_images):
         merged.update(part)
-    return TrainResult(steps=step, epochs=job.epochs, images_seen=images_seen,
+    return TrainResult(steps=step, epochs=job.train.epochs, images_seen=images_seen,
                        images_per_sec=images_seen / max(wall, 1e-9), wall_s=wall, final_loss=last_loss,
                        resumed_from_step=resumed_from, total_wall_s=total_wall(end_time), world_size=world,
-                       grad_accum=job.grad_accum,
-                       sync_bn=bool(job.sync_bn and world > 1),
+                       grad_accum=job.train.grad_accum,
+                       sync_bn=bool(job.train.sync_bn and world > 1),
                        bad_images=[f"{path}: {why}" for path, why in sorted(merged.items())])
 
 
@@ -381,18 +368,18 @@ def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots
     of the whole batch for ``after_step``). Gradients are summed in ``.grad``, each micro-batch weighted 1/k."""
     views_uint8, _labels, index, stored, sources = batch
     neighbour_slots = _neighbour_slots(requirements)
-    chunks = torch.arange(index.shape[0]).tensor_split(job.grad_accum)
+    chunks = torch.arange(index.shape[0]).tensor_split(job.train.grad_accum)
     losses, all_logs, all_inputs = [], [], []
     for rows in chunks:
-        images = [_to_device(normalize(v[rows].to(device, non_blocking=True), job.mean, job.std), job.channels_last)
+        images = [_to_device(normalize(v[rows].to(device, non_blocking=True), job.mean, job.std), job.train.channels_last)
                   for v in views_uint8]
         targets = teacher_outputs(job.teacher, job.cache, requirements, images, teacher_slots, sources[rows],
-                                  stored[rows], device, job.amp, co_trained)
-        with autocast(device, job.amp):
+                                  stored[rows], device, job.train.amp, co_trained)
+        with autocast(device, job.train.amp):
             features, taps = student_forward(forward_student, student_taps, requirements, images, student_slots)
             inputs = MethodInputs(student_features=features, teacher_outputs=targets, images=images,
                                   index=index[rows].to(device), epoch=step / steps_per_epoch, step=step,
-                                  total_epochs=job.epochs, student=job.student,
+                                  total_epochs=job.train.epochs, student=job.student,
                                   extras={"neighbour_index": sources[rows, neighbour_slots[0]].to(device)}
                                   if neighbour_slots else {},
                                   student_taps=taps, teacher=job.teacher if co_trained else None)
@@ -401,7 +388,7 @@ def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step} (epoch {step // steps_per_epoch}); "
                                 "the last good checkpoint is kept",
                                 hint="lower train.lr, enable train.grad_clip, or use train.amp=bf16")
-        scaler.scale(loss / job.grad_accum if job.grad_accum > 1 else loss).backward()
+        scaler.scale(loss / job.train.grad_accum if job.train.grad_accum > 1 else loss).backward()
         losses.append(float(loss.detach()))
         all_logs.append(logs)
         all_inputs.append(inputs)

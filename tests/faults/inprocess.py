@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distillctl.config import DataConfig, TrainConfig
 from distillctl.data.datasets import open_dataset
 from distillctl.methods.base import TeacherDims, build_method
 from distillctl.teachers.base import Teacher
@@ -35,9 +36,11 @@ def tiny_job(out: Path, *, images: int = 128, batch: int = 32, grad_accum: int =
     teacher = Teacher(name="tiny", arch="tiny", backbone=_net(6).eval(), embed_dim=6, sha256="0" * 64)
     method = strip_batchnorm(build_method("simreg", {}, 8, TeacherDims(6, None)))
     data = open_dataset("builtin:digits").subset(range(images))
-    fields = dict(method=method, student=student, dataset=data, out_dir=out, metrics_path=out / "metrics.jsonl",
-                  fingerprint="test", epochs=1, batch_size=batch, lr=0.05, image_size=16, teacher=teacher,
-                  grad_accum=grad_accum, checkpoint_every_minutes=None, log_every=1)
-    fields.update(overrides)
+    settings = dict(epochs=1, batch_size=batch, lr=0.05, grad_accum=grad_accum, checkpoint_every_minutes=None,
+                    log_every=1)
+    settings.update({key: value for key, value in overrides.items() if key in TrainConfig.model_fields})
+    fields = {key: value for key, value in overrides.items() if key not in TrainConfig.model_fields}
     out.mkdir(parents=True, exist_ok=True)
-    return TrainJob(**fields)
+    return TrainJob(method=method, student=student, dataset=data, train=TrainConfig(**settings),
+                    data=DataConfig(image_size=16), out_dir=out, metrics_path=out / "metrics.jsonl",
+                    fingerprint="test", teacher=teacher, **fields)

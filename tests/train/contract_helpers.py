@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillctl.config import DataConfig, TrainConfig
 from distillctl.data.datasets import open_dataset
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, TeacherDims
@@ -93,10 +94,11 @@ def probe_job(out: Path, images: int = 64, batch: int = 16, seed: int = 0, teach
     params.setdefault("tap_dim", student.num_features if "vit" in student_arch else student.feature_info[-1]["num_chs"])
     method = Probe(ProbeParams(**params), student.num_features, TeacherDims(teacher.embed_dim))
     out.mkdir(parents=True, exist_ok=True)
+    settings = TrainConfig(epochs=2, batch_size=batch, lr=0.05, checkpoint_every_minutes=None, checkpoint_every_steps=2,
+                           log_every=1, keep_last=10)
     return TrainJob(method=method, student=student, dataset=open_dataset("builtin:digits").subset(range(images)),
-                    out_dir=out, metrics_path=out / "metrics.jsonl", fingerprint="probe", epochs=2, batch_size=batch,
-                    lr=0.05, image_size=image_size, teacher=teacher, checkpoint_every_minutes=None,
-                    checkpoint_every_steps=2, log_every=1, keep_last=10)
+                    train=settings, data=DataConfig(image_size=image_size), out_dir=out,
+                    metrics_path=out / "metrics.jsonl", fingerprint="probe", teacher=teacher)
 
 
 def cotrained_job(out: Path) -> TrainJob:

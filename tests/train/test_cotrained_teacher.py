@@ -21,7 +21,7 @@ from tests.train.contract_helpers import cotrained_job, probe_job, tiny_teacher
 @pytest.mark.slow
 def test_teacher_trains_in_its_own_group(tmp_path):
     job = cotrained_job(tmp_path / "run")
-    job.max_steps = 2
+    job.train.max_steps = 2
     before = {k: v.clone() for k, v in job.teacher.state_dict().items()}
     train(job)
     after = job.teacher.state_dict()
@@ -39,7 +39,7 @@ def test_teacher_trains_in_its_own_group(tmp_path):
 
 def test_frozen_teacher_stays_frozen(tmp_path):
     job = probe_job(tmp_path / "run")
-    job.max_steps = 1
+    job.train.max_steps = 1
     before = {k: v.clone() for k, v in job.teacher.state_dict().items()}
     train(job)
     assert all(v.equal(before[k]) for k, v in job.teacher.state_dict().items())
@@ -56,7 +56,7 @@ def test_cache_refused_for_cotrained_teacher_and_teacher_taps(tmp_path):
 
 def test_teacher_taps_arrive_in_the_teacher_outputs(tmp_path):
     job = probe_job(tmp_path / "run", teacher_taps=("stage:-1", "stage:1"))
-    job.max_steps = 1
+    job.train.max_steps = 1
     train(job)
     outputs = job.method.recorded[0].teacher_outputs[1]
     teacher = tiny_teacher()

@@ -38,7 +38,7 @@ def test_trainer_sizes_checkpoints_and_resumes_the_table(tmp_path):
     seen = full.method.seen
     assert seen.num_samples == 64 and seen.coverage() == 1.0 and int(seen.values.max()) == 7  # 2 epochs × 4 steps
     part = probe_job(tmp_path / "part")
-    part.max_steps = 5
+    part.train.max_steps = 5
     train(part)
     resumed = probe_job(tmp_path / "part")
     train(resumed)

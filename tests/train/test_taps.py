@@ -93,7 +93,7 @@ def test_training_with_taps_leaves_the_deployable_student_unchanged(tmp_path):
     view's batch, and afterwards the student has no hooks and equals a fresh model with its weights."""
     for arch, taps, size in (("test_resnet", ("stage:-1",), 16), ("test_vit", ("tokens", "attn:-1"), 32)):
         job = probe_job(tmp_path / arch, student_arch=arch, image_size=size, student_taps=taps)
-        job.max_steps = 2
+        job.train.max_steps = 2
         train(job)
         recorded = job.method.recorded[0]
         assert len(recorded.student_taps) == 2 and set(recorded.student_taps[0]) == set(taps)
