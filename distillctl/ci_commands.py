@@ -85,6 +85,30 @@ def verify_command(
     console.print(f"bundle {report['bundle']}: {report['files']} files match the manifest; parity ok", highlight=False)
 
 
+SCHEMA_HELP = """Print the JSON Schema of a machine-readable output (summary, model_card, bench, bundle_manifest).
+
+Without NAME, list the schemas. Example: distillctl schema summary > summary.schema.json
+"""
+
+
+def schema_command(
+    name: str = typer.Argument(None, help="summary | model_card | bench | bundle_manifest (omit to list)."),
+    json_out: bool = typer.Option(False, "--json", help="List the schema names as one JSON object (with no NAME)."),
+) -> None:
+    from distillctl import schemas
+
+    if name is None:
+        if json_out:
+            print_json({"schemas": schemas.names()})
+        else:
+            for schema_name in schemas.names():
+                console.print(f"{schema_name}: {schemas.load(schema_name).get('title', '')}", highlight=False,
+                              markup=False)
+        return
+    print_json(schemas.load(name))
+
+
 def register(app: typer.Typer) -> None:
     app.command("gate", help=GATE_HELP)(gate_command)
     app.command("verify", help=VERIFY_HELP)(verify_command)
+    app.command("schema", help=SCHEMA_HELP)(schema_command)

@@ -401,7 +401,8 @@ def recipes_list(json_out: bool = typer.Option(False, "--json", help="JSON outpu
 
 
 @recipes_app.command("show")
-def recipes_show(name: str, resolved: bool = typer.Option(False, "--resolved", help="Show with every default filled in.")) -> None:
+def recipes_show(name: str, resolved: bool = typer.Option(False, "--resolved", help="Show with every default filled in."),
+                 json_out: bool = typer.Option(False, "--json", help="Print {name, path, recipe} as one JSON object.")) -> None:
     """Print a recipe (as written, or fully resolved).
 
     Example: distillctl recipes show quickstart --resolved
@@ -409,6 +410,12 @@ def recipes_show(name: str, resolved: bool = typer.Option(False, "--resolved", h
     from distillctl.config import find_recipe, load_recipe
 
     path = find_recipe(name)
+    if json_out:
+        from distillctl.config import read_yaml
+
+        recipe = load_recipe(str(path)).model_dump(mode="json") if resolved else read_yaml(path)
+        print_json({"name": path.stem, "path": str(path), "resolved": resolved, "recipe": recipe})
+        return
     text = load_recipe(str(path)).to_yaml() if resolved else path.read_text()
     typer.echo(text.rstrip())
 
