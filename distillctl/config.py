@@ -82,8 +82,10 @@ class PretrainSpec(_MethodSection):
 class TeacherSource(Strict):
     """Where one teacher comes from and how it is verified: ``teacher`` itself and each ``teacher.extra`` entry."""
 
-    source: str  # registry name/alias, timm:<name>, a local file, or "pretrain"
-    arch: str | None = None  # for local files: a timm model name
+    # registry name/alias, timm:<name>, a local file, "pretrain", or "scratch" (random init, trained by a
+    # co-trained method: dogo, oss, simdis online; needs arch)
+    source: str
+    arch: str | None = None  # for local files and scratch: a timm model name
     format: str | None = None  # checkpoint family for local files (auto-detected when None)
     accept_license: bool = False
     sha256: str | None = None

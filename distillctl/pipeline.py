@@ -90,7 +90,7 @@ def validate(recipe: Recipe) -> tuple[ImageDataset, ImageDataset | None]:
     for source in [recipe.teacher.source] + [spec.source for spec in extra]:
         if source in ("none", "") and extra:
             raise UsageError("every teacher of a multi-teacher run needs a source ('none' is not one)")
-        if source not in ("pretrain", "none") and not source.startswith("timm:"):
+        if source not in ("pretrain", "none", "scratch") and not source.startswith("timm:"):
             candidate = Path(source).expanduser()
             looks_like_path = "/" in source or candidate.suffix in (".pth", ".pt", ".tar", ".safetensors", ".bin")
             if looks_like_path and not candidate.is_file():
@@ -179,6 +179,10 @@ def _resolve_one(spec, recipe: Recipe, pretrain_dir: Path, options: RunOptions, 
     source = spec.source
     if source in ("none", ""):
         return None
+    if source == "scratch":  # trained with the student by a co-trained method (teachers/scratch.py)
+        from distillctl.teachers.scratch import scratch_teacher
+
+        return scratch_teacher(spec.arch, recipe.train.seed, recipe.data.image_size, recipe.data.crop_pct)
     if source == "pretrain":
         nested = run_pipeline(pretrain_recipe(recipe, pretrain_dir, spec.pretrain), options)
         return load_run_as_teacher(RunDir(nested["run_dir"]), name=f"pretrain:{spec.pretrain.method}-"
@@ -412,6 +416,10 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     teacher_bn = requirements.teacher_bn if recipe.teacher.bn == "method" else recipe.teacher.bn
     if requirements.teacher_mode == "co_trained":
         teacher_bn = "train"  # a co-trained teacher always trains its BatchNorm
+    elif recipe.teacher.source == "scratch":
+        raise UsageError(f"teacher.source: scratch is a random network, and method {recipe.method.name} does not "
+                         "train its teacher", hint="use a trained teacher, or a co-trained method (dogo, oss, "
+                         "simdis with online: true)")
     mode = _teacher_mode(recipe, requirements, teacher_bn, options.quiet)
     if teacher:
         summary["teacher"].update(bn_mode=teacher_bn, mode=mode)

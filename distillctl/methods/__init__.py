@@ -15,6 +15,8 @@ _METHOD_MODULES = (
     "ega", "dlkd", "protocpc", "protoseed",
     # Method catalogue III, dense / ViT methods (issue 14)
     "dense_reg", "attndistill", "pcd",
+    # Method catalogue II, co-trained teachers (issue 13)
+    "dogo",
 )
 
 __all__ = ["Method", "MethodParams", "get_method", "register", "registry", "load_all"]

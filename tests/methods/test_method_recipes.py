@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from distillctl.config import load_recipe
-from distillctl.methods.base import get_method, registry
+from distillctl.methods.base import TeacherDims, get_method, registry
 from distillctl.students import resolve_arch
 from distillctl.teachers.registry import load_registry
 from tests.conftest import REPO
@@ -34,6 +34,10 @@ def test_published_and_cpu_recipes_validate(method: str) -> None:
         resolve_arch(recipe.student.arch)
         if cls.kind == "ssl":
             assert recipe.teacher.source == "none"
+        elif recipe.teacher.source == "scratch":  # a teacher co-trained from random init (dogo, oss, simdis online)
+            assert recipe.teacher.arch and cls(cls.Params(**recipe.method.params), 8, TeacherDims(8)).requirements(
+                32).teacher_mode == "co_trained"
+            assert not path.stem.endswith("_cpu") or recipe.data.train == "builtin:digits"
         elif path.stem.endswith("_cpu"):
             assert recipe.teacher.source == "pretrain" and recipe.data.train == "builtin:digits"
             assert all(extra.source == "pretrain" for extra in recipe.teacher.extra)

@@ -72,7 +72,7 @@ def test_metadata_and_requirements(name: str) -> None:
         assert req.teacher_outputs == frozenset() and req.teacher_mode == "none"
         assert not any(view.teacher for view in req.views)
     else:
-        assert req.teacher_outputs and req.teacher_mode in ("cached_exact", "cached_approx", "online")
+        assert req.teacher_outputs and req.teacher_mode in ("cached_exact", "cached_approx", "online", "co_trained")
         assert any(view.teacher for view in req.views)
         for key in req.teacher_outputs:  # plain outputs, or <output>_<k> for multi-teacher methods
             assert key in ("pooled", "proj") or re.fullmatch(r"(pooled|proj)_\d+", key), key
