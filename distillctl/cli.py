@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -37,6 +38,7 @@ def _root(
 ) -> None:
     if debug:
         os.environ["DISTILLCTL_DEBUG"] = "1"
+        logging.getLogger("distillctl").setLevel(logging.DEBUG)
 
 
 # Command groups imported only when used: `distillctl --help` and the listing verbs must not pay for torch.
@@ -114,14 +116,53 @@ def _click_exceptions():
     return exceptions
 
 
+class ConsoleLogHandler(logging.Handler):
+    """Renders the domain code's log records (loggers under ``distillctl``) on the CLI's stderr console.
+
+    Domain code only logs (``distillctl._infra.get_logger``); Rich lives here. Warnings read ``warning: …``,
+    errors ``error: …``, information is printed as is. Messages are plain text, never Rich markup."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = escape(self.format(record))
+            if record.levelno >= logging.ERROR:
+                text = f"[bold red]error:[/] {text}"
+            elif record.levelno >= logging.WARNING:
+                text = f"[yellow]warning:[/] {text}"
+            console.print(text, highlight=False, soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging must never take the command down
+            self.handleError(record)
+
+
+def install_log_handler() -> None:
+    """Route ``distillctl.*`` records (INFO and above; DEBUG too under ``--debug``) to :class:`ConsoleLogHandler`."""
+    root = logging.getLogger("distillctl")
+    if not any(isinstance(handler, ConsoleLogHandler) for handler in root.handlers):
+        root.addHandler(ConsoleLogHandler())
+    root.setLevel(logging.DEBUG if debug_enabled() else logging.INFO)
+    root.propagate = False
+
+
+def _reveal_causes(exc: BaseException | None) -> None:
+    """``--debug``: the traceback shows every exception of the chain, also one hidden by ``raise … from None``
+    (without ``--debug`` the error stays one line; the cause is for whoever debugs it)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__suppress_context__ = False
+        exc = exc.__cause__ or exc.__context__
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map errors to exit codes."""
+    install_log_handler()
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code != 0:  # a command's typer.Exit(code) comes back as the return value
             sys.exit(code)
     except DistillError as exc:
         if debug_enabled():
+            _reveal_causes(exc)
             console.print_exception()
         console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
@@ -141,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             sys.exit(EXIT_USAGE if isinstance(exc, click_exceptions.UsageError) else exc.exit_code)
         if debug_enabled():
+            _reveal_causes(exc)
             raise
         console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False, soft_wrap=True)
         console.print("[dim]hint:[/] rerun with --debug for the traceback", highlight=False)

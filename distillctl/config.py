@@ -337,13 +337,13 @@ def read_yaml(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read recipe {path}: {exc}") from None
+        raise InputError(f"cannot read recipe {path}: {exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UsageError(f"recipe {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise UsageError(f"recipe {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -359,7 +359,7 @@ def build_recipe(base: dict | None = None, overrides: Overrides | Iterable[str] 
     try:
         return Recipe(**data)
     except ValidationError as exc:
-        raise format_validation_error(exc, Recipe) from None
+        raise format_validation_error(exc, Recipe) from exc
 
 
 def load_recipe(name_or_path: str | None, overrides: Overrides | Iterable[str] | None = None,

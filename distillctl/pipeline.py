@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from distillctl import __version__
-from distillctl.cli_common import console
 from distillctl.config import Recipe
 from distillctl.data.bad_images import BadImages
 from distillctl.data.datasets import ImageDataset, open_dataset, resolve_splits
@@ -33,8 +32,9 @@ from distillctl.students import StudentConfig, count_parameters, create_backbone
 from distillctl.teachers.base import Preprocess, Teacher
 from distillctl.pipeline_stages import _eval_stage, _export_stage
 from distillctl.train import distributed
-from distillctl.train.checkpoint import atomic_write_text
+from distillctl._infra import atomic_path, atomic_write_text, get_logger
 
+log = get_logger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -156,8 +156,9 @@ def pretrain_recipe(recipe: Recipe, out: Path, spec=None) -> Recipe:
         name=f"{recipe.name}-teacher", out=str(out),
         teacher={"source": "none"}, student={"arch": spec.arch},
         method={"name": spec.method, "params": spec.params}, data=data,
+        # resume "auto": the outer run decides whether --resume has something to continue (_check_resumable)
         train={**recipe.train.model_dump(), "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
-               "max_steps": None},
+               "max_steps": None, "resume": "auto"},
         eval={**recipe.eval.model_dump(), "teacher": False}, export={"enabled": False},
     )
 
@@ -184,13 +185,15 @@ def _resolve_one(spec, recipe: Recipe, pretrain_dir: Path, options: RunOptions, 
 
         return scratch_teacher(spec.arch, recipe.train.seed, recipe.data.image_size, recipe.data.crop_pct)
     if source == "pretrain":
-        nested = run_pipeline(pretrain_recipe(recipe, pretrain_dir, spec.pretrain), options)
+        # the teacher's own training continues from its checkpoints on its own (auto-resume); --resume was
+        # checked against every training stage of the outer run already
+        nested = run_pipeline(pretrain_recipe(recipe, pretrain_dir, spec.pretrain), replace(options, resume=False))
         return load_run_as_teacher(RunDir(nested["run_dir"]), name=f"pretrain:{spec.pretrain.method}-"
                                    f"{spec.pretrain.arch}")
     try:
         from distillctl.teachers.resolve import load_teacher
     except ModuleNotFoundError as exc:  # pragma: no cover - the registry ships with the package
-        raise UsageError(f"teacher registry unavailable: {exc}") from None
+        raise UsageError(f"teacher registry unavailable: {exc}") from exc
     return load_teacher(source, spec.arch, spec.format, accept_license=spec.accept_license, sha256=spec.sha256,
                         no_verify=spec.no_verify, mirror=spec.mirror, device=device)
 
@@ -202,7 +205,7 @@ def _teacher_dims(teacher: Teacher | None):
     if teacher is None:
         return None
     if isinstance(teacher, TeacherEnsemble):
-        return teacher.member_dims()
+        return [TeacherDims(*dims) for dims in teacher.member_dims()]
     return TeacherDims(teacher.embed_dim, teacher.proj_dim, backbone=teacher.backbone, projection=teacher.projection)
 
 
@@ -212,12 +215,9 @@ def _warn_preprocess(teacher: Teacher | None, mean, std, quiet: bool) -> None:
 
     if quiet or not distributed.info().is_main or not isinstance(teacher, TeacherEnsemble):
         return
-    from rich.markup import escape
-
     for name in preprocess_mismatches(teacher.members, mean, std):
-        console.print(f"[yellow]warning:[/] teacher {escape(name)} was trained with another input normalisation than "
-                      f"this run's (mean {list(mean)}, std {list(std)}); every teacher sees the run's "
-                      "(data.mean / data.std)", highlight=False, soft_wrap=True)
+        log.warning(f"teacher {name} was trained with another input normalisation than this run's (mean {list(mean)}, "
+                    f"std {list(std)}); every teacher sees the run's (data.mean / data.std)")
 
 
 def _images_seen(recipe: Recipe, train_images: int) -> int:
@@ -231,15 +231,13 @@ def _warn_queues(recipe: Recipe, method, train_images: int, quiet: bool) -> None
     if quiet or not distributed.info().is_main:
         return
     for text in queue_warnings(method, train_images, _images_seen(recipe, train_images)):
-        console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True, markup=True)
+        log.warning(text)
 
 
 def _follow_teacher(recipe: Recipe, teacher: Teacher | None, quiet: bool) -> Recipe:
     """data.image_size / crop_pct / mean / std default to the teacher's preprocessing (data/preprocess.py);
     printed, recorded under ``derived``; a contradicting setting warns; a size too small for the student is
     refused (exit 2) or warned."""
-    from rich.markup import escape
-
     from distillctl.data import preprocess
 
     theirs = preprocess.from_teacher(teacher.preprocess, teacher.name) if teacher is not None else None
@@ -252,9 +250,9 @@ def _follow_teacher(recipe: Recipe, teacher: Teacher | None, quiet: bool) -> Rec
     arch = resolve_arch(recipe.student.arch)
     size_warning = preprocess.check_image_size(data.image_size, arch, preprocess.student_stride(arch))
     if not quiet and distributed.info().is_main:
-        console.print(escape(preprocess.describe(choices, data.model_dump())), highlight=False, soft_wrap=True)
+        log.info(preprocess.describe(choices, data.model_dump()))
         for text in warnings + ([size_warning] if size_warning else []):
-            console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+            log.warning(text)
     return recipe
 
 
@@ -270,14 +268,12 @@ def _check_explicit_image_size(recipe: Recipe) -> None:
 def _apply_preset(recipe: Recipe, train_images: int, quiet: bool) -> Recipe:
     """``method.preset``: the size-dependent values of the method's recipe (methods/presets.py), printed and
     recorded in recipe.yaml under ``derived``."""
-    from rich.markup import escape
-
     from distillctl.methods.presets import describe, preset_recipe
 
     recipe, derived = preset_recipe(recipe, train_images, _images_seen(recipe, train_images))
     if not quiet and distributed.info().is_main:
         for line in describe(derived, recipe.method.preset):
-            console.print(escape(line), highlight=False, soft_wrap=True)
+            log.info(line)
     return recipe
 
 
@@ -289,7 +285,7 @@ def _teacher_mode(recipe: Recipe, requirements, teacher_bn: str, quiet: bool) ->
 
     plan = teacher_plan(requirements, teacher_bn, recipe.teacher.mode, method=recipe.method.name)
     if plan.note and not quiet and distributed.info().is_main:
-        console.print(f"[yellow]note:[/] {plan.note}", highlight=False, soft_wrap=True)
+        log.info(f"note: {plan.note}")
     return plan.mode
 
 
@@ -324,22 +320,16 @@ def _write_student(run: RunDir, student, method, recipe: Recipe, teacher: Teache
                            teacher=teacher.describe() if teacher else {}, method=recipe.method.name,
                            license=teacher.license if teacher else None,
                            model_kwargs=_student_kwargs(recipe, method.requirements(recipe.data.image_size)))
-    tmp_model = run.student_dir / ".model.safetensors.tmp"
-    tmp_heads = run.student_dir / ".heads.safetensors.tmp"
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp_model))
-        heads = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-        save_file(heads, str(tmp_heads))
-        tmp_model.replace(run.student_dir / "model.safetensors")
-        tmp_heads.replace(run.student_dir / "heads.safetensors")
+    try:  # both files written before either is renamed into place
+        with atomic_path(run.student_dir / "model.safetensors") as tmp_model, \
+                atomic_path(run.student_dir / "heads.safetensors") as tmp_heads:
+            save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp_model))
+            save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(tmp_heads))
     except (OSError, RuntimeError) as exc:  # e.g. ENOSPC: the checkpoints stay, the run can be resumed
         from distillctl.errors import TrainingError
 
         raise TrainingError(f"could not write the student to {run.student_dir}: {exc}",
-                            hint="free disk space, then rerun the same command (training resumes from its checkpoint)") from None
-    finally:
-        for tmp in (tmp_model, tmp_heads):
-            tmp.unlink(missing_ok=True)
+                            hint="free disk space, then rerun the same command (training resumes from its checkpoint)") from exc
     atomic_write_text(run.student_dir / "config.json", config.to_json())
     return config
 
@@ -385,6 +375,7 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     _warn_data_faults(train_data, quiet=options.quiet)
     run = run_dir_for(recipe)
     method_cls = get_method(recipe.method.name)
+    _check_resumable(recipe, run, options)
 
     _check_explicit_image_size(recipe)
     teacher = resolve_teacher(recipe, run, options, device)  # a bad teacher file fails before anything is written
@@ -392,7 +383,7 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     recipe = _apply_preset(recipe, len(train_data), options.quiet)
     if teacher is not None:  # a ViT teacher's position embeddings follow the run's image size (recorded)
         adapt_teacher(teacher, recipe.data.image_size, None if options.quiet or not distributed.info().is_main
-                      else lambda text: console.print(text, highlight=False, soft_wrap=True))
+                      else log.info)
     distributed.main_first(run.write_recipe, recipe)
     mean = tuple(recipe.data.mean or (teacher.preprocess.mean if teacher else IMAGENET_MEAN))
     std = tuple(recipe.data.std or (teacher.preprocess.std if teacher else IMAGENET_STD))
@@ -503,7 +494,7 @@ def _warn_data_faults(train_data: ImageDataset, quiet: bool) -> None:
         parts.append(f"skipped {len(faults.non_image_files)} non-image files/entries (e.g. {faults.non_image_files[0]})")
     if faults.empty_classes:
         parts.append(f"{len(faults.empty_classes)} empty class folder(s) ignored: {', '.join(faults.empty_classes[:5])}")
-    console.print("[yellow]warning:[/] data: " + "; ".join(parts), highlight=False, soft_wrap=True)
+    log.warning("data: " + "; ".join(parts))
 
 
 def _data_faults(train_data: ImageDataset, train_summary: dict) -> dict:
@@ -555,7 +546,7 @@ def build_cache_guarded(teacher, dataset, cache_dir, **kwargs):
     except OSError as exc:
         raise TrainingError(f"writing the feature cache in {cache_dir} failed: {exc.strerror or exc}; "
                             "the shards sealed so far are intact",
-                            hint="free disk space (or pass --cache on another disk), then rerun: the build resumes") from None
+                            hint="free disk space (or pass --cache on another disk), then rerun: the build resumes") from exc
 
 
 def _cache_kill_hook():
@@ -599,6 +590,28 @@ def _neighbour_bags(recipe, method, requirements, teacher, cache, train_data, me
     return feature_bags(features, k)
 
 
+def _resume_required(recipe: Recipe, options: RunOptions) -> bool:
+    return options.resume or recipe.train.resume == "required"
+
+
+def training_checkpoint_dirs(run: RunDir) -> list[Path]:
+    """Where the run's training stages checkpoint: each ``pretrain`` teacher's run, then the run's own training."""
+    return sorted(run.path.glob("teacher_pretrain*/distill/checkpoints")) + [run.path / "distill" / "checkpoints"]
+
+
+def _check_resumable(recipe: Recipe, run: RunDir, options: RunOptions) -> None:
+    """``--resume`` needs a checkpoint in some training stage of the run (the teacher's pretraining or the
+    distillation): whichever was interrupted continues; the stages before it are skipped, those after it start."""
+    if not _resume_required(recipe, options) or options.restart:
+        return
+    from distillctl.train.checkpoint import CheckpointManager
+
+    found = any(CheckpointManager(directory).list() for directory in training_checkpoint_dirs(run) if directory.is_dir())
+    if not distributed.broadcast_object(found):
+        raise UsageError(f"--resume: no checkpoint to resume from in {run.path} (teacher pretraining or distillation)",
+                         hint="drop --resume to start the run")
+
+
 def _set_aside_metrics(path: Path) -> None:
     """``--restart``: the old run's metrics move to ``metrics.jsonl.prev`` so the file describes one training."""
     if path.is_file():
@@ -616,9 +629,12 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
         distributed.main_first(_set_aside_metrics, run.metrics_path)
     elif run.stage_done("distill", distill_fp) and (run.student_dir / "model.safetensors").is_file():
         if not options.quiet and distributed.info().is_main:
-            console.print("distill: finished earlier with the same inputs; skipped")
+            log.info("distill: finished earlier with the same inputs; skipped")
         return run.stage("distill")["result"]
-    require = options.resume or recipe.train.resume == "required"
+    # --resume continues whichever training stage was interrupted: this one if it was (recorded "running", or
+    # checkpoints left in it); when the teacher's pretraining was, this stage simply starts
+    interrupted = (run.stage("distill") or {}).get("status") == "running" or bool(checkpoints.list())
+    require = _resume_required(recipe, options) and distributed.broadcast_object(interrupted)
     if require and not distributed.broadcast_object(bool(checkpoints.list())):
         raise UsageError(f"--resume: no checkpoint to resume from in {checkpoints.directory}")
     distributed.main_first(run.record_stage, "distill", distill_fp, "running")

@@ -84,7 +84,7 @@ def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, s
 def _meter(label: str, split: str, dataset) -> dict:
     """``progress=`` for embed_dataset: a line when embedding starts and one every few seconds (rank 0)."""
     from distillctl.cache.progress import BuildProgress
-    from distillctl.cli_common import phase
+    from distillctl._infra import phase
 
     main = distributed.info().is_main
     if main:

@@ -19,8 +19,8 @@ import json
 from pathlib import Path, PurePath
 from typing import Any
 
+from distillctl._infra import atomic_write_text, sha256_file
 from distillctl.errors import InputError
-from distillctl.train.checkpoint import atomic_write_text
 
 
 def fingerprint(*parts: Any) -> str:
@@ -52,12 +52,7 @@ def content_identity(described: Any) -> Any:
     return described
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+file_sha256 = sha256_file  # the name this module has always exported
 
 
 class RunDir:
@@ -116,8 +111,8 @@ class RunDir:
             return {"stages": {}}
         try:
             return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise InputError(f"{path} is corrupt (not JSON)", hint="remove the run directory or use a new --out") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is corrupt (not JSON)", hint="remove the run directory or use a new --out") from exc
 
     def stage(self, name: str) -> dict | None:
         return self.manifest()["stages"].get(name)

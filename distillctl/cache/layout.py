@@ -17,21 +17,20 @@ the partials, so a kill at any point leaves either a resumable partial shard or 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
-from typing import Any
+
+# one atomic write and one sha256 for the whole tool (re-exported: the cache modules use them as layout.*)
+from distillctl._infra import (atomic_write_bytes, atomic_write_json, fsync_dir, fsync_path,  # noqa: F401
+                               sha256_file)
+# teacher output names (pooled, proj, pooled_k / proj_k of a multi-teacher run): the teachers' grammar
+from distillctl.teachers.ensemble import OUTPUT_NAME
 
 SCHEMA = "distillctl.feature_cache/1"
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 OUTPUT_KINDS = ("pooled", "proj")
-# teacher output names: a multi-teacher run (distillctl.teachers.ensemble) has teacher k's outputs as
-# pooled_k / proj_k; group 1 is the kind, group 2 the teacher index (None for the plain names)
-OUTPUT_NAME = re.compile(r"^(pooled|proj)(?:_(\d{1,2}))?$")
 
 
 def is_output_name(name: str) -> bool:
@@ -57,53 +56,6 @@ def bitmap_file(root: Path, shard: int) -> Path:
 
 def seal_file(root: Path, shard: int) -> Path:
     return root / "done" / f"{shard_name(shard)}.seal.json"
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fsync_path(path)
-    except OSError:  # some filesystems refuse to fsync directories; the rename is still atomic
-        pass
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file in the same directory, fsync it, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_json(path: Path) -> dict:

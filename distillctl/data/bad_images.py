@@ -101,7 +101,7 @@ class BadImages:
 
     def write(self, path: Path) -> None:
         """The list, one ``file: reason`` per line (written atomically)."""
-        from distillctl.train.checkpoint import atomic_write_text
+        from distillctl._infra import atomic_write_text
 
         atomic_write_text(Path(path), "\n".join(self.lines()) + "\n")
 
@@ -109,13 +109,12 @@ class BadImages:
         """One warning line on screen (nothing when there is nothing to report)."""
         if not self.found:
             return
-        from distillctl.cli_common import console
+        from distillctl._infra import get_logger
 
         where, why = next(iter(sorted(self.found.items())))
         listed = f"; listed in {listed_in}" if listed_in is not None else ""
-        console.print(f"[yellow]warning:[/] {self.stage}: {len(self)} unreadable image(s) {action} "
-                      f"(limit {self.max_fraction:.1%} of {self.total}){listed}; first: {where}: {why}",
-                      highlight=False, soft_wrap=True)
+        get_logger(__name__).warning(f"{self.stage}: {len(self)} unreadable image(s) {action} (limit "
+                                     f"{self.max_fraction:.1%} of {self.total}){listed}; first: {where}: {why}")
 
     def finish(self, action: Literal["substituted", "skipped"], list_path: Path | None = None) -> dict[str, Any]:
         """Check the limit, write the list, say so; returns the summary fields a stage records."""

@@ -134,6 +134,16 @@ def sample_rng(seed: int, epoch: int, index: int, slot: int) -> np.random.Genera
                                                      (index & 0xFFFFFFFF) | ((slot & 0xFFFFFFFF) << 32)]))
 
 
+NEIGHBOUR_SLOT = 1_000  # view-RNG slot that draws a sample's neighbour (apart from the per-view slots 0, 1, …)
+
+
+def draw_neighbour(bags, index: int, seed: int, epoch: int) -> int:
+    """The bag member sample ``index`` shows this epoch: uniform over its bag, keyed by (seed, epoch, index),
+    so it does not depend on batch layout, workers, world size or resume (the trainer and BINGO share it)."""
+    row = bags[index]
+    return int(row[int(sample_rng(seed, epoch, index, NEIGHBOUR_SLOT).integers(len(row)))])
+
+
 def centre_box(spec: ViewSpec, height: int, width: int) -> tuple[int, int, int, int]:
     side = max(1, int(round(min(height, width) * spec.crop_pct)))
     top = (height - side) // 2

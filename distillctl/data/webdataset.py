@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distillctl._infra import atomic_path
 from distillctl.errors import InputError
 
 TAR_SEP = "::"  # dataset paths of tar samples: "<shard path>::<member name>"
@@ -162,8 +163,7 @@ def write_shards(images: np.ndarray, labels: list[int], out_dir: Path, per_shard
     written = []
     for shard_id, start in enumerate(range(0, len(labels), per_shard)):
         path = out_dir / f"{prefix}-{shard_id:06d}.tar"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tarfile.open(tmp, mode="w") as archive:
+        with atomic_path(path) as tmp, tarfile.open(tmp, mode="w") as archive:
             for index in range(start, min(start + per_shard, len(labels))):
                 buffer = io.BytesIO()
                 Image.fromarray(images[index]).save(buffer, format="PNG" if fmt == "png" else "JPEG")
@@ -171,6 +171,5 @@ def write_shards(images: np.ndarray, labels: list[int], out_dir: Path, per_shard
                     info = tarfile.TarInfo(f"{index:08d}{suffix}")
                     info.size = len(payload)
                     archive.addfile(info, io.BytesIO(payload))
-        os.replace(tmp, path)
         written.append(path)
     return written

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distillctl._infra import atomic_path, atomic_write_text
 from distillctl.eval.features import Encoder, embed_dataset, eval_transform
 
 
@@ -54,29 +53,13 @@ class EmbeddingCache:
         self.root.mkdir(parents=True, exist_ok=True)
         _atomic_npy(self.root / f"{key}.emb.npy", embeddings.numpy())
         _atomic_npy(self.root / f"{key}.labels.npy", labels.numpy())
-        _atomic_text(self.root / f"{key}.json", json.dumps(info, indent=2, sort_keys=True))
+        atomic_write_text(self.root / f"{key}.json", json.dumps(info, indent=2, sort_keys=True))
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def embed_dataset_cached(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distillctl._infra import sha256_file
 from distillctl.data.bad_images import BadImages, try_load
 from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
 from distillctl.errors import InputError, UsageError
@@ -245,12 +246,7 @@ def register_artifact_loader(suffix: str, loader: ArtifactLoader) -> None:
     _ARTIFACT_LOADERS[suffix.lower()] = loader
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+file_sha256 = sha256_file  # one sha256 helper for the whole tool (distillctl._infra)
 
 
 def _preprocess_from_student_config(config_path: Path) -> dict | None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distillctl.cli_common import phase
+from distillctl._infra import phase
 from distillctl.errors import GateError, InputError, UsageError
 from distillctl.export import card as card_module
 from distillctl.export.onnx import (BATCH_DIM, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, default_opset,

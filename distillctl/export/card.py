@@ -8,13 +8,13 @@ so the file describes itself even when it travels alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from distillctl._infra import sha256_file  # noqa: F401  (re-exported: artefact hashes in the card)
 from distillctl.export._fs import write_bytes_atomic
 
 SCHEMA_VERSION = 1
@@ -35,12 +35,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def created_stamp(student_file: Path) -> str:

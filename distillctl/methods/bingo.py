@@ -46,7 +46,7 @@ def build_bag_table(centre_features: torch.Tensor, k: int = 5) -> torch.Tensor:
 def draw_neighbours(bags: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
     """The neighbour each sample shows this epoch: uniform over its bag, keyed by (seed, epoch, index)
     so it is independent of batch layout, workers and resume (the trainer hook for NeighbourView)."""
-    from distillctl.train.data import draw_neighbour
+    from distillctl.data.views import draw_neighbour
 
     return torch.tensor([draw_neighbour(bags, int(i), seed, epoch) for i in index.tolist()], dtype=torch.long)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillctl.train.distributed import all_gather_concat
+from distillctl._infra import all_gather_concat
 
 
 def mlp(dims: Sequence[int], *, norm_after: Sequence[int] | None = None, last_bn: bool = False,

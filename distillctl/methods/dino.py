@@ -26,7 +26,7 @@ from distillctl.methods.common import EMA, cosine_momentum
 from distillctl.methods.domains import Count, CropScale, Momentum, NonNegative, OptionalCount, Positive, WeightPair
 from distillctl.methods.shared import (BackboneWithHead, at_least_float32, float32_similarity, require_setup,
                                        require_student, scaled_crop_size)
-from distillctl.train.distributed import all_reduce_mean
+from distillctl._infra import all_reduce_mean
 
 
 class DINOParams(MethodParams):

@@ -19,7 +19,7 @@ from distillctl.methods.base import Method, MethodInputs, MethodView, Requiremen
 from distillctl.methods.dino import DINOHead, DINOParams
 from distillctl.methods.shared import (CropParams, TeacherFeature, at_least_float32, crop_view, float32_similarity,
                                        teacher_target)
-from distillctl.train.distributed import all_reduce_mean
+from distillctl._infra import all_reduce_mean
 
 
 class ProtoCPCParams(CropParams):

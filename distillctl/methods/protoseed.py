@@ -18,7 +18,7 @@ from distillctl.methods.base import Method, MethodInputs, MethodView, Requiremen
 from distillctl.methods.common import mlp_relu
 from distillctl.methods.seed import seed_loss
 from distillctl.methods.shared import CropParams, TeacherFeature, at_least_float32, crop_view, teacher_target
-from distillctl.train.distributed import all_gather_concat
+from distillctl._infra import all_gather_concat
 
 
 class ProtoSEEDParams(CropParams):

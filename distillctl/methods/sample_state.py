@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from distillctl.train.distributed import all_gather_concat
+from distillctl._infra import all_gather_concat
 
 
 class SampleState(nn.Module):

@@ -22,7 +22,7 @@ from distillctl.data.views import ViewSpec
 from distillctl.methods.base import MethodParams, MethodView, TeacherDims
 from distillctl.methods.domains import CropScale
 from distillctl.methods.mocov2 import _Encoder as BackboneWithHead  # noqa: F401  (re-exported)
-from distillctl.train.distributed import all_gather_concat, info, is_distributed
+from distillctl._infra import all_gather_concat, info, is_distributed
 
 TeacherFeature = Literal["auto", "backbone", "projection"]
 
@@ -138,7 +138,7 @@ class NeighbourView(MethodView):
     """A view of a *neighbour* of the sample (one of its k teacher-kNN bag members), not of the sample.
 
     All neighbour views of one sample show the same neighbour, drawn by the trainer from the teacher-kNN
-    bag table (``distillctl.train.data.draw_neighbour``); their teacher targets are the neighbour's."""
+    bag table (``distillctl.data.views.draw_neighbour``); their teacher targets are the neighbour's."""
 
     source: str = "neighbour"
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import mlp
+from distillctl._infra import all_gather_concat, info
 from distillctl.methods.domains import Count, CropScale, Positive
-from distillctl.train.distributed import all_gather_concat, info
 
 
 class SimCLRParams(MethodParams):

@@ -13,13 +13,18 @@ Every member sees the run's input normalisation (``data.mean`` / ``data.std``, b
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import torch
 
-from distillctl.cache.layout import OUTPUT_NAME
 from distillctl.errors import UsageError
 from distillctl.teachers.base import Teacher
+
+
+# teacher output names: teacher k's outputs are pooled_k / proj_k; group 1 is the kind, group 2 the teacher index
+# (None for the plain names). The feature cache names its stored outputs the same way (cache.layout).
+OUTPUT_NAME = re.compile(r"^(pooled|proj)(?:_(\d{1,2}))?$")
 
 
 def member_key(output: str, k: int) -> str:
@@ -92,10 +97,9 @@ class TeacherEnsemble(Teacher):
                 result[key] = values[output]
         return result
 
-    def member_dims(self) -> list:
-        from distillctl.methods.base import TeacherDims
-
-        return [TeacherDims(m.embed_dim, m.proj_dim) for m in self.members]
+    def member_dims(self) -> list[tuple[int, int | None]]:
+        """(embed_dim, proj_dim) per member, in order (the pipeline turns them into the methods' TeacherDims)."""
+        return [(m.embed_dim, m.proj_dim) for m in self.members]
 
     def describe(self) -> dict:
         return {**super().describe(), "members": [m.describe() for m in self.members]}

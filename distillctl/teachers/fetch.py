@@ -26,6 +26,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from distillctl._infra import atomic_write_text
 from distillctl.errors import GateError, InputError
 
 log = logging.getLogger("distillctl.teachers")
@@ -124,10 +125,6 @@ def record_lock(name: str, sha256: str, size: int, url: str, filename: str) -> N
         atomic_write_text(path, json.dumps({"version": 1, "teachers": teachers}, indent=2, sort_keys=True))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass

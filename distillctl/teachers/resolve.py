@@ -17,7 +17,6 @@ from typing import Any
 
 from torch import nn
 
-from distillctl.cli_common import console
 from distillctl.errors import GateError, InputError, UsageError, unknown_name
 from distillctl.teachers.archs import (ArchSpec, build_backbone, build_classifier_model, classifier_prefix,
                                        head_output_dim, infer_head_layout, parse_arch)
@@ -111,8 +110,7 @@ def _prepare_entry(entry: TeacherEntry, *, sha256: str | None, no_verify: bool, 
     if not force and import_from is None and _usable_manifest(entry, manifest, expected.sha256, no_verify):
         return load_converted(folder, manifest)
     if no_verify:
-        console.print(f"[yellow]warning:[/] teacher '{entry.name}': hash verification disabled (--no-verify)")
-        log.warning("teacher %s: --no-verify in effect", entry.name)
+        log.warning("teacher '%s': hash verification disabled (--no-verify)", entry.name)
     parts: dict[str, Any] = {}
 
     def validate(path: Path) -> None:  # structural check before the file is trusted or recorded
@@ -247,16 +245,22 @@ def _sidecar_path(path: Path) -> Path:
 
 def _sidecar(path: Path) -> dict[str, Any]:
     """The sidecar's contents (see :func:`_sidecar_path`), or {} when there is none. A distillctl student's
-    config gets the crop_pct its run evaluated with, from the run's recipe.yaml."""
+    config gets the crop_pct its run evaluated with, from the run's recipe.yaml.
+
+    A sidecar that is there but unreadable is an error naming it: falling back to ImageNet mean/std and licence
+    "unknown" would silently distil with the wrong normalisation."""
     candidate = _sidecar_path(path)
     if not candidate.is_file():
         return {}
     try:
-        data = json.loads(candidate.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
+        data = json.loads(candidate.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: malformed JSON or not UTF-8
+        raise InputError(f"teacher sidecar {candidate} is not readable JSON: {exc}",
+                         hint="fix or remove the file (it holds the teacher's arch, mean/std, input size, licence)") from exc
+    problem = _sidecar_problem(data)
+    if problem:
+        raise InputError(f"teacher sidecar {candidate}: {problem}",
+                         hint='e.g. {"arch": "resnet50", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}')
     recipe = candidate.parent.parent / "recipe.yaml"
     if candidate.name == "config.json" and "crop_pct" not in data and recipe.is_file():
         import yaml
@@ -268,6 +272,27 @@ def _sidecar(path: Path) -> dict[str, Any]:
         if isinstance(crop, (int, float)):
             data = {**data, "crop_pct": float(crop)}
     return data
+
+
+def _sidecar_problem(data: Any) -> str | None:
+    """What is wrong with a parsed sidecar, or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    for key in ("mean", "std"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == 3
+                                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            return f"'{key}' must be a list of 3 numbers, got {value!r}"
+    for key in ("arch", "license", "interpolation"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"'{key}' must be a string, got {data[key]!r}"
+    size = data.get("input_size")
+    if size is not None and not (isinstance(size, list) and size and all(isinstance(v, int) and v > 0 for v in size)):
+        return f"'input_size' must be a list of positive integers like [3, 224, 224], got {size!r}"
+    crop = data.get("crop_pct")
+    if crop is not None and not (isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop <= 1):
+        return f"'crop_pct' must be a number in (0, 1], got {crop!r}"
+    return None
 
 
 def _local_teacher(path: Path, arch: str | None, fmt: str | None, *, accept_license: bool, sha256: str | None,
@@ -301,7 +326,7 @@ def _local_teacher(path: Path, arch: str | None, fmt: str | None, *, accept_lice
         from distillctl.train.distributed import info as dist_info
 
         if dist_info().is_main:  # once per job, not once per rank
-            console.print(f"teacher file {path.name}: detected format [bold]{detected}[/]", highlight=False)
+            log.info("teacher file %s: detected format %s", path.name, detected)
     if family == "unknown":
         raise InputError(f"cannot tell the format of {path}", hint="pass --teacher-format (plain, classifier, moco, moco3, swav, tv, dino, dinov2, simsiam, mae, ibot)")
     if family in LOCAL_FORMATS:
@@ -397,7 +422,7 @@ def load_teacher(spec: str, arch: str | None = None, fmt: str | None = None, *, 
     else:
         entry = load_registry().resolve(spec)
         if spec != entry.name:
-            console.print(f"teacher {spec} → {entry.summary_line()}", highlight=False)
+            log.info("teacher %s → %s", spec, entry.summary_line())
         if arch and parse_arch(arch).model_dump() != entry.arch.model_dump() and load_registry().find(arch) is not entry:
             raise UsageError(f"teacher '{entry.name}' is a {entry.arch.label()}; --teacher-arch {arch} does not apply",
                              hint="drop --teacher-arch for registry teachers")

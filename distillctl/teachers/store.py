@@ -9,7 +9,6 @@ written last, so a folder without it is an unfinished conversion and is redone.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from distillctl._infra import atomic_path, atomic_write_text, sha256_file
 from distillctl.errors import GateError, InputError
 from distillctl.teachers.archs import ArchSpec, build_backbone, build_head
-from distillctl.teachers.fetch import atomic_write_text, sha256_file
+
 
 META = "meta.json"
 BACKBONE = "backbone.safetensors"
@@ -31,9 +31,8 @@ STORE_VERSION = 1
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> str:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return sha256_file(path)
 
 

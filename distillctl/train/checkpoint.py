@@ -18,27 +18,11 @@ from typing import Any
 
 import torch
 
-from distillctl.cli_common import console
+from distillctl._infra import atomic_path, atomic_write_bytes, atomic_write_text, get_logger  # noqa: F401  (re-exported)
 from distillctl.errors import InputError
 
+log = get_logger(__name__)
 _NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_torch_save(obj: Any, path: Path, kill_half_way: bool = False) -> None:
@@ -49,26 +33,19 @@ def atomic_torch_save(obj: Any, path: Path, kill_half_way: bool = False) -> None
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getbuffer()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             if kill_half_way:  # test hook: a kill -9 in the middle of the write
                 handle.write(data[: len(data) // 2])
                 handle.flush()
                 os.fsync(handle.fileno())
                 os._exit(137)
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
         from distillctl.errors import TrainingError
 
         raise TrainingError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous checkpoint is intact",
-                            hint="free disk space, then resume with --resume") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+                            hint="free disk space, then resume with --resume") from exc
 
 
 class CheckpointManager:
@@ -115,9 +92,8 @@ class CheckpointManager:
             target = self.unreadable_dir / f"{path.name}.{suffix}"
             suffix += 1
         os.replace(path, target)
-        console.print(f"[yellow]warning:[/] checkpoint {path.name} is unreadable ({reason}); moved to "
-                      f"{target.relative_to(self.directory)} and falling back to the previous one",
-                      highlight=False, soft_wrap=True)
+        log.warning(f"checkpoint {path.name} is unreadable ({reason}); moved to "
+                    f"{target.relative_to(self.directory)} and falling back to the previous one")
         return target
 
     def load_latest(self, fingerprint: str | None = None) -> dict[str, Any] | None:
@@ -140,8 +116,8 @@ class CheckpointManager:
                 )
             return state
         if set_aside:
-            console.print(f"[yellow]warning:[/] no readable checkpoint left in {self.directory} ({set_aside} unreadable "
-                          f"moved to {self.unreadable_dir})", highlight=False, soft_wrap=True)
+            log.warning(f"no readable checkpoint left in {self.directory} ({set_aside} unreadable moved to "
+                        f"{self.unreadable_dir})")
         return None
 
     def clear(self) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from distillctl.data.bad_images import load_or_substitute
 from distillctl.data.datasets import ImageDataset
+from distillctl.data.views import NEIGHBOUR_SLOT, draw_neighbour  # noqa: F401  (re-exported)
 from distillctl.data.views import ViewSpec, apply_view_uint8, sample_rng, sample_view
 from distillctl.errors import InputError
 
@@ -45,16 +46,6 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         for step in range(self.start_step, self.steps):
             batch = self.order[step * self.global_batch:(step + 1) * self.global_batch]
             yield batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()
-
-
-NEIGHBOUR_SLOT = 1_000  # view-RNG slot that draws a sample's neighbour (apart from the per-view slots 0, 1, …)
-
-
-def draw_neighbour(bags, index: int, seed: int, epoch: int) -> int:
-    """The bag member sample ``index`` shows this epoch: uniform over its bag, keyed by (seed, epoch, index),
-    so it does not depend on batch layout, workers, world size or resume."""
-    row = bags[index]
-    return int(row[int(sample_rng(seed, epoch, index, NEIGHBOUR_SLOT).integers(len(row)))])
 
 
 class ViewDataset(torch.utils.data.Dataset):

@@ -10,31 +10,12 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def info() -> DistInfo:
-    if not is_distributed():
-        return DistInfo()
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+# the primitives methods use live in the infrastructure layer (methods never import the trainer); re-exported
+from distillctl._infra import DistInfo, all_gather_concat, all_reduce_mean, info, is_distributed  # noqa: F401
 
 
 def launched_by_torchrun() -> bool:
@@ -74,16 +55,6 @@ def barrier() -> None:
 
 
 @torch.no_grad()
-def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0 (rank order). No gradient flows back."""
-    if not is_distributed():
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
-
-
-@torch.no_grad()
 def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     """Like :func:`all_gather_concat` for tensors whose dim 0 differs between ranks (padded on the wire)."""
     if not is_distributed():
@@ -98,14 +69,6 @@ def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)], dim=0).to(device)
-
-
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / dist.get_world_size()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

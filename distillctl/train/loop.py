@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillctl.cli_common import console
+from distillctl._infra import get_logger
 from distillctl.config import DataConfig, TrainConfig
 from distillctl.data.bad_images import BadImages
 from distillctl.data.datasets import ImageDataset
@@ -40,6 +40,8 @@ from distillctl.train.forward import autocast, merge_inputs, student_forward, te
 from distillctl.train.optim import build_optimizer, learning_rate
 from distillctl.train.progress import MetricsWriter, Progress
 from distillctl.train.syncbn import convert_sync_batchnorm
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -200,9 +202,8 @@ def train(job: TrainJob) -> TrainResult:
         if dist_info.is_main:
             bad_images.update(dict(state.get("bad_images", [])))
             was = int(state.get("world_size", world))
-            console.print(f"resuming {job.stage} from step {step}/{last_step}"
-                          + (f" (checkpoint written by {was} processes, now {world})" if was != world else ""),
-                          highlight=False)
+            log.info(f"resuming {job.stage} from step {step}/{last_step}"
+                     + (f" (checkpoint written by {was} processes, now {world})" if was != world else ""))
 
     def save_checkpoint() -> None:
         rngs = distributed.all_gather_object(capture_rng())

@@ -94,3 +94,27 @@ def test_help_has_examples():
     for command in (["run", "--help"], ["pretrain", "--help"], ["methods", "show", "--help"]):
         result = run_cli(*command)
         assert result.returncode == 0 and "distillctl" in result.stdout
+
+
+def test_debug_traceback_shows_the_cause(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    plain = run_cli("run", "--recipe", str(bad))
+    _assert_clean_error(plain, 2, "not valid YAML")
+    debug = run_cli("--debug", "run", "--recipe", str(bad))
+    assert debug.returncode == 2
+    assert "Traceback" in debug.stderr and "ParserError" in debug.stderr, debug.stderr[-3000:]  # yaml's own error
+
+
+def test_debug_shows_a_cause_hidden_by_from_none():
+    from distillctl.cli import _reveal_causes
+
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError:
+            raise ValueError("outer") from None
+    except ValueError as exc:
+        assert exc.__suppress_context__
+        _reveal_causes(exc)
+        assert not exc.__suppress_context__ and isinstance(exc.__context__, KeyError)

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distillctl.errors import UsageError
-from distillctl.methods.base import TeacherDims
 from distillctl.teachers.base import Teacher
 from distillctl.teachers.ensemble import TeacherEnsemble
 from tests.conftest import run_cli
@@ -37,7 +36,7 @@ def test_ensemble_routes_each_key_to_its_teacher() -> None:
         assert out["pooled_0"].equal(first.backbone(x)) and out["pooled"].equal(first.backbone(x))
         assert out["proj_0"].equal(first.projection(first.backbone(x)))
         assert out["pooled_1"].equal(second.backbone(x))
-    assert ensemble.member_dims() == [TeacherDims(5, 3), TeacherDims(7, None)]
+    assert ensemble.member_dims() == [(5, 3), (7, None)]
     for bad in ({"proj_1"}, {"pooled_2"}, {"logits"}):  # no head / no such teacher / no such output
         with pytest.raises(UsageError):
             ensemble.forward(x, bad)
