@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from distillctl.cache.store import FeatureCache
+from distillctl.data.bad_images import BadImages, load_or_substitute
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import normalize
-from distillctl.errors import GateError
+from distillctl.errors import GateError, InputError
 from distillctl.teachers.base import Teacher
 
 
@@ -36,7 +37,18 @@ def spot_check(cache: FeatureCache, teacher: Teacher, dataset: ImageDataset, *, 
     count = min(samples, cache.num_images * cache.views)
     flat = rng.choice(cache.num_images * cache.views, size=count, replace=False)
     index, k = flat // cache.views, flat % cache.views
-    pixels = torch.stack([cache.replay(dataset.load_image(int(i)), int(i), int(v)) for i, v in zip(index, k)])
+    # an unreadable image was cached from its keyed substitute (data/bad_images.py): replay on the same substitute
+    bad = BadImages("cache check", len(dataset), max_fraction=1.0)
+    images = []
+    for i in index:
+        _, image, unreadable = load_or_substitute(dataset, int(i))
+        bad.add(unreadable)
+        if image is None:
+            raise InputError(f"spot check: image {int(i)} and its substitutes are unreadable; first: "
+                             f"{unreadable[0][0]}: {unreadable[0][1]}")
+        images.append(image)
+    bad.report("substituted")
+    pixels = torch.stack([cache.replay(image, int(i), int(v)) for image, i, v in zip(images, index, k)])
     torch_device = torch.device(device)
     teacher.to(torch_device)
     teacher.set_bn_mode("eval")

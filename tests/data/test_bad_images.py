@@ -109,6 +109,11 @@ def test_cache_build_substitutes_lists_and_respects_the_limit(folder, tmp_path, 
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["build"]["unreadable_images"] == 1
     assert "cache: 1 unreadable image(s) substituted" in " ".join(capsys.readouterr().err.split())
+    from distillctl.cache.drift import spot_check
+
+    report = spot_check(cache, make_teacher(), dataset, samples=2 * len(dataset))  # every (image, view), the bad one too
+    assert min(report["min_cosine"].values()) > 0.999  # replayed on the same substitute the build used
+    assert "cache check: 1 unreadable image(s) substituted" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(InputError, match=r"^cache: 1 unreadable images \(> 1.0% of 21\)"):
         build_cache(make_teacher(), dataset, tmp_path / "strict", max_bad_fraction=0.01, **common)
 
