@@ -153,6 +153,9 @@ def train(job: TrainJob) -> TrainResult:
         job.teacher.to(device)
         if co_trained:  # trained with the student: gradients, train-mode BN, its own optimiser group
             job.teacher.unfreeze().set_bn_mode("train")
+            if job.train.sync_bn and world > 1:  # its BatchNorm over the global batch, like the student's
+                for part in job.teacher.parts().values():
+                    convert_sync_batchnorm(part, device.type)
         else:
             job.teacher.freeze()
             job.teacher.set_bn_mode(job.teacher_bn)  # the frozen teacher is never wrapped in DDP

@@ -113,12 +113,15 @@ def saved_state(job: TrainJob) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m tests.train.contract_helpers OUT [GRAD_ACCUM]; under torchrun: one file per rank
     from safetensors.torch import save_file
 
+    from distillctl.train import distributed
     from distillctl.train.loop import train
 
+    rank = distributed.init_from_env("cpu").rank
     target = Path(sys.argv[1])
     job = cotrained_job(target)
+    job.train.grad_accum = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     train(job)
-    save_file(saved_state(job), str(target / "final.safetensors"))
+    save_file(saved_state(job), str(target / ("final.safetensors" if rank == 0 else f"final_rank{rank}.safetensors")))

@@ -65,10 +65,10 @@ def test_teacher_taps_arrive_in_the_teacher_outputs(tmp_path):
     assert not outputs["stage:-1"].requires_grad
 
 
-def _run(out, env=None) -> subprocess.CompletedProcess:
+def _run(out, env=None, *extra: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tests.train.contract_helpers", str(out)], cwd=REPO, env=full,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *launcher, "-m", "tests.train.contract_helpers", str(out), *extra], cwd=REPO,
+                          env=full, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -84,3 +84,26 @@ def test_killed_cotrained_run_resumes_bit_exactly(tmp_path):
     assert expected.keys() == got.keys() and any(k.startswith("teacher.") for k in got)
     for key in expected:
         assert expected[key].equal(got[key]), key
+
+
+@pytest.mark.slow
+def test_two_processes_average_the_teacher_gradients(tmp_path):
+    """Two gloo ranks (8 images each) equal one process with grad_accum=2 (per-micro-batch BN either way):
+    the teacher's gradients are averaged across ranks like the student's, and both ranks hold the same teacher."""
+    single = _run(tmp_path / "single", None, "2")
+    assert single.returncode == 0, single.stderr[-2000:]
+    ranks = _run(tmp_path / "ddp", None, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    expected = load_file(str(tmp_path / "single" / "final.safetensors"))
+    rank0 = load_file(str(tmp_path / "ddp" / "final.safetensors"))
+    rank1 = load_file(str(tmp_path / "ddp" / "final_rank1.safetensors"))
+    initial = {f"teacher.{k}": v for k, v in tiny_teacher().state_dict().items()}
+    moved = 0.0
+    for key, value in expected.items():
+        if not value.is_floating_point() or "running_" in key:
+            continue
+        if key.startswith("teacher."):
+            assert rank0[key].equal(rank1[key]), key  # one averaged gradient, one update on every rank
+            moved = max(moved, float((value - initial[key]).abs().max()))
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert moved > 1e-3  # the teacher did train
