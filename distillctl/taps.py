@@ -84,14 +84,18 @@ def resolve_tap(model: nn.Module, tap: str) -> tuple[nn.Module, str]:
     raise InputError(f"unknown tap '{tap}' (expected stage:<i>, tokens, attn:<block> or module:<name>)")
 
 
-def attention_probabilities(attention: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ·scale) of a timm ``Attention`` from its qkv projection output (B×N×3·dim)."""
+def attention_logits(attention: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """q·kᵀ·scale (before the softmax) of a timm ``Attention`` from its qkv projection output (B×N×3·dim)."""
     batch, tokens, _ = qkv.shape
     heads = attention.num_heads
     q, k, _v = qkv.reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attention.q_norm(q), attention.k_norm(k)
-    logits = (q * attention.scale) @ k.transpose(-2, -1)
-    return logits.softmax(dim=-1)
+    return (q * attention.scale) @ k.transpose(-2, -1)
+
+
+def attention_probabilities(attention: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ·scale) of a timm ``Attention`` from its qkv projection output (B×N×3·dim)."""
+    return attention_logits(attention, qkv).softmax(dim=-1)
 
 
 class TapRecorder:

@@ -14,7 +14,7 @@ _METHOD_MODULES = (
     # Method catalogue II, pooled-embedding methods (issue 13)
     "ega", "dlkd", "protocpc", "protoseed",
     # Method catalogue III, dense / ViT methods (issue 14)
-    "dense_reg", "attndistill", "pcd",
+    "dense_reg", "attndistill", "pcd", "mae_lite",
     # Method catalogue II, co-trained teachers (issue 13)
     "dogo",
 )

@@ -93,6 +93,7 @@ def test_recipes_validate():
     check_recipes("attndistill", spells_defaults=False)
     check_recipes("dense-reg", spells_defaults=False)
     check_recipes("pcd", spells_defaults=False)
+    check_recipes("mae-lite", spells_defaults=False)
 
 
 @pytest.mark.slow

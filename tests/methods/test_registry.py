@@ -47,8 +47,9 @@ def teachers_for(cls: type[Method]) -> list[TinyTeacher] | None:
 def build(name: str, student_seed: int = 0) -> tuple[Method, TinyNet]:
     cls = registry()[name]
     teacher_dims = teacher_dims_for(cls)
-    if getattr(cls, "vit_only", False):  # ViT-only methods: tiny timm ViTs on both sides (the teacher's built later)
-        teacher_dims = TeacherDims(TEACHER_DIMS.pooled, TEACHER_DIMS.proj)
+    if getattr(cls, "vit_only", False) and teacher_dims is not None:  # ViT-only methods: tiny timm ViTs on both
+        teacher_dims = TeacherDims(TEACHER_DIMS.pooled, TEACHER_DIMS.proj,  # sides (teachers_for builds the same one)
+                                   backbone=TinyTeacher(vit=True).backbone)
     method = cls(cls.Params(**tiny_params(cls)), STUDENT_DIM, teacher_dims)
     student = tiny_vit(STUDENT_DIM, seed=student_seed) if getattr(cls, "vit_only", False) else TinyNet(STUDENT_DIM, seed=student_seed)
     method.setup(student)
