@@ -102,8 +102,11 @@ def test_two_processes_average_the_teacher_gradients(tmp_path):
     for key, value in expected.items():
         if not value.is_floating_point() or "running_" in key:
             continue
-        if key.startswith("teacher."):
-            assert rank0[key].equal(rank1[key]), key  # one averaged gradient, one update on every rank
+        if key.startswith(("teacher.", "method.seen.")):  # one averaged update; per-sample table all-gathered
+            assert rank0[key].equal(rank1[key]), key
             moved = max(moved, float((value - initial[key]).abs().max()))
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert moved > 1e-3  # the teacher did train
+    for key in ("method.seen.values", "method.seen.written"):  # every rank holds the whole per-sample table
+        assert rank0[key].equal(expected[key]) and rank1[key].equal(expected[key]), key
+    assert bool(rank1["method.seen.written"].all())
