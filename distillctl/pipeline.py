@@ -22,7 +22,8 @@ import torch
 from distillctl import __version__
 from distillctl.config import Recipe
 from distillctl.data.bad_images import BadImages
-from distillctl.data.datasets import ImageDataset, open_dataset, resolve_splits
+from distillctl.data.datasets import ImageDataset
+from distillctl.data.splits import labelled_splits
 from distillctl.errors import InputError, UsageError
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
 from distillctl.methods.presets import queue_warnings  # noqa: F401  (re-exported: the queue policy lives there)
@@ -65,13 +66,8 @@ def validate(recipe: Recipe) -> tuple[ImageDataset, ImageDataset | None]:
     from distillctl.gates import check_recipe_gates
 
     check_recipe_gates(recipe)
-    train_source, val_source = resolve_splits(recipe.data.train, recipe.data.val)
-    train_data = open_dataset(train_source, "train")
-    val_data = open_dataset(val_source, "test") if val_source else None
-    if val_data is not None:
-        from distillctl.eval.features import align_classes
-
-        val_data = align_classes(train_data, val_data)  # label by class name, not folder order
+    splits = labelled_splits(recipe.data.train, recipe.data.val)  # eval labels aligned to train's classes by name
+    train_data, val_data = splits.train, splits.test
     if recipe.data.subset:
         import numpy as np
 

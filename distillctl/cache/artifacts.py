@@ -21,6 +21,7 @@ import torch
 from distillctl.cache import layout
 from distillctl.cache.store import FeatureCache
 from distillctl.errors import UsageError
+from distillctl.eval.knn import nearest_neighbours
 
 
 def _centre_matrix(cache: FeatureCache, output: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,7 @@ def knn_bags(cache: FeatureCache, k: int = 5, output: str = "pooled", block: int
              reuse: bool = True) -> np.ndarray:
     """(N, k) int64: indices of each image's k most cosine-similar other images, most similar first."""
     n = cache.num_images
-    if not 1 <= k < n:
+    if not 1 <= k < n:  # before the cache is read
         raise UsageError(f"kNN bags need 1 <= k < number of images ({n}); got k={k}")
     params = {"k": k, "output": output, "view": 0, "metric": "cosine", "exclude_self": True}
     stem = f"knn_{output}_k{k}"
@@ -86,25 +87,8 @@ def knn_bags(cache: FeatureCache, k: int = 5, output: str = "pooled", block: int
         return found
     raw, inverse_norm = _centre_matrix(cache, output, block)
     torch_device = torch.device(device)
-    bags = np.empty((n, k), dtype=np.int64)
-    for q_start in range(0, n, block):
-        q_stop = min(n, q_start + block)
-        queries = _unit_block(raw, inverse_norm, q_start, q_stop, torch_device)
-        rows = torch.arange(q_stop - q_start, device=torch_device)
-        best_sim = torch.full((q_stop - q_start, k), -torch.inf, device=torch_device)
-        best_idx = torch.full((q_stop - q_start, k), -1, dtype=torch.int64, device=torch_device)
-        for k_start in range(0, n, block):
-            k_stop = min(n, k_start + block)
-            sims = queries @ _unit_block(raw, inverse_norm, k_start, k_stop, torch_device).T
-            self_col = rows + q_start - k_start  # column of each query's own image in this key block
-            inside = (self_col >= 0) & (self_col < k_stop - k_start)
-            sims[rows[inside], self_col[inside]] = -torch.inf
-            candidates = torch.arange(k_start, k_stop, device=torch_device).expand(len(rows), -1)
-            merged_sim = torch.cat([best_sim, sims], dim=1)
-            merged_idx = torch.cat([best_idx, candidates], dim=1)
-            best_sim, position = merged_sim.topk(k, dim=1)
-            best_idx = merged_idx.gather(1, position)
-        bags[q_start:q_stop] = best_idx.cpu().numpy()
+    bags = nearest_neighbours(lambda start, stop: _unit_block(raw, inverse_norm, start, stop, torch_device), n, k,
+                              block).numpy()
     _save(cache, stem, "knn_bags", params, bags)
     return bags
 

@@ -123,9 +123,9 @@ def _resolve_splits(target: Path, data: str | None, val_data: str | None) -> tup
 
 def _prepare(target_arg: str, data: str | None, val_data: str | None, device: str, crop_pct: float | None,
              cache_dir: str | None, no_cache: bool, teacher: _TeacherOptions) -> _Prepared:
-    from distillctl.data.datasets import open_dataset
+    from distillctl.data.splits import open_splits
     from distillctl.eval.embedding_cache import EmbeddingCache
-    from distillctl.eval.features import align_classes, encoder_fingerprint, load_encoder
+    from distillctl.eval.features import encoder_fingerprint, load_encoder
 
     from distillctl.train.distributed import launched_by_torchrun
 
@@ -148,9 +148,8 @@ def _prepare(target_arg: str, data: str | None, val_data: str | None, device: st
             console.print(f"{description}: position embeddings resampled {record['grid']} for "
                           f"{record['input_size']} px inputs", highlight=False)
     train_spec, val_spec, run_crop = _resolve_splits(target, data, val_data)
-    train = open_dataset(train_spec, "train")
-    # builtin datasets: their held-out test split; folders: as given, labels mapped to train's class indices
-    val = align_classes(train, open_dataset(val_spec, "test"))
+    splits = open_splits(train_spec, val_spec)  # builtin: its test split; folders: labels by train's class names
+    train, val = splits.train, splits.test
     # Precedence: --crop-pct, the artefact's own metadata, the run's recipe, the 0.875 default.
     artefact_crop = getattr(encoder, "crop_pct", None)
     crop = next(float(c) for c in (crop_pct, artefact_crop, run_crop, 0.875) if c is not None)

@@ -24,6 +24,7 @@ from torch import nn
 
 from distillctl._infra import sha256_file
 from distillctl.data.bad_images import BadImages, try_load
+from distillctl.data.splits import align_classes  # noqa: F401  (re-exported: one class alignment for run/eval/export)
 from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
 from distillctl.errors import InputError, UsageError
 
@@ -150,25 +151,6 @@ def _collate_readable(items: list) -> tuple[torch.Tensor | None, torch.Tensor, l
         return None, torch.zeros(0, dtype=torch.int64), bad
     return (torch.stack([item[0] for item in kept]), torch.tensor([item[1] for item in kept], dtype=torch.int64),
             bad)
-
-
-def align_classes(train: Any, val: Any) -> Any:
-    """``val`` with labels re-indexed to ``train``'s classes (matched by name).
-
-    Two ImageFolders index their own sorted class lists, so a val folder missing one class would
-    otherwise shift every later label and silently corrupt kNN/linear accuracy.
-    """
-    if list(val.classes) == list(train.classes):
-        return val
-    index = {name: i for i, name in enumerate(train.classes)}
-    unknown = [name for name in val.classes if name not in index]
-    if unknown:
-        raise InputError(f"{len(unknown)} evaluation classes do not exist in the train split (e.g. {', '.join(unknown[:3])})",
-                         hint="train and val folders must use the same class folder names")
-    from distillctl.data.datasets import ImageDataset
-
-    return ImageDataset(name=val.name, classes=list(train.classes), labels=[index[val.classes[label]] for label in val.labels],
-                        paths=val.paths, arrays=val.arrays, root=val.root, faults=val.faults)
 
 
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875) -> dict:

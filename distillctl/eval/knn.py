@@ -15,13 +15,43 @@ Conventions (documented because they change numbers at the margin):
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from distillctl.errors import InputError
+from distillctl.errors import InputError, UsageError
 
 _MAX_BLOCK_ELEMENTS = 1 << 28
+
+
+@torch.no_grad()
+def nearest_neighbours(unit_rows: Callable[[int, int], torch.Tensor], n: int, k: int, block: int = 4096) -> torch.Tensor:
+    """(n, k) int64 on the CPU: for each row of an (n, D) matrix of unit vectors, the k other rows of largest cosine
+    similarity (= smallest L2 distance), most similar first, the row itself excluded. The teacher-kNN bags of
+    BINGO's stage 0, from the feature cache or from one online teacher pass alike.
+
+    ``unit_rows(start, stop)`` returns rows ``[start, stop)`` (already normalised, on the device to compute on), so
+    the matrix may live on disk: only two ``block``-row slices and a (block × block) similarity block are in memory.
+    Exact (BINGO used faiss flat-L2); the running top-k of each query block is merged with every key block."""
+    if not 1 <= k < n:
+        raise UsageError(f"kNN bags need 1 <= k < number of images ({n}); got k={k}")
+    bags = torch.empty((n, k), dtype=torch.int64)
+    for q_start in range(0, n, block):
+        queries = unit_rows(q_start, min(n, q_start + block))
+        device, rows = queries.device, torch.arange(queries.shape[0], device=queries.device)
+        best_sim = torch.full((len(rows), k), -torch.inf, device=device)
+        best_idx = torch.full((len(rows), k), -1, dtype=torch.int64, device=device)
+        for k_start in range(0, n, block):
+            k_stop = min(n, k_start + block)
+            sims = queries @ unit_rows(k_start, k_stop).T
+            self_col = rows + q_start - k_start  # column of each query's own row in this key block
+            inside = (self_col >= 0) & (self_col < k_stop - k_start)
+            sims[rows[inside], self_col[inside]] = -torch.inf
+            candidates = torch.arange(k_start, k_stop, device=device).expand(len(rows), -1)
+            best_sim, position = torch.cat([best_sim, sims], dim=1).topk(k, dim=1)
+            best_idx = torch.cat([best_idx, candidates], dim=1).gather(1, position)
+        bags[q_start:q_start + len(rows)] = best_idx.cpu()
+    return bags
 
 
 def knn_protocol(ks: Iterable[int], temperature: float) -> dict:

@@ -363,12 +363,13 @@ class _Splits:
     """Labelled train/test datasets of a run (test = val split, or every 5th train image when there is none)."""
 
     def __init__(self, train_spec: str, val_spec: str | None, crop_pct: float) -> None:
-        from distillctl.data.datasets import open_dataset
+        from distillctl.data.splits import open_splits
 
         self.train_spec, self.val_spec, self.crop_pct = train_spec, val_spec, float(crop_pct)
-        train = open_dataset(train_spec, "train")
-        if val_spec is not None:
-            self.train, self.test, self.holdout = train, open_dataset(val_spec, "val"), None
+        splits = open_splits(train_spec, val_spec)  # the val split labelled by class name, as in run and eval
+        train = splits.train
+        if splits.test is not None:
+            self.train, self.test, self.holdout = train, splits.test, None
         else:
             every = np.arange(len(train))
             self.train = train.subset(every[every % 5 != 0], name=f"{train.name}[holdout-train]")

@@ -114,23 +114,13 @@ def cutmix(base: torch.Tensor, patch_source: torch.Tensor, box: CutBox) -> tuple
 
 # --- kNN bags (BINGO stage 0) ---------------------------------------------------------------------------
 
-@torch.no_grad()
 def knn_bags(features: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """Indices (N, k) of each row's k nearest other rows by L2 distance of the L2-normalised features.
+    """(N, k) indices of each row's k nearest other rows by L2 distance of the L2-normalised features: the one
+    neighbour search of the tool (:func:`distillctl.eval.knn.nearest_neighbours`) over features in memory."""
+    from distillctl.eval.knn import nearest_neighbours
 
-    Exact (BINGO used faiss flat-L2); the row itself is excluded. Chunked so N×N never materialises."""
-    if features.shape[0] <= k:
-        raise UsageError(f"kNN bags need more than k={k} images, got {features.shape[0]}")
     normed = F.normalize(features.float(), dim=1)
-    out = torch.empty(normed.shape[0], k, dtype=torch.long)
-    for start in range(0, normed.shape[0], chunk):
-        block = normed[start:start + chunk]
-        # for unit vectors ||a−b||² = 2 − 2a·b: nearest = largest dot product
-        similarity = block @ normed.t()
-        rows = torch.arange(block.shape[0])
-        similarity[rows, rows + start] = float("-inf")
-        out[start:start + chunk] = similarity.topk(k, dim=1).indices.cpu()
-    return out
+    return nearest_neighbours(lambda start, stop: normed[start:stop], normed.shape[0], k, chunk)
 
 
 @dataclass(frozen=True)
