@@ -77,3 +77,22 @@ def tiny_run_args(teacher: Path, out: Path, *extra: str, method: str = "simreg")
             "--batch-size", "64", "--out", str(out), "--set", "data.crop_pct=1.0", "--set", "export.enabled=false",
             "--set", "train.log_every=5", "--set", "eval.teacher=false",
             "--set", "eval.random_student=false", *extra]
+
+
+@pytest.fixture()
+def log_lines() -> list[str]:
+    """Messages of the ``distillctl.*`` log records emitted during the test. Domain code logs and only the CLI
+    renders (``warning: …``), so in-process tests read the records, whatever handlers a CLI import installed."""
+    import logging
+
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = _Collect(level=logging.DEBUG)
+    logger = logging.getLogger("distillctl")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)

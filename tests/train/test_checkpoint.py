@@ -28,7 +28,7 @@ def test_periodic_by_wall_time(tmp_path):
     assert _steps(tmp_path / "time" / "checkpoints") == [1, 2, 3, 4]
 
 
-def test_truncated_newest_falls_back_with_a_warning(tmp_path, capsys):
+def test_truncated_newest_falls_back_with_a_warning(tmp_path, log_lines):
     manager = CheckpointManager(tmp_path, keep_last=3)
     for step in (1, 2):
         manager.save({"step": step, "fingerprint": "f", "weights": torch.full((4,), float(step))}, step)
@@ -37,7 +37,7 @@ def test_truncated_newest_falls_back_with_a_warning(tmp_path, capsys):
     (tmp_path / ".ckpt_000000003.pt.tmp999").write_bytes(b"half")  # left by a kill during a write
     state = manager.load_latest("f")
     assert state["step"] == 1 and torch.equal(state["weights"], torch.ones(4))
-    err = capsys.readouterr().err
+    err = "\n".join(log_lines)
     assert "checkpoint ckpt_000000002.pt is unreadable (" in err and "moved to unreadable/ckpt_000000002.pt" in err
     manager.save({"step": 3, "fingerprint": "f"}, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000001.pt", "ckpt_000000003.pt", "unreadable"]
@@ -48,7 +48,7 @@ def _truncate(path, keep: int = 40) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 
 
-def test_all_unreadable_are_set_aside_and_new_checkpoints_survive(tmp_path, capsys):
+def test_all_unreadable_are_set_aside_and_new_checkpoints_survive(tmp_path, log_lines):
     """Regression: every checkpoint unreadable → the run starts over; pruning (highest steps kept) used to
     delete the new step-2/4 checkpoints in favour of the unreadable step-900/901 ones."""
     manager = CheckpointManager(tmp_path, keep_last=2)
@@ -56,7 +56,7 @@ def test_all_unreadable_are_set_aside_and_new_checkpoints_survive(tmp_path, caps
         manager.save({"step": step, "fingerprint": "f"}, step)
         _truncate(tmp_path / f"ckpt_{step:09d}.pt")
     assert manager.load_latest("f") is None
-    err = capsys.readouterr().err
+    err = "\n".join(log_lines)
     assert err.count("is unreadable") == 2 and "no readable checkpoint left" in err
     for step in (2, 4, 6):
         manager.save({"step": step, "fingerprint": "f"}, step)
@@ -65,7 +65,7 @@ def test_all_unreadable_are_set_aside_and_new_checkpoints_survive(tmp_path, caps
     assert manager.load_latest("f")["step"] == 6
 
 
-def test_set_aside_twice_keeps_both_files(tmp_path, capsys):
+def test_set_aside_twice_keeps_both_files(tmp_path):
     manager = CheckpointManager(tmp_path)
     for attempt in range(2):
         manager.save({"step": 5, "fingerprint": "f"}, 5)
@@ -75,7 +75,7 @@ def test_set_aside_twice_keeps_both_files(tmp_path, capsys):
     assert sizes == [10, 11] and manager.list() == []
 
 
-def test_training_resumes_over_unreadable_checkpoints_from_step_zero(tmp_path, capsys):
+def test_training_resumes_over_unreadable_checkpoints_from_step_zero(tmp_path, log_lines):
     """End to end through the trainer: the resumed run starts at 0, ends at the same weights as a clean run,
     and its own checkpoints are the ones left."""
     clean = train(tiny_job(tmp_path / "clean", images=192, checkpoint_every_steps=2, keep_last=2))
@@ -85,10 +85,10 @@ def test_training_resumes_over_unreadable_checkpoints_from_step_zero(tmp_path, c
     for step, path in CheckpointManager(checkpoints).list():  # older, higher-numbered and unreadable
         path.rename(checkpoints / f"ckpt_{step + 900:09d}.pt")
         _truncate(checkpoints / f"ckpt_{step + 900:09d}.pt")
-    capsys.readouterr()
+    log_lines.clear()
     result = train(tiny_job(run, images=192, checkpoint_every_steps=2, keep_last=2))
     assert result.resumed_from_step is None and result.steps == clean.steps == 6
-    assert "no readable checkpoint left" in capsys.readouterr().err
+    assert any("no readable checkpoint left" in line for line in log_lines)
     assert _steps(checkpoints) == [4, 6]
     assert sorted(p.name for p in (checkpoints / "unreadable").iterdir()) == ["ckpt_000000904.pt", "ckpt_000000906.pt"]
     final = torch.load(checkpoints / "ckpt_000000006.pt", weights_only=True)["student"]
