@@ -7,7 +7,12 @@
 #   bash benchmarks/gpu_check.sh
 # Prints ONE JSON line on stdout; writes $OUT/gpu_check.json when $OUT is set (device tool), else
 # benchmarks/results/gpu_check.json, which benchmarks/render.py puts into RESULTS.md with the GPU name.
-# Budget: ~1 min wheel install + ~4-6 min of compile and timing; the python part is capped at 480 s.
+# Parts (--parts, default all): loader (JPEG decode + training view img/s, min(16, cores) workers) and loop
+# (img/s of `distillctl run` SimReg from a cached ResNet-50, MobileNetV2 at 224 px, bf16, channels_last) run
+# first, on 2048 synthetic JPEGs, and are saved before the synthetic steps, the cache and ONNX Runtime CUDA.
+# Budget: ~1 min wheel install + ~2 min loader/loop + ~4-6 min of compile and timing; the python part is
+# capped at 480 s (what finished is still in the JSON file). A shorter check: bash benchmarks/gpu_check.sh
+# --parts loader,loop   (extra arguments go to gpu_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -599,26 +599,56 @@ def plot_scaling(s: dict, path: Path) -> bool:
 def export_section(e: dict | None) -> tuple[str, dict]:
     if not e:
         return "## Export latency (CPU)\n\nNo results yet: run `python benchmarks/export_bench.py`.\n", {}
+    threads = e.get("threads")
+    pinned = f", pinned to CPU {e['pinned_cpus']}" if e.get("pinned_cpus") else ""
     out = ["## Export latency (CPU)", "",
-           f"Student of `{e['run']}`; `{e['bench_command']}` run as separate processes; p50 per process, then "
-           f"median [min–max] over processes; speed-up = torch p50 / format p50 within a process.", ""]
+           f"Student of `{e['run']}`; `{e['bench_command']}` run as separate processes"
+           f"{f' ({threads} thread{pinned})' if threads else ''}; p50 per process, then median [min–max] over "
+           "processes; speed-ups within a process. gate: the artefact's export verdict (parity, and for INT8 the "
+           "kNN budget).", ""]
     rows = []
     for key, v in sorted(e["latency"].items(), key=lambda kv: (kv[1]["batch"], kv[1]["format"])):
         rows.append([v["format"], v["batch"], med(v["p50_ms"], 2), med(v["p90_ms"], 2), med(v["images_per_sec"], 0),
-                     med(v.get("speedup_vs_torch"), 2), med(v.get("speedup_vs_onnx_fp32"), 2), num(v.get("size_mb"), 2)])
-    out += [table(["format", "batch", "p50 ms", "p90 ms", "img/s", "× vs torch", "× vs ONNX fp32", "size MB"], rows), ""]
+                     med(v.get("speedup_vs_onnx_fp32"), 2), med(v.get("speedup_vs_torch"), 2), v.get("gate", "-"),
+                     num(v.get("size_mb"), 2)])
+    out += [table(["format", "batch", "p50 ms", "p90 ms", "img/s", "× vs ONNX fp32", "× vs torch", "gate", "size MB"],
+                  rows), ""]
     acc = e.get("int8_accuracy") or {}
-    facts = {"int8": acc, "latency": e["latency"]}
+    facts = {"int8": acc, "latency": e["latency"], "targets": e.get("targets")}
+    t = e.get("targets") or {}
+    if t:
+        met = t.get("met") or {}
+        fastest = next((v for k, v in t.items() if k.startswith("fastest_b")), None) or {}
+
+        def mark(key: str) -> str:
+            return "met" if met.get(key) else "NOT met"
+
+        out.append(f"Targets (issue 15), ORT INT8 = `{t.get('int8_form')}`: "
+                   f"INT8 vs ORT fp32 at batch 1 {num(t.get('int8_vs_onnx_b1'), 2)}× (≥ 2.5×: {mark('int8_vs_onnx_b1')}), "
+                   f"at batch 32 {num(t.get('int8_vs_onnx_b32'), 2)}× (≥ 2×: {mark('int8_vs_onnx_b32')}); "
+                   f"kNN drop {num(t.get('int8_knn_drop'), 2)} points (≤ 1: {mark('int8_knn_drop')}); "
+                   f"INT8 cosine gate {mark('int8_cosine_gate')}; fastest passing format at batch 32: "
+                   f"{fastest.get('format', '-')} at {num(fastest.get('speedup_vs_onnx_fp32'), 2)}× ORT fp32 "
+                   f"(≥ 3×: {mark('fastest_vs_onnx_b32')}).")
     if acc:
-        out.append(f"INT8 kNN top-1: fp32 {num(acc.get('reference_top1'), 2)}% → INT8 {num(acc.get('candidate_top1'), 2)}% "
+        out.append(f"\nINT8 kNN top-1: fp32 {num(acc.get('reference_top1'), 2)}% → INT8 {num(acc.get('candidate_top1'), 2)}% "
                    f"(drop {num(acc.get('drop'), 2)} points; the product's default gate is 1 point).")
+    calibration = ((e.get("export_report") or {}).get("onnx-int8") or {}).get("quantization") or {}
+    if calibration:
+        out.append(f"INT8 artefact: form {calibration.get('form')}, calibration {calibration.get('calibration_method')} "
+                   f"on {calibration.get('calibration_images')} images, layers left in float: "
+                   f"{', '.join(calibration.get('excluded_nodes') or []) or 'none'}.")
+    if e.get("skipped_formats"):
+        out.append(f"Skipped (extra not installed): {', '.join(e['skipped_formats'])}.")
     if e.get("gate_error"):
         out.append(f"\n`distillctl export` exited 3 (a gate failed; artefacts and numbers kept): {e['gate_error']}\n")
+    out.append("")
     for name, parity in (e.get("parity") or {}).items():
         if parity:
-            out.append(f"- parity {name}: max|Δ| {parity.get('max_abs')}, min cosine {parity.get('min_cosine')}, "
-                       f"passed {parity.get('passed')}")
-    out += ["", f"Export command: `{e['export_command']}`.", ""]
+            out.append(f"- parity {name}: max|Δ| {num(parity.get('max_abs'), 4)}, mean cosine "
+                       f"{num(parity.get('mean_cosine'), 4)}, p1 cosine {num(parity.get('p1_cosine'), 4)}, passed "
+                       f"{parity.get('passed')}")
+    out += ["", f"Export command: `{e['export_command']}`; benchmark command: `{e.get('command', '-')}`.", ""]
     return "\n".join(out), facts
 
 

@@ -107,8 +107,7 @@ def compare_knn(
     protocol = {**knn_protocol((k,), temperature), "train": getattr(train_dataset, "name", ""),
                 "test": getattr(test_dataset, "name", ""), "train_images": len(train_dataset),
                 "test_images": len(test_dataset), "transform": "centre crop", "crop_pct": crop_pct,
-                "runtime": "OpenVINO CPU (f32 hint)" if Path(candidate_path).suffix == ".xml"
-                else "onnxruntime CPUExecutionProvider"}
+                "runtime": _runtime(candidate_path)}
     return AccuracyReport(
         reference=Path(reference_path).name, candidate=Path(candidate_path).name,
         reference_top1=round(reference_top1, 4), candidate_top1=round(candidate_top1, 4), drop=round(drop, 4),
@@ -124,3 +123,11 @@ def _capped(dataset: Any, limit: int) -> Any:
 
     indices = np.sort(np.random.default_rng(0).permutation(len(dataset))[:limit])
     return dataset.subset(indices, name=f"{getattr(dataset, 'name', 'data')}[seeded subset {limit}]")
+
+
+def _runtime(path: str | Path) -> str:
+    if Path(path).suffix == ".xml":
+        from distillctl.export.openvino import runtime_description
+
+        return runtime_description(path)
+    return "onnxruntime CPUExecutionProvider"

@@ -23,7 +23,7 @@ from distillctl.errors import GateError, InputError, UsageError
 from distillctl.export import card as card_module
 from distillctl.export.onnx import (BATCH_DIM, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, default_opset,
                                     export_onnx, set_metadata)
-from distillctl.export.parity import ParityResult, check_parity, ort_runner
+from distillctl.export.parity import INT8_FLOOR_SOURCE, ParityResult, check_parity, ort_runner
 from distillctl.export.quantize import (CALIBRATION_METHODS, CPU_FORMS, check_tensorrt_compatible, convert_fp16,
                                         default_cpu_form)
 
@@ -270,7 +270,7 @@ def _int8(model, onnx_path, export_dir, run_dir, calibration, parity_set, calib_
                                       "sensitivity": chosen.sensitivity}
     described = {**calibration.describe, "requested": calib_method, "method": selections[FILES["onnx-int8"]]["method"],
                  "selection": selections, "decided_by": "kNN accuracy budget (--max-drop), then the INT8 cosine floor",
-                 "per_channel": True}
+                 "cosine_floor_source": INT8_FLOOR_SOURCE, "per_channel": True}
     result = entries["onnx-int8"] | {"tensorrt_variant": entries["onnx-int8-trt"]}
     forms = {FILES[key]: FORMS[entries[key]["form"]].to_dict() for key in entries}
     return result, {"calibration": described, "forms": forms,
@@ -281,15 +281,15 @@ def _int8(model, onnx_path, export_dir, run_dir, calibration, parity_set, calib_
 def _openvino(model, onnx_path, export_dir, run_dir, formats, calibration, parity_set, accuracy_of, gate,
               report) -> dict | None:
     """``openvino`` (fp32 IR) and ``openvino-int8`` (NNCF) into ``report``; returns the INT8 card section."""
-    from distillctl.export.openvino import OPENVINO_PRESETS, convert_ir, ov_runner, quantize_ir, remove_ir
+    from distillctl.export.openvino import (OPENVINO_PRESETS, convert_ir, ov_runner, quantize_ir, remove_ir,
+                                           runtime_description)
 
     phase("export: OpenVINO fp32 IR and its parity")
     xml = convert_ir(onnx_path, export_dir / FILES["openvino"])
     parity = check_parity(model, ov_runner(xml), parity_set, precision="fp32")
     gate(parity, xml.name)
     if "openvino" in formats:
-        report["openvino"] = {"path": _rel(xml, run_dir), "parity": parity.to_dict(),
-                              "runtime": "OpenVINO CPU plugin, INFERENCE_PRECISION_HINT=f32"}
+        report["openvino"] = {"path": _rel(xml, run_dir), "parity": parity.to_dict(), "runtime": runtime_description(xml)}
     if "openvino-int8" not in formats:
         return None
     tried, best = [], None
@@ -317,7 +317,8 @@ def _openvino(model, onnx_path, export_dir, run_dir, formats, calibration, parit
     best["info"].path = str(final)
     gate(best["parity"], final.name)
     gate(best["accuracy"], None)
-    report["openvino-int8"] = {"path": _rel(final, run_dir), "form": "openvino-nncf", "parity": best["parity"].to_dict(),
+    report["openvino-int8"] = {"path": _rel(final, run_dir), "form": "openvino-nncf", "runtime": runtime_description(final),
+                               "parity": best["parity"].to_dict(),
                                "accuracy": best["accuracy"].to_dict(),
                                "quantization": best["info"].to_dict() | {"path": _rel(final, run_dir)}}
     if "openvino" not in formats:  # the fp32 IR was only the input to NNCF

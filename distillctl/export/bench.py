@@ -222,8 +222,10 @@ def _make_runner(name: str, model: torch.nn.Module, export_dir: Path, threads: i
     if name.startswith("openvino"):
         from distillctl.export.openvino import ov_runner
 
+        from distillctl.export.openvino import runtime_description
+
         run = ov_runner(artefact, threads=threads)
-        return (lambda images: (lambda: run(images))), None, artefact, "OpenVINO CPU (f32 hint, latency)"
+        return (lambda images: (lambda: run(images))), None, artefact, runtime_description(artefact)
     from distillctl.export.onnx import INPUT_NAME, ort_session
 
     session = ort_session(artefact, threads=threads)

@@ -97,13 +97,47 @@ def calibrate(
         for start in range(0, len(images), batch_size):
             calibrator.collect_data(_OneBatch({input_name: images[start:start + batch_size]}))
         if method == "entropy":
-            ranges = {name: entropy_range(histogram) for name, histogram in
-                      calibrator.collector.get_histogram_dict().items()}
+            keep_full = full_range_tensors(model_path)
+            ranges = {name: (float(histogram[2]), float(histogram[3])) if name in keep_full else entropy_range(histogram)
+                      for name, histogram in calibrator.collector.get_histogram_dict().items()}
         else:
             ranges = {name: tuple(data.range_value) for name, data in calibrator.compute_data().items()}
     data = {name: TensorData(lowest=np.asarray(low, dtype=np.float32), highest=np.asarray(high, dtype=np.float32))
             for name, (low, high) in ranges.items()}
     return TensorsData(calibrate_method, data)
+
+
+EMBEDDING_PATH_OPS = ("ReduceMean", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Squeeze", "Identity")
+
+
+def full_range_tensors(model_path: str | Path) -> set[str]:
+    """Tensors whose range entropy calibration must not clip (their observed min/max is kept).
+
+    - the embedding itself and the tensors it is pooled or reshaped from: an embedding's direction
+      lives in its largest channels, and clipping them is what KL calibration (built for classifier
+      logits, which only need their argmax) does to a heavy-tailed embedding;
+    - outputs of ``Clip`` (ReLU6 and friends): their upper bound is the saturation value itself, a
+      spike of real mass at the top that the KL search mistakes for a tail.
+
+    Measured on the 64 px MobileNetV2 benchmark student: clipping these took entropy calibration to a
+    mean embedding cosine of 0.64 (the pooled embedding clipped from 4.9 to 1.5, ReLU6 outputs from
+    6 to about 2).
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    producer = {output: node for node in graph.node for output in node.output}
+    keep = {node.output[0] for node in graph.node if node.op_type == "Clip"}
+    frontier = [output.name for output in graph.output]
+    while frontier:
+        name = frontier.pop()
+        if name in keep and name not in {o.name for o in graph.output}:
+            continue
+        keep.add(name)
+        node = producer.get(name)
+        if node is not None and node.op_type in EMBEDDING_PATH_OPS and node.input:
+            frontier.append(node.input[0])
+    return keep
 
 
 def write_calibration_cache(tensors_data, path: str | Path) -> Path:

@@ -167,3 +167,20 @@ def test_sensitivity_ranks_the_layer_fed_by_an_outlier_range_first(tiny, tmp_pat
     assert ranking[0]["node"] == names[0]  # the stem conv
     assert ranking[0]["added"] > 3 * ranking[1]["added"] > 0
     assert all(row["error"] >= 0 for row in ranking)
+
+
+def test_entropy_keeps_the_embedding_and_relu6_ranges(tiny, tmp_path: Path) -> None:
+    """KL clipping of the pooled embedding / ReLU6 outputs wrecked a real student (mean cosine 0.64): kept at min/max."""
+    from distillctl.export.calibration import full_range_tensors
+
+    prepared = _prepared(tiny[1], tmp_path)
+    protected = full_range_tensors(prepared)
+    proto = onnx.load(str(prepared))
+    clips = {node.output[0] for node in proto.graph.node if node.op_type == "Clip"}
+    assert "embedding" in protected and clips and clips <= protected
+    images = _images(32, outliers=True)
+    entropy = ranges_of(calibrate(prepared, images, "entropy", tmp_path))
+    minmax = ranges_of(calibrate(prepared, images, "minmax", tmp_path))
+    for name in protected & set(entropy):
+        assert entropy[name] == pytest.approx(minmax[name], rel=1e-6), name
+    assert entropy["input"][1] < minmax["input"][1] / 3  # unprotected tensors are still clipped
