@@ -581,8 +581,11 @@ def _neighbour_bags(recipe, method, requirements, teacher, cache, train_data, me
     from distillctl.eval.features import embed_dataset
     from distillctl.methods.shared import knn_bags as feature_bags
 
+    bad = BadImages("bags", len(train_data), recipe.data.max_bad_fraction)
     features, _ = embed_dataset(teacher.backbone.eval(), train_data, input_size=recipe.data.image_size, mean=mean,
-                                std=std, crop_pct=recipe.data.crop_pct, batch_size=recipe.eval.batch_size, device=device)
+                                std=std, crop_pct=recipe.data.crop_pct, batch_size=recipe.eval.batch_size, device=device,
+                                bad_images=bad, substitute=True)  # row i must stay image i's: the bags index by image
+    bad.finish("substituted")
     return feature_bags(features, k)
 
 

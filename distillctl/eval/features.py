@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distillctl._infra import sha256_file
-from distillctl.data.bad_images import BadImages, try_load
+from distillctl.data.bad_images import BadImages, load_or_substitute, try_load
 from distillctl.data.splits import align_classes  # noqa: F401  (re-exported: one class alignment for run/eval/export)
 from distillctl.data.views import ViewSpec, apply_view_uint8, normalize, sample_view
 from distillctl.errors import InputError, UsageError
@@ -126,17 +126,22 @@ class _CentreViews(torch.utils.data.Dataset):
     """Dataset adaptor: decoded image → uint8 centre view (3,S,S) and label. Runs in DataLoader workers.
 
     An unreadable image is skipped (``None`` view) and reported with the item: evaluation must not count
-    another image twice (data/bad_images.py)."""
+    another image twice (data/bad_images.py). With ``substitute`` it gets its keyed substitute's view instead,
+    so every index keeps its row (callers that index the result by image, e.g. kNN bags)."""
 
-    def __init__(self, dataset: Any, spec: ViewSpec) -> None:
+    def __init__(self, dataset: Any, spec: ViewSpec, substitute: bool = False) -> None:
         self.dataset = dataset
         self.spec = spec
+        self.substitute = substitute
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, list[tuple[str, str]]]:
-        image, bad = try_load(self.dataset, index)
+        if self.substitute:
+            _, image, bad = load_or_substitute(self.dataset, index)
+        else:
+            image, bad = try_load(self.dataset, index)
         if image is None:
             return None, int(self.dataset.labels[index]), bad
         params = sample_view(self.spec, int(image.shape[-2]), int(image.shape[-1]), None)
@@ -172,11 +177,13 @@ def embed_dataset(
     num_workers: int = 0,
     bad_images: BadImages | None = None,
     progress: Callable[[int], None] | None = None,
+    substitute: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every readable image of ``dataset`` (centre view); returns (N×D float32, N int64 labels) on CPU.
 
-    Unreadable images are skipped (N drops by their number) and added to ``bad_images``; the caller then
-    decides (``BadImages.finish``). Without a collector the limit is checked and the skips are reported here.
+    Unreadable images are skipped (N drops by their number), or with ``substitute`` replaced by their keyed
+    substitute (row i stays image i's), and added to ``bad_images``; the caller then decides
+    (``BadImages.finish``). Without a collector the limit is checked and the images are reported here.
     ``progress(n)`` is called after each batch of n images (long evaluations report as they go)."""
     if len(dataset) == 0:
         raise InputError("cannot embed an empty dataset")
@@ -184,7 +191,7 @@ def embed_dataset(
     runner = as_encoder(encoder, device)
     spec = ViewSpec(size=int(input_size), family="centre", crop_pct=float(crop_pct))
     loader = torch.utils.data.DataLoader(
-        _CentreViews(dataset, spec), batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
+        _CentreViews(dataset, spec, substitute), batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
         pin_memory=runner.input_device.type == "cuda", persistent_workers=False, collate_fn=_collate_readable,
     )
     embeddings: list[torch.Tensor] = []
@@ -205,7 +212,7 @@ def embed_dataset(
         if progress is not None:
             progress(int(views.shape[0]))
     if bad_images is None:
-        collector.finish("skipped")
+        collector.finish("substituted" if substitute else "skipped")
     if not embeddings:
         raise InputError(f"no image of the {len(dataset)} could be read", hint="check the data")
     result = torch.cat(embeddings)

@@ -94,6 +94,19 @@ def test_embedding_skips_unreadable_images(folder):
         embed_dataset(_encoder(), dataset, input_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
 
 
+def test_index_aligned_embedding_substitutes(folder):
+    """kNN bags index the embeddings by image: with ``substitute`` row i stays image i's (the bad one gets its
+    keyed substitute's embedding), so no later row shifts."""
+    dataset = open_dataset(folder)
+    broken = _broken(dataset)
+    bad = BadImages("bags", len(dataset), max_fraction=0.1)
+    embeddings, _ = embed_dataset(_encoder(), dataset, input_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0,
+                                  batch_size=8, bad_images=bad, substitute=True)
+    assert embeddings.shape == (21, 4) and len(bad) == 1
+    substitute = load_or_substitute(dataset, broken)[0]
+    assert torch.equal(embeddings[broken], embeddings[substitute])
+
+
 def test_cache_build_substitutes_lists_and_respects_the_limit(folder, tmp_path, log_lines):
     from distillctl.cache.build import build_cache
     from distillctl.data.views import ViewSpec
