@@ -187,6 +187,7 @@ class MethodInputs:
     # one dict per view with student=True (same order as student_features): requirements.student_taps
     student_taps: list[dict[str, torch.Tensor]] = field(default_factory=list)
     teacher: object | None = None  # the live distillctl Teacher in co_trained mode (None otherwise)
+    steps_per_epoch: int = 0  # optimizer steps per epoch (schedules over iterations, e.g. SimDis's EMA); 0: unknown
 
 
 class Method(nn.Module):

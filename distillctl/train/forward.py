@@ -98,4 +98,4 @@ def merge_inputs(parts: list[MethodInputs]) -> MethodInputs:
                         images=[cat([p.images[i] for p in parts]) for i in range(len(first.images))],
                         index=cat([p.index for p in parts]), epoch=first.epoch, step=first.step,
                         total_epochs=first.total_epochs, student=first.student, extras=extras,
-                        student_taps=student_taps, teacher=first.teacher)
+                        student_taps=student_taps, teacher=first.teacher, steps_per_epoch=first.steps_per_epoch)

@@ -386,7 +386,8 @@ def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots
                                   total_epochs=job.train.epochs, student=job.student,
                                   extras={"neighbour_index": sources[rows, neighbour_slots[0]].to(device)}
                                   if neighbour_slots else {},
-                                  student_taps=taps, teacher=job.teacher if co_trained else None)
+                                  student_taps=taps, teacher=job.teacher if co_trained else None,
+                                  steps_per_epoch=steps_per_epoch)
             loss, logs = job.method.loss(inputs)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step} (epoch {step // steps_per_epoch}); "
