@@ -424,6 +424,7 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
                              recipe.data.model_dump(exclude={"train", "num_workers", "val", "max_bad_fraction"}), mode, teacher_bn,
                              recipe.train.max_steps)
     bags = _neighbour_bags(recipe, method, requirements, teacher, cache, train_data, mean, std, device)
+    _teacher_artifact(recipe, run, method, requirements, teacher, cache, train_data, mean, std, device)
     train_summary = _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std,
                                    mode, teacher_bn, device, distill_fp, bags)
     student_sha = distributed.main_first(file_sha256, run.student_dir / "model.safetensors")
@@ -506,12 +507,16 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
     from distillctl.cache.build import cache_fingerprint
     from distillctl.cache.store import FeatureCache
 
-    spec = next(view.spec for view in requirements.views if view.teacher)
+    teacher_specs = [view.spec for view in requirements.views if view.teacher]
+    # a method that reads only an offline artefact (no teacher view: noroozi-kt, rekd) needs view 0 alone,
+    # the centre crop of its first view's size
+    spec = teacher_specs[0] if teacher_specs else requirements.views[0].spec
+    cache_views = recipe.teacher.cache_views if teacher_specs else 1
     outputs = set(requirements.teacher_outputs)
     cache_dir = Path(recipe.teacher.cache) if recipe.teacher.cache else run.path / "cache"
     data_hash = train_data.manifest_hash()
     distributed.barrier()  # every rank looks at the cache directory in the same state
-    cache_fp = cache_fingerprint(teacher.sha256, outputs, data_hash, spec, recipe.teacher.cache_views, mean, std,
+    cache_fp = cache_fingerprint(teacher.sha256, outputs, data_hash, spec, cache_views, mean, std,
                                  recipe.train.seed)
     if (cache_dir / "manifest.json").is_file():
         cache = FeatureCache.open(cache_dir, allow_incomplete=True)
@@ -522,7 +527,7 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
             cache = FeatureCache.open(cache_dir, verify=True)
             distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
             return cache
-    cache = build_cache_guarded(teacher, train_data, cache_dir, spec=spec, views=recipe.teacher.cache_views,
+    cache = build_cache_guarded(teacher, train_data, cache_dir, spec=spec, views=cache_views,
                                 outputs=outputs, mean=mean, std=std, batch_size=recipe.eval.batch_size, device=device,
                                 amp=recipe.train.amp, channels_last=recipe.train.channels_last, seed=recipe.train.seed,
                                 num_workers=recipe.data.num_workers, on_batch=_cache_kill_hook(),
@@ -609,6 +614,27 @@ def _check_resumable(recipe: Recipe, run: RunDir, options: RunOptions) -> None:
     if not distributed.broadcast_object(found):
         raise UsageError(f"--resume: no checkpoint to resume from in {run.path} (teacher pretraining or distillation)",
                          hint="drop --resume to start the run")
+
+
+def _teacher_artifact(recipe, run, method, requirements, teacher, cache, train_data, mean, std, device) -> None:
+    """Hand a method its offline teacher artefact (noroozi-kt's k-means labels, rekd's relations; see
+    ``methods/shared.TeacherArtifact``), computed once from the feature cache's centre-crop view 0 and stored
+    beside the cache (``cache/artifacts.py``; reused when it matches). Every image's embedding is needed before
+    step 0, so an online run first builds the cache's one centre-crop view (one teacher pass) as well."""
+    wanted = method.teacher_artifact() if hasattr(method, "teacher_artifact") else None
+    if wanted is None:
+        return
+    if cache is None:
+        cache = _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device)
+    from distillctl.cache.artifacts import kmeans_labels, knn_bags
+
+    def compute():
+        if wanted.kind == "kmeans":
+            return kmeans_labels(cache, wanted.size, wanted.iters, wanted.seed, output=wanted.output, device=device)
+        return knn_bags(cache, k=wanted.size, output=wanted.output, device=device)
+
+    table = distributed.main_first(compute)  # rank 0 computes and stores it; the other ranks read it back
+    method.use_artifact(torch.from_numpy(table if table is not None else compute()))
 
 
 def _set_aside_metrics(path: Path) -> None:

@@ -169,3 +169,53 @@ def require_setup(module: nn.Module | None, method: str) -> nn.Module:
 def scaled_crop_size(image_size: int, size_at_224: int) -> int:
     """A local/small crop size given at ImageNet's 224 px, scaled to the run's global size (≥ 8 px)."""
     return max(8, int(round(image_size * size_at_224 / 224)))
+
+
+# --- offline teacher artefacts (Noroozi's cluster labels, ReKD's relations) ------------------------------------
+
+@dataclass(frozen=True)
+class TeacherArtifact:
+    """A per-image table a method trains on, computed once before step 0 from the teacher's centre-crop
+    (cache view 0) embeddings of the whole training set and stored beside the feature cache.
+
+    ``kmeans``: (N,) spherical k-means labels with ``size`` clusters (``cache.artifacts.kmeans_labels``);
+    ``knn``: (N, size) indices of each image's nearest other images (``cache.artifacts.knn_bags``)."""
+
+    kind: Literal["kmeans", "knn"]
+    size: int
+    iters: int = 20
+    seed: int = 0
+    output: str = "pooled"
+
+
+class UsesTeacherArtifact:
+    """Mixin for a :class:`Method` that reads an offline :class:`TeacherArtifact` by dataset index.
+
+    The pipeline computes the table and calls :meth:`use_artifact` before training; ``setup`` then turns it
+    into a :class:`SampleState` buffer (:meth:`artifact_state`), so the table is checkpointed with the
+    method and a resumed run reads exactly the rows the interrupted one did."""
+
+    name: str
+    num_samples: int | None
+    _artifact_table: torch.Tensor | None = None
+
+    def teacher_artifact(self) -> TeacherArtifact:
+        raise NotImplementedError
+
+    def use_artifact(self, table: torch.Tensor) -> None:
+        self._artifact_table = torch.as_tensor(table, dtype=torch.long)
+
+    def artifact_state(self):
+        """A SampleState (N × table row shape, int64) holding the handed-over table."""
+        from distillctl.methods.sample_state import SampleState
+
+        table = self._artifact_table
+        if table is None:
+            raise RuntimeError(f"{self.name}: no teacher artefact was handed over before setup() "
+                               "(the pipeline computes it from the feature cache)")
+        if table.shape[0] != self.num_samples:
+            raise RuntimeError(f"{self.name}: the teacher artefact has {table.shape[0]} rows for "
+                               f"{self.num_samples} training images")
+        state = SampleState(self.num_samples, tuple(table.shape[1:]), torch.long, fill=-1)
+        state.update(torch.arange(table.shape[0]), table, gather=False)
+        return state

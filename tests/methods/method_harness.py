@@ -107,3 +107,20 @@ def make_inputs(method: Method, student: nn.Module, teachers: list[TinyTeacher] 
     return MethodInputs(student_features=student_features, teacher_outputs=teacher, images=images,
                         index=index if index is not None else torch.arange(batch), epoch=epoch, step=step,
                         total_epochs=total_epochs, student=student, student_taps=student_taps)
+
+
+def artifact_table(method: Method, num_samples: int) -> torch.Tensor:
+    """A small stand-in for the offline teacher artefact a method declares (``teacher_artifact``): k-means labels
+    cycling over three clusters, or each row's next ``k`` rows as its nearest neighbours."""
+    wanted = method.teacher_artifact()
+    rows = torch.arange(num_samples)
+    if wanted.kind == "kmeans":
+        return rows % min(3, wanted.size)
+    return torch.stack([(rows + shift) % num_samples for shift in range(1, wanted.size + 1)], dim=1)
+
+
+def hand_artifact(method: Method, num_samples: int) -> None:
+    """What the pipeline does before ``setup`` for methods trained on an offline teacher artefact."""
+    if hasattr(method, "teacher_artifact"):
+        method.num_samples = num_samples
+        method.use_artifact(artifact_table(method, num_samples))
