@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no distilled run to export; run benchmarks/quality.py first or pass --run", file=sys.stderr)
         return 2
     affinity = _pin(args.cpu)
+    load_before = [round(value, 2) for value in os.getloadavg()]
     log_path = WORK / "export.log"
     WORK.mkdir(parents=True, exist_ok=True)
     export_formats = [f for f in args.export_formats.split(",") if f]
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
               "export_command": "distillctl " + display_command(export_cmd),
               "bench_command": "distillctl " + display_command(bench_cmd),
               "threads": args.threads, "pinned_cpus": affinity, "skipped_formats": skipped,
+              "load_average": {"before": load_before, "after": [round(value, 2) for value in os.getloadavg()]},
               "export_report": report, "int8_accuracy": int8.get("accuracy"), "gate_error": gate_error,
               "parity": {name: (entry.get("parity") or {}) for name, entry in _entries(report)},
               "latency": table, "targets": targets(table, report, batches),

@@ -638,6 +638,9 @@ def export_section(e: dict | None) -> tuple[str, dict]:
         out.append(f"INT8 artefact: form {calibration.get('form')}, calibration {calibration.get('calibration_method')} "
                    f"on {calibration.get('calibration_images')} images, layers left in float: "
                    f"{', '.join(calibration.get('excluded_nodes') or []) or 'none'}.")
+    if e.get("load_average"):
+        out.append(f"Machine load average (1/5/15 min) before {e['load_average']['before']}, after "
+                   f"{e['load_average']['after']} (other processes share the cores; ratios are within a process).")
     if e.get("skipped_formats"):
         out.append(f"Skipped (extra not installed): {', '.join(e['skipped_formats'])}.")
     if e.get("gate_error"):

@@ -4,9 +4,11 @@
   saved with fp32 weights (``save_model`` would halve them to fp16 by default) and the batch
   dimension left dynamic.
 - ``student.int8.openvino.xml``: NNCF post-training quantization of that IR with the same
-  calibration images as the ONNX INT8 artefact. Tried in order: the ``mixed`` preset (asymmetric
-  activations, symmetric weights: ReLU outputs keep all 256 levels), then the same with full bias
-  correction; the first within the kNN budget and the cosine floor is kept, every try recorded.
+  calibration images as the ONNX INT8 artefact. Tried in order: the ``performance`` preset
+  (symmetric activations and weights), then ``mixed`` (asymmetric activations); the first within the
+  kNN budget and the cosine floor is kept, every try recorded. Measured on the 64 px MobileNetV2
+  benchmark student (512 images): performance mean/p1 cosine 0.992/0.968, mixed 0.989/0.955, mixed
+  with full bias correction 0.989/0.954, all at the same speed.
 
 Both are judged like every artefact: the parity gate against the PyTorch student and, for INT8, the
 kNN accuracy budget. OpenVINO's CPU plugin computes in bf16 by default on CPUs with AVX512-BF16/AMX:
@@ -33,7 +35,7 @@ import numpy as np
 from distillctl.errors import GateError, UsageError
 
 INSTALL_HINT = "pip install 'distillctl[openvino]'  (installs openvino and nncf)"
-OPENVINO_PRESETS = ("mixed", "mixed+bias-correction")
+OPENVINO_PRESETS = ("performance", "mixed")
 RT_INFO_KEY = "distillctl"
 
 
@@ -165,7 +167,7 @@ class OpenVinoInt8Info:
 
 
 def quantize_ir(fp32_xml: str | Path, out_xml: str | Path, calibration_images: np.ndarray, *,
-                preset: str = "mixed", ignored_nodes: list[str] | tuple[str, ...] = ()) -> OpenVinoInt8Info:
+                preset: str = "performance", ignored_nodes: list[str] | tuple[str, ...] = ()) -> OpenVinoInt8Info:
     """NNCF post-training INT8 of an fp32 IR, calibrated on ``calibration_images`` (N,3,H,W normalised)."""
     ov = require_openvino()
     import nncf
@@ -177,12 +179,13 @@ def quantize_ir(fp32_xml: str | Path, out_xml: str | Path, calibration_images: n
         raise UsageError("OpenVINO INT8 calibration needs at least one image")
     model = ov.Core().read_model(str(fp32_xml))
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])  # one image per item: any N works
-    fast = preset == "mixed"
+    fast = True
     kwargs: dict[str, Any] = {}
     if ignored_nodes:
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(ignored_nodes), validate=False)
     with contextlib.redirect_stdout(sys.stderr):
-        quantized = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
+        presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+        quantized = nncf.quantize(model, dataset, preset=presets[preset], subset_size=len(images),
                                   fast_bias_correction=fast, **kwargs)
     out_xml = _save_ir(quantized, Path(out_xml))
     fake_quantize = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")
