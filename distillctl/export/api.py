@@ -289,7 +289,8 @@ def _openvino(model, onnx_path, export_dir, run_dir, formats, calibration, parit
     parity = check_parity(model, ov_runner(xml), parity_set, precision="fp32")
     gate(parity, xml.name)
     if "openvino" in formats:
-        report["openvino"] = {"path": _rel(xml, run_dir), "parity": parity.to_dict(), "runtime": runtime_description(xml)}
+        report["openvino"] = {"path": _rel(xml, run_dir), "parity": parity.to_dict(),
+                              "runtime": runtime_description(xml)}
     if "openvino-int8" not in formats:
         return None
     tried, best = [], None
@@ -302,7 +303,8 @@ def _openvino(model, onnx_path, export_dir, run_dir, formats, calibration, parit
         tried.append({"preset": preset, "mean_cosine": candidate["parity"].mean_cosine,
                       "p1_cosine": candidate["parity"].p1_cosine, "cosine_floor_passed": candidate["parity"].passed,
                       "knn_drop": candidate["accuracy"].drop, "accuracy_passed": candidate["accuracy"].passed})
-        if best is None or (candidate["passed"], -candidate["accuracy"].drop) > (best["passed"], -best["accuracy"].drop):
+        rank = (candidate["passed"], -candidate["accuracy"].drop)
+        if best is None or rank > (best["passed"], -best["accuracy"].drop):
             if best is not None:
                 remove_ir(best["info"].path)
             best = candidate
@@ -317,7 +319,8 @@ def _openvino(model, onnx_path, export_dir, run_dir, formats, calibration, parit
     best["info"].path = str(final)
     gate(best["parity"], final.name)
     gate(best["accuracy"], None)
-    report["openvino-int8"] = {"path": _rel(final, run_dir), "form": "openvino-nncf", "runtime": runtime_description(final),
+    report["openvino-int8"] = {"path": _rel(final, run_dir), "form": "openvino-nncf",
+                               "runtime": runtime_description(final),
                                "parity": best["parity"].to_dict(),
                                "accuracy": best["accuracy"].to_dict(),
                                "quantization": best["info"].to_dict() | {"path": _rel(final, run_dir)}}

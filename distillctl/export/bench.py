@@ -108,7 +108,8 @@ def expand_formats(formats: list[str], export_dir: Path) -> list[str]:
     """Validate ``formats``; ``all`` becomes torch plus every exported artefact present, in BENCH_FORMATS order."""
     unknown = [name for name in formats if name not in BENCH_FORMATS + ("all",)]
     if unknown or not formats:
-        raise UsageError(f"unknown bench format(s) {', '.join(unknown) or '(none)'}; valid: all, {', '.join(BENCH_FORMATS)}")
+        raise UsageError(f"unknown bench format(s) {', '.join(unknown) or '(none)'}; "
+                         f"valid: all, {', '.join(BENCH_FORMATS)}")
     if "all" not in formats:
         return [name for name in BENCH_FORMATS if name in formats]
     present = {"torch"} | {name for name, file in ARTEFACTS.items() if (export_dir / file).is_file()}

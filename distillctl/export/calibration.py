@@ -98,8 +98,9 @@ def calibrate(
             calibrator.collect_data(_OneBatch({input_name: images[start:start + batch_size]}))
         if method == "entropy":
             keep_full = full_range_tensors(model_path)
-            ranges = {name: (float(histogram[2]), float(histogram[3])) if name in keep_full else entropy_range(histogram)
-                      for name, histogram in calibrator.collector.get_histogram_dict().items()}
+            histograms = calibrator.collector.get_histogram_dict()
+            ranges = {name: (float(h[2]), float(h[3])) if name in keep_full else entropy_range(h)
+                      for name, h in histograms.items()}
         else:
             ranges = {name: tuple(data.range_value) for name, data in calibrator.compute_data().items()}
     data = {name: TensorData(lowest=np.asarray(low, dtype=np.float32), highest=np.asarray(high, dtype=np.float32))
