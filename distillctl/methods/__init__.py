@@ -18,7 +18,7 @@ _METHOD_MODULES = (
     # Method catalogue III, dense / ViT methods (issue 14)
     "dense_reg", "attndistill", "pcd", "mae_lite",
     # Method catalogue II, co-trained teachers (issue 13)
-    "dogo", "simdis",
+    "dogo", "simdis", "oss",
 )
 
 __all__ = ["Method", "MethodParams", "get_method", "register", "registry", "load_all"]
