@@ -126,10 +126,18 @@ def test_teacher_target_is_evaluated_under_the_same_protocol(run_copy, tmp_path,
     result = json.loads(out)
     assert result["encoder"].startswith("teacher") and result["knn"]["20"] > 20.0
     transform = result["protocol"]["transform"]
-    assert transform["size"] == 32 and transform["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    # a distillctl student used as a teacher brings its own preprocessing (student/config.json as sidecar)
+    student_mean = json.loads((run_copy / "student" / "config.json").read_text())["mean"]
+    assert transform["size"] == 32 and transform["mean"] == pytest.approx(student_mean)
     code, out, _ = _run(argv, capsys)
     assert json.loads(out)["timing"]["val_cached"] is True  # keyed by the teacher's sha256
-    code, _, err = _run(["eval", "knn", f"teacher:{weights}", "--data", "builtin:digits"], capsys)
+    # the student's config.json names its architecture; a bare weights file does not
+    code, out, _ = _run(["eval", "knn", f"teacher:{weights}", "--data", "builtin:digits", "--json"], capsys)
+    assert code == 0 and json.loads(out)["encoder"].startswith("teacher")
+    bare = tmp_path / "bare" / "model.safetensors"
+    bare.parent.mkdir()
+    shutil.copyfile(weights, bare)
+    code, _, err = _run(["eval", "knn", f"teacher:{bare}", "--data", "builtin:digits"], capsys)
     assert code == 2 and "--teacher-arch" in err
 
 
