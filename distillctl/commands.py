@@ -28,7 +28,7 @@ RUN_FLAG_KEYS = {
     "crop_pct": "data.crop_pct",
     "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "optimizer": "train.optimizer",
     "amp": "train.amp", "channels_last": "train.channels_last", "compile": "train.compile",
-    "device": "train.device", "seed": "train.seed", "max_steps": "train.max_steps",
+    "device": "train.device", "threads": "train.threads", "seed": "train.seed", "max_steps": "train.max_steps",
     "tensorboard": "train.tensorboard", "out": "out", "name": "name", "export_formats": "export.formats",
 }
 
@@ -162,6 +162,8 @@ def run(
                                        "0.4914,0.4822,0.4465."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, R,G,B (default: the teacher's)."),
     workers: Optional[int] = typer.Option(None, help="Data-loading worker processes."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads per process (default: OMP_NUM_THREADS, "
+                                          "else the cores available / processes on this node - loader workers)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Global batch size (split across ranks)."),
     lr: Optional[float] = typer.Option(None, help="Base learning rate."),

@@ -169,6 +169,7 @@ class TrainConfig(Strict):
     sync_bn: bool = False  # under DDP: student BatchNorm statistics over the global batch (SyncBatchNorm)
     resume: Literal["auto", "required"] = "auto"  # auto: continue from a matching checkpoint; required: = --resume
     device: str = "auto"
+    threads: int | None = Field(None, ge=1, le=1024)  # intra-op threads per process; None: auto (train/threads.py)
     seed: int = 0
     max_steps: int | None = Field(None, ge=1)  # stop early (debug/benchmarks); the schedule still spans epochs
     log_every: int = Field(10, ge=1)

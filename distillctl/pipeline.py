@@ -33,6 +33,7 @@ from distillctl.students import StudentConfig, count_parameters, create_backbone
 from distillctl.teachers.base import Preprocess, Teacher
 from distillctl.pipeline_stages import _eval_stage, _export_stage
 from distillctl.train import distributed
+from distillctl.train.threads import apply_threads
 from distillctl._infra import atomic_path, atomic_write_text, get_logger
 
 log = get_logger(__name__)
@@ -364,8 +365,11 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     """Run every stage (skipping finished ones); returns the summary dict."""
     options = options or RunOptions()
     started = time.monotonic()
+    threads = apply_threads(recipe.train.threads, recipe.data.num_workers)  # before any teacher/cache/student compute
     device = resolve_device(recipe.train.device)
     distributed.init_from_env(torch.device(device).type)
+    if not options.quiet and distributed.info().is_main:
+        log.info(f"using {threads.describe()}")
     device = distributed.local_device(device)
     train_data, val_data = validate(recipe)
     _warn_data_faults(train_data, quiet=options.quiet)
@@ -419,7 +423,7 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     student_fp = recipe.student.model_dump(exclude=None if recipe.student.kwargs else {"kwargs"})
     distill_fp = fingerprint(teacher_content, data_hash, student_fp, recipe.method.model_dump(),
                              recipe.train.model_dump(exclude={"log_every", "tensorboard", "checkpoint_every_minutes",
-                                                               "checkpoint_every_steps", "keep_last", "device",
+                                                               "checkpoint_every_steps", "keep_last", "device", "threads",
                                                                "max_steps", "resume", "grad_accum"}),
                              recipe.data.model_dump(exclude={"train", "num_workers", "val", "max_bad_fraction"}), mode, teacher_bn,
                              recipe.train.max_steps)

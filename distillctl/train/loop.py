@@ -40,6 +40,7 @@ from distillctl.train.forward import autocast, merge_inputs, student_forward, te
 from distillctl.train.optim import build_optimizer, learning_rate
 from distillctl.train.progress import MetricsWriter, Progress
 from distillctl.train.syncbn import convert_sync_batchnorm
+from distillctl.train.threads import apply_threads
 
 log = get_logger(__name__)
 
@@ -92,6 +93,7 @@ class TrainResult:
     grad_accum: int = 1
     sync_bn: bool = False
     bad_images: list[str] = field(default_factory=list)
+    threads: dict = field(default_factory=dict)  # the intra-op thread choice (train/threads.py)
 
     def to_dict(self) -> dict:
         return {"epochs": self.epochs, "steps": self.steps, "images_seen": self.images_seen,
@@ -99,7 +101,7 @@ class TrainResult:
                 "total_wall_s": None if self.total_wall_s is None else round(self.total_wall_s, 2),
                 "final_loss": self.final_loss, "resumed_from_step": self.resumed_from_step,
                 "world_size": self.world_size, "grad_accum": self.grad_accum, "sync_bn": self.sync_bn,
-                "bad_images": len(self.bad_images)}
+                "bad_images": len(self.bad_images), "threads": self.threads}
 
 
 def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
@@ -122,6 +124,7 @@ def batch_split(global_batch: int, world: int, grad_accum: int) -> tuple[int, in
 
 def train(job: TrainJob) -> TrainResult:
     """Run (or resume) a training stage; returns throughput and step counts."""
+    threads = apply_threads(job.train.threads, job.data.num_workers)  # idempotent; direct callers get it too
     dist_info = distributed.info()
     device = torch.device(distributed.local_device(job.device))
     world = dist_info.world_size
@@ -318,7 +321,8 @@ def train(job: TrainJob) -> TrainResult:
                        resumed_from_step=resumed_from, total_wall_s=total_wall(end_time), world_size=world,
                        grad_accum=job.train.grad_accum,
                        sync_bn=bool(job.train.sync_bn and world > 1),
-                       bad_images=[f"{path}: {why}" for path, why in sorted(merged.items())])
+                       bad_images=[f"{path}: {why}" for path, why in sorted(merged.items())],
+                       threads=threads.to_dict())
 
 
 def _restore(state: dict, student: nn.Module, method: Method, optimizer, scaler, dist_info,
