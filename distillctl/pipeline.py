@@ -347,6 +347,24 @@ def _summary_head(recipe: Recipe, run: RunDir, method_cls, teacher_id, train_dat
     }
 
 
+def _load_cotrained_teacher(run: RunDir, teacher: Teacher) -> str:
+    """Load ``student/teacher_cotrained.safetensors`` (the co-trained teacher as the distill stage ended) into
+    ``teacher``; returns the file's sha256 (the eval fingerprint's teacher identity, so a retrained teacher is
+    re-evaluated). The file is written on rank 0; under torchrun every rank reads it after that."""
+    from safetensors.torch import load_file
+
+    from distillctl.errors import TrainingError
+
+    path = run.student_dir / "teacher_cotrained.safetensors"
+    sha = distributed.broadcast_object(distributed.main_first(file_sha256, path) if path.is_file() else None)
+    if sha is None:
+        raise TrainingError(f"the co-trained teacher's weights are missing: {path}",
+                            hint="rerun with --restart to train student and teacher again")
+    teacher.load_state_dict(load_file(str(path)))
+    teacher.to("cpu")
+    return sha
+
+
 def _write_cotrained_teacher(run: RunDir, teacher: Teacher) -> None:
     """A co-trained teacher's weights beside the student (``teacher_cotrained.safetensors``), for export."""
     from safetensors.torch import save_file
@@ -438,7 +456,11 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     summary["data"]["faults"] = _data_faults(train_data, train_summary)
     distributed.main_first(run.update_summary, summary)  # summary.json holds every finished stage, whatever follows
 
-    eval_result = _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha)
+    teacher_sha = teacher.sha256 if teacher else None
+    if mode == "co_trained":  # evaluate the trained teacher, also when the distill stage was skipped on a rerun
+        teacher_sha = _load_cotrained_teacher(run, teacher)
+    eval_result = _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha,
+                              teacher_sha=teacher_sha)
     if teacher:
         summary["teacher"]["knn_top1"] = eval_result.get("teacher", {}).get("knn_top1")
     summary["student"].update(knn_top1=eval_result.get("student", {}).get("knn_top1"),

@@ -15,8 +15,12 @@ from distillctl.students import create_backbone
 from distillctl.train import distributed
 
 
-def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha) -> dict:
-    eval_fp = fingerprint(student_sha, teacher.sha256 if teacher else None, recipe.eval.model_dump(),
+def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha,
+                teacher_sha: str | None = None) -> dict:
+    """kNN (and linear probe) of the student, the teacher and a random student. ``teacher_sha``: the identity of
+    the teacher's weights when they differ from its file (a co-trained teacher: student/teacher_cotrained.safetensors)."""
+    teacher_sha = teacher_sha or (teacher.sha256 if teacher else None)
+    eval_fp = fingerprint(student_sha, teacher_sha, recipe.eval.model_dump(),
                           train_data.manifest_hash(), val_data.manifest_hash() if val_data else None, mean, std)
     if run.stage_done("eval", eval_fp):
         return run.stage("eval")["result"]
