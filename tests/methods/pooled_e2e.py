@@ -33,13 +33,16 @@ def losses_of(run_dir: Path) -> list[float]:
     return [row["loss"] for row in rows if row.get("stage") == "distill"]
 
 
-def train_and_resume(tmp_path: Path, teacher: Path, method: str, extra: list[str]) -> list[float]:
-    """Uninterrupted run, killed run, resumed run; asserts finite falling loss and bit-exact resume; returns losses."""
+def train_and_resume(tmp_path: Path, teacher: Path, method: str, extra: list[str], falls_from: int | None = 0) -> list[float]:
+    """Uninterrupted run, killed run, resumed run; asserts finite falling loss and bit-exact resume; returns losses.
+    ``falls_from``: the step the loss must later fall below; None skips that check for a MoCo-type contrast, which
+    at 16 px over 6 steps sits at chance level (the SSL methods of test_end_to_end skip it likewise)."""
     full = run_cli(*_args(method, tmp_path / "full", teacher, extra))
     assert full.returncode == 0, full.stderr[-3000:]
     losses = losses_of(tmp_path / "full")
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses), losses
-    assert min(losses[1:]) < losses[0], losses
+    if falls_from is not None:
+        assert min(losses[falls_from + 1:]) < losses[falls_from], losses
 
     killed = run_cli(*_args(method, tmp_path / "resumed", teacher, extra), env={"DISTILLCTL_TEST_KILL_AT_STEP": "3"})
     assert killed.returncode == 137, killed.stderr[-3000:]
