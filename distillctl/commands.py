@@ -95,12 +95,12 @@ def _render_summary(summary: dict) -> None:
     student, _ = load_student(summary["run_dir"])
     teacher = summary.get("teacher")
     if teacher:
-        from distillctl.pipeline import RunDir, load_run_as_teacher
+        from distillctl.teachers.from_run import load_run_as_teacher
 
         teacher_row = [f"teacher {teacher['arch']}", _pct(teacher.get("knn_top1")), "", ""]
         source = teacher.get("source", "")
         if source.startswith("pretrain:"):
-            loaded = load_run_as_teacher(RunDir(source.split(":", 1)[1]), teacher["name"])
+            loaded = load_run_as_teacher(source.split(":", 1)[1], teacher["name"])
             teacher_row[2] = f"{count_parameters(loaded.backbone) / 1e6:.2f}M"
             teacher_row[3] = f"{_latency_ms(loaded.backbone, image_size):.2f} ms"
         table.add_row(*teacher_row)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 from pathlib import Path
 
 import torch
@@ -27,11 +28,12 @@ from distillctl.data.splits import labelled_splits
 from distillctl.errors import InputError, UsageError
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
 from distillctl.methods.presets import queue_warnings  # noqa: F401  (re-exported: the queue policy lives there)
-from distillctl.rundir import RunDir, content_identity, file_sha256, fingerprint
+from distillctl.rundir import RunDir, file_sha256
 from distillctl.resolution import adapt_teacher, check_student, check_teacher_views, student_model_kwargs
 from distillctl.students import StudentConfig, count_parameters, create_backbone, feature_dim, resolve_arch
-from distillctl.teachers.base import Preprocess, Teacher
-from distillctl.pipeline_stages import _eval_stage, _export_stage
+from distillctl.teachers.base import Teacher
+from distillctl.teachers.from_run import load_run_as_teacher
+from distillctl.pipeline_stages import EvalStage, ExportStage, Stage, TeacherStage, skipped
 from distillctl.train import distributed
 from distillctl.train.threads import apply_threads
 from distillctl._infra import atomic_path, atomic_write_text, get_logger
@@ -96,54 +98,6 @@ def validate(recipe: Recipe) -> tuple[ImageDataset, ImageDataset | None]:
 
 
 # --- teacher -----------------------------------------------------------------------------------
-
-def _projection_from_state(state: dict[str, torch.Tensor]) -> torch.nn.Sequential:
-    """Rebuild a Linear/BN/ReLU head saved by a method (keys ``<i>.weight`` …)."""
-    layers: list[torch.nn.Module] = []
-    indices = sorted({int(key.split(".")[0]) for key in state})
-    for i in range(indices[-1] + 1):
-        weight = state.get(f"{i}.weight")
-        if weight is not None and weight.ndim == 2:
-            layers.append(torch.nn.Linear(weight.shape[1], weight.shape[0], bias=f"{i}.bias" in state))
-        elif f"{i}.running_mean" in state:
-            layers.append(torch.nn.BatchNorm1d(state[f"{i}.running_mean"].shape[0], affine=weight is not None))
-        else:
-            layers.append(torch.nn.ReLU())
-    head = torch.nn.Sequential(*layers)
-    head.load_state_dict(state, strict=True)
-    return head.eval()
-
-
-def load_run_as_teacher(run: RunDir, name: str) -> Teacher:
-    """A finished run's student (+ its SSL projection head) as a frozen teacher."""
-    from safetensors.torch import load_file
-
-    from distillctl.students import load_student
-
-    backbone, config = load_student(run.path)
-    heads_path = run.student_dir / "heads.safetensors"
-    projection, proj_dim = None, None
-    if heads_path.is_file():
-        heads = load_file(str(heads_path))
-        head_state = {k[len("head."):]: v for k, v in heads.items() if k.startswith("head.")}
-        if head_state:
-            projection = _projection_from_state(head_state)
-            proj_dim = [m for m in projection if isinstance(m, torch.nn.Linear)][-1].out_features
-    return Teacher(name=name, arch=config.arch, backbone=backbone, embed_dim=config.num_features,
-                   sha256=file_sha256(run.student_dir / "model.safetensors"), projection=projection,
-                   proj_dim=proj_dim, license="self-trained", source=f"pretrain:{run.path}",
-                   preprocess=Preprocess(mean=tuple(config.mean), std=tuple(config.std),
-                                         input_size=config.input_size[-1], resize=None, crop_pct=_run_crop_pct(run),
-                                         origin=f"the run that trained it ({run.path})"))
-
-
-def _run_crop_pct(run: RunDir) -> float:
-    """The centre-crop share a finished run evaluated with (1.0 when its recipe cannot be read)."""
-    try:
-        return float(run.recipe().data.crop_pct)
-    except Exception:  # noqa: BLE001 - an older or hand-made run dir: whole images
-        return 1.0
-
 
 def pretrain_recipe(recipe: Recipe, out: Path, spec=None) -> Recipe:
     """The nested recipe that trains a ``pretrain`` teacher (``spec``: its PretrainSpec, default teacher.pretrain)."""
@@ -406,9 +360,8 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     mean = tuple(recipe.data.mean or (teacher.preprocess.mean if teacher else IMAGENET_MEAN))
     std = tuple(recipe.data.std or (teacher.preprocess.std if teacher else IMAGENET_STD))
     data_hash = train_data.manifest_hash()
-    teacher_id = teacher.describe() if teacher else None
-    teacher_content = content_identity(teacher_id)  # fingerprints: what the teacher is, not where it was read from
-    distributed.main_first(run.record_stage, "teacher", fingerprint(teacher_content), "done", teacher_id)
+    teacher_stage = TeacherStage(run, teacher.describe() if teacher else None)
+    teacher_id = teacher_stage.run()
     summary = _summary_head(recipe, run, method_cls, teacher_id, train_data, val_data, data_hash)
     distributed.main_first(run.update_summary, summary)
 
@@ -433,22 +386,12 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     if teacher:
         summary["teacher"].update(bn_mode=teacher_bn, mode=mode)
 
-    cache = None
-    if mode == "cached":
-        cache = _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device)
-
-    # student.kwargs joins the fingerprint only when set, so runs recorded before it existed still resume
-    student_fp = recipe.student.model_dump(exclude=None if recipe.student.kwargs else {"kwargs"})
-    distill_fp = fingerprint(teacher_content, data_hash, student_fp, recipe.method.model_dump(),
-                             recipe.train.model_dump(exclude={"log_every", "tensorboard", "checkpoint_every_minutes",
-                                                               "checkpoint_every_steps", "keep_last", "device", "threads",
-                                                               "max_steps", "resume", "grad_accum"}),
-                             recipe.data.model_dump(exclude={"train", "num_workers", "val", "max_bad_fraction"}), mode, teacher_bn,
-                             recipe.train.max_steps)
+    cache = CacheStage(recipe, run, teacher, train_data, requirements, mean, std, device).run() \
+        if mode == "cached" else None
     bags = _neighbour_bags(recipe, method, requirements, teacher, cache, train_data, mean, std, device)
     _teacher_artifact(recipe, run, method, requirements, teacher, cache, train_data, mean, std, device)
-    train_summary = _distill_stage(recipe, run, options, method, student, teacher, cache, train_data, mean, std,
-                                   mode, teacher_bn, device, distill_fp, bags)
+    train_summary = DistillStage(recipe, run, options, teacher_stage, train_data, method, student, teacher, cache,
+                                 bags, mean, std, mode, teacher_bn, device).run()
     student_sha = distributed.main_first(file_sha256, run.student_dir / "model.safetensors")
     student_sha = distributed.broadcast_object(student_sha)
     summary["student"].update({"sha256": student_sha, "params": count_parameters(student)})
@@ -459,8 +402,8 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     teacher_sha = teacher.sha256 if teacher else None
     if mode == "co_trained":  # evaluate the trained teacher, also when the distill stage was skipped on a rerun
         teacher_sha = _load_cotrained_teacher(run, teacher)
-    eval_result = _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha,
-                              teacher_sha=teacher_sha)
+    eval_result = EvalStage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha,
+                            teacher_sha).run()
     if teacher:
         summary["teacher"]["knn_top1"] = eval_result.get("teacher", {}).get("knn_top1")
     summary["student"].update(knn_top1=eval_result.get("student", {}).get("knn_top1"),
@@ -477,7 +420,7 @@ def _export_and_gates(recipe: Recipe, run: RunDir, student_sha: str, summary: di
 
     errors: list[GateError] = []
     try:
-        export_result = _export_stage(recipe, run, student_sha)
+        export_result = ExportStage(recipe, run, student_sha).run()
     except GateError as exc:  # export_run wrote its numbers into summary['export'] before raising
         export_result = None
         errors.append(exc)
@@ -529,21 +472,91 @@ def _data_faults(train_data: ImageDataset, train_summary: dict) -> dict:
             "empty_classes": list(faults.empty_classes)}
 
 
-def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device):
-    from distillctl.cache.build import cache_fingerprint
-    from distillctl.cache.store import FeatureCache
+@dataclass
+class CacheStage(Stage):
+    """The teacher's outputs on replayable views (cached mode): reused when the cache directory matches."""
 
+    name: ClassVar[str] = "cache"
+    recipe: Recipe
+    run_dir: RunDir
+    teacher: Teacher
+    train_data: ImageDataset
+    requirements: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: str
+
+    def content(self) -> tuple[Any, ...]:
+        spec, views = _cache_views(self.recipe, self.requirements)
+        return (self.teacher.sha256, set(self.requirements.teacher_outputs), self.train_data.manifest_hash(), spec,
+                views, self.mean, self.std, self.recipe.train.seed)
+
+    def fingerprint(self) -> str:
+        """The feature cache's own key (also stored in the cache's manifest)."""
+        from distillctl.cache.build import cache_fingerprint
+
+        return cache_fingerprint(*self.content())
+
+    def run(self):
+        return _cache_stage(self.recipe, self.run_dir, self.teacher, self.train_data, self.requirements, self.mean,
+                            self.std, self.device, self.fingerprint())
+
+
+@dataclass
+class DistillStage(Stage):
+    """Training the student (and the method's heads) against the teacher, resumable from checkpoints."""
+
+    name: ClassVar[str] = "distill"
+    recipe: Recipe
+    run_dir: RunDir
+    options: RunOptions
+    teacher_stage: TeacherStage
+    train_data: ImageDataset
+    method: Any
+    student: torch.nn.Module
+    teacher: Teacher | None
+    cache: Any
+    bags: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    mode: str
+    teacher_bn: str
+    device: str
+
+    def content(self) -> tuple[Any, ...]:
+        recipe = self.recipe
+        # student.kwargs joins the fingerprint only when set, so runs recorded before it existed still resume
+        student = recipe.student.model_dump(exclude=None if recipe.student.kwargs else {"kwargs"})
+        train = recipe.train.model_dump(exclude={"log_every", "tensorboard", "checkpoint_every_minutes",
+                                                 "checkpoint_every_steps", "keep_last", "device", "threads",
+                                                 "max_steps", "resume", "grad_accum"})
+        data = recipe.data.model_dump(exclude={"train", "num_workers", "val", "max_bad_fraction"})  # train: by hash
+        return (*self.teacher_stage.content(), self.train_data.manifest_hash(), student, recipe.method.model_dump(),
+                train, data, self.mode, self.teacher_bn, recipe.train.max_steps)
+
+    def run(self) -> dict:
+        return _distill_stage(self.recipe, self.run_dir, self.options, self.method, self.student, self.teacher,
+                              self.cache, self.train_data, self.mean, self.std, self.mode, self.teacher_bn,
+                              self.device, self.fingerprint(), self.bags)
+
+
+def _cache_views(recipe: Recipe, requirements) -> tuple[Any, int]:
+    """The view family the cache stores and how many views per image."""
     teacher_specs = [view.spec for view in requirements.views if view.teacher]
     # a method that reads only an offline artefact (no teacher view: noroozi-kt, rekd) needs view 0 alone,
     # the centre crop of its first view's size
     spec = teacher_specs[0] if teacher_specs else requirements.views[0].spec
-    cache_views = recipe.teacher.cache_views if teacher_specs else 1
+    return spec, recipe.teacher.cache_views if teacher_specs else 1
+
+
+def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device, cache_fp: str):
+    from distillctl.cache.store import FeatureCache
+
+    spec, cache_views = _cache_views(recipe, requirements)
     outputs = set(requirements.teacher_outputs)
     cache_dir = Path(recipe.teacher.cache) if recipe.teacher.cache else run.path / "cache"
     data_hash = train_data.manifest_hash()
     distributed.barrier()  # every rank looks at the cache directory in the same state
-    cache_fp = cache_fingerprint(teacher.sha256, outputs, data_hash, spec, cache_views, mean, std,
-                                 recipe.train.seed)
     if (cache_dir / "manifest.json").is_file():
         cache = FeatureCache.open(cache_dir, allow_incomplete=True)
         cache.check_compatible(teacher_sha256=teacher.sha256, outputs=outputs, dataset_hash=data_hash, spec=spec,
@@ -551,6 +564,7 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
         if cache.is_complete():
             # A reused cache is re-hashed before training trusts it (about 1 GB/s): a flipped byte is exit 3.
             cache = FeatureCache.open(cache_dir, verify=True)
+            skipped("cache")  # its content matched and verified: reused, not rebuilt
             distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
             return cache
     cache = build_cache_guarded(teacher, train_data, cache_dir, spec=spec, views=cache_views,
@@ -679,8 +693,8 @@ def _distill_stage(recipe, run, options, method, student, teacher, cache, train_
         distributed.main_first(checkpoints.clear)
         distributed.main_first(_set_aside_metrics, run.metrics_path)
     elif run.stage_done("distill", distill_fp) and (run.student_dir / "model.safetensors").is_file():
-        if not options.quiet and distributed.info().is_main:
-            log.info("distill: finished earlier with the same inputs; skipped")
+        if not options.quiet:
+            skipped("distill")
         return run.stage("distill")["result"]
     # --resume continues whichever training stage was interrupted: this one if it was (recorded "running", or
     # checkpoints left in it); when the teacher's pretraining was, this stage simply starts

@@ -1,4 +1,9 @@
-"""The evaluation and export stages of ``distillctl run`` (split from pipeline.py to keep it readable).
+"""The stages of ``distillctl run`` as objects, and the evaluation and export steps.
+
+A stage (:class:`Stage`) has typed inputs (its dataclass fields), a fingerprint over their *content* (hashes of
+the teacher, data and student, settings; never a path, so a moved run directory still matches) and a run step.
+``pipeline.run_pipeline`` builds them in order (teacher → cache → distill → eval → export), runs each and
+records it in the run manifest; a stage whose fingerprint is recorded as done is skipped.
 
 Evaluation under torchrun: each rank embeds a contiguous slice of the train (bank) and eval (query)
 splits, the slices are gathered in rank order on every rank, and rank 0 alone scores kNN, runs the
@@ -7,22 +12,115 @@ linear probe and records the result (broadcast to the others). Export runs on ra
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 
+from distillctl._infra import get_logger
 from distillctl.data.datasets import ImageDataset
-from distillctl.rundir import fingerprint
+from distillctl.rundir import RunDir, content_identity, fingerprint
 from distillctl.students import create_backbone
 from distillctl.train import distributed
 
 
-def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha,
-                teacher_sha: str | None = None) -> dict:
-    """kNN (and linear probe) of the student, the teacher and a random student. ``teacher_sha``: the identity of
-    the teacher's weights when they differ from its file (a co-trained teacher: student/teacher_cotrained.safetensors)."""
-    teacher_sha = teacher_sha or (teacher.sha256 if teacher else None)
-    eval_fp = fingerprint(student_sha, teacher_sha, recipe.eval.model_dump(),
-                          train_data.manifest_hash(), val_data.manifest_hash() if val_data else None, mean, std)
+log = get_logger(__name__)
+
+
+class Stage(ABC):
+    """One step of ``distillctl run``: typed inputs (the dataclass fields), a content fingerprint, a run step."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def content(self) -> tuple[Any, ...]:
+        """What the stage's result depends on, as content: hashes and settings, never paths."""
+
+    def fingerprint(self) -> str:
+        return fingerprint(*self.content())
+
+    @abstractmethod
+    def run(self) -> Any:
+        """Do the work (or skip it when the manifest records this fingerprint as done) and record it."""
+
+
+def skipped(stage: str) -> None:
+    """Say that a stage was skipped (main process only)."""
+    if distributed.info().is_main:
+        log.info(f"{stage}: finished earlier with the same inputs; skipped")
+
+
+@dataclass
+class TeacherStage(Stage):
+    """The frozen teacher, identified by its content (sha256, architecture, dimensions), not its location."""
+
+    name: ClassVar[str] = "teacher"
+    run_dir: RunDir
+    described: dict | None  # Teacher.describe() (None: no teacher)
+
+    def content(self) -> tuple[Any, ...]:
+        return (content_identity(self.described),)
+
+    def run(self) -> dict | None:
+        distributed.main_first(self.run_dir.record_stage, self.name, self.fingerprint(), "done", self.described)
+        return self.described
+
+
+@dataclass
+class EvalStage(Stage):
+    """kNN (and optionally linear) evaluation of student, teacher and a random-init student."""
+
+    name: ClassVar[str] = "eval"
+    recipe: Any
+    run_dir: RunDir
+    teacher: Any
+    train_data: ImageDataset
+    val_data: ImageDataset | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: str
+    student_sha: str
+    # the identity of the teacher's weights when they differ from its file (a co-trained teacher:
+    # student/teacher_cotrained.safetensors); None: the teacher's own sha256
+    teacher_sha: str | None = None
+
+    def content(self) -> tuple[Any, ...]:
+        teacher_sha = self.teacher_sha or (self.teacher.sha256 if self.teacher else None)
+        return (self.student_sha, teacher_sha, self.recipe.eval.model_dump(),
+                self.train_data.manifest_hash(), self.val_data.manifest_hash() if self.val_data else None,
+                self.mean, self.std)
+
+    def run(self) -> dict:
+        return _eval_stage(self.recipe, self.run_dir, self.teacher, self.train_data, self.val_data, self.mean,
+                           self.std, self.device, self.student_sha, self.fingerprint())
+
+
+@dataclass
+class ExportStage(Stage):
+    """ONNX (and derived formats) behind the parity and accuracy gates."""
+
+    name: ClassVar[str] = "export"
+    recipe: Any
+    run_dir: RunDir
+    student_sha: str
+
+    def content(self) -> tuple[Any, ...]:
+        export = self.recipe.export.model_dump()
+        if export.get("calib_data"):  # the calibration images by content, not by where they are
+            from distillctl.data.datasets import open_dataset
+
+            export["calib_data"] = "sha256:" + open_dataset(export["calib_data"], "train").manifest_hash()
+        return (self.student_sha, export)
+
+    def run(self) -> dict:
+        return _export_stage(self.recipe, self.run_dir, self.student_sha, self.fingerprint())
+
+
+def _eval_stage(recipe, run, teacher, train_data, val_data, mean, std, device, student_sha, eval_fp: str) -> dict:
+    """kNN (and linear probe) of the student, the teacher and a random student."""
     if run.stage_done("eval", eval_fp):
+        skipped("eval")
         return run.stage("eval")["result"]
     if val_data is None:
         result = {"skipped": "no labelled eval split (pass --val-data or use a train/ + val/ layout)"}
@@ -109,17 +207,17 @@ def _embed_sharded(embed_dataset, encoder, dataset: ImageDataset, kwargs: dict):
     return distributed.all_gather_uneven(embeddings), distributed.all_gather_uneven(labels)
 
 
-def _export_stage(recipe, run, student_sha) -> dict:
+def _export_stage(recipe, run, student_sha, export_fp: str) -> dict:
     if not recipe.export.enabled or not recipe.export.formats:
         return {}
     if distributed.is_distributed():  # exporting is rank 0's; the others wait for its result (or its error)
-        return distributed.broadcast_object(distributed.main_first(_export_stage_main, recipe, run, student_sha))
-    return _export_stage_main(recipe, run, student_sha)
+        return distributed.broadcast_object(distributed.main_first(_export_stage_main, recipe, run, student_sha, export_fp))
+    return _export_stage_main(recipe, run, student_sha, export_fp)
 
 
-def _export_stage_main(recipe, run, student_sha) -> dict:
-    export_fp = fingerprint(student_sha, recipe.export.model_dump())
+def _export_stage_main(recipe, run, student_sha, export_fp: str) -> dict:
     if run.stage_done("export", export_fp):
+        skipped("export")
         return run.stage("export")["result"]
     from distillctl.errors import GateError
     from distillctl.export.api import export_run

@@ -49,6 +49,10 @@ def test_moved_run_skips_every_finished_stage(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert _stamps(moved_dir) == before  # nothing retrained, rebuilt or re-exported
     assert "step " not in again.stderr and "cache build" not in again.stderr, again.stderr
+    said = " ".join(again.stderr.split())
+    for stage in ("cache", "distill", "eval", "export"):  # the teacher's own pretraining run says so too
+        assert f"{stage}: finished earlier with the same inputs; skipped" in said, (stage, again.stderr)
+    assert said.count("distill: finished earlier with the same inputs; skipped") == 2  # teacher's run + this one
     after = json.loads((moved_dir / "manifest.json").read_text())["stages"]
     assert {name: entry["fingerprint"] for name, entry in after.items()} == \
         {name: entry["fingerprint"] for name, entry in stages.items()}
