@@ -324,13 +324,9 @@ def _write_cotrained_teacher(run: RunDir, teacher: Teacher) -> None:
     from safetensors.torch import save_file
 
     teacher.to("cpu")
-    tmp = run.student_dir / ".teacher_cotrained.safetensors.tmp"
-    try:
+    with atomic_path(run.student_dir / "teacher_cotrained.safetensors") as tmp:
         save_file({k: v.detach().contiguous() for k, v in teacher.state_dict().items()}, str(tmp),
                   metadata={"arch": teacher.arch, "source": teacher.source})
-        tmp.replace(run.student_dir / "teacher_cotrained.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
