@@ -114,7 +114,7 @@ def _render_summary(summary: dict) -> None:
     if onnx:
         parity = onnx.get("parity", {})
         console.print(f"ONNX: {onnx.get('path')} · parity passed={parity.get('passed')} "
-                      f"max|Δ|={parity.get('max_abs')} min cos={parity.get('min_cosine')}")
+                      f"max|Δ|={_round(parity.get('max_abs'), '.2e')} min cos={_round(parity.get('min_cosine'), '.6f')}")
     from distillctl.ci_commands import render_gates
 
     if (summary.get("gates") or {}).get("checked"):
@@ -127,6 +127,11 @@ def _is_main_process() -> bool:
     from distillctl.train.distributed import info
 
     return info().is_main
+
+
+def _round(value, spec: str) -> str:
+    """A number rounded for people (the exact value stays in summary.json)."""
+    return "–" if value is None else format(value, spec)
 
 
 def _pct(value) -> str:
