@@ -661,7 +661,7 @@ def _teacher_artifact(recipe, run, method, requirements, teacher, cache, train_d
     if wanted is None:
         return
     if cache is None:
-        cache = _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device)
+        cache = CacheStage(recipe, run, teacher, train_data, requirements, mean, std, device).run()
     from distillctl.cache.artifacts import kmeans_labels, knn_bags
 
     def compute():
