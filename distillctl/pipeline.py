@@ -664,6 +664,12 @@ def _teacher_artifact(recipe, run, method, requirements, teacher, cache, train_d
         cache = CacheStage(recipe, run, teacher, train_data, requirements, mean, std, device).run()
     from distillctl.cache.artifacts import kmeans_labels, knn_bags
 
+    images = cache.num_images
+    if (wanted.kind == "kmeans" and wanted.size > images) or (wanted.kind == "knn" and wanted.size >= images):
+        key = "clusters" if wanted.kind == "kmeans" else "knn_k"
+        raise UsageError(f"method.params.{key}={wanted.size} for {method.name} needs more training images than the "
+                         f"{images} there are", hint=f"set method.params.{key} well below {images}")
+
     def compute():
         if wanted.kind == "kmeans":
             return kmeans_labels(cache, wanted.size, wanted.iters, wanted.seed, output=wanted.output, device=device)

@@ -132,7 +132,7 @@ def test_too_many_clusters_is_a_usage_error(tmp_path, tiny_teacher_file) -> None
 
     result = run_cli(*_args("noroozi-kt", tmp_path / "bad", tiny_teacher_file, ["--set", "method.params.clusters=500"]))
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "k-means needs 1 <= clusters <= number of images (96); got 500" in result.stderr
+    assert "method.params.clusters=500 for noroozi-kt needs more training images than the 96 there are" in result.stderr
 
 
 def test_recipes_validate() -> None:
