@@ -54,4 +54,5 @@ def test_quickstart_keeps_one_checkpoint_and_the_final_teacher_and_reruns_withou
     assert disk["pruned_bytes"] > 0 and "teacher_pretrain/distill/checkpoints/ckpt_000000011.pt" in disk["pruned"]
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stderr.count("finished earlier with the same inputs; skipped") == 2  # teacher and student
+    assert "(step counters below count this stage)" not in second.stderr  # neither teacher nor student trained
+    assert second.stderr.count("finished earlier with the same inputs; skipped") >= 2
