@@ -257,6 +257,7 @@ def _int8(model, onnx_path, export_dir, run_dir, calibration, parity_set, calib_
             os.replace(chosen.info.path, export_dir / FILES[key])
             info = chosen.info
             info.path = str(export_dir / FILES[key])
+            chosen.accuracy.candidate = FILES[key]  # it was measured under its try name
             gate(chosen.parity, FILES[key])
             gate(chosen.accuracy, None)
             entry = {"path": _rel(Path(info.path), run_dir), "form": info.form, "parity": chosen.parity.to_dict(),
@@ -317,6 +318,7 @@ def _openvino(model, onnx_path, export_dir, run_dir, formats, calibration, parit
                               (final.with_suffix(".bin"), final)):
         os.replace(staged, target)
     best["info"].path = str(final)
+    best["accuracy"].candidate = final.name
     gate(best["parity"], final.name)
     gate(best["accuracy"], None)
     report["openvino-int8"] = {"path": _rel(final, run_dir), "form": "openvino-nncf",

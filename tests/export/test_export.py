@@ -114,6 +114,7 @@ def test_int8_qdq_tensorrt_variant_and_accuracy(run_dir: Path, exported: dict) -
     for entry in (int8, int8["tensorrt_variant"]):
         accuracy = entry["accuracy"]
         assert accuracy["k"] == 20 and accuracy["max_drop"] == 3.0 and accuracy["passed"]
+        assert accuracy["candidate"] == Path(entry["path"]).name  # not the name it was tried under
         assert accuracy["drop"] == pytest.approx(accuracy["reference_top1"] - accuracy["candidate_top1"], abs=1e-3)
         assert 10.0 < accuracy["candidate_top1"] <= 100.0  # far above chance on digits
         assert entry["parity"]["tolerance"]["name"] == "int8" and entry["parity"]["mean_cosine"] >= 0.98
