@@ -147,6 +147,8 @@ class DataConfig(Strict):
     mean: tuple[float, float, float] | None = None  # default: the teacher's preprocessing
     std: tuple[float, float, float] | None = None
     num_workers: int = Field(0, ge=0, le=128)
+    # decoded training images kept in memory across epochs (MiB; 0: decode every epoch; in-process loader only)
+    decode_cache_mb: int = Field(1024, ge=0, le=1 << 20)
     subset: int | None = Field(None, ge=1)  # first N images of a seeded permutation
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
 

@@ -526,7 +526,8 @@ class DistillStage(Stage):
         train = recipe.train.model_dump(exclude={"log_every", "tensorboard", "checkpoint_every_minutes",
                                                  "checkpoint_every_steps", "keep_last", "device", "threads",
                                                  "max_steps", "resume", "grad_accum"})
-        data = recipe.data.model_dump(exclude={"train", "num_workers", "val", "max_bad_fraction"})  # train: by hash
+        data = recipe.data.model_dump(exclude={"train", "num_workers", "val", "max_bad_fraction",
+                                               "decode_cache_mb"})  # train: by hash
         return (*self.teacher_stage.content(), self.train_data.manifest_hash(), student, recipe.method.model_dump(),
                 train, data, self.mode, self.teacher_bn, recipe.train.max_steps)
 

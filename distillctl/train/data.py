@@ -48,6 +48,32 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()
 
 
+class DecodedImages:
+    """Each training image decoded once per process: its uint8 pixels are kept (up to ``budget_bytes``) and every
+    later epoch replays its views from them instead of decoding the file again.
+
+    Profiled (benchmarks/RESULTS.md, speed section): JPEG decoding was 8-10 % of a cached distillation step's CPU
+    time at 64 px. Pixels are what the decoder returns, so views, and exact resume, are unchanged; a resumed run
+    simply decodes again. Images that needed a substitute (unreadable files) are not kept, so every epoch reports
+    them as before. Only for a loader without worker processes (workers would each fill a copy per epoch).
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.used = 0
+        self.pixels: dict[int, torch.Tensor] = {}
+
+    def load_or_substitute(self, base: ImageDataset, index: int):
+        kept = self.pixels.get(index)
+        if kept is not None:
+            return index, kept, []
+        loaded, image, bad = load_or_substitute(base, index)
+        if image is not None and loaded == index and not bad and self.used + image.numel() <= self.budget:
+            self.pixels[index] = image
+            self.used += image.numel()
+        return loaded, image, bad
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """Item ``i`` → (uint8 views per slot, label, index, stored-view id per slot (−1 = live sample)).
 
@@ -57,8 +83,9 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __init__(self, base: ImageDataset, specs: Sequence[ViewSpec], seed: int, epoch: int = 0,
                  cache=None, cached_slots: Sequence[int] = (),
-                 neighbour_slots: Sequence[int] = (), bags=None) -> None:
+                 neighbour_slots: Sequence[int] = (), bags=None, decoded: DecodedImages | None = None) -> None:
         self.base = base
+        self.decoded = decoded
         self.specs = list(specs)
         self.seed = seed
         self.epoch = epoch
@@ -86,6 +113,8 @@ class ViewDataset(torch.utils.data.Dataset):
         Substituting keeps every rank's batch the same size, so collectives inside methods (all-gathers
         of keys, queues) never see ragged batches, and the choice is deterministic for exact resume.
         """
+        if self.decoded is not None:
+            return self.decoded.load_or_substitute(self.base, index)
         return load_or_substitute(self.base, index)  # the policy shared with the cache build
 
     def __getitem__(self, index: int):

@@ -35,7 +35,7 @@ from distillctl.taps import TapRecorder, check_taps
 from distillctl.teachers.base import Teacher
 from distillctl.train import distributed, faults
 from distillctl.train.checkpoint import CheckpointManager, capture_rng, restore_rng
-from distillctl.train.data import EpochBatchSampler, ViewDataset, collate_views
+from distillctl.train.data import DecodedImages, EpochBatchSampler, ViewDataset, collate_views
 from distillctl.train.forward import autocast, merge_inputs, student_forward, teacher_outputs
 from distillctl.train.optim import build_optimizer, learning_rate
 from distillctl.train.progress import MetricsWriter, Progress
@@ -230,18 +230,21 @@ def train(job: TrainJob) -> TrainResult:
     pause_at, pause_rank = _pause_hook()
     images_seen, last_loss = 0, float("nan")
     start_time = last_ckpt_time = time.monotonic()
-    log_time, log_images = start_time, 0
+    log_time, log_images, log_cpu = start_time, 0, time.process_time()
     progress = Progress(job.stage, last_step, step, enabled=dist_info.is_main)
     student.train()
     method.train()
 
+    # decode each image once (in-process loader, datasets read from files; in-memory arrays need no decoding)
+    decoded = DecodedImages(job.data.decode_cache_mb << 20) if (
+        job.data.num_workers == 0 and job.data.decode_cache_mb and getattr(job.dataset, "arrays", None) is None) else None
     with faults.StopFlag() as stop, progress, student_taps:
         while step < last_step:
             epoch = step // steps_per_epoch
             method.on_epoch_start(epoch)
             view_data = ViewDataset(job.dataset, specs, job.train.seed, epoch,
                                     cache=job.cache, cached_slots=teacher_slots if job.cache is not None else (),
-                                    neighbour_slots=neighbour_slots, bags=job.bags)
+                                    neighbour_slots=neighbour_slots, bags=job.bags, decoded=decoded)
             sampler = EpochBatchSampler(len(job.dataset), job.train.batch_size, job.train.seed, epoch,
                                         start_step=step - epoch * steps_per_epoch,
                                         rank=dist_info.rank, world_size=world)
@@ -291,11 +294,13 @@ def train(job: TrainJob) -> TrainResult:
                 if step % job.train.log_every == 0 or step == last_step:
                     now = time.monotonic()
                     rate = log_images / max(now - log_time, 1e-9)
+                    cpu_now = time.process_time()  # this process's CPU time: a rate that machine load does not skew
                     metrics.write({"stage": job.stage, "step": step, "epoch": round(step / steps_per_epoch, 4),
                                    "loss": last_loss, "lr": lr, "img_per_s": round(rate, 2),
+                                   "cpu_img_per_s": round(log_images / max(cpu_now - log_cpu, 1e-9), 2),
                                    **{k: round(v, 6) for k, v in logs.items()}})
                     progress.log_line(step, last_loss, lr, rate)
-                    log_time, log_images = now, 0
+                    log_time, log_images, log_cpu = now, 0, cpu_now
                 due_steps = job.train.checkpoint_every_steps and step % job.train.checkpoint_every_steps == 0
                 if (due_steps or time_votes) and step < last_step:
                     save_checkpoint()
