@@ -520,6 +520,9 @@ def speed_section(s: dict | None, cache_bench: dict | None, plots: list[str]) ->
             out += ["Online / cached epoch-time ratio (same method, same repeat):", "",
                     table(["method", "online / cached"], [[n, med(v, 2)] for n, v in sorted(oc)]), ""]
             facts["online_over_cached"] = oc
+    profile = BENCH / "results" / "loop_profile.md"  # where the loop's time goes (hand-written from the profiles)
+    if profile.is_file():
+        out += [profile.read_text().strip(), ""]
     if cache_bench:
         cfg = cache_bench.get("config", {})
         out += ["### Online vs cached epoch, ResNet-50-class teacher (benchmarks/cache_bench.py)", "",

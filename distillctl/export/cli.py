@@ -72,6 +72,10 @@ def export_command(
     slim: bool = typer.Option(False, "--slim", help="Clean the fp32 graph with onnxslim first (kept only if it passes "
                               "the fp32 parity gate; needs distillctl[slim])."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as one JSON object on stdout."),
+    teacher_cotrained: bool = typer.Option(False, "--teacher-cotrained", help="Export the co-trained teacher "
+                                           "(student/teacher_cotrained.safetensors of a dogo/oss/simdis-online run) "
+                                           "instead of the student: its embedding backbone, same formats and gates, "
+                                           "into <run>/teacher_cotrained/export."),
 ) -> None:
     from distillctl.export.api import export_run
     from distillctl.errors import GateError
@@ -80,6 +84,8 @@ def export_command(
         from distillctl.errors import InputError
 
         raise InputError(f"run directory does not exist: {run_dir}")
+    if teacher_cotrained:
+        run_dir = cotrained_teacher_run(run_dir)
     try:
         report = export_run(run_dir, _split_csv(format), calib_data=calib_data, calib_size=calib_size,
                             calib_method=calib_method, max_drop=max_drop, half=half, exporter=exporter,
@@ -95,6 +101,47 @@ def export_command(
     if bundle is not None and not json_out:
         console.print(f"bundle: {report['bundle']['path']} ({report['bundle']['files']} files; "
                       f"check with: distillctl verify {report['bundle']['path']})", highlight=False)
+
+
+def cotrained_teacher_run(run_dir: Path) -> Path:
+    """``<run>/teacher_cotrained``: a run directory whose "student" is the co-trained teacher's backbone, so the
+    export (parity and accuracy gates, model card, bundle) runs on it unchanged. Built from
+    ``student/teacher_cotrained.safetensors`` (``backbone.*`` weights; a projection head is not part of the
+    embedding) and the student's config (input size, normalisation), the run's recipe.yaml and summary.json."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from distillctl.errors import InputError
+
+    weights = run_dir / "student" / "teacher_cotrained.safetensors"
+    config_path = run_dir / "student" / "config.json"
+    if not weights.is_file() or not config_path.is_file():
+        raise InputError(f"no co-trained teacher in {run_dir} (expected student/teacher_cotrained.safetensors "
+                         "and student/config.json)", hint="--teacher-cotrained needs a run of a co-trained method "
+                         "(dogo, oss, simdis with online: true)")
+    with safe_open(str(weights), "pt") as handle:
+        metadata = handle.metadata() or {}
+        state = {key[len("backbone."):]: handle.get_tensor(key) for key in handle.keys() if key.startswith("backbone.")}
+    if not state or "arch" not in metadata:
+        raise InputError(f"{weights} holds no teacher backbone weights or architecture",
+                         hint="rerun the co-trained method with --restart")
+    config = json.loads(config_path.read_text())
+    target = run_dir / "teacher_cotrained"
+    (target / "student").mkdir(parents=True, exist_ok=True)
+    from distillctl.students import create_backbone, feature_dim
+
+    model = create_backbone(metadata["arch"], img_size=config["input_size"][-1])
+    config.update(arch=metadata["arch"], num_features=feature_dim(model), model_kwargs=None,
+                  teacher={"source": metadata.get("source"), "role": "co-trained teacher of this run"})
+    save_file(state, str(target / "student" / "model.safetensors"))
+    (target / "student" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for name in ("recipe.yaml", "summary.json"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, target / name)
+    return target
 
 
 def _render_export_from_summary(run_dir: Path, json_out: bool) -> None:

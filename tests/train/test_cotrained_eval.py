@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_cli
 
@@ -32,6 +33,17 @@ def test_rerun_evaluates_the_trained_cotrained_teacher(tmp_path: Path) -> None:
     assert "distill: finished earlier" in again.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["teacher"]["knn"]["5"] == trained
+    # the co-trained teacher exports behind the same gates: its backbone weights, ONNX parity passed
+    exported = run_cli("export", str(out), "--teacher-cotrained", "--format", "onnx", "--json")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    report = json.loads(exported.stdout)
+    assert report["onnx"]["parity"]["passed"] and (out / "teacher_cotrained" / "export" / "student.onnx").is_file()
+    teacher = load_file(str(out / "student" / "teacher_cotrained.safetensors"))
+    backbone = load_file(str(out / "teacher_cotrained" / "student" / "model.safetensors"))
+    assert backbone and all(backbone[k].equal(teacher["backbone." + k]) for k in backbone)
+    assert len(backbone) == sum(k.startswith("backbone.") for k in teacher)
+    no_teacher = run_cli("export", str(tmp_path), "--teacher-cotrained")
+    assert no_teacher.returncode == 2 and "no co-trained teacher" in no_teacher.stderr
     # and it is not the untrained scratch teacher's score: evaluating with the co-trained weights removed fails loudly
     (out / "student" / "teacher_cotrained.safetensors").unlink()
     missing = run_cli(*base, "--set", "eval.knn_k=[5,2]", "--json")

@@ -78,7 +78,7 @@ def test_killed_cotrained_run_resumes_bit_exactly(tmp_path):
     killed = _run(tmp_path / "killed", {KILL_AT_STEP_ENV: "5"})  # checkpoint at step 4, killed after step 5
     assert killed.returncode == 137
     resumed = _run(tmp_path / "killed")
-    assert resumed.returncode == 0 and "resuming distill from step 4/8" in resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "from step 4" in resumed.stdout + resumed.stderr  # progress start line
     expected = load_file(str(tmp_path / "reference" / "final.safetensors"))
     got = load_file(str(tmp_path / "killed" / "final.safetensors"))
     assert expected.keys() == got.keys() and any(k.startswith("teacher.") for k in got)
