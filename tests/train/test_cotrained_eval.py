@@ -27,6 +27,8 @@ def test_rerun_evaluates_the_trained_cotrained_teacher(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     trained = summary["eval"]["teacher"]["knn"]["5"]
+    threads = summary["train"]["threads"]  # the intra-op thread choice is recorded (tests run with OMP_NUM_THREADS=1)
+    assert (threads["threads"], threads["source"]) == (1, "OMP_NUM_THREADS") and "1 intra-op thread" in first.stderr
     # another k: the eval stage reruns, the distill stage is skipped (the teacher object is the untrained one)
     again = run_cli(*base, "--set", "eval.knn_k=[5,1]", "--json")
     assert again.returncode == 0, again.stderr[-3000:]
