@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m distillctl ARGS`` in a subprocess (real exit codes, real stderr)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}  # log width: CLI's
+    full_env.update({"OMP_NUM_THREADS": "1", **(env or {})})
     full_env.pop("DISTILLCTL_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "distillctl", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
