@@ -113,14 +113,16 @@ def export(run_dir: str | Path, formats: Iterable[str] = ("onnx",), *, bundle: s
            **options: Any) -> dict[str, Any]:
     """(Re-)export a finished run behind the parity/accuracy gates; the per-format report.
 
-    ``options`` are :func:`distillctl.export.api.export_run`'s (``calib_size``, ``calib_method``, ``max_drop``,
-    ``parity_images``, ``data``, ``val_data``, …). With ``bundle``, also write the release bundle there (see
+    ``options`` are the recipe's ``export`` section fields (``calib_size``, ``calib_method``, ``max_drop``,
+    ``parity_images``, …, see :class:`distillctl.config.ExportConfig`) plus the split overrides ``data``,
+    ``val_data``, ``crop_pct`` and ``max_bad_fraction``. With ``bundle``, also write the release bundle there (see
     :func:`bundle`); the report then carries ``bundle`` (its path and manifest digest).
     """
-    from distillctl.export.api import export_run
+    from distillctl.export.api import export_config, export_run
 
     run_dir = _require_dir(run_dir)
-    report = export_run(run_dir, list(formats), **options)
+    splits = {key: options.pop(key) for key in ("data", "val_data", "max_bad_fraction", "crop_pct") if key in options}
+    report = export_run(run_dir, export_config(list(formats), **options), **splits)
     if bundle is not None:
         report["bundle"] = globals()["bundle"](run_dir, bundle)
     return report

@@ -223,12 +223,7 @@ def _export_stage_main(recipe, run, student_sha, export_fp: str) -> dict:
     from distillctl.export.api import export_run
 
     try:
-        result = export_run(run.path, list(recipe.export.formats), calib_data=recipe.export.calib_data,
-                            calib_size=recipe.export.calib_size, calib_method=recipe.export.calib_method,
-                            max_drop=recipe.export.max_drop, half=recipe.export.half, exporter=recipe.export.exporter,
-                            parity_images=recipe.export.parity_images,
-                            max_bad_fraction=recipe.data.max_bad_fraction, int8_form=recipe.export.int8_form,
-                            slim=recipe.export.slim)
+        result = export_run(run.path, recipe.export, max_bad_fraction=recipe.data.max_bad_fraction)
     except GateError:
         run.record_stage("export", export_fp, "failed", run.summary().get("export", {}))
         raise

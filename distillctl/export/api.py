@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from distillctl.export.onnx import (BATCH_DIM, DEFAULT_OPSET, INPUT_NAME, OUTPUT
 from distillctl.export.parity import INT8_FLOOR_SOURCE, ParityResult, check_parity, ort_runner
 from distillctl.export.quantize import (CALIBRATION_METHODS, CPU_FORMS, check_tensorrt_compatible, convert_fp16,
                                         default_cpu_form)
+
+if TYPE_CHECKING:
+    from distillctl.config import ExportConfig
 
 EXPORT_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "engine", "engine-int8")
 INT8_FORMATS = ("onnx-int8", "engine-int8", "openvino-int8")
@@ -45,46 +48,62 @@ def parse_formats(formats: list[str] | str) -> list[str]:
     return [name for name in EXPORT_FORMATS if name in names]
 
 
+def export_config(formats: list[str] | str | None = None, **options: Any) -> ExportConfig:
+    """The recipe's ``export`` section from loose values (CLI flags, API keywords), checked with one-line errors.
+
+    ``options`` are :class:`distillctl.config.ExportConfig`'s fields (``calib_size``, ``calib_method``, ``max_drop``,
+    ``parity_images``, ``int8_form``, ``slim``, …); an unknown one is a usage error (exit 2)."""
+    from distillctl.config import ExportConfig
+    from distillctl.export.onnx import EXPORTERS
+
+    unknown = sorted(set(options) - set(ExportConfig.model_fields))
+    if unknown:
+        raise UsageError(f"unknown export option(s) {', '.join(unknown)}; valid: {', '.join(ExportConfig.model_fields)}")
+    calib_method = options.get("calib_method", "auto")
+    if calib_method not in CALIBRATION_METHODS + ("auto",):
+        raise UsageError(f"unknown calibration method '{calib_method}'; valid: auto, {', '.join(CALIBRATION_METHODS)}")
+    if options.get("exporter", "dynamo") not in EXPORTERS:
+        raise UsageError(f"unknown exporter '{options['exporter']}'; valid: {', '.join(EXPORTERS)}")
+    if options.get("int8_form", "auto") not in CPU_FORMS + ("auto",):
+        raise UsageError(f"unknown INT8 form '{options['int8_form']}'; valid: auto, {', '.join(CPU_FORMS)}")
+    if options.get("calib_size", 1) < 1 or options.get("parity_images", 4) < 1:
+        raise UsageError("--calib-size and the number of parity images must be >= 1")
+    from pydantic import ValidationError
+
+    from distillctl.config import format_validation_error
+
+    try:
+        return ExportConfig(formats=parse_formats(formats or ["onnx"]), **options)
+    except ValidationError as exc:
+        raise format_validation_error(exc, ExportConfig, prefix="export") from exc
+
+
 def export_run(
     run_dir: str | Path,
-    formats: list[str] | None = None,
+    section: ExportConfig,
     *,
-    calib_data: str | None = None,
-    calib_size: int = 512,
-    calib_method: str = "auto",
-    max_drop: float = 1.0,
-    half: bool = False,
-    exporter: str = "dynamo",
-    parity_images: int = 64,
     data: str | None = None,
     val_data: str | None = None,
     max_bad_fraction: float = 0.01,  # data.max_bad_fraction: unreadable calibration/parity images allowed
     crop_pct: float | None = None,
-    int8_form: str = "auto",
-    slim: bool = False,
 ) -> dict[str, Any]:
-    """Export the student of ``run_dir`` to ``<run>/export`` and return the per-format report.
+    """Export the student of ``run_dir`` to ``<run>/export`` as the recipe's ``export`` section says; return the
+    per-format report.
 
-    ``data``/``val_data``/``crop_pct`` override the labelled splits recorded in the run. ``int8_form``
+    ``data``/``val_data``/``crop_pct`` override the labelled splits recorded in the run. ``section.int8_form``
     is the layout of ``student.int8.onnx`` (``auto``: the fast one for ONNX Runtime on this CPU, see
-    :func:`distillctl.export.quantize.default_cpu_form`); ``slim`` cleans the fp32 graph with onnxslim
-    before anything is derived from it, kept only if it passes the fp32 parity gate.
+    :func:`distillctl.export.quantize.default_cpu_form`); ``section.slim`` cleans the fp32 graph with onnxslim
+    before anything is derived from it, kept only if it passes the fp32 parity gate. Loose values (CLI flags,
+    API keywords) become a section through :func:`export_config`.
     Raises :class:`GateError` (exit 3) after writing the report if any gate failed.
     """
     from distillctl.students import count_parameters, load_student
 
-    formats = parse_formats(formats or ["onnx"])
-    if calib_method not in CALIBRATION_METHODS + ("auto",):
-        raise UsageError(f"unknown calibration method '{calib_method}'; valid: auto, {', '.join(CALIBRATION_METHODS)}")
-    from distillctl.export.onnx import EXPORTERS
-
-    if exporter not in EXPORTERS:
-        raise UsageError(f"unknown exporter '{exporter}'; valid: {', '.join(EXPORTERS)}")
-    if int8_form not in CPU_FORMS + ("auto",):
-        raise UsageError(f"unknown INT8 form '{int8_form}'; valid: auto, {', '.join(CPU_FORMS)}")
-    int8_form = default_cpu_form() if int8_form == "auto" else int8_form
-    if calib_size < 1 or parity_images < 1:
-        raise UsageError("--calib-size and the number of parity images must be >= 1")
+    formats = parse_formats(section.formats)
+    calib_data, calib_size, calib_method = section.calib_data, section.calib_size, section.calib_method
+    max_drop, half, exporter, parity_images = section.max_drop, section.half, section.exporter, section.parity_images
+    slim = section.slim
+    int8_form = default_cpu_form() if section.int8_form == "auto" else section.int8_form
     if any(name.startswith("openvino") for name in formats):  # fail fast (exit 2) before minutes of export work
         from distillctl.export.openvino import require_openvino
 

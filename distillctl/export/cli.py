@@ -77,7 +77,7 @@ def export_command(
                                            "instead of the student: its embedding backbone, same formats and gates, "
                                            "into <run>/teacher_cotrained/export."),
 ) -> None:
-    from distillctl.export.api import export_run
+    from distillctl.export.api import export_config, export_run
     from distillctl.errors import GateError
 
     if not run_dir.is_dir():
@@ -87,9 +87,10 @@ def export_command(
     if teacher_cotrained:
         run_dir = cotrained_teacher_run(run_dir)
     try:
-        report = export_run(run_dir, _split_csv(format), calib_data=calib_data, calib_size=calib_size,
-                            calib_method=calib_method, max_drop=max_drop, half=half, exporter=exporter,
-                            parity_images=parity_images, data=data, val_data=val_data, int8_form=int8_form, slim=slim)
+        section = export_config(_split_csv(format), calib_data=calib_data, calib_size=calib_size,
+                                calib_method=calib_method, max_drop=max_drop, half=half, exporter=exporter,
+                                parity_images=parity_images, int8_form=int8_form, slim=slim)
+        report = export_run(run_dir, section, data=data, val_data=val_data)
     except GateError:
         _render_export_from_summary(run_dir, json_out)
         raise

@@ -322,3 +322,20 @@ def test_int8_floor_passes_the_issue_15_student_and_fails_broken_quantization() 
     assert 0.96 < result.p1_cosine < 0.97 and result.passed
     broken = evaluate_parity(reference, {1: at_cosine(0.8)}, TOLERANCES["int8"])
     assert not broken.passed and len(broken.failures) == 2
+
+
+def test_export_config_is_the_recipe_section_with_one_line_errors() -> None:
+    """CLI flags and API keywords become the recipe's ``export`` section (the exporter takes sections, not lists)."""
+    from distillctl.config import ExportConfig
+    from distillctl.errors import UsageError
+    from distillctl.export.api import export_config
+
+    section = export_config("onnx-int8,onnx", calib_size=32, max_drop=2.0)
+    assert isinstance(section, ExportConfig)
+    assert section.formats == ["onnx", "onnx-int8"] and section.calib_size == 32 and section.max_drop == 2.0
+    assert section.calib_method == ExportConfig().calib_method  # defaults are the recipe's
+    for bad, words in (({"calib_method": "kl"}, "calibration method"), ({"int8_form": "u4"}, "INT8 form"),
+                       ({"calib_sise": 3}, "unknown export option"), ({"max_drop": -1.0}, "max_drop")):
+        with pytest.raises(UsageError) as caught:
+            export_config(["onnx"], **bad)
+        assert words in str(caught.value) and caught.value.exit_code == 2

@@ -70,10 +70,10 @@ def test_missing_onnxslim_exits_2_with_install_hint(run_dir: Path, monkeypatch, 
 
 @requires_onnxslim
 def test_slim_is_kept_only_when_it_passes_parity(run_dir: Path, tmp_path: Path) -> None:
-    from distillctl.export.api import export_run
+    from distillctl.export.api import export_config, export_run
 
     run = _copy(run_dir, tmp_path)
-    report = export_run(run, ["onnx"], data=DATA, parity_images=16, slim=True)
+    report = export_run(run, export_config(["onnx"], parity_images=16, slim=True), data=DATA)
     slim = report["onnx"]["slim"]
     assert slim["applied"] is True and slim["parity"]["passed"] is True
     assert 0 < slim["nodes_after"] <= slim["nodes_before"]
@@ -83,12 +83,12 @@ def test_slim_is_kept_only_when_it_passes_parity(run_dir: Path, tmp_path: Path) 
 
 @requires_openvino
 def test_openvino_fp32_and_int8_gated_and_carded(run_dir: Path, tmp_path: Path) -> None:
-    from distillctl.export.api import export_run
+    from distillctl.export.api import export_config, export_run
     from distillctl.export.openvino import read_ir_metadata
 
     run = _copy(run_dir, tmp_path)
-    report = export_run(run, ["onnx", "openvino", "openvino-int8"], data=DATA, calib_size=64, parity_images=24,
-                        max_drop=5.0)
+    report = export_run(run, export_config(["onnx", "openvino", "openvino-int8"], calib_size=64, parity_images=24,
+                                           max_drop=5.0), data=DATA)
     fp32, int8 = report["openvino"], report["openvino-int8"]
     assert fp32["parity"]["passed"] and fp32["parity"]["tolerance"]["name"] == "fp32"
     assert fp32["parity"]["max_abs"] < 1e-3
@@ -110,11 +110,11 @@ def test_openvino_fp32_and_int8_gated_and_carded(run_dir: Path, tmp_path: Path) 
 
 
 def test_bench_json_schema_and_fastest_passing_format(run_dir: Path, tmp_path: Path, capsys) -> None:
-    from distillctl.export.api import export_run
+    from distillctl.export.api import export_config, export_run
 
     run = _copy(run_dir, tmp_path)
-    export_run(run, ["onnx", "onnx-int8"], data=DATA, calib_size=32, parity_images=16, max_drop=5.0,
-               calib_method="minmax")
+    export_run(run, export_config(["onnx", "onnx-int8"], calib_size=32, parity_images=16, max_drop=5.0,
+                                  calib_method="minmax"), data=DATA)
     code = _cli(["bench", str(run), "--batch", "1,2", "--threads", "1", "--repeats", "2", "--warmup", "0", "--json"])
     out = capsys.readouterr().out
     payload = json.loads(out)  # exactly one JSON object on stdout
