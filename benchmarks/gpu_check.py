@@ -256,6 +256,7 @@ def cached_loop(folder: Path, work: Path, args: argparse.Namespace, cuda: bool, 
     import subprocess
 
     import timm
+    from common import metrics_rates  # benchmarks/ is the script's folder
     from safetensors.torch import save_file
 
     teacher_file = work / "resnet50_random.safetensors"
@@ -280,15 +281,7 @@ def cached_loop(folder: Path, work: Path, args: argparse.Namespace, cuda: bool, 
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"loop_error": f"distillctl run exit {done.returncode}: {' | '.join(tail)}"}
-    rates = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "img_per_s" in record:
-            rates.append(float(record["img_per_s"]))
-    steady = rates[1:] if len(rates) > 1 else rates  # the first window holds compilation / warm-up
+    steady = metrics_rates(out)  # the first window holds compilation / warm-up
     return {"cached_loop_img_s": round(statistics.median(steady), 1) if steady else None,
             "cached_loop_windows": len(steady), "cached_loop_wall_s": round(wall, 1),
             "cached_loop_command": " ".join(command[1:])}
