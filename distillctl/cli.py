@@ -153,9 +153,33 @@ def _reveal_causes(exc: BaseException | None) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
+def _leave_process_group() -> None:
+    """Tear down a torchrun worker's process group before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's C++ threads can be destroyed while still joinable and the worker
+    aborts ("terminate called without an active exception", SIGABRT) after a run that succeeded, which
+    torchrun reports as a failure. Only a command that initialised a group pays for the import.
+    """
+    if "torch.distributed" not in sys.modules:
+        return
+    from distillctl.train.distributed import destroy
+
+    try:
+        destroy()
+    except Exception:  # noqa: BLE001 -- the command's own outcome (exit code, message) is what counts
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map errors to exit codes."""
     install_log_handler()
+    try:
+        _run_app(argv)
+    finally:
+        _leave_process_group()
+
+
+def _run_app(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code != 0:  # a command's typer.Exit(code) comes back as the return value
