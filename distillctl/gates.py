@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distillctl.errors import GateError, InputError, UsageError
 
-LATENCY_FORMATS = ("torch", "onnx", "onnx-int8", "onnx-fp16")
+# every CPU format `distillctl bench` times (the TensorRT engine needs a GPU and is benchmarked, not gated)
+LATENCY_FORMATS = ("torch", "onnx", "onnx-int8", "onnx-fp16", "openvino", "openvino-int8")
 
 
 class LatencyGateSpec(BaseModel):
@@ -35,7 +36,7 @@ class LatencyGateSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    format: Literal["torch", "onnx", "onnx-int8", "onnx-fp16"] = "onnx"
+    format: Literal["torch", "onnx", "onnx-int8", "onnx-fp16", "openvino", "openvino-int8"] = "onnx"
     batch: int = Field(1, ge=1, le=4096)
     threads: int = Field(1, ge=1, le=512)
     repeats: int = Field(30, ge=1, le=10000)

@@ -155,3 +155,16 @@ def test_bench_usage_errors(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert "--format openvino" in err
     empty = _copy(run_dir, tmp_path)
     assert _cli(["bench", str(empty)]) == 2 and "no exported artefacts" in capsys.readouterr().err
+
+
+@requires_openvino
+def test_latency_gate_measures_an_openvino_artefact(run_dir: Path, tmp_path: Path) -> None:
+    from distillctl.export.api import export_config, export_run
+    from distillctl.gates import GatesConfig, LatencyGateSpec, evaluate_gates
+
+    run = _copy(run_dir, tmp_path)
+    export_run(run, export_config(["onnx", "openvino"], parity_images=8), data=DATA)
+    gates = GatesConfig(max_latency_ms=1e4, latency=LatencyGateSpec(format="openvino", repeats=3, warmup=1))
+    [result] = evaluate_gates(gates, json.loads((run / "summary.json").read_text()), run)
+    assert result.passed and 0 < result.measured < 1e4
+    assert "openvino batch 1 on 1 thread" in result.detail and "OpenVINO" in result.detail
