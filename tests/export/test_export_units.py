@@ -339,3 +339,38 @@ def test_export_config_is_the_recipe_section_with_one_line_errors() -> None:
         with pytest.raises(UsageError) as caught:
             export_config(["onnx"], **bad)
         assert words in str(caught.value) and caught.value.exit_code == 2
+
+
+def test_bench_times_formats_interleaved_with_cpu_time() -> None:
+    from distillctl.export.bench import time_interleaved
+
+    calls: list[str] = []
+
+    def busy(name: str, work: int):
+        def call() -> None:
+            calls.append(name)
+            sum(i * i for i in range(work))  # CPU-bound: its CPU time is most of its wall time
+
+        return call
+
+    synced: list[str] = []
+    timings = time_interleaved({"a": busy("a", 20000), "b": busy("b", 60000)}, repeats=4, warmup=2,
+                               syncs={"a": None, "b": lambda: synced.append("b")})
+    # warm-up per callable, then rounds alternating the order: a b | b a | a b | b a
+    assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert synced == ["b"] * 5  # after the warm-up and after each timed call
+    for name in ("a", "b"):
+        wall, cpu = timings[name]
+        assert len(wall) == len(cpu) == 4 and all(w > 0 and c >= 0 for w, c in zip(wall, cpu))
+    assert np.median(timings["b"][1]) > np.median(timings["a"][1])  # 3x the work, measured in CPU time
+
+
+def test_bench_speedups_from_wall_and_cpu_time() -> None:
+    from distillctl.export.bench import _add_speedups, summarise
+
+    rows = [{"format": "onnx", "batch": 2, "threads": 1, **summarise([0.004] * 3, 2, [0.002] * 3)},
+            {"format": "onnx-int8", "batch": 2, "threads": 1, **summarise([0.001] * 3, 2, [0.0008] * 3)}]
+    _add_speedups(rows)
+    assert rows[0]["cpu_p50_ms"] == 2.0 and rows[1]["images_per_sec"] == 2000.0
+    assert rows[1]["speedup_vs_onnx_fp32"] == 4.0 and rows[1]["speedup_vs_onnx_fp32_cpu"] == 2.5
+    assert rows[0]["speedup_vs_onnx_fp32_cpu"] == 1.0
