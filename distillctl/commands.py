@@ -369,7 +369,7 @@ def _print_lr(preset: dict | None, ran: str | None, measured_summary: str) -> No
 
 @students_app.command("list")
 def students_list(json_out: bool = typer.Option(False, "--json", help="JSON output.")) -> None:
-    """Student aliases and the timm models they map to (any timm name works too).
+    """Student aliases and the models they map to (any timm name, or tv:<torchvision name>, works too).
 
     Example: distillctl students list
     """
@@ -378,9 +378,9 @@ def students_list(json_out: bool = typer.Option(False, "--json", help="JSON outp
     if json_out:
         print_json({"students": STUDENT_ALIASES})
         return
-    table = Table(title="student aliases (any timm model name is accepted too)")
+    table = Table(title="student aliases (any timm model name, or tv:<torchvision model name>, is accepted too)")
     table.add_column("alias")
-    table.add_column("timm model")
+    table.add_column("model (timm name, or tv:<torchvision name>)")
     for alias, arch in STUDENT_ALIASES.items():
         table.add_row(alias, arch)
     console.print(table)

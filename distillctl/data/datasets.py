@@ -7,6 +7,8 @@ bit-exactly for the feature cache and for exact resume.
 Sources:
 - ``/path/to/dir``: an ImageFolder (``<dir>/<class>/<image>``); extensions are matched case-insensitively;
   non-image files are listed and skipped, symlink loops are not followed, empty classes are reported.
+  A folder with images but no class folders is read flat, as one class ``unlabelled`` (unlabelled
+  pre-training data such as STL-10's ``unlabeled`` split).
 - WebDataset tar shards (``shards/train-{000000..000009}.tar``, one ``.tar``, or a directory of ``.tar``
   files): see :mod:`distillctl.data.webdataset`; sample paths read ``<shard>::<member>``.
 - ``builtin:digits``: scikit-learn's 8x8 handwritten digits (1 797 real labelled images, ships with
@@ -141,6 +143,8 @@ def _scan_image_folder(root: Path) -> ImageDataset:
         raise InputError(f"data path is not a directory: {root}", hint="pass an ImageFolder directory (<dir>/<class>/<image>) or builtin:digits")
     faults = DataFaults()
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs and _loose_images(root):
+        return _flat_folder(root, faults)
     if not class_dirs:
         raise InputError(f"no class folders in {root}", hint="expected <dir>/<class>/<image>; for a train/val layout pass the train folder")
     classes: list[str] = []
@@ -173,6 +177,25 @@ def _scan_image_folder(root: Path) -> ImageDataset:
     if not paths:
         raise InputError(f"no images found under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return ImageDataset(name=str(root), classes=classes, labels=labels, paths=paths, root=str(root), faults=faults)
+
+
+UNLABELLED_CLASS = "unlabelled"
+
+
+def _loose_images(root: Path) -> list[str]:
+    """Image files directly inside ``root`` (sorted), not in class folders."""
+    return sorted(str(p) for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _flat_folder(root: Path, faults: DataFaults) -> ImageDataset:
+    """A flat folder of images (e.g. STL-10's unlabelled split): one class, ``unlabelled``, for self-supervised
+    training; its labels mean nothing, so it cannot be a labelled evaluation split."""
+    paths = _loose_images(root)
+    faults.non_image_files.extend(sorted(str(p) for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                                         and not p.name.lower().endswith(IMAGE_EXTENSIONS)))
+    return ImageDataset(name=str(root), classes=[UNLABELLED_CLASS], labels=[0] * len(paths), paths=paths,
+                        root=str(root), faults=faults)
 
 
 def _builtin_digits(split: str) -> ImageDataset:

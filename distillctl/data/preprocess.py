@@ -117,9 +117,14 @@ def describe(choices: list[Choice], values: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def student_stride(arch: str) -> int | None:
-    """Total downsampling of a timm student: its last feature stage's reduction, or a ViT's patch size."""
+    """Total downsampling of a student: a timm model's last feature stage's reduction, or a ViT's patch size;
+    a torchvision student's from :func:`distillctl.students.torchvision_stride`."""
     import timm
 
+    if arch.startswith("tv:"):
+        from distillctl.students import torchvision_stride
+
+        return torchvision_stride(arch)
     model = timm.create_model(arch, pretrained=False, num_classes=0)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is not None:
@@ -134,7 +139,14 @@ def student_stride(arch: str) -> int | None:
 
 
 def check_image_size(image_size: int, arch: str, stride: int | None) -> str | None:
-    """None, or a warning; raises UsageError (exit 2) for a size at most a quarter of the student's stride."""
+    """None, or a warning; raises UsageError (exit 2) for a size at most a quarter of the student's stride, or
+    below the smallest input a student's pooling layers accept (SqueezeNet)."""
+    from distillctl.students import min_input_size
+
+    smallest = min_input_size(arch)
+    if smallest and image_size < smallest:
+        raise UsageError(f"data.image_size={image_size} is too small for the student {arch}: its ceil-mode max-pools "
+                         f"need inputs of at least {smallest} px", hint=f"use --image-size {smallest} or more")
     if not stride:
         return None
     if image_size * 4 <= stride:
