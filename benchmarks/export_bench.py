@@ -17,6 +17,14 @@ The run defaults to the best distillation cell of results/quality.json (largest 
 Writes benchmarks/results/export.json.
 
 Example: python benchmarks/export_bench.py --run benchmarks/work/quality/mobilenetv2_100/sup/compress-1q-30000-auto
+
+``--random-weights ARCH --image-size N`` measures the runtime formats without a distilled run and without the
+shared data (speed does not depend on what the weights learned): a seeded random-weight timm ``ARCH`` is exported
+with distillctl's own exporter (``export_onnx``; ``Int8Quantizer`` in this CPU's default form and in the TensorRT
+form, percentile calibration on random images; OpenVINO fp32 / NNCF INT8 when the extra is installed), then every
+artefact is timed in this one process, interleaved round by round, wall and process CPU time, ``--repeats`` rounds
+per batch. No accuracy gate applies to random weights. Writes results/export_random_<arch>_<size>.json.
+Example: python benchmarks/export_bench.py --random-weights mobilenetv2_100 --image-size 224 --repeats 30
 """
 
 from __future__ import annotations
@@ -46,13 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu", type=int, default=0, help="CPU the benchmark is pinned to (-1: no pinning).")
     parser.add_argument("--invocations", type=int, default=3, help="Separate `distillctl bench` processes.")
     parser.add_argument("--repeats", type=int, default=30, help="Timed calls per (format, batch) per invocation.")
-    parser.add_argument("--calib-size", type=int, default=512, help="INT8 calibration images.")
+    parser.add_argument("--calib-size", type=int, default=None,
+                        help="INT8 calibration images (default 512; 64 random images with --random-weights).")
     parser.add_argument("--calib-method", default="auto", help="INT8 calibration: auto (default), minmax, percentile, entropy.")
     parser.add_argument("--reuse-export", action="store_true",
                         help="Skip `distillctl export` and read the run's recorded export report (after an earlier "
                              "export of the same student).")
     parser.add_argument("--quick", action="store_true", help="Use results/quality_quick.json's run; 1 invocation.")
     parser.add_argument("--out", default=None, help="Result JSON (default results/export.json).")
+    parser.add_argument("--random-weights", default=None, metavar="ARCH",
+                        help="Time a seeded random-weight timm ARCH exported by distillctl (no run, no shared data).")
+    parser.add_argument("--image-size", type=int, default=64, help="Input size of --random-weights (default 64).")
     return parser.parse_args(argv)
 
 
@@ -150,9 +162,116 @@ def targets(table: dict, report: dict, batches: list[int]) -> dict:
     return out
 
 
+def random_weights_artefacts(arch: str, size: int, out_dir: Path, calib_images: int, openvino: bool) -> dict[str, dict]:
+    """Export a seeded random-weight ``arch`` the way ``distillctl export`` does: ``{format: {path, ...}}``."""
+    import numpy as np
+    import timm
+    import torch
+
+    from distillctl.export.onnx import export_onnx
+    from distillctl.export.quantize import Int8Quantizer, count_ops, default_cpu_form
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=0, exportable=True).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = export_onnx(model, out_dir / "student.onnx", size)
+    calib = np.random.default_rng(0).standard_normal((calib_images, 3, size, size)).astype(np.float32)
+    artefacts = {"onnx": {"path": fp32, "ops": count_ops(fp32)}}
+    with Int8Quantizer(fp32, calib, workdir=out_dir) as quantizer:
+        for name, form, file in (("onnx-int8", default_cpu_form(), "student.int8.onnx"),
+                                 ("onnx-int8-trt", "tensorrt", "student.int8.trt.onnx")):
+            info = quantizer.write(out_dir / file, method="percentile", form=form)
+            artefacts[name] = {"path": Path(info.path), "form": info.form, "ops": count_ops(info.path)}
+    if openvino:
+        from distillctl.export.openvino import convert_ir, quantize_ir
+
+        xml = convert_ir(fp32, out_dir / "student.openvino.xml")
+        artefacts["openvino"] = {"path": xml}
+        info = quantize_ir(xml, out_dir / "student.int8.openvino.xml", calib)
+        artefacts["openvino-int8"] = {"path": Path(info.path), "form": "openvino-nncf"}
+    return artefacts
+
+
+def ort_optimised_ops(path: Path) -> dict[str, int]:
+    """Op histogram of the graph ONNX Runtime actually runs (CPU EP, default optimisation level, one thread)."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    return dict(Counter(node.op_type for node in graph.node))
+
+
+def random_weights_main(args: argparse.Namespace) -> int:
+    """``--random-weights``: export, then time every artefact interleaved in this process (see the module doc)."""
+    import numpy as np
+
+    from distillctl.export.bench import BASELINE, _add_speedups, summarise, time_interleaved
+    from distillctl.export.onnx import INPUT_NAME, ort_session
+
+    import torch
+
+    started = time.time()
+    affinity = _pin(args.cpu)
+    torch.set_num_threads(args.threads)
+    args.calib_size = args.calib_size or 64
+    batches = [int(b) for b in args.batch.split(",")]
+    out_dir = WORK / "export_random" / f"{args.random_weights}-{args.image_size}"
+    log(f"exporting random-weight {args.random_weights} at {args.image_size} px into {rel(out_dir)}")
+    artefacts = random_weights_artefacts(args.random_weights, args.image_size, out_dir, args.calib_size,
+                                         _openvino_available())
+    runners = {}
+    for name, entry in artefacts.items():
+        if name.startswith("openvino"):
+            from distillctl.export.openvino import ov_runner
+
+            runners[name] = ov_runner(entry["path"], threads=args.threads)
+        else:
+            entry["ort_ops"] = ort_optimised_ops(entry["path"])
+            session = ort_session(entry["path"], threads=args.threads)
+            runners[name] = (lambda s: lambda images: s.run(None, {INPUT_NAME: images}))(session)
+    load_before = [round(value, 2) for value in os.getloadavg()]
+    rows = []
+    for batch in batches:
+        images = np.random.default_rng(0).standard_normal((batch, 3, args.image_size, args.image_size)).astype(np.float32)
+        log(f"timing batch {batch}: {', '.join(runners)} interleaved, {args.repeats} rounds")
+        timings = time_interleaved({name: (lambda r: lambda: r(images))(run) for name, run in runners.items()},
+                                   repeats=args.repeats, warmup=3)
+        for name, (wall, cpu) in timings.items():
+            rows.append({"format": name, "batch": batch, "threads": args.threads, **summarise(wall, batch, cpu),
+                         "repeats": args.repeats, "form": artefacts[name].get("form")})
+    _add_speedups(rows)
+    result = {"benchmark": "export-random-weights", "arch": args.random_weights, "image_size": args.image_size,
+              "machine": machine_info(), "baseline": BASELINE, "timing": "interleaved",
+              "command": "python benchmarks/export_bench.py " + " ".join(sys.argv[1:]),
+              "threads": args.threads, "pinned_cpus": affinity, "calibration_images": args.calib_size,
+              "load_average": {"before": load_before, "after": [round(value, 2) for value in os.getloadavg()]},
+              "artefacts": {name: {key: (rel(value) if key == "path" else value) for key, value in entry.items()}
+                            for name, entry in artefacts.items()},
+              "results": rows, "elapsed_s": round(time.time() - started, 1)}
+    out = Path(args.out) if args.out else RESULTS / f"export_random_{args.random_weights}_{args.image_size}.json"
+    write_json(out, result)
+    for row in rows:
+        log(f"{row['format']:14s} b{row['batch']:<3d} wall p50 {row['p50_ms']:9.3f} ms ({row['speedup_vs_onnx_fp32']:.2f}x) "
+            f"cpu p50 {row['cpu_p50_ms']:9.3f} ms ({row['speedup_vs_onnx_fp32_cpu']:.2f}x)")
+    log(f"done in {result['elapsed_s']:.0f} s → {out}; load average {load_before} → {result['load_average']['after']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.random_weights:
+        return random_weights_main(args)
     require_shared()
+    args.calib_size = args.calib_size or 512
     started = time.time()
     if args.quick:
         args.invocations, args.repeats, args.calib_size = 1, 5, 64
