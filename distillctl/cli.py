@@ -49,6 +49,8 @@ LAZY_GROUPS = {
               "during distillation."),
     "eval": ("distillctl.eval.cli", "Evaluate frozen embeddings (weighted kNN, linear probe) of a run, student or "
              "exported artefact."),
+    "protocol": ("distillctl.protocol_cli", "Benchmark protocols: a grid of SSL pre-training runs (methods × students) "
+                 "under one budget, evaluated in one results table."),
 }
 
 

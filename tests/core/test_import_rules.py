@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "distillctl"
 # modules that render to the terminal: the CLI layer and the live progress displays
 UI_MODULES = {"__main__.py", "cli.py", "cli_common.py", "commands.py", "ci_commands.py", "cache/cli.py", "eval/cli.py",
-              "export/cli.py", "teachers/cli.py", "cache/progress.py", "train/progress.py",
+              "export/cli.py", "teachers/cli.py", "protocol_cli.py", "cache/progress.py", "train/progress.py",
               "teachers/fetch.py"}  # fetch: the download progress bar (its messages are log records)
 
 
