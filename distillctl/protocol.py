@@ -237,7 +237,11 @@ def plan(spec: ProtocolSpec, inputs: ProtocolInputs) -> Plan:
     from distillctl.data.splits import labelled_splits
 
     from distillctl.pipeline import resolve_device
+    from distillctl.train.distributed import launched_by_torchrun
 
+    if launched_by_torchrun():  # every rank would run (and write) every cell and floor
+        raise UsageError("distillctl protocol run runs in one process; launch it without torchrun",
+                         hint="set the protocol's train.device to a GPU; cells run one after another")
     device = resolve_device(inputs.device)
     if not (device == "cpu" or device.startswith("cuda")):
         raise UsageError(f"unknown device '{inputs.device}'; valid: auto, cpu, cuda, cuda:N")
