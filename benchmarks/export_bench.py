@@ -22,8 +22,9 @@ Example: python benchmarks/export_bench.py --run benchmarks/work/quality/mobilen
 shared data (speed does not depend on what the weights learned): a seeded random-weight timm ``ARCH`` is exported
 with distillctl's own exporter (``export_onnx``; ``Int8Quantizer`` in this CPU's default form and in the TensorRT
 form, percentile calibration on random images; OpenVINO fp32 / NNCF INT8 when the extra is installed), then every
-artefact is timed in this one process, interleaved round by round, wall and process CPU time, ``--repeats`` rounds
-per batch. No accuracy gate applies to random weights. Writes results/export_random_<arch>_<size>.json.
+artefact is timed in this one process, each runtime's formats interleaved round by round with the ONNX Runtime
+fp32 baseline, wall and process CPU time, ``--repeats`` rounds per batch. No accuracy gate applies to random
+weights. Writes results/export_random_<arch>_<size>.json.
 Example: python benchmarks/export_bench.py --random-weights mobilenetv2_100 --image-size 224 --repeats 30
 """
 
@@ -35,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # --random-weights: distillctl from this checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, WORK, BenchError, display_command, distillctl, log, machine_info, read_json,  # noqa: E402
@@ -214,7 +216,7 @@ def random_weights_main(args: argparse.Namespace) -> int:
     """``--random-weights``: export, then time every artefact interleaved in this process (see the module doc)."""
     import numpy as np
 
-    from distillctl.export.bench import BASELINE, _add_speedups, summarise, time_interleaved
+    from distillctl.export.bench import BASELINE, _add_speedups, runtime_groups, summarise, time_interleaved
     from distillctl.export.onnx import INPUT_NAME, ort_session
 
     import torch
@@ -242,12 +244,17 @@ def random_weights_main(args: argparse.Namespace) -> int:
     rows = []
     for batch in batches:
         images = np.random.default_rng(0).standard_normal((batch, 3, args.image_size, args.image_size)).astype(np.float32)
-        log(f"timing batch {batch}: {', '.join(runners)} interleaved, {args.repeats} rounds")
-        timings = time_interleaved({name: (lambda r: lambda: r(images))(run) for name, run in runners.items()},
-                                   repeats=args.repeats, warmup=3)
-        for name, (wall, cpu) in timings.items():
-            rows.append({"format": name, "batch": batch, "threads": args.threads, **summarise(wall, batch, cpu),
-                         "repeats": args.repeats, "form": artefacts[name].get("form")})
+        for group in runtime_groups(list(runners)):
+            timed = [BASELINE] + [name for name in group if name != BASELINE]
+            log(f"timing batch {batch}: {', '.join(timed)} interleaved, {args.repeats} rounds")
+            timings = time_interleaved({name: (lambda r: lambda: r(images))(runners[name]) for name in timed},
+                                       repeats=args.repeats, warmup=3)
+            reference = summarise(timings[BASELINE][0], batch, timings[BASELINE][1])
+            for name in group:
+                wall, cpu = timings[name]
+                rows.append({"format": name, "batch": batch, "threads": args.threads, **summarise(wall, batch, cpu),
+                             "repeats": args.repeats, "form": artefacts[name].get("form"), "interleaved_with": timed,
+                             "baseline_p50_ms": reference["p50_ms"], "baseline_cpu_p50_ms": reference["cpu_p50_ms"]})
     _add_speedups(rows)
     result = {"benchmark": "export-random-weights", "arch": args.random_weights, "image_size": args.image_size,
               "machine": machine_info(), "baseline": BASELINE, "timing": "interleaved",

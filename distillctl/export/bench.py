@@ -1,9 +1,10 @@
 """Latency and throughput of the student per deployable format and batch size.
 
 Each (format, batch) is timed ``repeats`` times after ``warmup`` untimed calls; p50/p90 are over
-the timed calls, throughput is batch / p50. The formats of one batch size are timed *interleaved*
-(round-robin, the order reversed every round), so load from other processes falls on every format
-alike and the speed-ups stay fair on a shared machine; each call's process CPU time is recorded
+the timed calls, throughput is batch / p50. The formats of one runtime are timed *interleaved* with
+the ONNX Runtime fp32 baseline (round-robin, the order reversed every round, :func:`runtime_groups`),
+so load from other processes falls on every format alike and the speed-ups stay fair on a shared
+machine; each call's process CPU time is recorded
 beside its wall time (``cpu_p50_ms``, ``speedup_vs_onnx_fp32_cpu``), because a loaded machine
 inflates wall-clock medians by whatever time the process spends descheduled (measured on 2 busy
 cores: identical INT8 graphs 1.35× and 4.5× fp32 by wall p50 in the same run, 1.8× and 2.3× by CPU
@@ -37,8 +38,11 @@ def time_interleaved(calls: dict[str, Callable[[], object]], *, repeats: int, wa
                      ) -> dict[str, tuple[list[float], list[float]]]:
     """``{name: (wall seconds, process CPU seconds)}`` of ``repeats`` calls of each callable, interleaved.
 
-    Every callable gets ``warmup`` untimed calls first; then each round calls every callable once,
-    in reversed order on odd rounds, so that a slow phase of the machine is shared by all of them.
+    Every callable gets ``warmup`` untimed calls first; then each round gives every callable one
+    untimed call and one timed call, in reversed order on odd rounds, so that a slow phase of the
+    machine is shared by all of them. The untimed call re-warms the caches after the previous
+    format: measured at batch 1, a timed ONNX Runtime INT8 call right after an OpenVINO call took
+    0.72 ms instead of 0.55-0.65 ms (fp32 barely moved), which would bias the ratios.
     """
     syncs = syncs or {}
     for name, call in calls.items():
@@ -51,6 +55,9 @@ def time_interleaved(calls: dict[str, Callable[[], object]], *, repeats: int, wa
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else names[::-1]:
             sync = syncs.get(name)
+            calls[name]()
+            if sync:
+                sync()
             wall, cpu = time.perf_counter(), time.process_time()
             calls[name]()
             if sync:
@@ -107,28 +114,53 @@ def bench_run(
     try:
         for count in threads or [previous]:
             torch.set_num_threads(count)
-            runners = {name: _make_runner(name, model, export_dir, count, device) for name in formats}
-            for batch in batches:
-                images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-                timings = time_interleaved({name: runner[0](images) for name, runner in runners.items()},
-                                           repeats=repeats, warmup=warmup,
-                                           syncs={name: runner[1] for name, runner in runners.items()})
-                for name, (_, _, artefact, where) in runners.items():
-                    wall, cpu = timings[name]
-                    rows.append({
-                        "format": name, "batch": batch, "threads": count, **summarise(wall, batch, cpu),
-                        "repeats": repeats, "warmup": warmup, "size_mb": round(_size(artefact) / 1e6, 3),
-                        "artefact": artefact.name, "params": params, "device": where, "torch_threads": count,
-                        "ort_threads": count if name.startswith("onnx") else None, "gate": gates.get(name, "not-gated"),
-                        "timing": "interleaved",
-                    })
-            del runners
+            baseline = _make_runner(BASELINE, model, export_dir, count, device) if BASELINE in formats else None
+            for group in runtime_groups(formats):
+                runners = {name: baseline if name == BASELINE else _make_runner(name, model, export_dir, count, device)
+                           for name in group}
+                timed = dict(runners) if baseline is None else {BASELINE: baseline, **runners}
+                for batch in batches:
+                    images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+                    timings = time_interleaved({name: runner[0](images) for name, runner in timed.items()},
+                                               repeats=repeats, warmup=warmup,
+                                               syncs={name: runner[1] for name, runner in timed.items()})
+                    reference = (summarise(timings[BASELINE][0], batch, timings[BASELINE][1])
+                                 if BASELINE in timings else None)
+                    for name, (_, _, artefact, where) in runners.items():
+                        wall, cpu = timings[name]
+                        rows.append({
+                            "format": name, "batch": batch, "threads": count, **summarise(wall, batch, cpu),
+                            "repeats": repeats, "warmup": warmup, "size_mb": round(_size(artefact) / 1e6, 3),
+                            "artefact": artefact.name, "params": params, "device": where, "torch_threads": count,
+                            "ort_threads": count if name.startswith("onnx") else None,
+                            "gate": gates.get(name, "not-gated"), "timing": "interleaved",
+                            "interleaved_with": list(timed),
+                            **({"baseline_p50_ms": reference["p50_ms"], "baseline_cpu_p50_ms": reference["cpu_p50_ms"]}
+                               if reference else {}),
+                        })
+                del runners, timed
     finally:
         torch.set_num_threads(previous)
     order = {name: index for index, name in enumerate(formats)}
     rows.sort(key=lambda row: (row["threads"], order[row["format"]], row["batch"]))
     _add_speedups(rows)
     return rows
+
+
+RUNTIME_GROUPS = (("onnx", "onnx-fp16", "onnx-int8", "onnx-int8-trt"), ("torch",), ("openvino", "openvino-int8"),
+                  ("engine",))
+
+
+def runtime_groups(formats: list[str]) -> list[list[str]]:
+    """``formats`` split by runtime, ONNX Runtime first: each group is timed interleaved with the ORT fp32 baseline.
+
+    Formats of different runtimes are not interleaved with each other, because one runtime's call
+    disturbs the next call of another more than the same runtime's does: measured at batch 1 on one
+    pinned CPU, ONNX Runtime INT8 took 0.46-0.48 ms interleaved with OpenVINO and 0.27-0.29 ms
+    interleaved with ONNX Runtime fp32 only (fp32 moved 0.62-0.70 → 0.66).
+    """
+    return [[name for name in group if name in formats] for group in RUNTIME_GROUPS
+            if any(name in formats for name in group)]
 
 
 def expand_formats(formats: list[str], export_dir: Path) -> list[str]:
@@ -183,6 +215,8 @@ def _add_speedups(rows: list[dict]) -> None:
     baseline = {(row["threads"], row["batch"]): row for row in rows if row["format"] == BASELINE}
     for row in rows:
         base = baseline.get((row["threads"], row["batch"]))
+        if "baseline_p50_ms" in row:  # the ORT fp32 calls interleaved with this format
+            base = {"p50_ms": row["baseline_p50_ms"], "cpu_p50_ms": row.get("baseline_cpu_p50_ms")}
         row["speedup_vs_onnx_fp32"] = round(base["p50_ms"] / row["p50_ms"], 3) if base and row["p50_ms"] > 0 else None
         if "cpu_p50_ms" in row:
             cpu = base.get("cpu_p50_ms") if base else None

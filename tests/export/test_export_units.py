@@ -356,9 +356,10 @@ def test_bench_times_formats_interleaved_with_cpu_time() -> None:
     synced: list[str] = []
     timings = time_interleaved({"a": busy("a", 20000), "b": busy("b", 60000)}, repeats=4, warmup=2,
                                syncs={"a": None, "b": lambda: synced.append("b")})
-    # warm-up per callable, then rounds alternating the order: a b | b a | a b | b a
-    assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
-    assert synced == ["b"] * 5  # after the warm-up and after each timed call
+    # warm-up per callable, then rounds alternating the order (a b | b a | ...), each turn an untimed
+    # re-warm call and a timed call of the same callable
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b", "b", "b", "a", "a"] * 2
+    assert synced == ["b"] * 9  # after the warm-up, after each re-warm and each timed call
     for name in ("a", "b"):
         wall, cpu = timings[name]
         assert len(wall) == len(cpu) == 4 and all(w > 0 and c >= 0 for w, c in zip(wall, cpu))
@@ -374,3 +375,19 @@ def test_bench_speedups_from_wall_and_cpu_time() -> None:
     assert rows[0]["cpu_p50_ms"] == 2.0 and rows[1]["images_per_sec"] == 2000.0
     assert rows[1]["speedup_vs_onnx_fp32"] == 4.0 and rows[1]["speedup_vs_onnx_fp32_cpu"] == 2.5
     assert rows[0]["speedup_vs_onnx_fp32_cpu"] == 1.0
+
+
+def test_bench_groups_formats_by_runtime_with_the_ort_fp32_baseline() -> None:
+    from distillctl.export.bench import _add_speedups, runtime_groups
+
+    formats = ["torch", "onnx", "onnx-int8", "openvino", "openvino-int8"]
+    assert runtime_groups(formats) == [["onnx", "onnx-int8"], ["torch"], ["openvino", "openvino-int8"]]
+    assert runtime_groups(["openvino-int8", "torch"]) == [["torch"], ["openvino-int8"]]
+    # a row timed beside its own ORT fp32 calls is compared with those, not with the ORT group's
+    rows = [{"format": "onnx", "batch": 1, "threads": 1, "p50_ms": 1.0, "cpu_p50_ms": 1.0, "baseline_p50_ms": 1.0,
+             "baseline_cpu_p50_ms": 1.0},
+            {"format": "openvino-int8", "batch": 1, "threads": 1, "p50_ms": 0.5, "cpu_p50_ms": 0.5,
+             "baseline_p50_ms": 2.0, "baseline_cpu_p50_ms": 1.5}]
+    _add_speedups(rows)
+    assert rows[1]["speedup_vs_onnx_fp32"] == 4.0 and rows[1]["speedup_vs_onnx_fp32_cpu"] == 3.0
+    assert rows[0]["speedup_vs_onnx_fp32"] == 1.0

@@ -125,6 +125,7 @@ def test_bench_json_schema_and_fastest_passing_format(run_dir: Path, tmp_path: P
         assert row["threads"] == 1 and 0 < row["p50_ms"] <= row["p90_ms"] and row["images_per_sec"] > 0
         assert row["gate"] == ("reference" if row["format"] == "torch" else "passed")
         assert row["timing"] == "interleaved" and row["cpu_p50_ms"] > 0 and row["speedup_vs_onnx_fp32_cpu"] > 0
+        assert row["interleaved_with"] == (["onnx", "torch"] if row["format"] == "torch" else formats[1:])
         if row["format"] == "onnx":
             assert row["speedup_vs_onnx_fp32"] == 1.0 and row["speedup_vs_onnx_fp32_cpu"] == 1.0
     fastest = payload["fastest"]
