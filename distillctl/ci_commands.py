@@ -80,6 +80,9 @@ def verify_command(
         print_json(report)
         return
     for rel, entry in report["parity"].items():
+        if entry.get("skipped"):
+            console.print(f"parity {rel} ({entry['precision']}): skipped — {entry['skipped']}", highlight=False)
+            continue
         console.print(f"parity {rel} ({entry['precision']}): min cos {entry['min_cosine']:.6f}, "
                       f"max|Δ| {entry['max_abs']:.3g} — ok", highlight=False)
     console.print(f"bundle {report['bundle']}: {report['files']} files match the manifest; parity ok", highlight=False)

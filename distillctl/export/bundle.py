@@ -12,8 +12,9 @@
     OUT/SHA256SUMS                  the same hashes for ``sha256sum -c SHA256SUMS``
 
 ``distillctl verify OUT`` re-hashes every file (a missing, changed or unlisted file is a mismatch) and re-runs
-the parity gate of each ONNX artefact on the samples against the reference embeddings (the export's
-tolerances: fp32, fp16, int8). Any mismatch is exit 3.
+the parity gate of each ONNX artefact and OpenVINO IR on the samples against the reference embeddings (the
+export's tolerances: fp32, fp16, int8; an IR is reported as skipped where the OpenVINO extra is not installed).
+Any mismatch is exit 3.
 
 Reproducible: the same run gives the same bytes. Files are copied byte for byte, the samples are the evenly
 spread indices of the run's held-out split (no randomness), arrays are written with ``np.save`` (no
@@ -38,7 +39,10 @@ UNHASHED = (MANIFEST, SUMS)  # the manifest lists every other file
 
 
 def artefact_precision(name: str) -> str | None:
-    """Parity tolerance of an ONNX artefact from its file name (None: not an ONNX file, hashed only)."""
+    """Parity tolerance of a runnable artefact from its file name: ONNX files and OpenVINO IRs (``.xml``; its
+    ``.bin`` is hashed with it). None: a file that is hashed only (e.g. a TensorRT engine)."""
+    if name.endswith(".openvino.xml"):
+        return "int8" if ".int8" in name else "fp32"
     if not name.endswith(".onnx"):
         return None
     if ".int8" in name:
@@ -151,13 +155,33 @@ def _entry(path: Path) -> dict[str, Any]:
     return {"sha256": file_sha256(path), "size_bytes": path.stat().st_size}
 
 
+def _runner(path: Path):
+    """The CPU runner of one artefact (ONNX Runtime, or OpenVINO for an IR); None when its runtime is missing."""
+    from distillctl.export.parity import ort_runner
+
+    if path.suffix != ".xml":
+        return ort_runner(path, threads=1)
+    try:
+        from distillctl.export.openvino import ov_runner, require_openvino
+
+        require_openvino()
+    except UsageError:
+        return None
+    return ov_runner(path, threads=1)
+
+
 def _check_parity(root: Path, tolerances: dict[str, str], inputs: np.ndarray, reference: np.ndarray) -> dict:
-    """Parity of every ONNX artefact on the samples (batch 1 and all); GateError naming the failures."""
-    from distillctl.export.parity import TOLERANCES, _run_batched, evaluate_parity, ort_runner
+    """Parity of every runnable artefact on the samples (batch 1 and all); GateError naming the failures. An
+    OpenVINO IR on a machine without the extra is reported as skipped (its bytes are still checked by hash)."""
+    from distillctl.export.parity import TOLERANCES, _run_batched, evaluate_parity
 
     results, failures = {}, []
     for rel, precision in tolerances.items():
-        runner = ort_runner(root / rel, threads=1)
+        runner = _runner(root / rel)
+        if runner is None:
+            results[rel] = {"precision": precision, "passed": None,
+                            "skipped": "the OpenVINO runtime is not installed: pip install 'distillctl[openvino]'"}
+            continue
         outputs = {batch: _run_batched(runner, inputs, batch) for batch in sorted({1, len(inputs)})}
         result = evaluate_parity(reference.astype(np.float64), outputs, TOLERANCES[precision])
         results[rel] = {"precision": precision, "passed": result.passed, "min_cosine": round(result.min_cosine, 8),

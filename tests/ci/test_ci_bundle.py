@@ -68,3 +68,13 @@ def test_verify_reruns_parity_when_the_manifest_was_rewritten(ci_run_copy, tmp_p
 def test_verify_of_a_folder_that_is_no_bundle_is_a_usage_error(tmp_path):
     result = run_cli("verify", str(tmp_path))
     assert result.returncode == 2 and "not a distillctl bundle" in result.stderr
+
+
+def test_artefact_precision_covers_onnx_and_openvino_names():
+    from distillctl.export.bundle import artefact_precision
+
+    assert [artefact_precision(name) for name in (
+        "student.onnx", "student.fp16.onnx", "student.int8.onnx", "student.int8.trt.onnx", "student.openvino.xml",
+        "student.int8.openvino.xml", "student.openvino.bin", "student.plan")] == [
+        "fp32", "fp16", "int8", "int8", "fp32", "int8", None, None]
+

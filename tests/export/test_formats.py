@@ -170,3 +170,24 @@ def test_latency_gate_measures_an_openvino_artefact(run_dir: Path, tmp_path: Pat
     [result] = evaluate_gates(gates, json.loads((run / "summary.json").read_text()), run)
     assert result.passed and 0 < result.measured < 1e4
     assert "openvino batch 1 on 1 thread" in result.detail and "OpenVINO" in result.detail
+
+
+@requires_openvino
+def test_bundle_verify_runs_openvino_parity_and_says_when_it_cannot(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from distillctl.export.api import export_config, export_run
+    from distillctl.export.bundle import verify_bundle, write_bundle
+
+    run = _copy(run_dir, tmp_path)
+    (run / "recipe.yaml").write_text(f"data: {{train: '{DATA}', image_size: 32, crop_pct: 1.0}}\n")  # its eval data
+    export_run(run, export_config(["onnx", "openvino"], parity_images=8), data=DATA)
+    out = tmp_path / "bundle"
+    write_bundle(run, out, samples=4)
+    samples = json.loads((out / "samples" / "samples.json").read_text())
+    assert samples["tolerances"]["model/student.openvino.xml"] == "fp32"
+    report = verify_bundle(out)
+    assert report["parity"]["model/student.openvino.xml"]["min_cosine"] > 0.9999
+    monkeypatch.setitem(sys.modules, "openvino", None)  # a receiving machine without the extra
+    report = verify_bundle(out)
+    entry = report["parity"]["model/student.openvino.xml"]
+    assert report["passed"] and entry["passed"] is None and "distillctl[openvino]" in entry["skipped"]
+    assert report["parity"]["model/student.onnx"]["passed"] is True
