@@ -19,7 +19,7 @@ from distillctl.export._fs import write_bytes_atomic
 
 SCHEMA_VERSION = 1
 METADATA_PREFIX = "distillctl."
-_VERSIONED_PACKAGES = ("torch", "timm", "onnx", "onnxscript", "onnxruntime", "numpy", "tensorrt")
+_VERSIONED_PACKAGES = ("torch", "timm", "torchvision", "onnx", "onnxscript", "onnxruntime", "numpy", "tensorrt")
 
 
 def package_versions() -> dict[str, str]:

@@ -132,10 +132,11 @@ def cotrained_teacher_run(run_dir: Path) -> Path:
     config = json.loads(config_path.read_text())
     target = run_dir / "teacher_cotrained"
     (target / "student").mkdir(parents=True, exist_ok=True)
-    from distillctl.students import create_backbone, feature_dim
+    from distillctl.students import create_backbone, feature_dim, resolve_arch, student_library
 
-    model = create_backbone(metadata["arch"], img_size=config["input_size"][-1])
-    config.update(arch=metadata["arch"], num_features=feature_dim(model), model_kwargs=None,
+    arch = resolve_arch(metadata["arch"])  # its own library, whatever the student's was
+    model = create_backbone(arch, img_size=config["input_size"][-1])
+    config.update(arch=arch, library=student_library(arch), num_features=feature_dim(model), model_kwargs=None,
                   teacher={"source": metadata.get("source"), "role": "co-trained teacher of this run"})
     save_file(state, str(target / "student" / "model.safetensors"))
     (target / "student" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

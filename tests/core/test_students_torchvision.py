@@ -117,15 +117,22 @@ def test_config_library_must_match_the_arch() -> None:
         StudentConfig(arch="tv:squeezenet1_1", library="timm", **common)
 
 
-def test_onnx_export_parity_of_a_torchvision_student(tmp_path: Path) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, formats", [("squeezenet", ["onnx", "onnx-int8"]), ("shufflenetv2", ["onnx"])])
+def test_onnx_and_int8_export_of_a_torchvision_student(tmp_path: Path, arch: str, formats: list[str]) -> None:
     from distillctl.export.api import export_config, export_run
 
-    run, _ = _write_student(tmp_path, "squeezenet")
-    report = export_run(run, export_config(["onnx"], parity_images=8), data="builtin:digits")
+    run, _ = _write_student(tmp_path, arch)
+    # random weights: the INT8 kNN budget is not what this test is about (the export tests check the gate)
+    report = export_run(run, export_config(formats, parity_images=8, calib_size=32, max_drop=100.0), data="builtin:digits")
     parity = report["onnx"]["parity"]
-    assert parity["passed"] and parity["images"] == 8
+    assert report["passed"] and parity["passed"] and parity["images"] == 8
     assert parity["max_abs"] <= 1e-4 * max(1.0, parity["ref_abs_max"]) and parity["min_cosine"] >= 0.99999
     assert (run / "export" / "student.onnx").is_file()
+    if "onnx-int8" in formats:
+        assert report["onnx-int8"]["parity"]["passed"] and (run / report["onnx-int8"]["path"]).is_file()
+    card = json.loads((run / "export" / "model_card.json").read_text())
+    assert card["student"]["arch"] == resolve_arch(arch) and "torchvision" in card["export"]["versions"]
 
 
 def test_unknown_torchvision_name() -> None:
