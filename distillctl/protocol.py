@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from distillctl._infra import atomic_write_json, get_logger, phase
 from distillctl.errors import InputError, UsageError, unknown_name
@@ -41,6 +41,7 @@ log = get_logger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MARKER = "protocol_cell.json"
+BUDGET_KEYS = ("epochs", "max_steps", "warmup_epochs", "device")  # train.* keys a cell's budget decides
 
 
 class _Strict(BaseModel):
@@ -61,6 +62,8 @@ class ProtocolData(_Strict):
 
 class Budget(_Strict):
     images: int = Field(ge=1)  # training images seen per cell (steps = ceil(images / batch_size))
+    # linear warm-up as a share of the steps, so a --budget-images override keeps the schedule's shape
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
 
 
 class ProtocolEval(_Strict):
@@ -86,6 +89,15 @@ class ProtocolSpec(_Strict):
     train: dict[str, Any] = Field(default_factory=dict)  # recipe train.* keys shared by every cell
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # method → method.params
     eval: ProtocolEval = Field(default_factory=ProtocolEval)
+
+    @field_validator("train")
+    @classmethod
+    def _budget_keys_are_the_budgets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = sorted(set(value) & set(BUDGET_KEYS))
+        if owned:
+            raise ValueError(f"{', '.join(owned)} follow from budget (images, warmup_fraction) and --device; "
+                             "remove them from train")
+        return value
 
 
 @dataclass(frozen=True)
@@ -175,13 +187,15 @@ def _check_grid(methods: list[str] | tuple[str, ...], archs: list[str] | tuple[s
 
 # --- planning ------------------------------------------------------------------------------------
 
-def budget_schedule(images: int, batch_size: int, dataset_size: int) -> dict[str, int | None]:
-    """``train.epochs``/``train.max_steps`` that stop after ``ceil(images / batch)`` steps: the epochs cover the
-    steps (the cosine schedule spans them) and ``max_steps`` stops inside the last epoch when it is not whole."""
+def budget_schedule(images: int, batch_size: int, dataset_size: int, warmup_fraction: float = 0.0) -> dict[str, Any]:
+    """``train.epochs``/``max_steps``/``warmup_epochs`` that stop after ``ceil(images / batch)`` steps: the epochs
+    cover the steps (the cosine schedule spans them), ``max_steps`` stops inside the last epoch when it is not
+    whole, and the warm-up lasts ``warmup_fraction`` of the steps (the trainer rounds it to whole steps)."""
     steps = math.ceil(images / batch_size)
     steps_per_epoch = max(1, dataset_size // batch_size)
     epochs = math.ceil(steps / steps_per_epoch)
-    return {"epochs": epochs, "max_steps": steps if steps < epochs * steps_per_epoch else None}
+    return {"epochs": epochs, "max_steps": steps if steps < epochs * steps_per_epoch else None,
+            "warmup_epochs": round(warmup_fraction * steps / steps_per_epoch, 6)}
 
 
 def _cell_recipe(spec: ProtocolSpec, cell: Cell, data: str, run_dir: Path, dataset_size: int, device: str,
@@ -191,7 +205,7 @@ def _cell_recipe(spec: ProtocolSpec, cell: Cell, data: str, run_dir: Path, datas
 
     train = dict(spec.train)
     batch = int(train.get("batch_size", 256))
-    schedule = budget_schedule(budget_images or spec.budget.images, batch, dataset_size)
+    schedule = budget_schedule(budget_images or spec.budget.images, batch, dataset_size, spec.budget.warmup_fraction)
     base = {
         "name": f"{spec.name}-{cell.key}", "out": str(run_dir),
         "teacher": {"source": "none"}, "student": {"arch": cell.arch},

@@ -57,17 +57,26 @@ def test_lightweight_ssl_is_the_papers_grid() -> None:
     assert spec.grid.methods == ["mocov2", "simclr", "byol"]
     assert [resolve_arch(a) for a in spec.grid.archs] == ["mobilenetv2_100", "efficientnet_lite0",
                                                           "tv:shufflenet_v2_x1_0", "tv:squeezenet1_1", "resnet18"]
-    assert spec.data.image_size == 96 and spec.budget.images == 10_000_000
+    assert spec.data.image_size == 96 and spec.budget.images == 10_000_000 and spec.budget.warmup_fraction == 0.1
     assert any("budget" in text for text in spec.assumptions) and any("optimiser" in text for text in spec.assumptions)
     cpu = load_protocol("lightweight-ssl_cpu")
     assert len(cpu.grid.methods) * len(cpu.grid.archs) == 4
 
 
 def test_budget_schedule() -> None:
-    assert budget_schedule(64, 16, 32) == {"epochs": 2, "max_steps": None}  # 4 steps = 2 whole epochs
-    assert budget_schedule(100, 16, 32) == {"epochs": 4, "max_steps": 7}  # 7 steps, 2 per epoch
-    assert budget_schedule(10_000_000, 256, 100_000) == {"epochs": 101, "max_steps": 39063}
-    assert budget_schedule(10, 16, 8) == {"epochs": 1, "max_steps": None}  # fewer images than a batch: 1 step
+    assert budget_schedule(64, 16, 32) == {"epochs": 2, "max_steps": None, "warmup_epochs": 0.0}  # 4 steps, 2 epochs
+    assert budget_schedule(100, 16, 32) == {"epochs": 4, "max_steps": 7, "warmup_epochs": 0.0}  # 7 steps, 2 per epoch
+    # the full protocol: 39,063 steps of 390 per epoch; warm-up = 10% of the steps = 3,906.3 steps = 10.016 epochs
+    assert budget_schedule(10_000_000, 256, 100_000, 0.1) == {"epochs": 101, "max_steps": 39063,
+                                                              "warmup_epochs": 10.016154}
+    assert budget_schedule(10, 16, 8) == {"epochs": 1, "max_steps": None, "warmup_epochs": 0.0}  # 1 step
+
+
+def test_budget_keys_cannot_be_set_in_train(tmp_path: Path) -> None:
+    spec = find_protocol("lightweight-ssl").read_text().replace("  seed: 0\n", "  seed: 0\n  epochs: 200\n")
+    (tmp_path / "epochs.yaml").write_text(spec)
+    with pytest.raises(UsageError, match="epochs follow from budget"):
+        load_protocol(str(tmp_path / "epochs.yaml"))
 
 
 def test_plan_applies_overrides_and_budget(tmp_path: Path) -> None:
