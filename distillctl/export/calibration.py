@@ -94,6 +94,8 @@ def calibrate(
     with contextlib.redirect_stdout(io.StringIO()):
         calibrator = create_calibrator(Path(model_path), None, augmented_model_path=str(workdir / "augmented.onnx"),
                                        calibrate_method=calibrate_method, extra_options=options)
+        if method == "percentile":
+            calibrator.collector = narrow_range_safe_collector(calibrator)
         for start in range(0, len(images), batch_size):
             calibrator.collect_data(_OneBatch({input_name: images[start:start + batch_size]}))
         if method == "entropy":
@@ -106,6 +108,47 @@ def calibrate(
     data = {name: TensorData(lowest=np.asarray(low, dtype=np.float32), highest=np.asarray(high, dtype=np.float32))
             for name, (low, high) in ranges.items()}
     return TensorsData(calibrate_method, data)
+
+
+def narrow_range_safe_collector(calibrator):
+    """onnxruntime's histogram collector for ``calibrator``, safe for tensors whose values barely vary.
+
+    For percentile calibration onnxruntime histograms ``|x|`` over ``[min|x|, max|x|]`` in the data's
+    float32, and numpy raises ``ValueError: Too many bins for data range`` when that span is too
+    narrow for 2048 distinct float32 bin edges: e.g. squeeze-excitation gates whose sigmoid sits at
+    0.5 ± 5e-5 for every image (measured on EfficientNet-B0, which made ``--calib-method auto`` exit 1).
+    Such a tensor's first histogram is started here over ``[0, ~max|x|]`` instead (empty; onnxruntime
+    then adds the batch to it and merges later batches as usual); every other tensor is untouched.
+    """
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    class NarrowRangeSafeCollector(HistogramCollector):
+        def collect_absolute_value(self, name_to_arr):
+            for tensor, values in name_to_arr.items():
+                if tensor not in self.histogram_dict:
+                    seeded = _empty_absolute_histogram(np.asarray(values), self.num_bins)
+                    if seeded is not None:
+                        self.histogram_dict[tensor] = seeded
+            return super().collect_absolute_value(name_to_arr)
+
+    return NarrowRangeSafeCollector(method=calibrator.method, symmetric=calibrator.symmetric,
+                                    num_bins=calibrator.num_bins, num_quantized_bins=calibrator.num_quantized_bins,
+                                    percentile=calibrator.percentile, scenario=calibrator.scenario)
+
+
+def _empty_absolute_histogram(values: np.ndarray, bins: int) -> tuple | None:
+    """``(zero counts, edges over [0, max|x|], min, max)`` when numpy could not bin ``|values|`` itself, else None."""
+    magnitudes = np.abs(values.astype(np.float32, copy=False).ravel())
+    if magnitudes.size == 0:
+        return None
+    low, high = float(np.nanmin(magnitudes)), float(np.nanmax(magnitudes))
+    if not high > low or np.all(np.diff(np.linspace(low, high, bins + 1, dtype=np.float32)) > 0):
+        return None  # constant (numpy widens it) or wide enough: onnxruntime's own histogram
+    # One bin past max|x|, so that onnxruntime's percentile (the left edge of the bin the percentile falls
+    # in) lands on max|x| rather than a bin below the values (which would invert the range).
+    edges = np.linspace(0.0, high * bins / (bins - 1), bins + 1, dtype=np.float32)
+    flat = values.ravel()
+    return (np.zeros(bins, dtype=np.int64), edges, np.nanmin(flat), np.nanmax(flat))
 
 
 EMBEDDING_PATH_OPS = ("ReduceMean", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Squeeze", "Identity")

@@ -184,3 +184,53 @@ def test_entropy_keeps_the_embedding_and_relu6_ranges(tiny, tmp_path: Path) -> N
     for name in protected & set(entropy):
         assert entropy[name] == pytest.approx(minmax[name], rel=1e-6), name
     assert entropy["input"][1] < minmax["input"][1] / 3  # unprotected tensors are still clipped
+
+
+class NarrowGateNet(torch.nn.Module):
+    """A squeeze-excitation gate whose sigmoid stays at 0.5 ± ~1e-6 for every image (tiny gate weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = torch.nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            self.gate.weight.mul_(1e-5)
+            self.gate.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        return (x * torch.sigmoid(self.gate(x.mean(dim=(2, 3), keepdim=True)))).mean(dim=(2, 3))
+
+
+def test_percentile_calibrates_a_gate_whose_values_barely_vary(tmp_path: Path) -> None:
+    """onnxruntime's percentile histogram raised 'Too many bins for data range' on such a tensor (EfficientNet-B0)."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    from distillctl.export.calibration import _empty_absolute_histogram, _OneBatch, ort_method
+    from distillctl.export.parity import check_parity, ort_runner
+
+    torch.manual_seed(0)
+    model = NarrowGateNet().eval()
+    path = export_onnx(model, tmp_path / "gate.onnx", SIZE)
+    prepared = _prepared(path, tmp_path)
+    images = _images(13)
+    gate = next(n.output[0] for n in onnx.load(str(prepared)).graph.node if n.op_type == "Sigmoid")
+    # the unpatched collector fails on this graph ...
+    plain = create_calibrator(prepared, None, augmented_model_path=str(tmp_path / "aug.onnx"),
+                              calibrate_method=ort_method("percentile"), extra_options={"num_bins": 2048})
+    with pytest.raises(ValueError, match="Too many bins"):
+        plain.collect_data(_OneBatch({"input": images[:4]}))
+    # ... ours calibrates it (ragged batches too) to a range around 0.5, and the INT8 file keeps its parity
+    ranges = ranges_of(calibrate(prepared, images, "percentile", tmp_path, batch_size=4))
+    low, high = ranges[gate]
+    assert np.isfinite(low) and 0.4999 < low <= 0.5 <= high < 0.5001  # the gate's own values, not inverted
+    info = quantize_int8(path, tmp_path / "gate.int8.onnx", images, method="percentile", form="qdq-u8s8")
+    assert check_parity(model, ort_runner(info.path), images, precision="int8").mean_cosine > 0.99
+    # tensors with room for 2048 bins (and constant ones) are left to onnxruntime's own histogram
+    assert _empty_absolute_histogram(np.linspace(-1.0, 3.0, 100, dtype=np.float32), 2048) is None
+    assert _empty_absolute_histogram(np.full(10, 0.5, dtype=np.float32), 2048) is None
+    counts, edges, lowest, highest = _empty_absolute_histogram(np.float32(0.5) + np.linspace(0, 2e-6, 50,
+                                                                                               dtype=np.float32), 2048)
+    assert counts.sum() == 0 and len(edges) == 2049 and edges[0] == 0 and np.all(np.diff(edges) > 0)
+    assert edges[-2] == pytest.approx(0.500002, abs=1e-7)  # the last bin starts at max|x|
+    assert lowest == np.float32(0.5) and highest == pytest.approx(0.500002)
