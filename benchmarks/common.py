@@ -129,22 +129,68 @@ def make_subset(split: str, per_class: int, name: str, seed: int = 0) -> Path:
     return out
 
 
+def arch_parts(spec: str) -> tuple[str, dict]:
+    """``vit_tiny_patch16_224(patch_size=8)`` → (timm name, constructor keywords): the ``--teacher-arch`` syntax of
+    distillctl, so a benchmark student or teacher is named the same way everywhere."""
+    from distillctl.teachers.archs import parse_arch
+
+    parsed = parse_arch(spec)
+    return parsed.name, dict(parsed.kwargs)
+
+
+def arch_tag(spec: str) -> str:
+    """A path-safe name of an architecture spec: ``vit_tiny_patch16_224-patch_size8`` (a plain name stays as it is)."""
+    name, kwargs = arch_parts(spec) if "(" in spec else (spec, {})
+    return name + "".join(f"-{key}{value}" for key, value in sorted(kwargs.items()))
+
+
+def split_specs(text: str) -> list[str]:
+    """Comma-separated architecture specs, commas inside a spec's parentheses kept:
+    ``mobilenetv2_100,vit_tiny_patch16_224(patch_size=8, depth=2)`` → two specs."""
+    specs, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            specs.append(current.strip())
+            current = ""
+        else:
+            current += char
+    specs.append(current.strip())
+    return [spec for spec in specs if spec]
+
+
+def student_sets(spec: str) -> list[str]:
+    """``--set student.kwargs.KEY=VALUE`` arguments for the constructor keywords of ``spec`` (none for a plain name)."""
+    if "(" not in spec:
+        return []
+    return [item for key, value in sorted(arch_parts(spec)[1].items())
+            for item in ("--set", f"student.kwargs.{key}={value}")]
+
+
 def random_student(student: str, image_size: int, seed: int, pre: dict) -> Path:
     """The random-init reference student (the floor every method must beat), saved once as a student folder that
-    ``distillctl eval`` reads: ``work/quality/reference/random-<student>``; seeded, so every machine makes the same."""
-    out = WORK / "quality" / "reference" / f"random-{student}"
+    ``distillctl eval`` reads: ``work/quality/reference/random-<student>``; seeded, so every machine makes the same.
+    ``student`` may carry constructor keywords (``vit_tiny_patch16_224(patch_size=8)``), recorded as the runs do.
+    The input size is part of the student (its config, a ViT's grid): sizes other than the protocol's 64 px get their
+    own folder (``random-<student>-32px``), so a --quick run never evaluates the 64 px one."""
+    suffix = "" if int(image_size) == 64 else f"-{int(image_size)}px"
+    out = WORK / "quality" / "reference" / f"random-{arch_tag(student)}{suffix}"
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
     import torch
     from safetensors.torch import save_file
 
+    from distillctl.resolution import student_model_kwargs
     from distillctl.students import StudentConfig, create_backbone, feature_dim
 
+    name, extra = arch_parts(student) if "(" in student else (student, {})
+    model_kwargs = student_model_kwargs(name, image_size, extra=extra) if extra else None
     torch.manual_seed(seed)
-    model = create_backbone(student, img_size=image_size)
+    model = create_backbone(name, img_size=image_size, model_kwargs=model_kwargs)
     out.mkdir(parents=True, exist_ok=True)
-    config = StudentConfig(arch=student, num_features=feature_dim(model), input_size=[3, image_size, image_size],
-                           mean=pre["mean"], std=pre["std"], teacher={}, method="random-init")
+    config = StudentConfig(arch=name, num_features=feature_dim(model), input_size=[3, image_size, image_size],
+                           mean=pre["mean"], std=pre["std"], teacher={}, method="random-init",
+                           model_kwargs=model_kwargs)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(config.to_json())
     return out
@@ -219,7 +265,7 @@ def display_command(args: list[str]) -> str:
 
 
 def _quote(arg: str) -> str:
-    return f"'{arg}'" if any(c in arg for c in " []*?") else arg
+    return f"'{arg}'" if any(c in arg for c in " []*?()") else arg
 
 
 def registered_methods() -> list[dict]:

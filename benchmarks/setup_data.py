@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (PROTOCOL_SUBSETS, SHARED, TARBALL, TEACHER, WORK, BenchError, log, protocol_subset,  # noqa: E402
-                    random_student, rel, require_shared, subset_ready, teacher_preprocess)
+                    random_student, rel, require_shared, split_specs, subset_ready, teacher_preprocess)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,8 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subsets", default=",".join(PROTOCOL_SUBSETS),
                         help=f"Comma-separated subsets to build (default: all of {', '.join(PROTOCOL_SUBSETS)}).")
     parser.add_argument("--random-students", default="mobilenetv2_100",
-                        help="Random-init reference students to save (comma-separated timm names, 'none'; default "
-                             "mobilenetv2_100): the floor rows' `distillctl eval` commands read them.")
+                        help="Random-init reference students to save (comma-separated timm names, with constructor "
+                             "keywords as in vit_tiny_patch16_224(patch_size=8); 'none'; default mobilenetv2_100): the "
+                             "floor rows' `distillctl eval` commands read them.")
     parser.add_argument("--image-size", type=int, default=64, help="Input size of those students (default 64).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of those students (default 0).")
     parser.add_argument("--check", action="store_true", help="Build nothing: say which subsets are ready (exit 1 if any "
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         already = subset_ready(name)
         path = protocol_subset(name)
         log(f"{name}: {'already there' if already else 'built'}: {rel(path)} ({per_class} {split} images per class)")
-    students = [s.strip() for s in args.random_students.split(",") if s.strip() and s.strip() != "none"]
+    students = [s for s in split_specs(args.random_students) if s != "none"]
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # distillctl from this checkout
     for student in students:
         log(f"random-init {student}: {rel(random_student(student, args.image_size, args.seed, teacher_preprocess()))}")
