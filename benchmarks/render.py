@@ -255,14 +255,18 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                    f"{budget:,}): " + "; ".join(f"{m} at {', '.join(f'{b:,}' for b in points[m])}" for m in top3)
                    + (" — every one reaches the target." if all(points[m][-1] >= CURVE_TARGET for m in top3) else
                       f" — {', '.join(m for m in top3 if points[m][-1] < CURVE_TARGET)} not yet at {CURVE_TARGET:,}."))
-    header = ["row", "kind", "teacher", "images seen", "lr", "kNN top-1 %", "linear top-1 %", "kNN student/teacher",
+    # the dense-probe columns appear once a cell has one (`quality.py --dense`)
+    with_dense = any((r.get("dense") or {}) for r in q.get("rows", {}).values())
+    dn = (lambda r: dense_cols(r)) if with_dense else (lambda r: [])  # noqa: E731
+    header = ["row", "kind", "teacher", "images seen", "lr", "kNN top-1 %", "linear top-1 %",
+              *(["dense mIoU %", "dense pixel acc %"] if with_dense else []), "kNN student/teacher",
               "kNN gain vs best SSL-only (pts)", "train wall s", "img/s", "teacher mode"]
     rows = []
     rows.append([f"teacher ResNet-18 (supervised, {cfg['teacher']['file']})", "teacher", "–", "–", "–", pct(teacher),
-                 pct(facts["teacher_linear"]), "1.00", "–", "–", "–", "–"])
+                 pct(facts["teacher_linear"]), *dn(None), "1.00", "–", "–", "–", "–"])
     rnd = facts["random"]
     rows.append([f"random-init {cfg['students']}", "floor", "–", "0", "–", pct(rnd.get("knn_top1")),
-                 pct(rnd.get("linear_top1")), num(rnd["knn_top1"] / teacher, 2) if teacher and rnd.get("knn_top1") else "–",
+                 pct(rnd.get("linear_top1")), *dn(None), num(rnd["knn_top1"] / teacher, 2) if teacher and rnd.get("knn_top1") else "–",
                  num(rnd["knn_top1"] - best_ssl["knn_top1"], 1) if best_ssl and rnd.get("knn_top1") else "–",
                  "–", "–", "–"])
     all_rows = sorted(q.get("rows", {}).values(), key=lambda r: (r["teacher"] != "sup" and r["teacher"] is not None,
@@ -272,7 +276,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
         teacher_knn = teacher if r["teacher"] == "sup" else (q.get("reference", {}).get("ssl_teacher") or {}).get("knn_top1")
         if r.get("status") != "done":
             rows.append([f"{label(r)} ({r['status']})", r["kind"], r["teacher"] or "–", f"{r['budget']:,}", "–",
-                         "–", "–", "–", "–", "–", "–", (r.get("error") or "")[:80].replace("|", "/")])
+                         "–", "–", *dn(None), "–", "–", "–", "–", (r.get("error") or "")[:80].replace("|", "/")])
             continue
         ratio = r["knn_top1"] / teacher_knn if teacher_knn and r["kind"] == "distill" else None
         gain = None
@@ -282,7 +286,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             gain = r["knn_top1"] - same[0]["knn_top1"]
         rows.append([label(r), r["kind"], {"sup": "ResNet-18 sup.", "ssl": "ResNet-18 SSL"}.get(r["teacher"], "–"),
                      f"{r['budget']:,}", num(cell_lr(r), 4).rstrip("0").rstrip(".") if cell_lr(r) else "–",
-                     pct(r["knn_top1"]), pct(r.get("linear_top1")), num(ratio, 2) if ratio else "–",
+                     pct(r["knn_top1"]), pct(r.get("linear_top1")), *dn(r), num(ratio, 2) if ratio else "–",
                      (f"{gain:+.1f}" if gain is not None else "–"),
                      ("≈" if r.get("train_wall_estimated") else "") + num(r.get("train_wall_s"), 0),
                      num(r.get("images_per_sec"), 0), r.get("teacher_mode") or "none"])
@@ -292,13 +296,13 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             continue
         why = ("not run: needs two or more teachers; the suite has one" if m.get("teachers") == "2+"
                else "not run: the suite was stopped before this cell")
-        rows.append([m["name"], m["kind"], "–", f"{budget:,}", "–", "–", "–", "–", "–", "–", "–", why])
+        rows.append([m["name"], m["kind"], "–", f"{budget:,}", "–", "–", "–", *dn(None), "–", "–", "–", "–", why])
     ssl_teacher = q.get("reference", {}).get("ssl_teacher")
     if ssl_teacher:
         rows.append([f"SSL teacher: `distillctl pretrain --method {ssl_teacher['method']} --arch {ssl_teacher['student']}`",
                      "teacher", "–", f"{ssl_teacher['budget']:,}", num(cell_lr(ssl_teacher), 4).rstrip("0").rstrip(".")
                      if cell_lr(ssl_teacher) else "–", pct(ssl_teacher.get("knn_top1")),
-                     pct(ssl_teacher.get("linear_top1")), "–", "–", num(ssl_teacher.get("train_wall_s"), 0),
+                     pct(ssl_teacher.get("linear_top1")), *dn(ssl_teacher), "–", "–", num(ssl_teacher.get("train_wall_s"), 0),
                      num(ssl_teacher.get("images_per_sec"), 0), "none"])
     out += ["", table(header, rows), ""]
     out.append("\"gain vs best SSL-only\" compares with the best SSL-only student (`distillctl pretrain`) trained for "
@@ -345,6 +349,134 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             out.append(rnd[key])
     out += ["```", "", "</details>", ""]
     return "\n".join(out), facts
+
+
+# --- dense features (issue 14) ----------------------------------------------------------------------
+
+DENSE_RESULTS = "quality_dense.json"
+
+
+def dense_cols(row: dict | None) -> list[str]:
+    """The dense-probe columns of a row: mIoU %, pixel accuracy % ("failed" where the probe failed, – where none ran)."""
+    dense = (row or {}).get("dense") or {}
+    if dense.get("error"):
+        return ["failed", "failed"]
+    return [pct(dense.get("miou")), pct(dense.get("pixel_accuracy"))]
+
+
+def dense_task(cfg: dict) -> str:
+    """How the dense probe's task is built and scored (enough to reproduce it without reading the code)."""
+    probe = cfg.get("dense_probe") or {}
+    size = cfg.get("image_size", 64)
+    return (f"**Dense task** (`distillctl eval dense`, task `mosaic-2x2`, distillctl/eval/dense.py): each image is "
+            f"reduced to its centre view at {size} px (crop_pct 1.0, the kNN transform); four views are tiled 2×2 into a "
+            f"{2 * size} × {2 * size} mosaic and every pixel is labelled with the class of its quadrant. Images come from "
+            f"seeded permutations of the split (seed {cfg.get('seed', 0)} for train, seed + 1 for test): "
+            f"{probe.get('mosaics', 1000):,} train mosaics from `{cfg['data']['train']}`, {probe.get('val_mosaics', 500):,} "
+            f"test mosaics from `{cfg['data']['test']}`. Features: the frozen last-stage map of the mosaic (CNN: "
+            "`forward_features`; ViT: patch tokens after the final norm on their grid, CLS dropped, position embeddings "
+            "resampled once for the mosaic size), standardised per channel. Probe: one linear layer shared by all "
+            "locations (a 1×1 convolution) on one label per feature cell (the quadrant holding the cell's centre), SGD "
+            f"with momentum 0.9, cosine schedule, {probe.get('epochs', 20)} epochs, lr ∈ {{0.01, 0.1, 1}} × weight decay "
+            "∈ {0, 1e-4, 1e-3} chosen on the last 10% of the train mosaics, then retrained on all of them. Scores: test "
+            "logits upsampled bilinearly to the mosaic's pixels; pixel accuracy and mIoU (mean over classes with a "
+            "non-empty union). A map of g × g cells can only place quadrant borders at its cell edges, so the grid "
+            "(column \"grid\") bounds what a probe can reach at the borders.")
+
+
+def _teacher_label(row: dict, cfg: dict) -> str:
+    if row.get("teacher") == "sup":
+        return "ResNet-18 sup."
+    if row.get("teacher") == "vit":
+        method, _, rest = (cfg.get("vit_teacher") or "").partition(":")
+        return f"ViT teacher ({method})"
+    return "–"
+
+
+def _grid(row: dict | None) -> str:
+    grid = ((row or {}).get("dense") or {}).get("feature_grid")
+    return f"{grid[0]}×{grid[1]}" if grid else "–"
+
+
+def dense_section(d: dict | None) -> str:
+    """The issue-14 table: ViT and dense-distillation cells with kNN, linear and the dense probe, beside the
+    teacher(s), the random-init students and the best global method."""
+    title = "## Dense features: ViT students and dense distillation (issue 14)"
+    if not d:
+        return (f"{title}\n\nNo results yet: run `{SETUP_COMMAND}` and then `python benchmarks/quality.py --suite dense` "
+                "(resumable; `--dry-run` prints every command with a time estimate).\n")
+    cfg, ref = d["config"], d.get("reference") or {}
+    out = [title, "", f"CIFAR-10 protocol of the table above: `{cfg['data']['train']}` ({cfg['train_images']:,} images) "
+                      f"for training, kNN bank and probes, `{cfg['data']['test']}` ({cfg['test_images']:,}) for scores, "
+                      f"{cfg['image_size']} px, batch {cfg['batch_size']}, seed {cfg['seed']}, "
+                      f"{cfg['budget_images']:,} images seen per distillation cell. CNN student `{cfg.get('cnn_student')}`; "
+                      f"ViT student `{cfg.get('vit_student')}` (AdamW, lr {cfg.get('vit_lr')}, weight decay 0.05); ViT "
+                      f"teacher pretrained here: `{cfg.get('vit_teacher')}` (METHOD:ARCH:IMAGES, same optimizer). "
+                      "kNN and linear as in the table above.", "", dense_task(cfg), ""]
+    header = ["row", "student", "teacher", "images seen", "kNN top-1 %", "linear top-1 %", "dense mIoU %",
+              "dense pixel acc %", "grid", "train wall s", "img/s"]
+    rows = []
+    teacher = ref.get("teacher") or {}
+    rows.append([f"teacher ResNet-18 (supervised, {cfg['teacher']['file']})", "–", "–", "–", pct(teacher.get("knn_top1")),
+                 pct(teacher.get("linear_top1")), *dense_cols(teacher), _grid(teacher), "–", "–"])
+    vit = ref.get("vit_teacher")
+    if vit:
+        rows.append([f"ViT teacher: `distillctl pretrain --method {vit['method']}`", f"`{vit['student']}`", "–",
+                     f"{vit['budget']:,}", pct(vit.get("knn_top1")), pct(vit.get("linear_top1")), *dense_cols(vit),
+                     _grid(vit), num(vit.get("train_wall_s"), 0), num(vit.get("images_per_sec"), 0)])
+    elif ref.get("vit_teacher_error"):
+        rows.append(["ViT teacher (failed)", "–", "–", "–", "–", "–", "–", "–", "–", "–",
+                     ref["vit_teacher_error"][:80].replace("|", "/")])
+    for name, row in sorted(ref.items()):
+        if name.startswith("random:"):
+            rows.append([f"random-init `{name.split(':', 1)[1]}`", "floor", "–", "0", pct(row.get("knn_top1")),
+                         pct(row.get("linear_top1")), *dense_cols(row), _grid(row), "–", "–"])
+    cells = sorted(d.get("rows", {}).values(), key=lambda r: (r["student"] != cfg.get("cnn_student"), r["teacher"] != "sup",
+                                                              -((r.get("dense") or {}).get("miou") or -1)))
+    for r in cells:
+        student = f"`{r['student']}`"
+        if r.get("status") != "done":
+            rows.append([f"{label(r)} ({r.get('status')})", student, _teacher_label(r, cfg), f"{r['budget']:,}", "–", "–",
+                         "–", "–", "–", "–", (r.get("error") or "")[:80].replace("|", "/")])
+            continue
+        rows.append([label(r) + (" (best global method)" if r.get("role") == "reference" else ""), student,
+                     _teacher_label(r, cfg), f"{r['budget']:,}", pct(r.get("knn_top1")), pct(r.get("linear_top1")),
+                     *dense_cols(r), _grid(r), ("≈" if r.get("train_wall_estimated") else "") + num(r.get("train_wall_s"), 0),
+                     num(r.get("images_per_sec"), 0)])
+    out += [table(header, rows), ""]
+    failed = [r for r in cells if ((r.get("dense") or {}).get("error"))]
+    for r in failed:
+        out.append(f"- dense probe of {label(r)} failed: {r['dense']['error']}")
+    out += [f"Suite running time: {num(suite_minutes(d), 1)} min summed over its invocations.", "",
+            "<details><summary>Exact commands (dense features)</summary>", "",
+            f"Set-up as above (`{SETUP_COMMAND}`), and `{cfg.get('setup_command') or SETUP_COMMAND}` (the random-init "
+            "students the reference rows evaluate). The suite command runs everything below in this order (resumable; "
+            "finished cells and probes are kept); the ViT teacher's `distillctl pretrain` line makes the teacher file "
+            "that the ViT-teacher cells read, and every cell's `distillctl eval dense` line reads that cell's run "
+            "directory.", "", "```", d.get("command", "")]
+    commands = []
+    for r in [r for r in cells if r["teacher"] == "sup"] + ([vit] if vit else []) + [r for r in cells if r["teacher"] == "vit"]:
+        commands += [reproducible_command(r.get("command") or ""), (r.get("dense") or {}).get("command")]
+    for name, row in sorted(ref.items()):
+        if isinstance(row, dict) and (name == "teacher" or name.startswith("random:")):
+            commands += [row.get("knn_command"), row.get("linear_command"), (row.get("dense") or {}).get("command")]
+    out += [c for c in commands if c] + ["```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+def dense_note(d: dict | None) -> str | None:
+    """One closing-note line: the dense probe of each cell against the random-init student of its family."""
+    if not d:
+        return None
+    done = [r for r in (d.get("rows") or {}).values() if r.get("status") == "done" and (r.get("dense") or {}).get("miou") is not None]
+    if not done:
+        return None
+    floors = {k.split(":", 1)[1]: v.get("dense", {}).get("miou") for k, v in (d.get("reference") or {}).items()
+              if k.startswith("random:") and isinstance(v, dict) and v.get("dense")}
+    parts = [f"{label(r)} on {r['student']} {r['dense']['miou']:.1f}"
+             + (f" (random-init {floors[r['student']]:.1f})" if floors.get(r["student"]) is not None else "")
+             for r in sorted(done, key=lambda r: -r["dense"]["miou"])]
+    return f"- Dense probe mIoU % (mosaic-2x2, {d['config']['budget_images']:,} images per cell): " + "; ".join(parts) + "."
 
 
 # --- "Which method?": package data for `distillctl methods list` and the README section -------------------
@@ -674,7 +806,7 @@ def gpu_section(g: dict | None) -> str:
     return "\n".join(out)
 
 
-def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None) -> str:
+def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None, dense: dict | None = None) -> str:
     out = ["## Closing note", ""]
     if qf.get("best"):
         best = qf["best"]
@@ -710,6 +842,8 @@ def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None) -> str:
                        f"{med(int8.get('speedup_vs_onnx_fp32'), 2)}× vs ONNX fp32.")
     if ef.get("int8"):
         out.append(f"- INT8 kNN accuracy delta: {num(-ef['int8'].get('drop', 0), 2)} points.")
+    if dense_note(dense):
+        out.append(dense_note(dense))
     if q:
         out.append(f"- Quality suite running time: {num(suite_minutes(q), 1)} min summed over its invocations "
                    f"(calendar span {num(calendar_minutes(q), 1)} min, pauses included).")
@@ -749,10 +883,11 @@ def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path 
            readme: Path | None = None) -> str:
     q, s, e = load(results, "quality.json"), load(results, "speed.json"), load(results, "export.json")
     for extra in sorted(results.glob("quality_*.json")):  # cells run as separate processes (not --quick)
-        if extra.name != "quality_quick.json":
+        if extra.name != "quality_quick.json" and not extra.name.startswith("quality_dense"):
             q = merge_quality(q, load(results, extra.name))
     cache_bench = load(results, "cache_bench_cifar10.json") or load(results, "cache_bench.json")
     gpu = load(results, "gpu_check.json")
+    dense = load(results, DENSE_RESULTS)
     plots = []
     if plots_enabled and q and plot_quality(q, out.parent / "quality_budget.png"):
         plots.append("curve")
@@ -765,7 +900,8 @@ def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path 
         "# distillctl benchmark results", "",
         "Generated by `python benchmarks/render.py` from `benchmarks/results/*.json` (made by `make bench` / "
         "`python benchmarks/run_all.py`). Do not edit by hand.", "",
-        summary_section(qf, sf, ef, q), machine_section(q, s, e), quality_md, speed_md, export_md, gpu_section(gpu),
+        summary_section(qf, sf, ef, q, dense), machine_section(q, s, e), quality_md, dense_section(dense), speed_md,
+        export_md, gpu_section(gpu),
     ])
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text)
