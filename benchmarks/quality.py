@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's distillctl (random students, specs)
 
-from common import (RESULTS, TEACHER, WORK, BenchError, display_command, distillctl, log, machine_info,  # noqa: E402
-                    protocol_subset, random_student, read_json, rel, registered_methods, require_shared, standard_data, subset_path,
-                    teacher_preprocess, write_json)
+from common import (RESULTS, TEACHER, WORK, BenchError, arch_parts, arch_tag, display_command, distillctl,  # noqa: E402
+                    log, machine_info, protocol_subset, random_student, read_json, rel, registered_methods,
+                    require_shared, split_specs, standard_data, student_sets, subset_path, teacher_preprocess, write_json)
 
 
 # Guards ``result``: cell workers record rows and the heartbeat thread writes it (a dict changing size while
@@ -45,18 +46,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog="Example: python benchmarks/quality.py --budget-images 120000 --curve\n"
                                             "Smoke:   python benchmarks/quality.py --quick",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-images", type=int, default=120_000, help="Images seen per cell (default 120000).")
+    parser.add_argument("--budget-images", type=int, default=None,
+                        help="Images seen per cell (default 120000; --suite dense: 30000; --quick: 256).")
     parser.add_argument("--extra", action="append", default=[], metavar="METHOD=IMAGES",
                         help="An extra cell for METHOD at another budget (repeatable; any registered method, also one left "
                              "out of --methods), e.g. --extra simreg=30000.")
-    parser.add_argument("--batch-size", type=int, default=64, help="Global batch for every cell (default 64).")
+    parser.add_argument("--batch-size", type=int, default=None, help="Global batch for every cell (default 64; --quick: 32).")
     parser.add_argument("--methods", default="all",
                         help="Comma-separated distillation methods, 'all' (every registered one) or 'none'.")
     parser.add_argument("--ssl-methods", default="all", help="SSL-only baselines: comma-separated, 'all' or 'none'.")
     parser.add_argument("--students", default="mobilenetv2_100",
                         help="Comma-separated timm students (e.g. mobilenetv2_100,mobilenetv3_small_100).")
-    parser.add_argument("--image-size", type=int, default=64, help="Input resolution (default 64).")
-    parser.add_argument("--cache-views", type=int, default=4, help="Stored views per image in the feature cache.")
+    parser.add_argument("--image-size", type=int, default=None, help="Input resolution (default 64; --quick: 32).")
+    parser.add_argument("--cache-views", type=int, default=None,
+                        help="Stored views per image in the feature cache (default 4; --quick: 2).")
     parser.add_argument("--seed", type=int, default=0, help="Run seed of every cell.")
     parser.add_argument("--no-linear", action="store_true", help="Skip the linear probe (kNN only).")
     parser.add_argument("--ssl-teacher", default="none", metavar="METHOD:ARCH:IMAGES",
@@ -72,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--curve-top", type=int, default=3, help="How many methods get a curve (default 3).")
     parser.add_argument("--curve-budgets", default="30000,120000,250000,500000", help="Images seen per curve point.")
     parser.add_argument("--quick", action="store_true",
-                        help="Tiny smoke configuration: 32 px, 1k/500-image subsets, 256 images, simreg + mocov2.")
+                        help="Tiny smoke configuration: 32 px, 1k/500-image subsets, 256 images, simreg + mocov2 (--suite "
+                             "dense: 2-block ViTs, a 256-image ViT teacher, 64/32 mosaics); flags given explicitly win.")
     parser.add_argument("--first", default="simreg,compress-1q,mocov2,seed",
                         help="Methods run first within a budget, in this order (the reference distiller first, "
                              "then the SSL-only baseline the gains are measured against).")
@@ -89,8 +93,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="auto", choices=("auto", "published"),
                         help="method.preset of every cell (auto: values sized for the protocol; published: the "
                              "papers' values; default auto).")
-    parser.add_argument("--out", default=None, help="Result JSON (default results/quality.json, quality_quick.json).")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="Result JSON (default results/quality.json, quality_quick.json; "
+                                                    "--suite dense: quality_dense.json, quality_dense_quick.json).")
+    dense = parser.add_argument_group("dense features (issue 14)", DENSE_HELP)
+    dense.add_argument("--suite", default="table", choices=("table", "dense"),
+                       help="table: every registered method on one student (default); dense: the ViT and dense-"
+                            "distillation cells, each with kNN, linear and the dense probe.")
+    dense.add_argument("--dense", action="store_true",
+                       help="Also run the dense probe (distillctl eval dense) on every cell (implied by --suite dense).")
+    dense.add_argument("--dense-mosaics", type=int, default=None, help="Train mosaics of the dense probe (default 1000).")
+    dense.add_argument("--dense-val-mosaics", type=int, default=None, help="Evaluation mosaics (default 500).")
+    dense.add_argument("--dense-epochs", type=int, default=None, help="SGD epochs of the dense probe (default 20).")
+    dense.add_argument("--vit-student", default=None, metavar="ARCH",
+                       help=f"ViT student of the dense suite (default {DENSE_DEFAULTS['vit_student']}).")
+    dense.add_argument("--vit-teacher", default=None, metavar="METHOD:ARCH:IMAGES",
+                       help=f"ViT teacher pretrained by the dense suite (default {DENSE_DEFAULTS['vit_teacher']}).")
+    dense.add_argument("--vit-global-method", default="compress-1q",
+                       help="Method distilling the CNN teacher into the ViT student (default compress-1q).")
+    dense.add_argument("--vit-teacher-methods", default="attndistill,mae-lite",
+                       help="Methods distilled from the ViT teacher into the ViT student (default attndistill,mae-lite).")
+    dense.add_argument("--dense-methods", default="pcd,dense-reg",
+                       help="Dense methods on the CNN student (default pcd,dense-reg).")
+    dense.add_argument("--reference-method", default="compress-1q",
+                       help="The best global method on the CNN student, dense-probed beside them (its table cell is "
+                            "reused when finished; default compress-1q).")
+    dense.add_argument("--vit-lr", type=float, default=1e-3,
+                       help="AdamW lr of the ViT cells and of the ViT teacher (default 0.001; weight decay 0.05).")
+    return resolve_defaults(parser.parse_args(argv))
+
+
+# --- the dense suite's defaults and description ----------------------------------------------------
+
+DENSE_HELP = ("The dense probe is `distillctl eval dense` (task mosaic-2x2): four centre views of the test/train images "
+              "tiled 2x2, every pixel labelled with its quadrant's class, a 1x1 linear classifier on the frozen last-stage "
+              "map trained on the train mosaics, mIoU and pixel accuracy on the test mosaics.")
+DENSE_DEFAULTS = {"vit_student": "vit_tiny_patch16_224(patch_size=8)",
+                  "vit_teacher": "mae:vit_small_patch16_224(patch_size=8):50000",
+                  "dense_mosaics": 1000, "dense_val_mosaics": 500, "dense_epochs": 20}
+QUICK_DENSE = {"vit_student": "vit_tiny_patch16_224(patch_size=8, depth=1)",
+               "vit_teacher": "mae:vit_tiny_patch16_224(patch_size=8, depth=2, num_heads=6):256",
+               "dense_mosaics": 64, "dense_val_mosaics": 32, "dense_epochs": 3}
+# the ViT cells train with AdamW (the ViT recipes' optimizer; SGD at the CNN lr does not train them)
+VIT_TRAIN_SETS = ("train.optimizer=adamw", "train.weight_decay=0.05")
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset: --quick's smoke values or the full run's, per suite (explicit flags win)."""
+    quick = {"budget_images": 256, "batch_size": 32, "image_size": 32, "cache_views": 2, **QUICK_DENSE}
+    full = {"budget_images": 30_000 if args.suite == "dense" else 120_000, "batch_size": 64, "image_size": 64,
+            "cache_views": 4, **DENSE_DEFAULTS}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.dense = args.dense or args.suite == "dense"
+    return args
 
 
 # --- cells ---------------------------------------------------------------------------------------
@@ -128,7 +184,7 @@ def plan_cells(args: argparse.Namespace, methods: list[dict]) -> list[dict]:
     if unknown:
         raise BenchError(f"--extra names unknown method(s) {', '.join(unknown)}")
     cells = []
-    for student in [s.strip() for s in args.students.split(",") if s.strip()]:
+    for student in split_specs(args.students):
         # --extra cells exist for any registered method, also one left out of --methods / --ssl-methods
         for name in distill_all:
             main = [args.budget_images] if name in distill else []
@@ -155,11 +211,13 @@ def cell_id(cell: dict) -> str:
     """``student/teacher/method-budget[-preset]``: cells run with ``--preset`` carry it, so they never reuse (or
     overwrite) a cell of another preset; cells from before method.preset have no suffix."""
     suffix = f"-{cell['preset']}" if cell.get("preset") else ""
-    return f"{cell['student']}/{cell['teacher'] or 'none'}/{cell['method']}-{cell['budget']}{suffix}"
+    teacher = cell.get("teacher_tag") or cell["teacher"] or "none"  # teacher_tag: which pretrained teacher
+    return f"{arch_tag(cell['student'])}/{teacher}/{cell['method']}-{cell['budget']}{suffix}"
 
 
 def cell_dir(cell: dict) -> Path:
-    return WORK / "quality" / cell_id(cell)
+    """The run directory of a cell (``dir`` when the cell names its own: teachers, reused table cells)."""
+    return Path(cell["dir"]) if cell.get("dir") else WORK / "quality" / cell_id(cell)
 
 
 def schedule(budget: int, batch: int, train_images: int) -> tuple[int, int]:
@@ -171,9 +229,11 @@ def schedule(budget: int, batch: int, train_images: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _student_dim(student: str) -> int:
+    """Embedding width of a student spec (``name`` or ``name(key=value, …)``)."""
     import timm
 
-    return int(timm.create_model(student, pretrained=False, num_classes=0).num_features)
+    name, kwargs = arch_parts(student)
+    return int(timm.create_model(name, pretrained=False, num_classes=0, **kwargs).num_features)
 
 
 def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, args: argparse.Namespace) -> Path:
@@ -201,7 +261,9 @@ def common_sets(args: argparse.Namespace, cell: dict, steps: int, pre: dict, fir
             "train.log_every=10", "train.checkpoint_every_minutes=5"]
     if not getattr(args, "no_channels_last", False):
         sets.append("train.channels_last=true")
-    return [item for s in sets for item in ("--set", s)]
+    sets += list(cell.get("sets") or ())  # the cell's own keys (the ViT cells' optimizer)
+    return [item for s in sets for item in ("--set", s)] + student_sets(cell["student"]) + \
+        (["--lr", f"{cell['lr']:g}"] if cell.get("lr") else [])
 
 
 def cell_command(cell: dict, args: argparse.Namespace, data: dict, pre: dict, teachers: dict, first: bool) -> list[str]:
@@ -209,12 +271,12 @@ def cell_command(cell: dict, args: argparse.Namespace, data: dict, pre: dict, te
     out = str(cell_dir(cell))
     sets = common_sets(args, cell, steps, pre, first)
     if cell["kind"] == "ssl":
-        return ["pretrain", "--method", cell["method"], "--arch", cell["student"], "--data", str(data["train"]),
+        return ["pretrain", "--method", cell["method"], "--arch", arch_parts(cell["student"])[0], "--data", str(data["train"]),
                 "--val-data", str(data["test"]), "--image-size", str(args.image_size), "--epochs", str(epochs),
                 "--batch-size", str(args.batch_size), "--out", out, *sets]
     teacher = teachers[cell["teacher"]]
     command = ["run", "--method", cell["method"], "--teacher", teacher["path"], "--teacher-arch", teacher["arch"],
-               "--student", cell["student"], "--data", str(data["train"]), "--val-data", str(data["test"]),
+               "--student", arch_parts(cell["student"])[0], "--data", str(data["train"]), "--val-data", str(data["test"]),
                "--image-size", str(args.image_size), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
                "--seed", str(args.seed), "--cache-views", str(args.cache_views), "--out", out, *sets]
     mode = teacher["modes"].get(cell["method"], "")
@@ -299,36 +361,73 @@ def teacher_modes() -> dict[str, str]:
     return {m["name"]: m["teacher_mode"] for m in registered_methods()}
 
 
-def ssl_teacher_dir(args) -> Path:
-    """Where ``--ssl-teacher METHOD:ARCH:IMAGES`` is pretrained (one folder per preset)."""
-    method, arch, images = args.ssl_teacher.split(":")
-    return WORK / "quality" / "ssl-teacher" / f"{method}-{arch}-{images}-{args.preset}"
+def split_teacher_spec(spec: str) -> tuple[str, str, int]:
+    """``METHOD:ARCH:IMAGES`` → (method, arch spec, images); the arch may carry keywords (``vit_small_patch16_224(
+    patch_size=8)``)."""
+    method, _, rest = spec.partition(":")
+    arch, _, images = rest.rpartition(":")
+    if not method or not arch or not images.isdigit():
+        raise BenchError(f"teacher spec '{spec}' is not METHOD:ARCH:IMAGES (e.g. mocov2:resnet18:60000)")
+    return method, arch, int(images)
 
 
-def ssl_teacher(args, data, pre, log_path: Path) -> dict:
-    """Pretrain the SSL teacher with ``distillctl pretrain`` (resumable like any cell)."""
-    method, arch, images = args.ssl_teacher.split(":")
-    cell = {"kind": "ssl-teacher", "method": method, "teacher": None, "student": arch, "budget": int(images),
-            "preset": args.preset}
+def ssl_teacher_dir(args, spec: str | None = None) -> Path:
+    """Where ``--ssl-teacher`` (or another ``METHOD:ARCH:IMAGES`` spec) is pretrained (one folder per preset)."""
+    method, arch, images = split_teacher_spec(spec or args.ssl_teacher)
+    return WORK / "quality" / "ssl-teacher" / f"{method}-{arch_tag(arch)}-{images}-{args.preset}"
+
+
+def teacher_cell(args, spec: str) -> dict:
+    """The ``distillctl pretrain`` cell that makes a teacher; ViT teachers train with AdamW at ``--vit-lr``."""
+    method, arch, images = split_teacher_spec(spec)
+    cell = {"kind": "ssl-teacher", "method": method, "teacher": None, "student": arch, "budget": images,
+            "preset": args.preset, "dir": str(ssl_teacher_dir(args, spec))}
+    if is_vit(arch):
+        cell.update(sets=list(VIT_TRAIN_SETS), lr=args.vit_lr)
+    return cell
+
+
+def is_vit(arch: str) -> bool:
+    """A patch-based student or teacher (trained with the ViT settings)."""
+    name = arch_parts(arch)[0]
+    return any(name.startswith(prefix) for prefix in ("vit_", "deit", "eva", "test_vit"))
+
+
+def teacher_entry(args, spec: str) -> dict:
+    """How the distillation cells name a pretrained teacher: its file, ``--teacher-arch`` with the constructor
+    keywords the pretrain run recorded (a ViT's img_size and patch_size), embedding width and cache key."""
+    from distillctl.resolution import student_model_kwargs
+
+    method, arch, images = split_teacher_spec(spec)
+    name, extra = arch_parts(arch)
+    kwargs = student_model_kwargs(name, args.image_size, extra=extra)
+    arch_arg = name + (f"({', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
+    return {"path": str(ssl_teacher_dir(args, spec) / "student" / "model.safetensors"), "arch": arch_arg,
+            "dim": _student_dim(arch), "key": f"ssl-{method}-{arch_tag(arch)}-{images}-{args.preset}"}
+
+
+def teacher_command(args, data, pre, spec: str) -> tuple[dict, list[str], int]:
+    cell = teacher_cell(args, spec)
     steps, epochs = schedule(cell["budget"], args.batch_size, data["train_images"])
-    out = ssl_teacher_dir(args)
-    sets = common_sets(args, cell, steps, pre, first=False)
-    command = ["pretrain", "--method", method, "--arch", arch, "--data", str(data["train"]), "--val-data",
-               str(data["test"]), "--image-size", str(args.image_size), "--epochs", str(epochs), "--batch-size",
-               str(args.batch_size), "--out", str(out), *sets]
-    summary = read_json(out / "summary.json")
+    command = ["pretrain", "--method", cell["method"], "--arch", arch_parts(cell["student"])[0], "--data",
+               str(data["train"]), "--val-data", str(data["test"]), "--image-size", str(args.image_size), "--epochs",
+               str(epochs), "--batch-size", str(args.batch_size), "--out", cell["dir"],
+               *common_sets(args, cell, steps, pre, first=False)]
+    return cell, command, steps
+
+
+def ssl_teacher(args, data, pre, log_path: Path, spec: str | None = None) -> dict:
+    """Pretrain the SSL teacher with ``distillctl pretrain`` (resumable like any cell)."""
+    spec = spec or args.ssl_teacher
+    cell, command, steps = teacher_command(args, data, pre, spec)
+    summary = read_json(Path(cell["dir"]) / "summary.json")
     done = summary and summary.get("train", {}).get("steps") == steps and summary["student"].get("knn_top1") is not None
     if not done and args.collect:
-        raise BenchError("SSL teacher not trained yet (--collect runs nothing)")
+        raise BenchError(f"teacher {spec} not trained yet (--collect runs nothing)")
     if not done:
-        log(f"SSL teacher: distillctl {display_command(command)}")
+        log(f"teacher {spec}: distillctl {display_command(command)}")
         summary = distillctl(command, log_path, threads=args.threads)
-    row = row_from_summary(cell, summary, command)
-    import timm
-
-    dim = timm.create_model(arch, pretrained=False, num_classes=0).num_features
-    return {"path": str(out / "student" / "model.safetensors"), "arch": arch, "dim": dim, "row": row,
-            "key": f"ssl-{method}-{arch}-{images}-{args.preset}"}
+    return {**teacher_entry(args, spec), "row": row_from_summary(cell, summary, command)}
 
 
 def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
@@ -350,7 +449,7 @@ def reference_rows(args, data, pre, log_path: Path, student: str) -> dict:
                                   "protocol": result["result"].get("protocol")}
     random_dir = random_student(student, args.image_size, args.seed, pre)
     for kind in ("knn",) + (() if args.no_linear else ("linear",)):
-        out = random_dir.parent / f"random-{student}-{kind}.json"
+        out = random_dir.parent / f"{random_dir.name}-{kind}.json"
         result = read_json(out)
         if result is None and args.collect:
             continue
@@ -391,61 +490,27 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     make = not args.dry_run  # a dry run prints the commands: it unpacks, builds and writes nothing
     if args.quick:
-        args.budget_images, args.batch_size, args.image_size, args.cache_views = 256, 32, 32, 2
         args.methods = "simreg" if args.methods == "all" else args.methods
         args.ssl_methods = "mocov2" if args.ssl_methods == "all" else args.ssl_methods
-        subsets = {key: (protocol_subset(name) if make else subset_path(name))
-                   for key, name in (("train", "train1k"), ("test", "test500"))}
-        data = {"train": rel(subsets["train"]), "test": rel(subsets["test"]), "train_images": 1000, "test_images": 500}
-    else:
-        data = {**standard_data(make), "train_images": 10_000, "test_images": 2_000}
-    out = Path(args.out) if args.out else RESULTS / ("quality_quick.json" if args.quick else "quality.json")
+    data = suite_data(args, make)
+    out = Path(args.out) if args.out else RESULTS / (f"{'quality_dense' if args.suite == 'dense' else 'quality'}"
+                                                     f"{'_quick' if args.quick else ''}.json")
     pre = teacher_preprocess()
     methods = registered_methods()
+    if args.suite == "dense":
+        return dense_main(args, argv, data, pre, methods, out, started)
     modes = {m["name"]: m["teacher_mode"] for m in methods}
     teachers = {"sup": {"path": str(TEACHER), "arch": pre["arch"], "dim": 512, "modes": modes}}
     cells = plan_cells(args, methods)
     log_path = WORK / "quality" / ("quick.log" if args.quick else "suite.log")
-    previous = read_json(out) or {}
-    result = {"benchmark": "quality", "argv": sys.argv[1:] if argv is None else argv,
-              "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "config": {"budget_images": args.budget_images, "extra_budgets": _budgets(args),
-                         "batch_size": args.batch_size, "image_size": args.image_size, "cache_views": args.cache_views,
-                         "seed": args.seed, "students": args.students, "linear": not args.no_linear,
-                         "train_images": data["train_images"], "test_images": data["test_images"],
-                         "data": {"train": Path(data["train"]).name, "test": Path(data["test"]).name},
-                         "teacher": {"file": TEACHER.name, **pre}, "ssl_teacher": args.ssl_teacher,
-                         "registered_methods": methods},
-              "machine": machine_info(), "started_utc": previous.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "rows": {}, "reference": previous.get("reference", {}), "curve": previous.get("curve", {})}
-    result["rows"] = {k: v for k, v in (previous.get("rows") or {}).items()}
-    if args.collect and previous.get("command"):  # the command that ran the cells, not this bookkeeping pass
-        result["command"], result["argv"] = previous["command"], previous.get("argv")
-        result["config"]["linear"] = previous.get("config", {}).get("linear", result["config"]["linear"])
-    base_elapsed = float(previous.get("elapsed_s") or 0)
+    result, base_elapsed = start_result(args, argv, data, pre, methods, out)
     if args.dry_run:
         if args.ssl_teacher != "none":
-            method, arch, images = args.ssl_teacher.split(":")
-            teachers["ssl"] = {"path": str(ssl_teacher_dir(args) / "student" / "model.safetensors"), "arch": arch,
-                               "dim": 512, "modes": modes, "key": f"ssl-{method}-{arch}-{images}-{args.preset}"}
+            teachers["ssl"] = {**teacher_entry(args, args.ssl_teacher), "modes": modes}
         for i, cell in enumerate(cells):
             print("distillctl " + display_command(cell_command(cell, args, data, pre, teachers, i == 0)))
         return 0
-    (WORK / "quality").mkdir(parents=True, exist_ok=True)
-
-    def save() -> None:
-        with RESULT_LOCK:
-            result["elapsed_s"] = round(base_elapsed + time.time() - started, 1)
-            result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            write_json(out, result)
-
-    def heartbeat() -> None:  # keeps elapsed_s current, so a suite killed mid-cell loses at most a minute of it
-        while True:
-            time.sleep(60)
-            save()
-
-    save()
-    threading.Thread(target=heartbeat, daemon=True, name="quality-heartbeat").start()
+    save = start_saving(result, out, base_elapsed, started)
     run_cells([c for c in cells if c["teacher"] != "ssl"], args, data, pre, teachers, result, log_path, save)
     try:
         reference = reference_rows(args, data, pre, log_path, cells[0]["student"] if cells else "mobilenetv2_100")
@@ -472,6 +537,59 @@ def main(argv: list[str] | None = None) -> int:
     save()
     log(f"quality suite done in {time.time() - started:.0f} s → {out}")
     return 0
+
+
+def suite_data(args: argparse.Namespace, make: bool) -> dict:
+    """The train/test subsets of the run (--quick: the 1k/500 ones), made unless ``make`` is false (a dry run)."""
+    if not args.quick:
+        return {**standard_data(make), "train_images": 10_000, "test_images": 2_000}
+    subsets = {key: (protocol_subset(name) if make else subset_path(name))
+               for key, name in (("train", "train1k"), ("test", "test500"))}
+    return {"train": rel(subsets["train"]), "test": rel(subsets["test"]), "train_images": 1000, "test_images": 500}
+
+
+def start_result(args, argv, data, pre, methods, out: Path) -> tuple[dict, float]:
+    """The result document (rows and references of an earlier invocation kept) and the time already spent."""
+    previous = read_json(out) or {}
+    result = {"benchmark": "quality", "suite": args.suite, "argv": sys.argv[1:] if argv is None else argv,
+              "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "config": {"budget_images": args.budget_images, "extra_budgets": _budgets(args),
+                         "batch_size": args.batch_size, "image_size": args.image_size, "cache_views": args.cache_views,
+                         "seed": args.seed, "students": args.students, "linear": not args.no_linear,
+                         "train_images": data["train_images"], "test_images": data["test_images"],
+                         "data": {"train": Path(data["train"]).name, "test": Path(data["test"]).name},
+                         "teacher": {"file": TEACHER.name, **pre}, "ssl_teacher": args.ssl_teacher,
+                         "registered_methods": methods},
+              "machine": machine_info(), "started_utc": previous.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "rows": dict(previous.get("rows") or {}), "reference": previous.get("reference", {}),
+              "curve": previous.get("curve", {})}
+    if args.dense:
+        result["config"]["dense_probe"] = {"task": "mosaic-2x2", "mosaics": args.dense_mosaics,
+                                           "val_mosaics": args.dense_val_mosaics, "epochs": args.dense_epochs}
+    if args.collect and previous.get("command"):  # the command that ran the cells, not this bookkeeping pass
+        result["command"], result["argv"] = previous["command"], previous.get("argv")
+        result["config"]["linear"] = previous.get("config", {}).get("linear", result["config"]["linear"])
+    return result, float(previous.get("elapsed_s") or 0)
+
+
+def start_saving(result: dict, out: Path, base_elapsed: float, started: float):
+    """Write ``result`` now and every minute (elapsed_s stays current); returns the save function."""
+    (WORK / "quality").mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        with RESULT_LOCK:
+            result["elapsed_s"] = round(base_elapsed + time.time() - started, 1)
+            result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            write_json(out, result)
+
+    def heartbeat() -> None:  # keeps elapsed_s current, so a suite killed mid-cell loses at most a minute of it
+        while True:
+            time.sleep(60)
+            save()
+
+    save()
+    threading.Thread(target=heartbeat, daemon=True, name="quality-heartbeat").start()
+    return save
 
 
 def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
@@ -520,6 +638,10 @@ def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
                 return
             log(f"cell {cell_id(cell)}: kNN {summary['student'].get('knn_top1')} in {time.time() - t0:.0f} s")
         row = row_from_summary(cell, summary, command)
+        if cell.get("recorded_command"):  # a reused table cell: the command it ran with
+            row["command"] = cell["recorded_command"]
+        if getattr(args, "dense", False):
+            row["dense"] = cell_dense(cell_dir(cell), args, data, log_path)
         with RESULT_LOCK:
             result["rows"][cell_id(cell)] = row
             if row.get("teacher_knn_top1") is not None:
@@ -575,6 +697,217 @@ def run_curve(args, data, pre, teachers, result, log_path, save) -> None:
               "preset": args.preset}
              for b in result["curve"]["budgets"] for m in top]
     run_cells(cells, args, data, pre, teachers, result, log_path, save)
+
+
+# --- the dense probe and the dense suite (issue 14) --------------------------------------------------
+
+def dense_command(target: str, args, data: dict, extra: tuple[str, ...] = ()) -> list[str]:
+    """``distillctl eval dense`` of ``target`` under the suite's probe settings (task mosaic-2x2)."""
+    return ["eval", "dense", str(target), *extra, "--data", str(data["train"]), "--val-data", str(data["test"]),
+            "--crop-pct", "1.0", "--mosaics", str(args.dense_mosaics), "--val-mosaics", str(args.dense_val_mosaics),
+            "--epochs", str(args.dense_epochs), "--seed", str(args.seed)]
+
+
+def eval_record(command: list[str], path: Path, args, log_path: Path) -> dict | None:
+    """``{"result", "command"}`` of one ``distillctl eval`` command, kept in ``path`` and reused while the command is
+    the same (another probe setting runs again); None under --collect when it has not run."""
+    text = "distillctl " + display_command(command)
+    saved = read_json(path)
+    if saved and saved.get("command") == text:
+        return saved
+    if args.collect:
+        return None
+    record = {"result": distillctl(command, log_path, threads=args.threads), "command": text}
+    write_json(path, record)
+    return record
+
+
+def dense_summary(record: dict | None) -> dict | None:
+    """The dense-probe numbers a row shows: mIoU, pixel accuracy (percent), feature grid, chosen lr/wd, command."""
+    if not record:
+        return None
+    dense = record["result"]["dense"]
+    return {"miou": dense["miou"], "pixel_accuracy": dense["pixel_accuracy"], "feature_grid": dense["feature_grid"],
+            "lr": dense["lr"], "weight_decay": dense["weight_decay"],
+            "probe_s": (record["result"].get("timing") or {}).get("probe_s"), "command": record["command"]}
+
+
+def cell_dense(run_dir: Path, args, data: dict, log_path: Path, extra: tuple[str, ...] = ()) -> dict | None:
+    """Dense probe of a finished run (or a teacher: ``run_dir`` then names where the result is kept)."""
+    target = str(run_dir) if not extra else extra[0]
+    command = dense_command(target, args, data, extra[1:])
+    try:
+        return dense_summary(eval_record(command, Path(run_dir) / "dense_probe.json", args,
+                                         log_path.with_name(f"{log_path.stem}-dense.log")))
+    except BenchError as exc:
+        log(f"dense probe of {rel(run_dir)} failed: {exc}")
+        return {"error": str(exc), "command": "distillctl " + display_command(command)}
+
+
+def plan_dense_cells(args, methods: list[dict]) -> list[dict]:
+    """The dense suite's cells: dense methods and the best global method on the CNN student (supervised teacher),
+    the CNN → ViT cell, and the cells distilled from the ViT teacher the suite pretrains."""
+    names = {m["name"] for m in methods}
+    cnn = split_specs(args.students)[0]
+    split = lambda text: [n.strip() for n in text.split(",") if n.strip()]  # noqa: E731
+    vit_train = {"sets": list(VIT_TRAIN_SETS), "lr": args.vit_lr}
+    teacher_tag = "vit-" + ssl_teacher_dir(args, args.vit_teacher).name
+    cells = [{"method": m, "teacher": "sup", "student": cnn} for m in split(args.dense_methods)]
+    cells.append({"method": args.reference_method, "teacher": "sup", "student": cnn, "role": "reference"})
+    if args.vit_global_method:
+        cells.append({"method": args.vit_global_method, "teacher": "sup", "student": args.vit_student, **vit_train})
+    for method in split(args.vit_teacher_methods):
+        sets = list(vit_train["sets"])
+        if method == "attndistill" and _num_heads(args.vit_student) != _num_heads(split_teacher_spec(args.vit_teacher)[1]):
+            sets.append("method.params.head_aggregation=true")  # the paper's answer to different head counts
+        cells.append({"method": method, "teacher": "vit", "teacher_tag": teacher_tag, "student": args.vit_student,
+                      "sets": sets, "lr": args.vit_lr})
+    unknown = sorted({c["method"] for c in cells} - names)
+    if unknown:
+        raise BenchError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(names))}")
+    return [{"kind": "distill", "budget": args.budget_images, "preset": args.preset, **c} for c in cells]
+
+
+@functools.lru_cache(maxsize=None)
+def _num_heads(arch: str) -> int | None:
+    """Attention heads of a ViT spec's last block (None for other networks)."""
+    import timm
+
+    name, kwargs = arch_parts(arch)
+    blocks = getattr(timm.create_model(name, pretrained=False, num_classes=0, **kwargs), "blocks", None)
+    return int(blocks[-1].attn.num_heads) if blocks is not None else None
+
+
+def reuse_table_cell(cell: dict, args, data: dict) -> dict:
+    """The reference cell as the quality table ran it, when that cell finished (any preset, also one from before
+    method.preset): it is dense-probed instead of trained again, and keeps the command it ran with."""
+    steps, _ = schedule(cell["budget"], args.batch_size, data["train_images"])
+    if finished(cell, steps) is not None:
+        return cell
+    table = (read_json(RESULTS / "quality.json") or {}).get("rows") or {}
+    for preset in (None, "published", "auto"):
+        candidate = {**cell, "preset": preset}
+        if preset != cell["preset"] and finished(candidate, steps) is not None:
+            recorded = (table.get(cell_id(candidate)) or {}).get("command")
+            return {**candidate, "dir": str(cell_dir(candidate)), **({"recorded_command": recorded} if recorded else {})}
+    return cell
+
+
+# img/s of the training loop at one thread (batch 64, 64 px; distillctl run's own metrics), measured for the
+# estimate of --dry-run; cells not listed use the slowest rate of their student family
+RATES_1T = {("vit", "compress-1q"): 20.0, ("vit", "attndistill"): 9.0, ("vit", "mae-lite"): 20.0,
+            ("vit", "mae"): 10.0, ("cnn", "pcd"): 60.0, ("cnn", "dense-reg"): 80.0, ("cnn", "compress-1q"): 67.0}
+# seconds of one cell's evaluations at one thread: kNN + linear probe (10k + 2k images), and the dense probe
+EVAL_S_1T = {"vit": 420.0, "cnn": 150.0}
+DENSE_S_1T = {"vit": 300.0, "cnn": 120.0}
+
+
+def estimate_seconds(cell: dict, args, data: dict) -> float:
+    """Rough wall time of a cell: training at :data:`RATES_1T`, its kNN + linear evaluation and its dense probe, for
+    the run's image size and data (ViT cost grows with the token count), divided by the threads (at best linear)."""
+    family = "vit" if is_vit(cell["student"]) else "cnn"
+    rate = RATES_1T.get((family, cell["method"]), min(v for (f, _), v in RATES_1T.items() if f == family))
+    pixels = (args.image_size / 64) ** 2
+    scale = pixels * (pixels if family == "vit" else 1)
+    evals = EVAL_S_1T[family] * (data["train_images"] + data["test_images"]) / 12_000
+    dense = DENSE_S_1T[family] * (args.dense_mosaics + args.dense_val_mosaics) / 1_500
+    return (cell["budget"] / rate + evals + dense) * scale / max(1, args.threads)
+
+
+def dense_main(args, argv, data: dict, pre: dict, methods: list[dict], out: Path, started: float) -> int:
+    """``--suite dense``: the cells of :func:`plan_dense_cells` (kNN, linear, dense probe), the ViT teacher they
+    need, and the reference rows (teacher, random-init CNN and ViT students), written to ``out``."""
+    modes = {m["name"]: m["teacher_mode"] for m in methods}
+    teachers = {"sup": {"path": str(TEACHER), "arch": pre["arch"], "dim": 512, "modes": modes},
+                "vit": {**teacher_entry(args, args.vit_teacher), "modes": modes}}
+    cells = [reuse_table_cell(c, args, data) if c.get("role") == "reference" else c  # (reads only)
+             for c in plan_dense_cells(args, methods)]
+    log_path = WORK / "quality" / ("dense-quick.log" if args.quick else "dense.log")
+    if args.dry_run:
+        return dense_dry_run(args, data, pre, teachers, cells)
+    result, base_elapsed = start_result(args, argv, data, pre, methods, out)
+    result["benchmark"] = "quality-dense"
+    students = sorted({c["student"] for c in cells}, key=lambda s: (is_vit(s), s))
+    result["config"].update({"vit_student": args.vit_student, "vit_teacher": args.vit_teacher, "vit_lr": args.vit_lr,
+                             "vit_train": list(VIT_TRAIN_SETS), "cnn_student": cells[0]["student"] if cells else None,
+                             # makes the random-init students the reference rows' eval commands read
+                             "setup_command": f"python benchmarks/setup_data.py --image-size {args.image_size} "
+                                              f"--random-students '{','.join(students)}'"})
+    save = start_saving(result, out, base_elapsed, started)
+    run_cells([c for c in cells if c["teacher"] == "sup"], args, data, pre, teachers, result, log_path, save)
+    for name, row in dense_reference_rows(args, data, pre, log_path, cells).items():
+        with RESULT_LOCK:
+            result["reference"][name] = row
+        save()
+    try:
+        vit = ssl_teacher(args, data, pre, log_path, args.vit_teacher)
+        row = {**vit["row"], "dense": cell_dense(Path(teacher_cell(args, args.vit_teacher)["dir"]), args, data, log_path)}
+        teachers["vit"].update(vit)
+        with RESULT_LOCK:
+            result["reference"]["vit_teacher"] = row
+        save()
+        run_cells([c for c in cells if c["teacher"] == "vit"], args, data, pre, teachers, result, log_path, save)
+    except BenchError as exc:
+        with RESULT_LOCK:
+            result["reference"]["vit_teacher_error"] = str(exc)
+        log(f"ViT teacher failed: {exc}")
+    save()
+    log(f"dense suite done in {time.time() - started:.0f} s → {out}")
+    return 0
+
+
+def dense_reference_rows(args, data: dict, pre: dict, log_path: Path, cells: list[dict]) -> dict:
+    """kNN, linear and dense probe of the supervised teacher and of the random-init CNN and ViT students."""
+    reference = WORK / "quality" / "reference"
+    common = ["--data", str(data["train"]), "--val-data", str(data["test"]), "--crop-pct", "1.0"]
+    teacher = [f"teacher:{TEACHER}", "--teacher-arch", pre["arch"], "--input-size", str(args.image_size)]
+    students = sorted({c["student"] for c in cells}, key=lambda s: (is_vit(s), s))
+    quick = "-quick" if args.quick else ""  # --quick never overwrites the full run's reference results
+    targets = {"teacher": (teacher, ["--cache-dir", str(reference / "eval_cache")], reference / f"teacher{quick}")}
+    for student in students:
+        folder = random_student(student, args.image_size, args.seed, pre)
+        targets[f"random:{student}"] = ([str(folder)], ["--no-cache"], folder.with_name(folder.name + quick))
+    rows = {}
+    for name, (target, cache, stem) in targets.items():
+        row = {"name": name}
+        for kind in ("knn",) + (() if args.no_linear else ("linear",)):
+            try:
+                record = eval_record(["eval", kind, *target, *cache, *common], Path(f"{stem}-{kind}.json"), args, log_path)
+            except BenchError as exc:
+                row[f"{kind}_error"] = str(exc)
+                continue
+            if record:
+                row[f"{kind}_top1"] = _knn_top1(record["result"]) if kind == "knn" else record["result"]["linear"]["top1"]
+                row[f"{kind}_command"] = record["command"]
+        row["dense"] = cell_dense(Path(f"{stem}-dense"), args, data, log_path, extra=tuple(target))
+        rows[name] = row
+    return rows
+
+
+def dense_dry_run(args, data: dict, pre: dict, teachers: dict, cells: list[dict]) -> int:
+    """Print every command of the dense suite in run order with a one-thread time estimate per cell."""
+    def show(command: list[str], seconds: float) -> float:
+        print(f"# ~{seconds / 60:.0f} min  distillctl {display_command(command)}")
+        return seconds
+
+    def run_or_reuse(cell: dict) -> float:
+        command = cell_command(cell, args, data, pre, teachers, False)
+        if cell.get("dir"):  # the table's finished cell: dense probe only
+            print(f"# finished table cell, dense probe only: distillctl {display_command(command)}")
+            return estimate_seconds({**cell, "budget": 0}, args, data)
+        return show(command, estimate_seconds(cell, args, data))
+
+    total = sum(run_or_reuse(cell) for cell in cells if cell["teacher"] != "vit")
+    teacher, command, _ = teacher_command(args, data, pre, args.vit_teacher)
+    total += show(command, estimate_seconds(teacher, args, data))
+    total += sum(run_or_reuse(cell) for cell in cells if cell["teacher"] == "vit")
+    # the reference rows (teacher, random-init CNN and ViT students): evaluations only
+    total += sum(estimate_seconds({"student": s, "method": "", "budget": 0}, args, data)
+                 for s in (cells[0]["student"], cells[0]["student"], args.vit_student))
+    print(f"# estimate: ~{total / 3600:.1f} h at {args.threads} thread(s), one cell at a time (--jobs 2 on two cores "
+          f"roughly halves it); each cell also runs distillctl eval dense (task mosaic-2x2, {args.dense_mosaics} train / "
+          f"{args.dense_val_mosaics} test mosaics)")
+    return 0
 
 
 if __name__ == "__main__":
