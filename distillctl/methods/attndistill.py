@@ -184,10 +184,10 @@ class AttnDistill(Method):
                              hint="set method.params.head_aggregation=true")
         return cls_loss, attention_kl(attention_s, attention_t)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         student_tokens, student_attn, teacher_tokens, teacher_attn = self._taps
         student, teacher = inputs.student_taps[0], inputs.teacher_outputs[0]
         cls_loss, attn_loss = self.terms(student[student_tokens], student[student_attn][:, :, 0],
                                          teacher[teacher_tokens], teacher[teacher_attn][:, :, 0])
         loss = self.params.weight_cls * cls_loss + self.params.weight_attn * attn_loss
-        return loss, {"cls_mse": float(cls_loss.detach()), "attn_kl": float(attn_loss.detach())}
+        return loss, {"cls_mse": cls_loss.detach(), "attn_kl": attn_loss.detach()}

@@ -11,7 +11,7 @@ Flow per step (see ``distillctl/train/loop.py``)::
     images = [view_0, view_1, ...]       # one normalised batch per ViewSpec in req.views
     teacher = [dict(pooled=..., proj=..., <teacher tap>=...) or None per view]  # views with teacher=True
     student = [student_backbone(img) for views with student=True]   # pooled features (+ student_taps)
-    loss, logs = method.loss(MethodInputs(...))
+    loss, logs = method.loss(MethodInputs(...))   # logs: detached 0-dim tensors, read at log steps only
     ... backward, optimizer step ...
     method.after_step(inputs)            # enqueue, EMA update, per-sample state (under no_grad)
 
@@ -221,7 +221,9 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # --- per step -------------------------------------------------------------------------------
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(scalar loss, logs). Log values are detached 0-dim tensors (or Python floats): the trainer reads them
+        on the host at log steps only, so a method must not call ``float()``/``.item()`` on device tensors here."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -53,7 +53,7 @@ def draw_neighbours(bags: torch.Tensor, index: torch.Tensor, seed: int, epoch: i
 
 def bingo_loss(student_i: torch.Tensor, student_j: torch.Tensor, student_mix: torch.Tensor, teacher_i: torch.Tensor,
                teacher_j: torch.Tensor, queue: torch.Tensor, temperature: float, weights: tuple[float, float],
-               mix_lambda: float) -> tuple[torch.Tensor, dict[str, float]]:
+               mix_lambda: float) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """(L_i + L_j + L_m)/3 with ℓ(u, p) = InfoNCE over [u·p, u·Q]/τ (all inputs L2-normalised):
     L_i = a·ℓ(s_i,t_i) + b·ℓ(s_i,t_j), L_j = a·ℓ(s_j,t_j) + b·ℓ(s_j,t_i), L_m = λ·ℓ(s_m,t_i) + (1−λ)·ℓ(s_m,t_j)."""
     a, b = weights
@@ -64,7 +64,7 @@ def bingo_loss(student_i: torch.Tensor, student_j: torch.Tensor, student_mix: to
     anchor = a * term(student_i, teacher_i) + (b * term(student_i, teacher_j) if b else 0.0)
     neighbour = a * term(student_j, teacher_j) + (b * term(student_j, teacher_i) if b else 0.0)
     mix = mix_lambda * term(student_mix, teacher_i) + (1 - mix_lambda) * term(student_mix, teacher_j)
-    logs = {"anchor": float(anchor.detach()), "neighbour": float(neighbour.detach()), "mix": float(mix.detach())}
+    logs = {"anchor": anchor.detach(), "neighbour": neighbour.detach(), "mix": mix.detach()}
     return (anchor + neighbour + mix) / 3, logs
 
 
@@ -113,7 +113,7 @@ class Bingo(Method):
         box = sample_cutmix_box(query_i.shape[-2], query_i.shape[-1], lam, rng)
         return cutmix(query_i, query_j, box)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         feature_i, feature_j = inputs.student_features
         mixed, lam = self.mix_views(inputs.images[0], inputs.images[2], inputs.step)
         feature_mix = require_student(inputs.student, self.name)(mixed)

@@ -52,13 +52,13 @@ class BYOL(Method):
         views = tuple(MethodView(crop_view(self.params, image_size, family), teacher=False) for family in ("byol1", "byol2"))
         return Requirements(views=views, teacher_outputs=frozenset(), teacher_mode="none")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         target = require_setup(self.target, self.name)
         predictions = [self.predictor(self.head(f)) for f in inputs.student_features]
         with torch.no_grad():
             targets = [target(img).to(predictions[0].dtype) for img in inputs.images]
         loss = simreg_loss(predictions[0], targets[1]) + simreg_loss(predictions[1], targets[0])
-        return loss, {"cos": float(1 - loss.detach() / 4)}
+        return loss, {"cos": 1 - loss.detach() / 4}
 
     def momentum(self, epoch: float, total_epochs: int) -> float:
         if not self.params.momentum_schedule:

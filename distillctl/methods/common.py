@@ -50,6 +50,10 @@ class FeatureQueue(nn.Module):
     ``enqueue`` all-gathers across ranks first so every rank holds the same queue. Rows are
     written at ``ptr`` and wrap around the end (a batch that does not divide K is split).
     ``filled`` counts valid rows until the queue is full, so methods can ignore unwritten rows.
+
+    The pointer and fill count are also kept as Python ints (read from the buffers once, after construction or
+    a checkpoint load, then advanced by the host-known batch size), so an enqueue never reads a device tensor
+    back to the host: no per-step synchronisation on a GPU.
     """
 
     def __init__(self, size: int, dim: int, *, normalize_init: bool = True, init: str = "random") -> None:
@@ -62,6 +66,16 @@ class FeatureQueue(nn.Module):
         self.register_buffer("data", data)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._host: tuple[int, int] | None = None  # (ptr, filled) mirrored on the host; None: read the buffers
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None  # the buffers changed: re-read them once
+
+    def _pointers(self) -> tuple[int, int]:
+        if self._host is None:
+            self._host = (int(self.ptr), int(self.filled))
+        return self._host
 
     @property
     def size(self) -> int:
@@ -74,7 +88,7 @@ class FeatureQueue(nn.Module):
         if keys.shape[0] >= self.size:
             keys = keys[-self.size :]
         n = keys.shape[0]
-        start = int(self.ptr)
+        start, filled = self._pointers()
         end = start + n
         if end <= self.size:
             self.data[start:end] = keys
@@ -82,12 +96,14 @@ class FeatureQueue(nn.Module):
             first = self.size - start
             self.data[start:] = keys[:first]
             self.data[: n - first] = keys[first:]
-        self.ptr.fill_(end % self.size)
-        self.filled.fill_(min(self.size, int(self.filled) + n))
+        self._host = (end % self.size, min(self.size, filled + n))
+        self.ptr.fill_(self._host[0])
+        self.filled.fill_(self._host[1])
 
     def valid(self) -> torch.Tensor:
         """Rows written so far (the whole queue once it has wrapped)."""
-        return self.data if int(self.filled) >= self.size else self.data[: int(self.filled)]
+        filled = self._pointers()[1]
+        return self.data if filled >= self.size else self.data[:filled]
 
 
 class EMA(nn.Module):

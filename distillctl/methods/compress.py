@@ -63,12 +63,12 @@ class _CompRessBase(Method):
         slot = 0 if self.params.teacher_input == "same_view" else 1
         return F.normalize(inputs.teacher_outputs[slot][self.target_key].to(dtype), dim=1)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         student, anchors = self._student(inputs)
         teacher = self._teacher(inputs, student.dtype)
         teacher_logits = float32_similarity(teacher, self.teacher_queue.data)
         loss = similarity_kl(teacher_logits, float32_similarity(student, anchors), self.params.temperature)
-        return loss, {"kl": float(loss.detach())}
+        return loss, {"kl": loss.detach()}
 
     def _student(self, inputs: MethodInputs) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -81,8 +81,8 @@ class DenseRegression(Method):
         resized = F.interpolate(student_map, size=teacher_map.shape[-2:], mode="bilinear", align_corners=False)
         return self.projector(resized), teacher_map.detach().to(resized.dtype)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         prediction, target = self.maps(inputs)
         loss = dense_regression_loss(prediction, target, self.params.loss)
         cosine = F.cosine_similarity(prediction.detach(), target, dim=1).mean()
-        return loss, {"cos": float(cosine)}
+        return loss, {"cos": cosine.detach()}

@@ -101,7 +101,7 @@ def teacher_temperature(params: DINOParams, epoch: float) -> float:
 
 
 def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor],
-              weights: tuple[float, float]) -> tuple[torch.Tensor, dict[str, float]]:
+              weights: tuple[float, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """Cross-entropy of every student view against every *other* teacher (global) view; global–global
     and global–local terms are averaged separately and mixed with ``weights`` (SSLight)."""
     global_terms, local_terms = [], []
@@ -114,10 +114,10 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tens
             (global_terms if v < n_global else local_terms).append(term)
     global_loss = torch.stack(global_terms).mean()
     if not local_terms:
-        return global_loss, {"global": float(global_loss.detach())}
+        return global_loss, {"global": global_loss.detach()}
     local_loss = torch.stack(local_terms).mean()
     loss = weights[0] * global_loss + weights[1] * local_loss
-    return loss, {"global": float(global_loss.detach()), "local": float(local_loss.detach())}
+    return loss, {"global": global_loss.detach(), "local": local_loss.detach()}
 
 
 @register
@@ -161,7 +161,7 @@ class DINO(Method):
         return Requirements(views=globals_ + (local,) * self.params.local_crops, teacher_outputs=frozenset(),
                             teacher_mode="none", grouping="by_resolution")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         teacher = require_setup(self.teacher, self.name)
         epoch = float(inputs.epoch)
         self.head.freeze_prototypes = epoch < self.params.freeze_last_layer_epochs

@@ -81,11 +81,11 @@ class DisCo(Method):
         return Requirements(views=(view, view), teacher_outputs=frozenset({self.target_key}), teacher_mode=mode,
                             teacher_bn=self.params.teacher_bn)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         queries = [F.normalize(self.head(f), dim=1) for f in inputs.student_features]
         targets = [F.normalize(out[self.target_key].to(queries[0].dtype), dim=1) for out in inputs.teacher_outputs]
         mse = sum(embedding_squared_error(q, t, self.params.mse_reduction) for q, t in zip(queries, targets))
-        logs = {"mse": float(mse.detach()), "cos": float(sum((q * t).sum(1).mean() for q, t in zip(queries, targets)).detach()) / 2}
+        logs = {"mse": mse.detach(), "cos": sum((q * t).sum(1).mean() for q, t in zip(queries, targets)).detach() / 2}
         if self.params.only_mse:
             return self.params.mse_weight * mse, logs
         encoder = require_setup(self.key_encoder, self.name)
@@ -95,7 +95,7 @@ class DisCo(Method):
         keys = F.normalize(raw_keys, dim=1).to(queries[0].dtype)
         inputs.extras["disco_keys"] = keys.detach()
         moco = info_nce(queries[0], keys, self.queue.data.to(queries[0].dtype), self.params.temperature)
-        logs["moco"] = float(moco.detach())
+        logs["moco"] = moco.detach()
         return self.params.moco_weight * moco + self.params.mse_weight * mse, logs
 
     @torch.no_grad()

@@ -149,7 +149,7 @@ class DLKD(Method):
         return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), teacher_mode="online",
                             grouping="by_resolution")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         params = self.params
         student = torch.cat(inputs.student_features)  # rotation-major: B copies at 0°, then 90°, 180°, 270°
         teacher = torch.cat([out[self.target_key] for out in inputs.teacher_outputs]).to(student.dtype)
@@ -164,4 +164,4 @@ class DLKD(Method):
                                           F.normalize(self.embed_teacher(teacher), dim=1),
                                           groups, params.contrast_temperature)
         loss = params.corr_weight * corr + params.contrast_weight * contrast + params.align_weight * align
-        return loss, {"corr": float(corr.detach()), "contrast": float(contrast.detach()), "align": float(align.detach())}
+        return loss, {"corr": corr.detach(), "contrast": contrast.detach(), "align": align.detach()}

@@ -129,11 +129,11 @@ class DoGo(Method):
         return Requirements(views=views, teacher_outputs=frozenset({"pooled"}), teacher_mode="co_trained",
                             teacher_bn="train")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         student = tuple(self.student_head(f) for f in inputs.student_features[:2])
         teacher_views = [out for out in inputs.teacher_outputs if out is not None][:2]
         teacher = tuple(self.teacher_head(out["pooled"].to(student[0].dtype)) for out in teacher_views)
         terms = dogo_losses(student, teacher, self.params.temperature, self.params.kl_temperature)
         loss = (terms["ssl_s"] + self.params.student_kl_weight * terms["kl_s"]
                 + terms["ssl_t"] + self.params.teacher_kl_weight * terms["kl_t"])
-        return loss, {key: float(value.detach()) for key, value in terms.items()}
+        return loss, {key: value.detach() for key, value in terms.items()}

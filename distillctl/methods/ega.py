@@ -46,7 +46,7 @@ def pearson_matrix(rows: torch.Tensor) -> torch.Tensor:
 
 
 def ega_loss(teacher: torch.Tensor, student: torch.Tensor, node_weight: float,
-             edge_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+             edge_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """node_weight·‖C[ts] − I‖_F + edge_weight·‖C[tt] − C[ss]‖_F over C = pearson([teacher; student]),
     un-squared Frobenius norms (the official ``torch.norm(·, 2)`` of a matrix)."""
     batch = teacher.shape[0]
@@ -59,7 +59,7 @@ def ega_loss(teacher: torch.Tensor, student: torch.Tensor, node_weight: float,
     node = torch.linalg.matrix_norm(nodes - identity)
     edge = torch.linalg.matrix_norm(teacher_graph - student_graph)
     loss = node_weight * node + edge_weight * edge
-    return loss, {"node": float(node.detach()), "edge": float(edge.detach())}
+    return loss, {"node": node.detach(), "edge": edge.detach()}
 
 
 @register
@@ -125,7 +125,7 @@ class EGA(Method):
         return Requirements(views=(MethodView(view, teacher=False), MethodView(view, student=False)),
                             teacher_outputs=frozenset({self.target_key}), teacher_mode="cached_approx")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         slot = 0 if self.params.teacher_input == "same_view" else 1
         student = self.student_head(inputs.student_features[0])
         teacher = self.teacher_head(inputs.teacher_outputs[slot][self.target_key].to(student.dtype))

@@ -227,11 +227,11 @@ class MAE(Method):
         loss = mae_reconstruction_loss(prediction, target, mask, self.params.norm_pix_loss)
         return loss, ids_keep, recorded.get("logits")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         if inputs.student is None:
             raise UsageError("mae needs the student network in the method inputs")
         loss, _, _ = self.reconstruction(inputs.student, inputs.images[0], inputs.step)
-        return loss, {"mae": float(loss.detach())}
+        return loss, {"mae": loss.detach()}
 
 
 @register
@@ -296,7 +296,7 @@ class MAELite(MAE):
         """MSE(adapter(A_S), A_T) over batch, heads and both token axes."""
         return F.mse_loss(self.adapter(student_attention), teacher_attention.detach().to(student_attention.dtype))
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         block = int(self.params.attention.partition(":")[2])
         images = inputs.images[0]
         mae, ids_keep, student_logits = self.reconstruction(inputs.student, images, inputs.step, block)
@@ -308,4 +308,4 @@ class MAELite(MAE):
             student_attention, teacher_attention = student_attention.softmax(-1), teacher_attention.softmax(-1)
         attention = self.attention_loss(student_attention, teacher_attention)
         loss = mae + self.params.attn_weight * attention
-        return loss, {"mae": float(mae.detach()), "attn_mse": float(attention.detach())}
+        return loss, {"mae": mae.detach(), "attn_mse": attention.detach()}

@@ -72,7 +72,7 @@ class MocoV2(Method):
         with torch.no_grad():
             return F.normalize(self.key_encoder(images), dim=1)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         queries = [F.normalize(self.head(f), dim=1) for f in inputs.student_features]
         keys = [self._keys(img) for img in inputs.images]
         negatives = self.queue.data.to(queries[0].dtype)

@@ -29,10 +29,10 @@ class NorooziKTParams(CropParams):
     crop_scale: CropScale = (0.08, 1.0)  # standard supervised RandomResizedCrop + flip
 
 
-def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """Mean cross-entropy −log softmax(logits)[b, labels[b]] and the share of correctly classified samples."""
     loss = F.cross_entropy(logits, labels)
-    accuracy = float((logits.detach().argmax(dim=1) == labels).float().mean())
+    accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
     return loss, {"pseudo_label_acc": accuracy}
 
 
@@ -99,7 +99,7 @@ class NorooziKT(UsesTeacherArtifact, Method):
         return Requirements(views=(view,), teacher_outputs=frozenset({self.target_key}), teacher_mode="cached_exact",
                             needs_index=True)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         if self.labels is None:
             raise RuntimeError(f"{self.name}: setup(student) was not called before training")
         logits = self.classifier(inputs.student_features[0])

@@ -92,12 +92,12 @@ class OSS(Method):
         return Requirements(views=(view, view), teacher_outputs=frozenset({"pooled"}), teacher_mode="co_trained",
                             teacher_bn="train")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         teacher = [self.teacher_head(out["pooled"].to(inputs.student_features[0].dtype))
                    for out in inputs.teacher_outputs]
         ssl = nt_xent(teacher[0], teacher[1], self.params.temperature)
         distil = sum(simreg_loss(self.predictor(feature), target.detach())
                      for feature, target in zip(inputs.student_features, teacher))
         weight = distill_weight(self.params.distill_weight, self.params.distill_warmup_epochs, inputs.epoch)
-        return ssl + weight * distil, {"ssl_t": float(ssl.detach()), "distil": float(distil.detach()),
+        return ssl + weight * distil, {"ssl_t": ssl.detach(), "distil": distil.detach(),
                                        "distill_weight": weight}

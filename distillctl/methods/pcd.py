@@ -186,12 +186,12 @@ class PCD(Method):
         student_map = F.interpolate(self.mhsa(student_map), size=grid, mode="bilinear", align_corners=False)
         return F.normalize(self.head(student_map), dim=1)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         teacher = self.teacher_embedding(inputs)
         student = self.student_embedding(inputs, tuple(teacher.shape[-2:]))
         loss = pixel_info_nce(student, teacher.to(student.dtype), self.queue.data.clone(), self.params.temperature)
         positive = (student.detach() * teacher.to(student.dtype)).sum(dim=1).mean()
-        return loss, {"pos_cos": float(positive)}
+        return loss, {"pos_cos": positive.detach()}
 
     @torch.no_grad()
     def after_step(self, inputs: MethodInputs) -> None:

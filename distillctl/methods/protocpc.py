@@ -106,7 +106,7 @@ class ProtoCPC(Method):
         logits = float32_similarity(F.normalize(at_least_float32(teacher), dim=1), weight)
         return F.softmax(logits / self.params.teacher_temperature, dim=1)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         params = self.params
         student_logits = self.head(inputs.student_features[0]) / params.student_temperature
         probs = self.teacher_probs(inputs.teacher_outputs[0][self.target_key]).to(student_logits.dtype)
@@ -114,7 +114,7 @@ class ProtoCPC(Method):
         loss = protocpc_loss(student_logits, probs, self.prior.to(student_logits.dtype))
         usage = self.prior / params.out_dim
         entropy = -(usage * torch.log(usage.clamp_min(1e-30))).sum()
-        return loss, {"prior_perplexity": float(entropy.exp()) / params.out_dim}  # 1 = uniform usage
+        return loss, {"prior_perplexity": entropy.exp().double() / params.out_dim}  # 1 = uniform usage
 
     @torch.no_grad()
     def after_step(self, inputs: MethodInputs) -> None:

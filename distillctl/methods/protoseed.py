@@ -91,13 +91,13 @@ class ProtoSEED(Method):
     def _teacher(self, inputs: MethodInputs) -> torch.Tensor:
         return F.normalize(at_least_float32(inputs.teacher_outputs[0][self.target_key]), dim=1)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         student = F.normalize(at_least_float32(self.head(inputs.student_features[0])), dim=1)
         teacher = self._teacher(inputs).to(student.dtype)
         with torch.autocast(device_type=student.device.type, enabled=False):  # τ_T = 0.04 logits in ≥ float32
             loss = seed_loss(student, teacher, self.prototypes.to(student.dtype), self.params.student_temperature,
                              self.params.teacher_temperature)
-        return loss, {"cos": float((student * teacher).sum(1).mean().detach())}
+        return loss, {"cos": (student * teacher).sum(1).mean().detach()}
 
     @torch.no_grad()
     def after_step(self, inputs: MethodInputs) -> None:

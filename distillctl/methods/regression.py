@@ -56,9 +56,9 @@ class CosineRegression(_Regression):
         "baseline: ResNet-18 58.2, MobileNetV2 62.3 (ImageNet linear, MoCo-v2 R50 800ep teacher)."
     )
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         loss = simreg_loss(*self._pair(inputs))
-        return loss, {"cos": float(1 - loss.detach() / 2)}
+        return loss, {"cos": 1 - loss.detach() / 2}
 
 
 @register
@@ -75,7 +75,7 @@ class MSERegression(_Regression):
         "baselines below its similarity-based loss: Reg-BN ResNet-18 58.2, MobileNetV2 62.3 (ImageNet linear)."
     )
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         prediction, target = self._pair(inputs)
         loss = F.mse_loss(prediction, target)
-        return loss, {"cos": float(F.cosine_similarity(prediction, target, dim=1).mean().detach())}
+        return loss, {"cos": F.cosine_similarity(prediction, target, dim=1).mean().detach()}

@@ -143,7 +143,7 @@ class ReKD(UsesTeacherArtifact, MocoV2):
             related |= (table[rows][None, :, :] == index[:, None, None]).any(dim=2)  # b's image in its bag
         return related & valid[None, :]
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         queries = [F.normalize(self.head(f), dim=1) for f in inputs.student_features]
         keys = [self._keys(img) for img in inputs.images]
         bank = self.queue.data
@@ -154,7 +154,7 @@ class ReKD(UsesTeacherArtifact, MocoV2):
             loss = (loss + relation_info_nce(queries[1], keys[0], bank, related, tau, weight)) / 2
         inputs.extras["keys"] = keys[1] if not self.params.symmetric else torch.cat(keys)
         inputs.extras["key_index"] = inputs.index if not self.params.symmetric else torch.cat([inputs.index] * 2)
-        return loss, {"related_per_query": float(related.sum(dim=1).float().mean())}
+        return loss, {"related_per_query": related.sum(dim=1).float().mean()}
 
     @torch.no_grad()
     def after_step(self, inputs: MethodInputs) -> None:

@@ -72,7 +72,7 @@ class Seed(Method):
         return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({self.target_key}),
                             teacher_mode="cached_exact", teacher_bn="eval")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         head_out = self.head(inputs.student_features[0])
         # τ_T = 1e-4 amplifies every rounding of t·Q ten-thousandfold: targets, queue and logits stay in (at
         # least) fp32 even under AMP; only the student head above runs in the autocast dtype
@@ -82,7 +82,7 @@ class Seed(Method):
             queue = self.queue.data.to(student.dtype)
             loss = seed_loss(student, teacher.to(student.dtype), queue, self.params.student_temperature,
                              self.params.teacher_temperature)
-        agreement = float((student * teacher).sum(1).mean().detach())
+        agreement = (student * teacher).sum(1).mean().detach()
         return loss, {"cos": agreement}
 
     @torch.no_grad()

@@ -57,13 +57,13 @@ class SeedSmallPatch(Seed):
         teachers = [F.normalize(out[self.target_key].to(students[0].dtype), dim=1) for out in inputs.teacher_outputs]
         return students, teachers
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         students, teachers = self._embed(inputs)
         tau_s, tau_t = self.params.student_temperature, self.params.teacher_temperature
         dtype = students[0].dtype
         main = seed_loss(students[0], teachers[0], self.queue.data.to(dtype), tau_s, tau_t)
         small = seed_loss(torch.cat(students[1:]), torch.cat(teachers[1:]), self.small_queue.data.to(dtype), tau_s, tau_t)
-        return main + self.params.small_weight * small, {"main": float(main.detach()), "small": float(small.detach())}
+        return main + self.params.small_weight * small, {"main": main.detach(), "small": small.detach()}
 
     @torch.no_grad()
     def after_step(self, inputs: MethodInputs) -> None:

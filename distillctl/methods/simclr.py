@@ -66,6 +66,6 @@ class SimCLR(Method):
         view = MethodView(spec, teacher=False)
         return Requirements(views=(view, view), teacher_outputs=frozenset(), teacher_mode="none")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         z1, z2 = (self.head(f) for f in inputs.student_features)
         return nt_xent(z1, z2, self.params.temperature), {}

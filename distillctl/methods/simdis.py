@@ -160,7 +160,7 @@ class SimDis(Method):
         return Requirements(views=views, teacher_outputs=frozenset({self.target_key}),
                             teacher_mode="co_trained" if self.params.online else "online", teacher_bn="train")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         target = require_setup(self.target, self.name)
         projections = [self.head(f) for f in inputs.student_features]
         own = [F.normalize(z, dim=1).detach() for z in projections]
@@ -176,12 +176,12 @@ class SimDis(Method):
                                for img in inputs.images]
         predictions = {name: (head(projections[0]), head(projections[1])) for name, head in self.predictors.items()}
         student_loss = simdis_student_loss(predictions, own, own_ema, teacher, teacher_ema)
-        logs = {"student": float(student_loss.detach())}
+        logs = {"student": student_loss.detach()}
         if not self.params.online:
             return student_loss, logs
         teacher_loss = byol_pair_loss(self.teacher_predictor(teacher_z[0]), teacher_ema[1],
                                       self.teacher_predictor(teacher_z[1]), teacher_ema[0])
-        logs["teacher"] = float(teacher_loss.detach())
+        logs["teacher"] = teacher_loss.detach()
         return student_loss + teacher_loss, logs
 
     def momentum(self, inputs: MethodInputs) -> float:

@@ -59,8 +59,8 @@ class SimReg(Method):
         return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({self.target_key}),
                             teacher_mode="cached_exact", teacher_bn="eval")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         prediction = self.head(inputs.student_features[0])
         target = inputs.teacher_outputs[0][self.target_key]
         loss = simreg_loss(prediction, target)
-        return loss, {"cos": float(1 - loss.detach() / 2)}
+        return loss, {"cos": 1 - loss.detach() / 2}

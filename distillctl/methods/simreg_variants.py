@@ -73,12 +73,12 @@ class SimRegMulti(Method):
         return Requirements(views=(MethodView(view),), teacher_outputs=keys, teacher_mode="cached_exact",
                             teacher_bn="eval")
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         feature = inputs.student_features[0]
         total: torch.Tensor | float = 0.0
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor | float] = {}
         for k, (head, weight) in enumerate(zip(self.heads, self.weights)):
             term = simreg_loss(head(feature), inputs.teacher_outputs[0][multi_teacher_key(self.output, k)])
-            logs[f"cos_{k}"] = float(1 - term.detach() / 2)
+            logs[f"cos_{k}"] = 1 - term.detach() / 2
             total = total + weight * term
         return total, logs

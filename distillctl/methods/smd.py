@@ -32,7 +32,7 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) ->
     return squared.clamp(min=floor).sqrt()
 
 
-def smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+def smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """mean_i softplus((w_p·Dts[i,p] − w_a·Dts[i,a]) / τ) over one view (inputs are L2-normalised here).
 
     Negatives of anchor i: {j : Dtt[i,j] > Dts[i,i]}; a = the closest negative, p = the farthest
@@ -43,7 +43,7 @@ def smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -
         return _smd_loss(at_least_float32(teacher.detach()), at_least_float32(student), temperature)
 
 
-def _smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+def _smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     teacher = F.normalize(teacher.to(dtype), dim=1)
     student = F.normalize(student.to(dtype), dim=1)
@@ -60,8 +60,8 @@ def _smd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) 
     weight_positive = (positive_dist.detach() - teacher_at_positive).clamp(min=0)
     negative_term = torch.where(has_negative, weight_negative * negative_dist, torch.zeros_like(negative_dist))
     loss = F.softplus((weight_positive * positive_dist - negative_term) / temperature).mean()
-    stats = {"no_negative_frac": float((~has_negative).float().mean()),
-             "violating_frac": float(((weight_positive > 0) | (weight_negative > 0)).float().mean())}
+    stats = {"no_negative_frac": (~has_negative).float().mean().double(),  # float64: averaged over views exactly
+             "violating_frac": ((weight_positive > 0) | (weight_negative > 0)).float().mean().double()}
     return loss, stats
 
 
@@ -109,14 +109,14 @@ class SMD(Method):
         return Requirements(views=(view, view), teacher_outputs=frozenset({self.target_key}),
                             teacher_mode="cached_exact", teacher_bn=self.params.teacher_bn)
 
-    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         students = [self.head(f) for f in inputs.student_features]
         # targets stay in (at least) fp32: a bf16 cast under AMP would round them before the fp32 distances
         teachers = [at_least_float32(out[self.target_key]) for out in inputs.teacher_outputs]
         per_view = [smd_loss(t, s, self.temperature) for t, s in zip(teachers, students)]
         distill = sum(loss for loss, _ in per_view) / len(per_view)
         cosine = sum(_cosine(t, s) for t, s in zip(teachers, students)) / len(students)
-        logs = {"smd": float(distill.detach()), "cos": float(cosine.detach()), "tau": self.temperature,
+        logs = {"smd": distill.detach(), "cos": cosine.detach(), "tau": self.temperature,
                 "no_negative_frac": sum(s["no_negative_frac"] for _, s in per_view) / len(per_view)}
         if inputs.epoch < self.params.warmup_epochs:
             return -cosine + self.params.times * distill, logs

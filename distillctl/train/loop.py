@@ -6,7 +6,10 @@ each: normalise the views → teacher outputs (online forward, or cache lookup o
 → method loss / grad_accum → backward; then average gradients across ranks (one
 explicit all-reduce, no DDP wrapper: the frozen teacher is never wrapped) → clip → optimizer step with the
 step's LR → method state update (queues, EMA) on the whole per-rank batch → one small all-reduce that
-agrees on the loss, a preemption signal and a due wall-time checkpoint → metrics, checkpoints.
+agrees on a preemption signal and a due wall-time checkpoint → metrics, checkpoints.
+
+No per-step host synchronisation: the loss, the method's logs and the finiteness check stay on the device
+(``train/step_values.py``) and are read in one transfer at log steps and before checkpoints only.
 
 Global batch = ``batch_size`` whatever the world size: per process ``batch_size / world``, in
 ``grad_accum`` micro-batches. Under DDP each rank sees the same global batches a single process would,
@@ -29,7 +32,7 @@ from distillctl.config import DataConfig, TrainConfig
 from distillctl.data.bad_images import BadImages
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import normalize
-from distillctl.errors import InputError, Preempted, TrainingError
+from distillctl.errors import InputError, Preempted
 from distillctl.methods.base import Method, MethodInputs, Requirements
 from distillctl.taps import TapRecorder, check_taps
 from distillctl.teachers.base import Teacher
@@ -39,6 +42,7 @@ from distillctl.train.data import DecodedImages, EpochBatchSampler, ViewDataset,
 from distillctl.train.forward import autocast, merge_inputs, student_forward, teacher_outputs
 from distillctl.train.optim import build_optimizer, learning_rate
 from distillctl.train.progress import MetricsWriter, Progress
+from distillctl.train.step_values import StepValues
 from distillctl.train.syncbn import convert_sync_batchnorm
 from distillctl.train.threads import apply_threads
 
@@ -211,7 +215,10 @@ def train(job: TrainJob) -> TrainResult:
             log.info(f"resuming {job.stage} from step {step}/{last_step}"
                      + (f" (checkpoint written by {was} processes, now {world})" if was != world else ""))
 
+    values = StepValues(device, steps_per_epoch)
+
     def save_checkpoint() -> None:
+        values.check_finite()  # never checkpoint after a non-finite step
         rngs = distributed.all_gather_object(capture_rng())
         gathered: dict[str, str] = {}
         for part in distributed.all_gather_object(bad_images):
@@ -261,37 +268,34 @@ def train(job: TrainJob) -> TrainResult:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 optimizer.zero_grad(set_to_none=True)
                 try:
-                    loss_value, logs, inputs = _accumulate(job, batch, requirements, teacher_slots, student_slots,
-                                                           forward_student, student_taps, scaler, device, step,
-                                                           steps_per_epoch, co_trained)
+                    inputs = _accumulate(job, batch, requirements, teacher_slots, student_slots, forward_student,
+                                         student_taps, scaler, device, step, steps_per_epoch, values, co_trained)
+                    _average_gradients(parameters)
+                    if job.train.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(parameters, job.train.grad_clip)
+                    scaler.step(optimizer)  # (with amp=fp16, torch's GradScaler reads its inf flag here)
+                    scaler.update()
+                    method.after_step(inputs)
                 except Exception as exc:
                     if faults.is_oom(exc):
                         raise faults.oom_error(exc, job.train.batch_size, world, job.train.grad_accum, step) from None
+                    values.raise_pending()  # a non-finite loss that came first is the error to report
                     raise
-                _average_gradients(parameters)
-                if job.train.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(parameters, job.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                method.after_step(inputs)
                 step += 1
                 if pause_at and step == pause_at and pause_rank in (None, dist_info.rank):
                     faults.pause_for_signal(job.out_dir, stop)
                 due_time = bool(job.train.checkpoint_every_minutes
                                 and time.monotonic() - last_ckpt_time > 60 * job.train.checkpoint_every_minutes)
-                log_keys = sorted(logs)
-                loss_sum, stop_votes, time_votes, bad_count, *log_sums = distributed.all_reduce_sum(
-                    [loss_value, float(stop.signal is not None), float(due_time), float(len(bad_images)),
-                     *(float(logs[key]) for key in log_keys)])
-                last_loss = loss_sum / world
-                logs = {key: value / world for key, value in zip(log_keys, log_sums)}  # metrics = mean over ranks
+                stop_votes, time_votes, bad_count = distributed.all_reduce_sum(
+                    [float(stop.signal is not None), float(due_time), float(len(bad_images))])
                 BadImages("train", len(job.dataset), job.data.max_bad_fraction, bad_images).check(int(bad_count))
                 batch_images = per_rank * world
                 images_seen += batch_images
                 log_images += batch_images
-                progress.update(step, last_loss, lr)
                 if step % job.train.log_every == 0 or step == last_step:
+                    last_loss, logs = _read_mean_over_ranks(values, world)
+                    progress.update(step, last_loss, lr)
                     now = time.monotonic()
                     rate = log_images / max(now - log_time, 1e-9)
                     cpu_now = time.process_time()  # this process's CPU time: a rate that machine load does not skew
@@ -301,6 +305,8 @@ def train(job: TrainJob) -> TrainResult:
                                    **{k: round(v, 6) for k, v in logs.items()}})
                     progress.log_line(step, last_loss, lr, rate)
                     log_time, log_images, log_cpu = now, 0, cpu_now
+                else:
+                    progress.update(step, None, lr)
                 due_steps = job.train.checkpoint_every_steps and step % job.train.checkpoint_every_steps == 0
                 if (due_steps or time_votes) and step < last_step:
                     save_checkpoint()
@@ -374,11 +380,20 @@ def _check_teacher_mode(name: str, requirements: Requirements, job: TrainJob) ->
     return co_trained
 
 
+def _read_mean_over_ranks(values: StepValues, world: int) -> tuple[float, dict[str, float]]:
+    """The step's loss and logs on the host, averaged over ranks (every rank calls this at the same steps)."""
+    loss, logs = values.read()
+    keys = sorted(logs)
+    loss_sum, *log_sums = distributed.all_reduce_sum([loss, *(logs[key] for key in keys)])
+    return loss_sum / world, {key: value / world for key, value in zip(keys, log_sums)}
+
+
 def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots, forward_student,
-                student_taps: TapRecorder, scaler, device, step: int, steps_per_epoch: int,
-                co_trained: bool = False) -> tuple[float, dict[str, float], MethodInputs]:
-    """Forward/backward over the micro-batches of this rank's batch; returns (mean loss, mean logs, inputs
-    of the whole batch for ``after_step``). Gradients are summed in ``.grad``, each micro-batch weighted 1/k."""
+                student_taps: TapRecorder, scaler, device, step: int, steps_per_epoch: int, values: StepValues,
+                co_trained: bool = False) -> MethodInputs:
+    """Forward/backward over the micro-batches of this rank's batch; hands the micro-batch losses and logs to
+    ``values`` (still on the device) and returns the inputs of the whole batch for ``after_step``. Gradients are
+    summed in ``.grad``, each micro-batch weighted 1/k."""
     views_uint8, _labels, index, stored, sources = batch
     neighbour_slots = _neighbour_slots(requirements)
     chunks = torch.arange(index.shape[0]).tensor_split(job.train.grad_accum)
@@ -398,18 +413,13 @@ def _accumulate(job: TrainJob, batch, requirements, teacher_slots, student_slots
                                   student_taps=taps, teacher=job.teacher if co_trained else None,
                                   steps_per_epoch=steps_per_epoch)
             loss, logs = job.method.loss(inputs)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step} (epoch {step // steps_per_epoch}); "
-                                "the last good checkpoint is kept",
-                                hint="lower train.lr, enable train.grad_clip, or use train.amp=bf16")
+        values.observe(loss, step)  # checked at the next read (log step, checkpoint), not here: no host sync
         scaler.scale(loss / job.train.grad_accum if job.train.grad_accum > 1 else loss).backward()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
         all_logs.append(logs)
         all_inputs.append(inputs)
-    if len(all_inputs) == 1:
-        return losses[0], all_logs[0], all_inputs[0]
-    mean_logs = {key: sum(log[key] for log in all_logs) / len(all_logs) for key in all_logs[0]}
-    return sum(losses) / len(losses), mean_logs, merge_inputs(all_inputs)
+    values.set_step(losses, all_logs)
+    return all_inputs[0] if len(all_inputs) == 1 else merge_inputs(all_inputs)
 
 
 def _to_device(images: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -76,9 +76,13 @@ class Progress:
         if self.bar is not None:
             self.bar.__exit__(*exc)
 
-    def update(self, step: int, loss: float, lr: float) -> None:
+    def update(self, step: int, loss: float | None, lr: float) -> None:
+        """Advance the bar; ``loss`` is read from the device at log steps only (None: keep the last one shown)."""
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss)
+            if loss is None:
+                self.bar.update(self.task, completed=step)
+            else:
+                self.bar.update(self.task, completed=step, loss=loss)
 
     def log_line(self, step: int, loss: float, lr: float, rate: float) -> None:
         if self.bar is not None:

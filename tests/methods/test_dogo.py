@@ -81,6 +81,7 @@ def test_method_loss_combines_both_networks() -> None:
     inputs = make_inputs(method, student, [teacher], images)
     assert [out is None for out in inputs.teacher_outputs] == [True, True, False, False]  # own views per network
     loss, logs = method.loss(inputs)
+    logs = {key: float(value) for key, value in logs.items()}
     assert float(loss.detach()) == pytest.approx(logs["ssl_s"] + 3.0 * logs["kl_s"] + logs["ssl_t"] + 0.5 * logs["kl_t"],
                                         rel=1e-12)
     loss.backward()

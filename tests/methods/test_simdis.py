@@ -79,6 +79,7 @@ def test_offline_loss_uses_teacher_projection_for_t_and_tema() -> None:
     images = [i.double() for i in make_images(method, 4, 16)]
     inputs = make_inputs(method, student, [teacher], images)
     loss, logs = method.loss(inputs)
+    logs = {key: float(value) for key, value in logs.items()}
     with torch.no_grad():
         z = [method.head(student(img)) for img in images]
         sources = {"own": [v.tolist() for v in z], "ema": [method.target(img).tolist() for img in images],
@@ -101,6 +102,7 @@ def test_online_adds_the_teachers_byol_loss() -> None:
                           index=torch.arange(4), epoch=0.0, step=0, total_epochs=2, student=student,
                           teacher=type("T", (), {"backbone": dims.backbone})(), steps_per_epoch=3)
     loss, logs = method.loss(inputs)
+    logs = {key: float(value) for key, value in logs.items()}
     with torch.no_grad():
         tz = [method.teacher_head(out["pooled"]) for out in outputs]
         tema = [method.teacher_ema(img).tolist() for img in images]
