@@ -32,3 +32,22 @@ def test_random_weights_mode_needs_no_shared_data_and_records_forms_and_graphs(t
         assert row["repeats"] == 2 and row["p50_ms"] > 0 and row["cpu_p50_ms"] > 0
         if fmt == "onnx":
             assert row["speedup_vs_onnx_fp32"] == 1.0 and row["speedup_vs_onnx_fp32_cpu"] == 1.0
+
+
+def test_export_table_and_targets_carry_cpu_time_speedups() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from export_bench import aggregate, targets
+
+    def row(fmt, p50, cpu, speedup, speedup_cpu, gate="passed"):
+        return {"format": fmt, "batch": 1, "p50_ms": p50, "p90_ms": p50, "images_per_sec": 1000 / p50, "gate": gate,
+                "cpu_p50_ms": cpu, "speedup_vs_onnx_fp32": speedup, "speedup_vs_onnx_fp32_cpu": speedup_cpu}
+
+    invocations = [{"results": [row("onnx", 1.0, 0.5, 1.0, 1.0), row("onnx-int8", 0.25, 0.25, 4.0, 2.0)]},
+                   {"results": [row("onnx", 0.6, 0.5, 1.0, 1.0), row("onnx-int8", 0.3, 0.25, 2.0, 2.0)]}]
+    table = aggregate(invocations)
+    assert table["onnx-int8@1"]["cpu_p50_ms"]["median"] == 0.25
+    assert table["onnx-int8@1"]["speedup_vs_onnx_fp32_cpu"]["values"] == [2.0, 2.0]
+    report = {"onnx-int8": {"form": "qdq-u8s8", "parity": {"passed": True}, "accuracy": {"drop": 0.1, "passed": True}}}
+    out = targets(table, report, [1])
+    assert out["int8_vs_onnx_b1"] == 3.0 and out["int8_vs_onnx_b1_cpu"] == 2.0
+    assert out["fastest_b1"]["format"] == "onnx-int8" and out["fastest_b1"]["speedup_vs_onnx_fp32_cpu"] == 2.0
