@@ -255,12 +255,12 @@ def plan(spec: ProtocolSpec, inputs: ProtocolInputs) -> Plan:
 
     if launched_by_torchrun():  # every rank would run (and write) every cell and floor
         raise UsageError("distillctl protocol run runs in one process; launch it without torchrun",
-                         hint="set the protocol's train.device to a GPU; cells run one after another")
+                         hint="pass --device cuda; the cells run one after another on it")
     device = resolve_device(inputs.device)
     if not (device == "cpu" or device.startswith("cuda")):
         raise UsageError(f"unknown device '{inputs.device}'; valid: auto, cpu, cuda, cuda:N")
-    methods = list(inputs.methods or spec.grid.methods)
-    archs = _check_grid(methods, list(inputs.archs or spec.grid.archs))
+    methods = list(dict.fromkeys(inputs.methods or spec.grid.methods))
+    archs = list(dict.fromkeys(_check_grid(methods, list(inputs.archs or spec.grid.archs))))  # aliases folded
     image_size = inputs.image_size or spec.data.image_size
     for arch in archs:
         check_image_size(image_size, arch, student_stride(arch))

@@ -41,6 +41,8 @@ def test_wheel_and_sdist_carry_recipes_registry_and_indexes(built):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"distillctl/recipes/{name}" for name in _recipes()} <= names
     assert {"distillctl/teachers/registry.yaml", "distillctl/method_catalogue.json"} <= names
+    protocols = {f"distillctl/recipes/protocols/{path.name}" for path in (REPO / "recipes" / "protocols").glob("*.yaml")}
+    assert protocols and protocols <= names  # distillctl protocol list/run work from an installed wheel
     with tarfile.open(sdist) as archive:
         members = {member.name.split("/", 1)[1]: member for member in archive.getmembers() if "/" in member.name}
     assert {f"distillctl/recipes/{name}" for name in _recipes()} <= set(members)

@@ -92,6 +92,11 @@ def test_plan_applies_overrides_and_budget(tmp_path: Path) -> None:
                                     "flip": False}
     assert planned.run_dir(planned.cells[1]) == tmp_path / "out" / "runs" / "byol__tv-squeezenet1_1"
     assert not (tmp_path / "out").exists()  # planning writes nothing
+    # an ImageFolder is pre-training data too (its labels are ignored); an alias and its name are one arch
+    labelled = plan(spec, ProtocolInputs(data=data["eval_train"], eval_train=data["eval_train"],
+                                         eval_val=data["eval_val"], out=tmp_path / "out",
+                                         archs=("squeezenet", "tv:squeezenet1_1"), methods=("byol", "byol")))
+    assert labelled.dataset_size == 24 and [(c.method, c.arch) for c in labelled.cells] == [("byol", "tv:squeezenet1_1")]
 
 
 @pytest.mark.parametrize("change, error, fragment", [
