@@ -46,17 +46,18 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp16": Tolerance("fp16", max_abs=1e-2, abs_floor=0.0, min_cosine=0.9995, mean_cosine=0.9999),
     # INT8: the task gate (kNN drop within --max-drop) decides deployability; this cosine floor only
     # catches broken quantization that a small kNN test set could miss. See INT8_FLOOR_SOURCE.
-    "int8": Tolerance("int8", mean_cosine=0.98, p1_cosine=0.95),
+    "int8": Tolerance("int8", mean_cosine=0.98, p1_cosine=0.90),
 }
 
 
 INT8_FLOOR_SOURCE = (
-    "INT8 cosine floor (mean >= 0.98, p1 >= 0.95 on held-out images), from measured distributions: every "
+    "INT8 cosine floor (mean >= 0.98, p1 >= 0.90 on held-out images), from measured distributions: every "
     "well-calibrated INT8 artefact of the 64 px MobileNetV2 benchmark student (compress-1q, 30,000 images seen; 4 "
     "forms x 3 calibration methods, 512 calibration images) had mean 0.9917-0.9952 and p1 0.9637-0.9796, its NNCF "
-    "OpenVINO INT8 mean 0.989-0.992 and p1 0.954-0.968, and the issue-15 compress-1q student p1 0.9665 with INT8 kNN 0.7 points "
-    "better than fp32; broken calibration (entropy clipping the pooled embedding and ReLU6 outputs) had mean 0.64 and "
-    "p1 0.18. The earlier 0.99/0.98 came from random-weight models (export_cache_data.md §A.2) and failed INT8 "
+    "OpenVINO INT8 mean 0.989-0.992 and p1 0.954-0.968, the issue-15 compress-1q student p1 0.9665 with INT8 kNN 0.7 "
+    "points better than fp32, and the ega student at 120,000 images (fully INT8, minmax/percentile/entropy) mean "
+    "0.9976-0.9982 and p1 0.920-0.941 with INT8 kNN better than fp32; broken calibration (entropy clipping the pooled "
+    "embedding and ReLU6 outputs) had mean 0.64 and p1 0.18. The earlier 0.99/0.98 and 0.98/0.95 floors failed INT8 "
     "students whose kNN was better than fp32. The kNN budget decides; the floor catches broken quantization."
 )
 
