@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from distillctl import schemas
 from distillctl.errors import InputError, UsageError
 from distillctl.protocol import ProtocolInputs, budget_schedule, find_protocol, load_protocol, plan
 from distillctl.protocol_results import render_markdown
@@ -200,6 +201,7 @@ def test_end_to_end_table_comes_from_the_runs(finished: dict) -> None:
         assert summary["train"]["images_seen"] == row["images_seen"] == 64  # the budget
         assert summary["student"]["arch"] == row["arch"] and summary["method"] == row["method"]
         assert recorded["data"]["n_train"] == 24 and recorded["data"]["n_val"] == 12
+        schemas.validate(summary, "summary")  # the protocol key is part of the documented summary
         assert 0.0 <= row["knn_top1"] <= 100.0 and 0.0 <= row["linear_top1"] <= 100.0
         config = json.loads((Path(row["run_dir"]) / "student" / "config.json").read_text())
         assert config["library"] == ("torchvision" if row["arch"].startswith("tv:") else "timm")
