@@ -243,8 +243,9 @@ def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, arg
 
     student_dim = _student_dim(student)
     requirements = build_method(method, {}, student_dim, teacher_dims).requirements(args.image_size)
-    teacher_views = [view.spec for view in requirements.views if view.teacher]
-    key = {"teacher": teacher_key, "spec": spec_dict(teacher_views[0]) if teacher_views else None,
+    # the spec the pipeline stores in the cache (distillctl/pipeline.py): the first teacher view, else the first view
+    teacher_views = [view.spec for view in requirements.views if view.teacher] or [requirements.views[0].spec]
+    key = {"teacher": teacher_key, "spec": spec_dict(teacher_views[0]),
            "outputs": sorted(requirements.teacher_outputs), "views": args.cache_views, "seed": args.seed,
            "size": args.image_size}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

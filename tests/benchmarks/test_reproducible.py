@@ -220,3 +220,21 @@ def test_cells_of_another_preset_are_never_reused(tmp_path, monkeypatch):
     summary["recipe"]["method"]["preset"] = "auto"
     (quality.cell_dir(cell) / "summary.json").write_text(json.dumps(summary))
     assert quality.finished(cell, 468) == summary
+
+
+def test_methods_share_a_feature_cache_only_when_the_pipeline_would_store_the_same_views():
+    """rekd (moco-v2 views, no teacher-only view) and noroozi-kt (weak views) once got one cache directory, and the
+    second cell stopped with exit 3 ('does not match this run'): the key follows the pipeline's stored spec."""
+    import argparse
+
+    import quality
+
+    from distillctl.methods.base import TeacherDims
+
+    args = argparse.Namespace(cache_views=4, seed=0, image_size=64)
+
+    def cache(method: str) -> str:
+        return quality.cache_dir_for(method, "sup", TeacherDims(512, None), "mobilenetv2_100", args).name
+
+    assert cache("rekd") != cache("noroozi-kt")
+    assert cache("rekd") == cache("protocpc")  # both store moco-v2 views of the same teacher output
