@@ -7,7 +7,9 @@ student's attention maps of a chosen block to the teacher's head count; the loss
 
 The masked encoder forward runs here, inside the method, on the student backbone the trainer passes in
 (``MethodInputs.student``): it is the forward that trains the student, and the attention maps are recorded from
-it with the ``attn:<b>`` tap hook (no second pass). The trainer's own unmasked student forward is not used.
+it with the ``attn:<b>`` tap hook (no second pass). The view is therefore declared ``student=False`` (and, for
+MAE-lite, ``teacher=False``): the trainer runs no unmasked student or teacher forward of its own, which would be
+unused work (a ViT without dropout or BatchNorm, so skipping them leaves every loss and weight unchanged).
 """
 
 from __future__ import annotations
@@ -180,8 +182,6 @@ class MAE(Method):
     assumptions = (
         "Masking noise comes from a per-step generator (step, rank), so a resumed run masks exactly as the "
         "uninterrupted one (officially torch.rand).",
-        "The trainer's unmasked student forward still runs (its output is unused): the cost of one extra encoder "
-        "pass on the visible-plus-masked image.",
     )
     Params: ClassVar[type[MethodParams]] = MAEParams
     kind: ClassVar[str] = "ssl"
@@ -203,7 +203,9 @@ class MAE(Method):
 
     def requirements(self, image_size: int) -> Requirements:
         view = crop_view(self.params, image_size, "weak")
-        return Requirements(views=(MethodView(view, teacher=False),), teacher_outputs=frozenset(), teacher_mode="none")
+        # student=False: the masked encoder pass in loss() is the student's forward; the trainer's would be unused
+        return Requirements(views=(MethodView(view, teacher=False, student=False),), teacher_outputs=frozenset(),
+                            teacher_mode="none")
 
     def _masking(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids_keep, ids_restore, mask with 1 = removed) for this step's batch."""
@@ -290,7 +292,10 @@ class MAELite(MAE):
 
     def requirements(self, image_size: int) -> Requirements:
         view = crop_view(self.params, image_size, "weak")
-        return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({"pooled"}), teacher_mode="online")
+        # the teacher runs online inside loss() on the student's visible tokens; the trainer's own unmasked student
+        # and teacher forwards would be unused, so the view goes through neither
+        return Requirements(views=(MethodView(view, teacher=False, student=False),), teacher_outputs=frozenset(),
+                            teacher_mode="online")
 
     def attention_loss(self, student_attention: torch.Tensor, teacher_attention: torch.Tensor) -> torch.Tensor:
         """MSE(adapter(A_S), A_T) over batch, heads and both token axes."""
