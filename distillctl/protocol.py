@@ -272,6 +272,10 @@ def plan(spec: ProtocolSpec, inputs: ProtocolInputs) -> Plan:
     if inputs.out.exists() and not inputs.out.is_dir():
         raise InputError(f"--out {inputs.out} is a file, not a directory")
     pretrain_data = open_dataset(inputs.data, "train")
+    batch = int(spec.train.get("batch_size", 256))
+    if len(pretrain_data) < batch:
+        raise InputError(f"--data {inputs.data} has {len(pretrain_data)} images, fewer than one batch of {batch}",
+                         hint="use more images, or a protocol file with a smaller train.batch_size")
     splits = labelled_splits(inputs.eval_train, inputs.eval_val)
     if len(splits.train.classes) < 2:
         raise InputError(f"--eval-train {inputs.eval_train} has {len(splits.train.classes)} class; the labelled "

@@ -116,6 +116,13 @@ def test_plan_refuses_bad_input(tmp_path: Path, change: dict, error: type, fragm
     assert not (tmp_path / "out").exists()
 
 
+def test_fewer_images_than_a_batch_is_refused_up_front(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data")
+    with pytest.raises(InputError, match="has 12 images, fewer than one batch of 16"):
+        plan(load_protocol("lightweight-ssl_cpu"), ProtocolInputs(**{**data, "data": data["eval_val"]},
+                                                                  out=tmp_path / "out"))
+
+
 def test_flat_evaluation_split_is_refused(tmp_path: Path) -> None:
     data = make_data(tmp_path / "data")
     with pytest.raises(InputError, match="two or more class folders"):
