@@ -17,7 +17,8 @@ Expected ratio (issue 15 target: the measured online/cached epoch ratio within 1
 interleaved with the epochs, the teacher's forward alone and the student's training step alone are timed on
 batches already in memory (no data path, no lookup), and (teacher + student) / student is what online/cached
 would be if data and lookup cost nothing. ``expected_ratio`` in the JSON holds both times, the ratio, the measured
-ratios beside it and whether each is within the tolerance.
+ratios beside it and whether each is within the tolerance; ``expected_ratio.cpu_time`` repeats all of it by this
+process's CPU time, which a loaded shared machine does not inflate (with ``--threads 1`` it is the compute itself).
 
 Example: python benchmarks/cache_bench.py --images 256 --image-size 64 --views 2
 """
@@ -72,12 +73,14 @@ def _sync(device: torch.device) -> None:
 
 
 class Timer:
-    """Accumulates wall time per named phase (synchronising CUDA so GPU work is attributed correctly)."""
+    """Accumulates wall time per named phase (synchronising CUDA so GPU work is attributed correctly), and this
+    process's CPU time per batch beside it (all its threads; what other jobs' load does not inflate)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.totals: dict[str, float] = {}
         self.per_batch: dict[str, list[float]] = {}
+        self.cpu_per_batch: dict[str, list[float]] = {}
 
     def phase(self, name: str):
         timer = self
@@ -85,13 +88,14 @@ class Timer:
         class _Phase:
             def __enter__(self):
                 _sync(timer.device)
-                self.start = time.perf_counter()
+                self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
             def __exit__(self, *exc):
                 _sync(timer.device)
                 elapsed = time.perf_counter() - self.start
                 timer.totals[name] = timer.totals.get(name, 0.0) + elapsed
                 timer.per_batch.setdefault(name, []).append(elapsed)
+                timer.cpu_per_batch.setdefault(name, []).append(time.process_time() - self.cpu_start)
 
         return _Phase()
 
@@ -113,10 +117,29 @@ def ratio_verdict(measured: float, expected: float, tolerance: float = TARGET_TO
             "within_target": abs(deviation) <= tolerance}
 
 
+def cpu_time_verdicts(runs: dict[str, list[dict]], alone_cpu: dict[str, list[float]]) -> dict:
+    """The expected ratio and both verdicts again by process CPU time (a shared machine's load moves wall time,
+    not this): median CPU seconds per batch alone; fastest-CPU epochs; and online/cached from the epochs'
+    median per-batch CPU times of data + teacher or lookup + student."""
+    teacher, student = float(np.median(alone_cpu["teacher"])), float(np.median(alone_cpu["student"]))
+    expected = expected_online_over_cached(teacher, student)
+
+    def median(phase: str, mode: str) -> float:
+        return float(np.median([t for r in runs[mode] for t in r["cpu_per_batch"].get(phase, [])]))
+
+    online = sum(median(phase, "online") for phase in ("data", "teacher", "student"))
+    cached = sum(median(phase, "cached") for phase in ("data", "lookup", "student"))
+    epochs = min(r["cpu_seconds"] for r in runs["online"]) / min(r["cpu_seconds"] for r in runs["cached"])
+    return {"teacher_forward_alone_cpu_s_per_batch": round(teacher, 5),
+            "student_step_alone_cpu_s_per_batch": round(student, 5),
+            "expected_online_over_cached": round(expected, 3),
+            "epochs": ratio_verdict(epochs, expected), "median_per_batch": ratio_verdict(online / cached, expected)}
+
+
 def time_alone(kind: str, images: list[torch.Tensor], teacher: Teacher, student: torch.nn.Module,
                head: torch.nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
-               device: torch.device) -> list[float]:
-    """Seconds per batch of the teacher's forward alone (``kind="teacher"``) or the student's training step alone
+               device: torch.device) -> tuple[list[float], list[float]]:
+    """(wall, CPU) seconds per batch of the teacher's forward alone (``kind="teacher"``) or the student's training step alone
     (``"student"``: forward, regression loss to a fixed target, backward, SGD step), as ``run_epoch`` runs them,
     on batches already normalised on the device."""
     timer = Timer(device)
@@ -135,7 +158,7 @@ def time_alone(kind: str, images: list[torch.Tensor], teacher: Teacher, student:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-    return timer.per_batch[kind]
+    return timer.per_batch[kind], timer.cpu_per_batch[kind]
 
 
 def memory_batches(cache: FeatureCache, dataset, args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
@@ -160,7 +183,7 @@ def run_epoch(mode: str, cache: FeatureCache, dataset, teacher: Teacher, student
                               enabled=args.amp != "none")
     fixed_target = torch.randn(args.batch_size, cache.outputs["pooled"], device=device)
     batches = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for start in range(0, len(order), args.batch_size):
         index = order[start:start + args.batch_size]
         k = views_k[index]
@@ -187,9 +210,11 @@ def run_epoch(mode: str, cache: FeatureCache, dataset, teacher: Teacher, student
         if max_batches is not None and batches >= max_batches:
             break
     _sync(device)
-    return {"seconds": time.perf_counter() - started, "batches": batches,
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+            "batches": batches,
             **{f"{name}_s": round(value, 4) for name, value in timer.totals.items()},
-            "per_batch": {name: [round(v, 5) for v in values] for name, values in timer.per_batch.items()}}
+            "per_batch": {name: [round(v, 5) for v in values] for name, values in timer.per_batch.items()},
+            "cpu_per_batch": {name: [round(v, 5) for v in values] for name, values in timer.cpu_per_batch.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             run_epoch(mode, cache, dataset, teacher, student, head, optimizer, args, device, epoch=0, max_batches=2)
         runs: dict[str, list[dict]] = {mode: [] for mode in modes}
         alone: dict[str, list[float]] = {"teacher": [], "student": []}
+        alone_cpu: dict[str, list[float]] = {"teacher": [], "student": []}
         for repeat in range(args.repeats):
             for mode in (modes if repeat % 2 == 0 else modes[::-1]):
                 result = run_epoch(mode, cache, dataset, teacher, student, head, optimizer, args, device, epoch=repeat + 1)
@@ -239,7 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
                       + " ".join(f"{k}={v:.2f}" for k, v in result.items() if k.endswith("_s")), file=sys.stderr,
                       flush=True)
             for kind in (("teacher", "student") if repeat % 2 == 0 else ("student", "teacher")):
-                alone[kind] += time_alone(kind, in_memory, teacher, student, head, optimizer, args, device)
+                wall, cpu = time_alone(kind, in_memory, teacher, student, head, optimizer, args, device)
+                alone[kind] += wall
+                alone_cpu[kind] += cpu
                 print(f"{kind:8s} alone, repeat {repeat + 1}: median {np.median(alone[kind]) * 1e3:.1f} ms/batch",
                       file=sys.stderr, flush=True)
 
@@ -267,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": ratio_verdict(best["online"]["seconds"] / best["cached"]["seconds"], expected),
         "median_per_batch": ratio_verdict(batch_ratio, expected),
         "protocol": "median seconds per batch over every timed repeat, same batches, in-memory (no data path)",
+        "cpu_time": cpu_time_verdicts(runs, alone_cpu),
     }
     result = {
         "benchmark": "cache_bench",

@@ -49,10 +49,26 @@ def test_time_alone_times_one_call_per_batch_and_trains_only_the_student():
     teacher_before = {k: v.clone() for k, v in backbone.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
 
-    times = cache_bench.time_alone("teacher", batches, teacher, student, head, optimizer, args, torch.device("cpu"))
-    assert len(times) == 3 and all(t > 0 for t in times)
+    wall, cpu = cache_bench.time_alone("teacher", batches, teacher, student, head, optimizer, args, torch.device("cpu"))
+    assert len(wall) == len(cpu) == 3 and all(t > 0 for t in wall) and all(t >= 0 for t in cpu)
     assert all(torch.equal(student_before[k], v) for k, v in student.state_dict().items())  # teacher only
-    times = cache_bench.time_alone("student", batches, teacher, student, head, optimizer, args, torch.device("cpu"))
-    assert len(times) == 3 and all(t > 0 for t in times)
+    wall, cpu = cache_bench.time_alone("student", batches, teacher, student, head, optimizer, args, torch.device("cpu"))
+    assert len(wall) == len(cpu) == 3 and all(t > 0 for t in wall) and all(t >= 0 for t in cpu)
     assert all(torch.equal(teacher_before[k], v) for k, v in backbone.state_dict().items())
     assert not all(torch.equal(student_before[k], v) for k, v in student.state_dict().items())  # steps were taken
+
+
+def test_cpu_time_verdicts_use_median_phases_and_fastest_epochs():
+    def epoch(cpu_seconds, **phases):
+        return {"cpu_seconds": cpu_seconds, "cpu_per_batch": phases}
+
+    runs = {"online": [epoch(9.0, data=[0.1, 0.1, 0.3], teacher=[2.0, 3.0, 9.0], student=[2.0, 2.0, 2.0]),
+                       epoch(8.0, data=[0.1], teacher=[3.0], student=[2.0])],
+            "cached": [epoch(5.0, data=[0.1, 0.1], lookup=[0.0, 0.0], student=[2.0, 2.0]),
+                       epoch(4.0, data=[0.1], lookup=[0.0], student=[1.9])]}
+    verdict = cache_bench.cpu_time_verdicts(runs, {"teacher": [3.0, 2.0, 4.0], "student": [2.0, 1.0, 2.0]})
+    assert verdict["expected_online_over_cached"] == 2.5  # (3 + 2) / 2, medians
+    assert verdict["epochs"]["measured"] == 2.0 and verdict["epochs"]["within_target"] is False  # 8 / 4
+    # medians: online 0.1 + 3.0 + 2.0 = 5.1, cached 0.1 + 0.0 + 2.0 = 2.1
+    assert verdict["median_per_batch"]["measured"] == round(5.1 / 2.1, 3)
+    assert verdict["median_per_batch"]["within_target"] is True  # 2.429 is -2.9 % from 2.5
