@@ -253,3 +253,30 @@ def test_dense_suite_quick_runs_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert ": distillctl " not in again.stderr  # every cell, teacher and probe was found finished
     assert json.loads((tmp_path / "results" / "quality_dense_quick.json").read_text())["rows"] == rows
+
+
+def test_reference_cell_reuses_the_finished_table_cell(tmp_path, monkeypatch):
+    """compress-1q is dense-probed from the quality table's own cell (one from before method.preset included) with
+    the command it ran with, instead of being trained again; without one it is a new cell."""
+    import quality
+
+    monkeypatch.setattr(quality, "WORK", tmp_path / "work")
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    args = quality.parse_args(["--suite", "dense"])
+    data = {"train_images": 10_000}
+    cell = next(c for c in quality.plan_dense_cells(args, METHODS) if c.get("role") == "reference")
+    assert quality.reuse_table_cell(cell, args, data) == cell  # nothing finished: trained by the suite
+    legacy = tmp_path / "work" / "quality" / "mobilenetv2_100" / "sup" / "compress-1q-30000"
+    legacy.mkdir(parents=True)
+    summary = {"recipe": {"train": {"max_steps": 468}, "method": {}}, "student": {"knn_top1": 37.6},
+               "train": {"steps": 468}}
+    (legacy / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "quality.json").write_text(json.dumps(
+        {"rows": {"mobilenetv2_100/sup/compress-1q-30000": {"command": "distillctl run --method compress-1q --lr 0.05"}}}))
+    reused = quality.reuse_table_cell(cell, args, data)
+    assert reused["dir"] == str(legacy) and reused["preset"] is None
+    assert reused["recorded_command"] == "distillctl run --method compress-1q --lr 0.05"
+    summary["train"]["steps"] = 100  # an unfinished cell is not reused
+    (legacy / "summary.json").write_text(json.dumps(summary))
+    assert quality.reuse_table_cell(cell, args, data) == cell
