@@ -842,9 +842,10 @@ def dense_main(args, argv, data: dict, pre: dict, methods: list[dict], out: Path
     save = start_saving(result, out, base_elapsed, started)
     run_cells([c for c in cells if c["teacher"] == "sup"], args, data, pre, teachers, result, log_path, save)
     for name, row in dense_reference_rows(args, data, pre, log_path, cells).items():
-        with RESULT_LOCK:
-            result["reference"][name] = row
-        save()
+        if set(row) - {"name"}:  # --collect leaves a reference that has not run as it was
+            with RESULT_LOCK:
+                result["reference"][name] = row
+    save()
     try:
         vit = ssl_teacher(args, data, pre, log_path, args.vit_teacher)
         row = {**vit["row"], "dense": cell_dense(Path(teacher_cell(args, args.vit_teacher)["dir"]), args, data, log_path)}
@@ -885,8 +886,8 @@ def dense_reference_rows(args, data: dict, pre: dict, log_path: Path, cells: lis
             if record:
                 row[f"{kind}_top1"] = _knn_top1(record["result"]) if kind == "knn" else record["result"]["linear"]["top1"]
                 row[f"{kind}_command"] = record["command"]
-        row["dense"] = cell_dense(Path(f"{stem}-dense"), args, data, log_path, extra=tuple(target))
-        rows[name] = row
+        dense = cell_dense(Path(f"{stem}-dense"), args, data, log_path, extra=tuple(target))
+        rows[name] = {**row, **({"dense": dense} if dense else {})}
     return rows
 
 
