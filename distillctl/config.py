@@ -327,13 +327,18 @@ def find_recipe(name_or_path: str) -> Path:
     raise unknown_name("recipe", name_or_path, [p.stem for p in list_recipes()])
 
 
-def list_recipes() -> list[Path]:
+def yaml_files(directories: list[Path]) -> list[Path]:
+    """The ``*.yaml`` files of ``directories`` by name; a name in an earlier directory shadows a later one."""
     seen: dict[str, Path] = {}
-    for directory in recipe_search_dirs():
+    for directory in directories:
         if directory.is_dir():
             for path in sorted(directory.glob("*.yaml")):
                 seen.setdefault(path.stem, path)
     return [seen[k] for k in sorted(seen)]
+
+
+def list_recipes() -> list[Path]:
+    return yaml_files(recipe_search_dirs())
 
 
 def read_yaml(path: Path) -> dict:

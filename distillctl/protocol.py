@@ -139,12 +139,9 @@ def protocol_dirs() -> list[Path]:
 
 
 def list_protocols() -> list[Path]:
-    seen: dict[str, Path] = {}
-    for directory in protocol_dirs():
-        if directory.is_dir():
-            for path in sorted(directory.glob("*.yaml")):
-                seen.setdefault(path.stem, path)
-    return [seen[name] for name in sorted(seen)]
+    from distillctl.config import yaml_files
+
+    return yaml_files(protocol_dirs())
 
 
 def find_protocol(name_or_path: str) -> Path:
