@@ -246,6 +246,20 @@ def _student_kwargs(recipe: Recipe, requirements=None) -> dict:
     return student_model_kwargs(resolve_arch(recipe.student.arch), recipe.data.image_size, sizes, recipe.student.kwargs)
 
 
+def _check_method_fits(recipe: Recipe, teacher: Teacher | None) -> None:
+    """Build the student and the method once on a forked RNG and resolve the student's taps, so a method that
+    cannot run on this student (a feature-map tap on a model without feature stages, ...) exits 2 before the run
+    directory is written. The run builds both again from the run seed; nothing here touches its RNG."""
+    from distillctl.taps import check_taps
+
+    with torch.random.fork_rng(devices=[]):
+        student = create_backbone(recipe.student.arch, model_kwargs=_student_kwargs(recipe))
+        method = build_method(recipe.method.name, recipe.method.typed_params, feature_dim(student),
+                              _teacher_dims(teacher))
+        requirements = method.requirements(recipe.data.image_size)
+        check_taps(student, requirements.student_taps, f"method {method.name}, student {recipe.student.arch}")
+
+
 def _fit_student_to_views(student, recipe: Recipe, requirements):
     """Refuse sizes a ViT student cannot take; rebuild it with a dynamic grid when views come in several sizes
     (same seed and RNG state, so its initial weights are the ones it would have had)."""
@@ -352,6 +366,7 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     if teacher is not None:  # a ViT teacher's position embeddings follow the run's image size (recorded)
         adapt_teacher(teacher, recipe.data.image_size, None if options.quiet or not distributed.info().is_main
                       else log.info)
+    _check_method_fits(recipe, teacher)  # before anything is written
     distributed.main_first(run.write_recipe, recipe)
     mean = tuple(recipe.data.mean or (teacher.preprocess.mean if teacher else IMAGENET_MEAN))
     std = tuple(recipe.data.std or (teacher.preprocess.std if teacher else IMAGENET_STD))

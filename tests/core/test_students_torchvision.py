@@ -151,3 +151,16 @@ def test_unknown_torchvision_name_cli_exit_2(tmp_path: Path) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "unknown torchvision student architecture 'tv:squeezenet9'" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_feature_map_method_on_a_torchvision_student_exits_2_before_writing(tiny_teacher_file: Path,
+                                                                              tmp_path: Path) -> None:
+    """pcd taps the student's last feature stage, which only timm models describe: refused before the run
+    directory exists (it used to be written first: manifest, recipe, summary)."""
+    result = run_cli("run", "--method", "pcd", "--student", "shufflenetv2", "--teacher", str(tiny_teacher_file),
+                     "--teacher-arch", "resnet18", "--data", "builtin:digits", "--image-size", "32", "--epochs", "1",
+                     "--out", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "method pcd, student shufflenetv2: tap 'stage:-1'" in errors[0]
+    assert not (tmp_path / "run").exists()
