@@ -208,6 +208,9 @@ class Method(nn.Module):
     # True: queue rows serve as contrastive negatives (InfoNCE), so a queue longer than the training set holds
     # stale copies of the current image among them; False for queues of soft-target anchors (SEED, CompRess)
     queue_negatives: ClassVar[bool] = False
+    # True: loss() runs the networks itself (e.g. MAE's masked encoder pass on the visible tokens, and MAE-lite's
+    # teacher on the same tokens), so its views go through neither trainer forward and it asks for no teacher outputs
+    own_forwards: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, student_dim: int, teacher_dims: TeacherDims | None) -> None:
         super().__init__()

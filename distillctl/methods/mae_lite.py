@@ -186,6 +186,7 @@ class MAE(Method):
     Params: ClassVar[type[MethodParams]] = MAEParams
     kind: ClassVar[str] = "ssl"
     vit_only: ClassVar[bool] = True
+    own_forwards: ClassVar[bool] = True  # the masked encoder pass in loss() is the student's forward
 
     def __init__(self, params: MAEParams, student_dim: int, teacher_dims) -> None:
         super().__init__(params, student_dim, teacher_dims)
