@@ -444,6 +444,10 @@ def dense_section(d: dict | None) -> str:
                      *dense_cols(r), _grid(r), ("≈" if r.get("train_wall_estimated") else "") + num(r.get("train_wall_s"), 0),
                      num(r.get("images_per_sec"), 0)])
     out += [table(header, rows), ""]
+    if cfg.get("vit_teacher") and not any(r.get("teacher") == "vit" for r in cells):
+        out += [f"Not run yet: the ViT teacher `{cfg['vit_teacher']}` (`distillctl pretrain`, rebuilt by the suite) and "
+                "the cells distilled from it (AttnDistill and MAE-lite by default); the suite command below resumes "
+                "them and skips every finished cell.", ""]
     failed = [r for r in cells if ((r.get("dense") or {}).get("error"))]
     for r in failed:
         out.append(f"- dense probe of {label(r)} failed: {r['dense']['error']}")
