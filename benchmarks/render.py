@@ -928,12 +928,19 @@ def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
     return merged
 
 
-def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path | None = None,
-           readme: Path | None = None) -> str:
-    q, s, e = load(results, "quality.json"), load(results, "speed.json"), load(results, "export.json")
-    for extra in sorted(results.glob("quality_*.json")):  # cells run as separate processes (not --quick)
+def table_quality(results: Path) -> dict | None:
+    """The main table's results: quality.json merged with the cells run as separate invocations
+    (quality_*.json), without the --quick smoke run and the dense suite (its own section)."""
+    q = load(results, "quality.json")
+    for extra in sorted(results.glob("quality_*.json")):
         if extra.name != "quality_quick.json" and not extra.name.startswith("quality_dense"):
             q = merge_quality(q, load(results, extra.name))
+    return q
+
+
+def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path | None = None,
+           readme: Path | None = None) -> str:
+    q, s, e = table_quality(results), load(results, "speed.json"), load(results, "export.json")
     cache_bench = load(results, "cache_bench_cifar10.json") or load(results, "cache_bench.json")
     gpu = load(results, "gpu_check.json")
     dense = load(results, DENSE_RESULTS)

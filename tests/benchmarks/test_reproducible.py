@@ -179,10 +179,7 @@ def test_packaged_table_matches_results_md():
     import render
 
     shipped = json.loads((REPO / "distillctl" / "methods" / "measured.json").read_text())
-    q = render.load(BENCH / "results", "quality.json")
-    for extra in sorted((BENCH / "results").glob("quality_*.json")):
-        if extra.name != "quality_quick.json":
-            q = render.merge_quality(q, render.load(BENCH / "results", extra.name))
+    q = render.table_quality(BENCH / "results")
     assert shipped == json.loads(json.dumps(render.measured_data(q, render.quality_facts(q))))
 
 
