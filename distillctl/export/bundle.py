@@ -156,18 +156,18 @@ def _entry(path: Path) -> dict[str, Any]:
 
 
 def _runner(path: Path):
-    """The CPU runner of one artefact (ONNX Runtime, or OpenVINO for an IR); None when its runtime is missing."""
+    """(CPU runner of one artefact, None) for ONNX Runtime or OpenVINO; (None, why) when its runtime is missing."""
     from distillctl.export.parity import ort_runner
 
     if path.suffix != ".xml":
-        return ort_runner(path, threads=1)
-    try:
-        from distillctl.export.openvino import ov_runner, require_openvino
+        return ort_runner(path, threads=1), None
+    from distillctl.export.openvino import ov_runner, require_openvino
 
+    try:
         require_openvino()
-    except UsageError:
-        return None
-    return ov_runner(path, threads=1)
+    except UsageError as exc:
+        return None, f"the OpenVINO runtime is not installed: {exc.hint}"
+    return ov_runner(path, threads=1), None
 
 
 def _check_parity(root: Path, tolerances: dict[str, str], inputs: np.ndarray, reference: np.ndarray) -> dict:
@@ -177,10 +177,9 @@ def _check_parity(root: Path, tolerances: dict[str, str], inputs: np.ndarray, re
 
     results, failures = {}, []
     for rel, precision in tolerances.items():
-        runner = _runner(root / rel)
+        runner, missing = _runner(root / rel)
         if runner is None:
-            results[rel] = {"precision": precision, "passed": None,
-                            "skipped": "the OpenVINO runtime is not installed: pip install 'distillctl[openvino]'"}
+            results[rel] = {"precision": precision, "passed": None, "skipped": missing}
             continue
         outputs = {batch: _run_batched(runner, inputs, batch) for batch in sorted({1, len(inputs)})}
         result = evaluate_parity(reference.astype(np.float64), outputs, TOLERANCES[precision])
