@@ -483,6 +483,177 @@ def dense_note(d: dict | None) -> str | None:
     return f"- Dense probe mIoU % (mosaic-2x2, {d['config']['budget_images']:,} images per cell): " + "; ".join(parts) + "."
 
 
+# --- what moves the weak methods (issue 16 §2, benchmarks/sweep.py) ----------------------------------------
+
+SWEEP_RESULTS = "sweep.json"
+SWEEP_TITLE = "## What moves the weak methods (issue 16 §2)"
+
+
+def weak_methods(q: dict | None) -> tuple[list[dict], dict]:
+    """The table's distillation cells below the random-init student or below the best SSL-only student at the full
+    table's budget (weakest first), and the facts they were judged by."""
+    if not q:
+        return [], {}
+    facts = quality_facts(q)
+    floor = (facts.get("random") or {}).get("knn_top1")
+    ssl = (facts.get("best_ssl") or {}).get("knn_top1")
+    bar = max(v for v in (floor, ssl, float("-inf")) if v is not None)
+    weak = [r for r in facts["distill"] if r.get("knn_top1") is not None and r["knn_top1"] < bar]
+    return sorted(weak, key=lambda r: (r["knn_top1"], r["method"])), facts
+
+
+def sweep_command(methods: list[str], budget: int) -> str:
+    """The sweep that has not run yet: the derived factors plus the issue's lr and temperature suspects."""
+    extra = "" if budget == 30_000 else f" --budget-images {budget}"
+    return f"python benchmarks/sweep.py --methods {','.join(methods)}{extra} --suspects --jobs 2 --threads 1"
+
+
+def _factor_text(row: dict) -> str:
+    """``queue_size = 8192 (its auto value)`` / ``train.lr = 0.01``: what a one-factor variant changed."""
+    (key, value), = row["factors"].items()
+    source = " (its auto value)" if row.get("source") == "auto" else ""
+    return f"{key.removeprefix('method.params.')} = {value:g}{source}" if isinstance(value, (int, float)) \
+        else f"{key.removeprefix('method.params.')} = {value}{source}"
+
+
+def sweep_verdict(rows: list[dict], floor: float | None) -> str:
+    """One sentence from the measured rows: the one-factor variant with the largest kNN gain over ``published``, and
+    what ``auto`` (every derived value together) gained."""
+    by_name = {r["variant"]: r for r in rows if r.get("status") == "done"}
+    published = by_name.get("published")
+    if published is None or published.get("knn_top1") is None:
+        return "No verdict yet: the `published` cell has not run."
+    base = published["knn_top1"]
+    single = [r for r in by_name.values() if len(r.get("factors") or {}) == 1 and r.get("knn_top1") is not None]
+    parts = []
+    if single:
+        best = max(single, key=lambda r: (r["knn_top1"], r["variant"]))
+        gain = best["knn_top1"] - base
+        versus = f", {best['knn_top1'] - floor:+.1f} vs random-init" if floor is not None else ""
+        if gain > 0:
+            parts.append(f"Largest gain over `published` ({base:.1f} %): **{_factor_text(best)}**, "
+                         f"{gain:+.1f} points kNN (→ {best['knn_top1']:.1f} %{versus}).")
+        else:
+            parts.append(f"No single factor beats `published` ({base:.1f} %); the best, {_factor_text(best)}, "
+                         f"gives {gain:+.1f} points.")
+    auto = by_name.get("auto")
+    if auto is not None and auto.get("knn_top1") is not None and len(auto.get("factors") or {}) > 1:
+        parts.append(f"`auto` (all {len(auto['factors'])} derived values together): "
+                     f"{auto['knn_top1'] - base:+.1f} points.")
+    if not single and not parts:
+        return "No verdict yet: no variant besides `published` has run."
+    return " ".join(parts)
+
+
+def _delta(value: float | None, base: float | None) -> str:
+    return f"{value - base:+.1f}" if value is not None and base is not None else "–"
+
+
+def sweep_group(plan: dict, rows: list[dict], table_rows: list[dict], floor: float | None) -> list[str]:
+    """One method's table (plan order, then any further rows), the quality table's own cell as context, the verdict
+    and the variants still to run."""
+    order = [v["name"] for v in plan.get("variants") or []]
+    by_name = {r["variant"]: r for r in rows}
+    named = [by_name[n] for n in order if n in by_name] + sorted((r for r in rows if r["variant"] not in order),
+                                                                 key=lambda r: r["variant"])
+    published = (by_name.get("published") or {}).get("knn_top1") if (by_name.get("published") or {}).get(
+        "status") == "done" else None
+    out = [f"### {plan['method']}, {plan['budget']:,} images", "",
+           "| variant | method.preset | overrides | lr | kNN top-1 % | linear top-1 % | Δ kNN vs published | "
+           "Δ kNN vs random-init | train wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in named:
+        overrides = ", ".join(f"`{item}`" for item in r.get("overrides") or []) or "–"
+        if r.get("status") != "done":
+            out.append(f"| {r['variant']} (failed) | {r.get('preset')} | {overrides} | – | – | – | – | – | "
+                       f"{(r.get('error') or '')[:80].replace('|', '/')} |")
+            continue
+        derived = "; ".join(f"{k.removeprefix('method.params.')} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                            for k, v in sorted((r.get("factors") or {}).items())) if r["variant"] == "auto" else ""
+        knn = r.get("knn_top1")
+        out.append(f"| {r['variant']}{' (' + derived + ')' if derived else ''} | {r.get('preset')} | {overrides} | "
+                   f"{num(cell_lr(r), 5).rstrip('0').rstrip('.') if cell_lr(r) else '–'} | {pct(knn)} | "
+                   f"{pct(r.get('linear_top1'))} | "
+                   f"{'0.0' if r['variant'] == 'published' and knn is not None else _delta(knn, published)} | "
+                   f"{_delta(knn, floor)} | {num(r.get('train_wall_s'), 0)} |")
+    reused = {r.get("reused") for r in rows}
+    for t in table_rows:
+        if t.get("id") in reused:
+            continue
+        out.append(f"| the quality table's cell (context, not a sweep variant) | {cell_preset(t)} | – | "
+                   f"{num(cell_lr(t), 5).rstrip('0').rstrip('.') if cell_lr(t) else '–'} | {pct(t.get('knn_top1'))} | "
+                   f"{pct(t.get('linear_top1'))} | {_delta(t.get('knn_top1'), published)} | "
+                   f"{_delta(t.get('knn_top1'), floor)} | {num(t.get('train_wall_s'), 0)} |")
+    out += ["", sweep_verdict(named, floor)]
+    missing = [n for n in order if (by_name.get(n) or {}).get("status") != "done"]
+    if missing:
+        out.append(f"\nNot run yet: {', '.join(missing)} — `{plan['command']}` (resumable; finished cells are kept).")
+    return out + [""]
+
+
+def sweep_section(sw: dict | None, q: dict | None) -> str:
+    """Per swept method: every variant's kNN against `published` and the random-init student, one computed verdict
+    sentence, and the weak methods of the table that no sweep covers yet (with the command that sweeps them)."""
+    weak, facts = weak_methods(q)
+    floor = (facts.get("random") or {}).get("knn_top1")
+    ssl = facts.get("best_ssl")
+    out = [SWEEP_TITLE, "",
+           "One factor at a time (`benchmarks/sweep.py`), on the quality protocol above (same data, student, teacher, "
+           "batch, seed and evaluation): per method, `published` (`method.preset=published`: every value as the paper, "
+           "lr included), `auto` (every value the default `method.preset=auto` derives for this run; the derived values "
+           "in brackets) and `published` with one derived key at its `auto` value (`+key`); `key=value` rows are further "
+           "one-factor points of `published` (`--grid`, `--suspects`: the lr at ⅓× and 3×, each temperature at ½× and "
+           "2×). Δ vs random-init: against the random-init student of the table above "
+           f"({pct(floor)} %). The verdict sentence is computed from the rows.", ""]
+    plans = dict((sw or {}).get("plans") or {})
+    rows = list(((sw or {}).get("rows") or {}).values())
+    table = [r for r in (q or {}).get("rows", {}).values() if r.get("status") == "done" and r["kind"] == "distill"
+             and r["teacher"] == "sup"]
+    for key in sorted(plans, key=lambda k: (plans[k]["method"], plans[k]["budget"])):
+        plan = plans[key]
+        mine = [r for r in rows if r.get("method") == plan["method"] and r.get("budget") == plan["budget"]]
+        context = [t for t in table if t["method"] == plan["method"] and t["budget"] == plan["budget"]]
+        out += sweep_group(plan, mine, context, floor)
+    swept = {(p["method"], p["budget"]) for p in plans.values()}
+    todo = [r for r in weak if (r["method"], r["budget"]) not in swept]
+    if todo:
+        bar = " or ".join(([f"the random-init student ({pct(floor)} %)"] if floor is not None else [])
+                          + ([f"the best SSL-only student ({ssl['method']} {pct(ssl['knn_top1'])} %)"] if ssl else []))
+        budget = todo[0]["budget"]
+        out += [f"Not swept yet, below {bar} at {budget:,} images in the table above: "
+                + ", ".join(f"{r['method']} ({pct(r['knn_top1'])} %)" for r in todo) + ". Command: "
+                f"`{sweep_command(sorted({r['method'] for r in todo}), budget)}` (`--dry-run` prints every cell and "
+                "a time estimate).", ""]
+    elif not plans:
+        out += ["No sweep has run yet: `python benchmarks/sweep.py --methods METHOD --suspects` (`--dry-run` prints "
+                "every cell and a time estimate).", ""]
+    if sw and rows:
+        out += ["<details><summary>Exact commands (sweeps)</summary>", "",
+                f"Set-up as for the table (`{SETUP_COMMAND}`). The sweep commands run every cell below (resumable); "
+                "a row marked as reused is the quality table's own finished cell with the same settings.", "", "```",
+                *(sw.get("commands") or [])]
+        for key in sorted((sw.get("rows") or {})):
+            row = sw["rows"][key]
+            if row.get("command"):
+                out.append(reproducible_command(row["command"]))
+        out += ["```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+def sweep_note(sw: dict | None, q: dict | None) -> str | None:
+    """One closing-note line: each swept method's verdict."""
+    plans = (sw or {}).get("plans") or {}
+    if not plans:
+        return None
+    floor = (weak_methods(q)[1].get("random") or {}).get("knn_top1")
+    rows = list(((sw or {}).get("rows") or {}).values())
+    parts = []
+    for key in sorted(plans, key=lambda k: (plans[k]["method"], plans[k]["budget"])):
+        plan = plans[key]
+        mine = [r for r in rows if r.get("method") == plan["method"] and r.get("budget") == plan["budget"]]
+        parts.append(f"{plan['method']} at {plan['budget']:,}: {sweep_verdict(mine, floor)}")
+    return "- What moves the weak methods (one-factor sweeps): " + " ".join(parts)
+
+
 # --- "Which method?": package data for `distillctl methods list` and the README section -------------------
 
 def _protocol(q: dict) -> str:
@@ -850,7 +1021,8 @@ def gpu_section(g: dict | None) -> str:
     return "\n".join(out)
 
 
-def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None, dense: dict | None = None) -> str:
+def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None, dense: dict | None = None,
+                    sweep: str | None = None) -> str:
     out = ["## Closing note", ""]
     if qf.get("best"):
         best = qf["best"]
@@ -893,6 +1065,8 @@ def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None, dense: dict | 
         out.append(f"- INT8 kNN accuracy delta: {num(-ef['int8'].get('drop', 0), 2)} points.")
     if dense_note(dense):
         out.append(dense_note(dense))
+    if sweep:
+        out.append(sweep)
     if q:
         out.append(f"- Quality suite running time: {num(suite_minutes(q), 1)} min summed over its invocations "
                    f"(calendar span {num(calendar_minutes(q), 1)} min, pauses included).")
@@ -950,6 +1124,7 @@ def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path 
     if plots_enabled and s and plot_scaling(s, out.parent / "epoch_time_vs_size.png"):
         plots.append("scaling")
     quality_md, qf = quality_section(q, plots)
+    sweep = load(results, SWEEP_RESULTS)
     speed_md, sf = speed_section(s, cache_bench, plots)
     export_md, ef = export_section(e)
     export_md += random_weights_section([load(results, f.name) for f in sorted(results.glob("export_random_*.json"))])
@@ -957,7 +1132,8 @@ def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path 
         "# distillctl benchmark results", "",
         "Generated by `python benchmarks/render.py` from `benchmarks/results/*.json` (made by `make bench` / "
         "`python benchmarks/run_all.py`). Do not edit by hand.", "",
-        summary_section(qf, sf, ef, q, dense), machine_section(q, s, e), quality_md, dense_section(dense), speed_md,
+        summary_section(qf, sf, ef, q, dense, sweep_note(sweep, q)), machine_section(q, s, e), quality_md,
+        sweep_section(sweep, q), dense_section(dense), speed_md,
         export_md, gpu_section(gpu),
     ])
     tmp = out.with_name(f".{out.name}.tmp")
