@@ -267,13 +267,32 @@ def cell_args(args: argparse.Namespace, cell: dict) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "preset": cell["preset"]})
 
 
-def table_twin(cell: dict, steps: int) -> dict | None:
-    """The quality table's finished cell with the same settings (same preset, no overrides), reused instead of
-    trained again; None when there is none."""
+def table_twin(cell: dict, steps: int, published: dict[str, Any]) -> dict | None:
+    """The quality table's finished cell with the same settings, reused instead of trained again (None: there is
+    none): a cell of the same preset without overrides, or for ``published`` a cell from before method.preset whose
+    recipe holds every published value (``published``: key → value; the lr it ran at included)."""
     if cell["sets"]:
         return None
     twin = {key: value for key, value in cell.items() if key not in ("dir", "sets", "variant")}
-    return twin if quality.finished(twin, steps) is not None else None
+    if quality.finished(twin, steps) is not None:
+        return twin
+    legacy = {**twin, "preset": None}
+    summary = quality.finished(legacy, steps) if cell["preset"] == PUBLISHED else None
+    recipe = (summary or {}).get("recipe") or {}
+    if summary is None or (recipe.get("method") or {}).get("preset") not in (None, PUBLISHED):
+        return None
+    if all(_same(_at(recipe, key), value) for key, value in published.items()):
+        # its command as the sweep would write it: same folder, the preset pinned (the lr is the published one)
+        return {**legacy, "dir": str(quality.cell_dir(legacy)), "command_preset": PUBLISHED}
+    return None
+
+
+def _at(recipe: dict, key: str) -> Any:
+    """The value of a dotted recipe key (``method.params.queue_size``) in a summary's recipe, None when absent."""
+    node: Any = recipe
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def plan_check(summary: dict, variant: dict) -> dict:
@@ -289,9 +308,7 @@ def plan_check(summary: dict, variant: dict) -> dict:
                 mismatches.append(f"{key}: planned {value!r}, derived {got!r}")
     for item in variant["sets"]:
         key, _, text = item.partition("=")
-        node: Any = recipe
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = _at(recipe, key)
         if not _same(node, _number(text)):
             mismatches.append(f"{key}: set {text}, recipe {node!r}")
     return {"ok": not mismatches, "mismatches": mismatches}
@@ -333,8 +350,9 @@ def estimate_seconds(method: str, args: argparse.Namespace, data: dict, rates: d
 
 # --- main --------------------------------------------------------------------------------------------
 
-def plan(args: argparse.Namespace, data: dict) -> dict[str, list[Variant]]:
-    """Every swept method's variants for this run's size (unknown or non-distillation methods: exit 2)."""
+def plan(args: argparse.Namespace, data: dict) -> dict[str, tuple[list[Variant], dict[str, Any]]]:
+    """Every swept method's variants for this run's size and the values ``published`` gives it (unknown or
+    non-distillation methods: exit 2)."""
     from distillctl.methods.base import get_method
     from distillctl.methods.presets import method_facts
 
@@ -353,7 +371,8 @@ def plan(args: argparse.Namespace, data: dict) -> dict[str, list[Variant]]:
     grid = parse_grid(args.grid)
     grid_keys_known(grid, facts)
     size = run_size(data["train_images"], args.batch_size, args.budget_images)
-    return {name: plan_variants(f, size, grid, args.suspects) for name, f in facts.items()}
+    return {name: (plan_variants(f, size, grid, args.suspects), derived_values(f, size, PUBLISHED))
+            for name, f in facts.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,17 +394,18 @@ def main(argv: list[str] | None = None) -> int:
     teachers = {"sup": {"path": str(TEACHER), "arch": pre["arch"], "dim": 512, "modes": modes}}
     steps, _ = quality.schedule(args.budget_images, args.batch_size, data["train_images"])
     cells = []
-    for method, planned in variants.items():
+    for method, (planned, published) in variants.items():
         for variant in planned:
             cell = sweep_cell(method, variant, args)
-            twin = table_twin(cell, steps)
+            twin = table_twin(cell, steps, published)
             run = twin or cell
-            command = quality.cell_command(run, cell_args(args, run), data, pre, teachers, False)
+            shown = {**run, "preset": run.get("command_preset") or run["preset"]}
+            command = quality.cell_command(shown, cell_args(args, shown), data, pre, teachers, False)
             cells.append((cell, variant, command, twin))
     if args.dry_run:
         return dry_run(args, data, cells)
     out = Path(args.out) if args.out else RESULTS / ("sweep_quick.json" if args.quick else "sweep.json")
-    result, base_elapsed = start_result(args, argv, data, out, variants)
+    result, base_elapsed = start_result(args, argv, data, out, {m: planned for m, (planned, _) in variants.items()})
     save = quality.start_saving(result, out, base_elapsed, started)
     run_sweep(cells, args, steps, result, save)
     save()
@@ -476,6 +496,7 @@ def run_sweep(cells: list, args: argparse.Namespace, steps: int, result: dict, s
                 return
             log(f"sweep {key}: kNN {summary['student'].get('knn_top1')}")
         row = {**quality.row_from_summary(run, summary, command), "id": key, "variant": variant.name,
+               "preset": variant.preset,  # (a reused cell from before method.preset ran the same values)
                "overrides": list(variant.sets), "factors": variant.factors, "source": variant.source,
                "plan_check": plan_check(summary, variant.as_record())}
         if twin is not None:

@@ -143,6 +143,44 @@ def test_cells_go_through_the_quality_command_builder():
     assert sweep.row_key("rekd", 30_000, "+queue_size") == "rekd-30000/+queue_size"
 
 
+def test_finished_table_cells_with_the_same_settings_are_reused(tmp_path, monkeypatch):
+    """A sweep cell is the quality table's finished cell when that ran the same settings: the same preset without
+    overrides, or (published) a cell from before method.preset whose lr and values are the published ones."""
+    import quality
+    import sweep
+
+    monkeypatch.setattr(quality, "WORK", tmp_path / "work")
+    monkeypatch.setattr(sweep, "WORK", tmp_path / "work")
+    args = sweep.parse_args(["--methods", "mse-reg"])
+
+    def table_cell(name: str, lr: float, preset: str | None) -> Path:
+        folder = tmp_path / "work" / "quality" / "mobilenetv2_100" / "sup" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        method = {"preset": preset} if preset else {"params": {}}
+        (folder / "summary.json").write_text(json.dumps({
+            "recipe": {"train": {"max_steps": 468, "lr": lr}, "method": method},
+            "student": {"knn_top1": 14.6}, "train": {"steps": 468}}))
+        return folder
+
+    published = {v.name: v for v in _plan("mse-reg")}["published"]
+    cell = sweep.sweep_cell("mse-reg", published, args)
+    assert sweep.table_twin(cell, 468, {"train.lr": 0.05}) is None  # nothing finished
+    legacy = table_cell("mse-reg-30000", 0.05, None)  # ran at the CLI's 0.05, which is mse-reg's published lr
+    twin = sweep.table_twin(cell, 468, {"train.lr": 0.05})
+    assert twin["dir"] == str(legacy) and twin["command_preset"] == "published"
+    assert quality.cell_id(twin) == "mobilenetv2_100/sup/mse-reg-30000"
+    assert sweep.table_twin(cell, 468, {"train.lr": 0.0125}) is None  # smd-like: the table's lr is not the paper's
+    assert sweep.table_twin(cell, 400, {"train.lr": 0.05}) is None  # another budget
+    plus = sweep.sweep_cell("mse-reg", sweep.Variant("train.lr=0.01", "published", ("train.lr=0.01",),
+                                                     {"train.lr": 0.01}), args)
+    assert sweep.table_twin(plus, 468, {"train.lr": 0.05}) is None  # overrides are never the table's cell
+    rekd = {v.name: v for v in _plan("rekd")}
+    table_cell("rekd-30000-auto", 0.0075, "auto")
+    twin = sweep.table_twin(sweep.sweep_cell("rekd", rekd["auto"], args), 468, {"train.lr": 0.03})
+    assert twin is not None and quality.cell_id(twin) == "mobilenetv2_100/sup/rekd-30000-auto"
+    assert sweep.table_twin(sweep.sweep_cell("rekd", rekd["published"], args), 468, {"train.lr": 0.03}) is None
+
+
 # --- render -----------------------------------------------------------------------------------------
 
 def _sweep_row(method: str, variant: str, knn: float | None, lr: float, factors: dict, sets: list[str],
