@@ -584,9 +584,13 @@ def sweep_group(plan: dict, rows: list[dict], table_rows: list[dict], floor: flo
                    f"{pct(t.get('linear_top1'))} | {_delta(t.get('knn_top1'), published)} | "
                    f"{_delta(t.get('knn_top1'), floor)} | {num(t.get('train_wall_s'), 0)} |")
     out += ["", sweep_verdict(named, floor)]
-    missing = [n for n in order if (by_name.get(n) or {}).get("status") != "done"]
-    if missing:
-        out.append(f"\nNot run yet: {', '.join(missing)} — `{plan['command']}` (resumable; finished cells are kept).")
+    missing = [n for n in order if n not in by_name]
+    failed = [r["variant"] for r in named if r.get("status") != "done"]
+    if missing or failed:
+        todo = "; ".join(part for part in (f"not run yet: {', '.join(missing)}" if missing else "",
+                                           f"failed: {', '.join(failed)}" if failed else "") if part)
+        out.append(f"\n{todo[0].upper()}{todo[1:]} — `{plan['command']}` runs them (resumable; finished cells are "
+                   "kept).")
     return out + [""]
 
 

@@ -230,6 +230,10 @@ def _fake_table(directory: Path) -> None:
     (directory / "quality.json").write_text(json.dumps(quality))
 
 
+def smd_part(section: str) -> str:
+    return section[section.index("### smd"):section.index("Not swept yet")]
+
+
 def test_render_sweep_section(tmp_path):
     import render
 
@@ -249,7 +253,8 @@ def test_render_sweep_section(tmp_path):
     assert "| +train.lr (failed) | published | `train.lr=0.0075` |" in rekd and "boom" in rekd
     assert ("Largest gain over `published` (15.0 %): **queue_size = 8192 (its auto value)**, +7.0 points kNN "
             "(→ 22.0 %, -3.0 vs random-init). `auto` (all 3 derived values together): +9.0 points.") in rekd
-    assert "Not run yet: +train.lr, train.lr=0.09 — `python benchmarks/sweep.py --methods rekd`" in rekd
+    assert "Not run yet: train.lr=0.09; failed: +train.lr — `python benchmarks/sweep.py --methods rekd` runs them" in rekd
+    assert "Not run yet" not in smd_part(section) and "failed:" not in smd_part(section)
     smd = section[section.index("### smd, 6,400 images"):]
     # one derived key: `auto` is that key's variant, and the verdict names it
     assert ("Largest gain over `published` (18.0 %): **warmup_epochs = 0.06 (its auto value)**, +9.5 points kNN "
