@@ -21,13 +21,14 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch loads on first use: the registry/listing commands never need it
+    import torch
 
 LOGGER_ROOT = "distillctl"
 
@@ -137,6 +138,11 @@ class DistInfo:
 
 
 def is_distributed() -> bool:
+    """True inside an initialised process group. Without torch loaded there can be none, so this never imports it."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized()
 
 
@@ -144,23 +150,30 @@ def info() -> DistInfo:
     """This process's rank, world size and local rank (rank 0 of 1 without a process group)."""
     if not is_distributed():
         return DistInfo()
+    import torch.distributed as dist
+
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-@torch.no_grad()
 def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0 (rank order). No gradient flows back."""
     if not is_distributed():
         return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered, dim=0)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """The mean of ``value`` over ranks (a detached copy; ``value`` itself without a process group)."""
     if not is_distributed():
         return value
+    import torch.distributed as dist
+
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / dist.get_world_size()

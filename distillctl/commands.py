@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -373,7 +372,7 @@ def students_list(json_out: bool = typer.Option(False, "--json", help="JSON outp
 
     Example: distillctl students list
     """
-    from distillctl.students import STUDENT_ALIASES
+    from distillctl.student_aliases import STUDENT_ALIASES
 
     if json_out:
         print_json({"students": STUDENT_ALIASES})

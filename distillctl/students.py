@@ -23,26 +23,8 @@ import torch
 from torch import nn
 
 from distillctl.errors import InputError, UsageError, nearest, unknown_name
+from distillctl.student_aliases import STUDENT_ALIASES, TORCHVISION_PREFIXES  # re-exported
 
-# Friendly names users type -> timm model names. Any timm name is accepted as well.
-STUDENT_ALIASES: dict[str, str] = {
-    "mobilenetv2": "mobilenetv2_100",
-    "mobilenetv2-050": "mobilenetv2_050",
-    "mobilenetv3": "mobilenetv3_large_100",
-    "mobilenetv3-small": "mobilenetv3_small_100",
-    "efficientnet-b0": "efficientnet_b0",
-    "resnet18": "resnet18",
-    "resnet34": "resnet34",
-    "resnet50": "resnet50",
-    "vit-tiny": "vit_tiny_patch16_224",
-    "vit-small": "vit_small_patch16_224",
-    "efficientnet-lite0": "efficientnet_lite0",
-    "tiny-cnn": "test_resnet",  # timm's own tiny test network; for CPU smoke runs
-    # torchvision students (timm has neither network); SqueezeNet 1.1: the 1.0 accuracy at 2.4x less compute
-    "shufflenetv2": "tv:shufflenet_v2_x1_0",
-    "squeezenet": "tv:squeezenet1_1",
-}
-TORCHVISION_PREFIXES = ("tv:", "torchvision:")
 # torchvision classification models refused as students: auxiliary classifiers in training mode (googlenet,
 # inception_v3) or a fixed input grid / another head layout (vit_*, swin_*, maxvit_t)
 _TV_UNSUPPORTED = ("googlenet", "inception_v3", "vit_", "swin_", "maxvit")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import ast
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from distillctl.errors import InputError, UsageError, unknown_name
+
+if TYPE_CHECKING:  # the network builders import torch when called; the registry (ArchSpec, parse_arch) never does
+    import torch
+    from torch import nn
 
 BUILDERS = ("torchvision", "timm", "distillctl")
 
@@ -90,6 +92,8 @@ def classifier_prefix(spec: ArchSpec, model: nn.Module) -> str:
 
 def strip_classifier(spec: ArchSpec, model: nn.Module) -> nn.Module:
     """Replace the classifier so ``model(x)`` returns the pooled embedding; sets ``num_features``."""
+    from torch import nn
+
     if spec.builder == "timm":
         model.reset_classifier(0)
         return model
@@ -111,6 +115,8 @@ _LAYER = re.compile(r"(Linear|BN|ReLU|GELU)(?:\(([^)]*)\))?")
 
 def build_head(layout: str) -> nn.Sequential:
     """Build an ``nn.Sequential`` from a layout string (see module docstring)."""
+    from torch import nn
+
     layers: list[nn.Module] = []
     for token in layout.split("-"):
         match = _LAYER.fullmatch(token.strip())

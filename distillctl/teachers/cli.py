@@ -11,9 +11,8 @@ from rich.table import Table
 
 from distillctl.cli_common import console, print_json
 from distillctl.errors import InputError, UsageError
-from distillctl.teachers.fetch import lock_path, read_lock, teacher_dir
+from distillctl.teachers.fetch import entry_urls, lock_path, read_lock, teacher_dir
 from distillctl.teachers.registry import TeacherEntry, load_registry
-from distillctl.teachers.resolve import entry_urls, license_gate, prepare_entry
 from distillctl.teachers.store import read_manifest
 
 app = typer.Typer(
@@ -127,6 +126,8 @@ def download(names: list[str] = typer.Argument(..., help="Registry names or alia
              no_verify: bool = NO_VERIFY, mirror: Optional[str] = MIRROR, accept_license: bool = ACCEPT,
              force: bool = typer.Option(False, "--force", help="Re-verify and re-convert even if already converted."),
              json_output: bool = JSON) -> None:
+    from distillctl.teachers.resolve import license_gate, prepare_entry
+
     if sha256 and len(names) > 1:
         raise UsageError("--sha256 applies to one teacher; download them one at a time")
     registry = load_registry()
@@ -148,6 +149,8 @@ def download(names: list[str] = typer.Argument(..., help="Registry names or alia
 def import_teacher(name: str = typer.Argument(..., help="Registry name or alias."),
                    file: Path = typer.Argument(..., help="The downloaded checkpoint file."), sha256: Optional[str] = SHA,
                    no_verify: bool = NO_VERIFY, accept_license: bool = ACCEPT, json_output: bool = JSON) -> None:
+    from distillctl.teachers.resolve import license_gate, prepare_entry
+
     entry = load_registry().resolve(name)
     license_gate(entry.name, entry.license.id, entry.license.requires_acceptance, accept_license)
     if entry.needs_explicit_convert:
@@ -177,6 +180,7 @@ def convert(name: str = typer.Argument(..., help="Registry name or alias."),
             file: Path = typer.Argument(..., help="The original checkpoint file."),
             accept_license: bool = ACCEPT, json_output: bool = JSON) -> None:
     from distillctl.teachers.external import convert_external
+    from distillctl.teachers.resolve import license_gate, prepare_entry
 
     entry = load_registry().resolve(name)
     license_gate(entry.name, entry.license.id, entry.license.requires_acceptance, accept_license)

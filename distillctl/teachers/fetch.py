@@ -24,10 +24,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from distillctl._infra import atomic_write_text
 from distillctl.errors import GateError, InputError
+
+if TYPE_CHECKING:
+    from distillctl.teachers.registry import TeacherEntry
 
 log = logging.getLogger("distillctl.teachers")
 CHUNK = 1 << 20
@@ -58,6 +61,13 @@ def mirrored(url: str, mirror: str | None) -> str:
         return url
     parts = urllib.parse.urlsplit(url)
     return base.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def entry_urls(entry: TeacherEntry, mirror: str | None) -> list[str]:
+    """Sources in order; with a mirror configured only the mirrored URLs are tried (air-gapped sites)."""
+    if mirror or os.environ.get("DISTILLCTL_MIRROR"):
+        return [mirrored(source.url, mirror) for source in entry.sources + entry.mirrors]
+    return [source.url for source in entry.sources + entry.mirrors]
 
 
 # --- hashing ----------------------------------------------------------------------------------

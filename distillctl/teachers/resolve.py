@@ -22,7 +22,7 @@ from distillctl.teachers.archs import (ArchSpec, build_backbone, build_classifie
                                        head_output_dim, infer_head_layout, parse_arch)
 from distillctl.teachers.base import Preprocess, Teacher
 from distillctl.teachers.convert import Converted, check_structure, convert, detect_family, read_checkpoint
-from distillctl.teachers.fetch import (expected_hash, fetch_urls, import_file, log, mirrored, sha256_file,
+from distillctl.teachers.fetch import (entry_urls, expected_hash, fetch_urls, import_file, log, mirrored, sha256_file,
                                        teacher_dir, teacher_lock)
 from distillctl.teachers.registry import TeacherEntry, load_registry
 from distillctl.teachers.store import Stored, load_converted, read_manifest, save_converted
@@ -47,13 +47,6 @@ def license_requires_acceptance(license_id: str | None) -> bool:
 
 
 # --- registry entries -------------------------------------------------------------------------
-
-def entry_urls(entry: TeacherEntry, mirror: str | None) -> list[str]:
-    """Sources in order; with a mirror configured only the mirrored URLs are tried (air-gapped sites)."""
-    if mirror or os.environ.get("DISTILLCTL_MIRROR"):
-        return [mirrored(source.url, mirror) for source in entry.sources + entry.mirrors]
-    return [source.url for source in entry.sources + entry.mirrors]
-
 
 def _convert_entry_file(entry: TeacherEntry, path: Path) -> tuple[nn.Module, nn.Module | None, Converted]:
     registry = load_registry()

@@ -12,14 +12,15 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from distillctl._infra import atomic_path, atomic_write_text, sha256_file
 from distillctl.errors import GateError, InputError
 from distillctl.teachers.archs import ArchSpec, build_backbone, build_head
+
+if TYPE_CHECKING:  # reading a manifest (teacher list) needs no torch
+    import torch
+    from torch import nn
 
 
 META = "meta.json"
