@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from distillctl.errors import GateError, UsageError
+from distillctl.errors import GateError, InputError, UsageError
 
 INSTALL_HINT = "pip install 'distillctl[openvino]'  (installs openvino and nncf)"
 OPENVINO_PRESETS = ("performance", "mixed")
@@ -119,11 +120,31 @@ def _save_ir(model: Any, xml_path: Path) -> Path:
     return xml_path
 
 
+def conversion_failure(report: str) -> str:
+    """One line from OpenVINO's multi-line conversion report: the operators it failed on and the first reason
+    its shape inference gave (e.g. a pooling kernel larger than a 1x1 feature map of a small input)."""
+    failed = re.search(r"Conversion is failed for:\s*([^\n]+)", report)
+    reasons = [line.strip().rstrip(".") for line in report.splitlines()
+               if re.search(r"larger than|must be|has to be|mismatch|not supported|unsupported", line, re.I)
+               and not line.strip().startswith(("While validating", "Check "))]
+    what = f"operators {failed.group(1).strip()}" if failed else "the graph"
+    reason = reasons[0] if reasons else report.strip().splitlines()[-1].strip() if report.strip() else "no reason given"
+    return f"{what}: {reason}"
+
+
 def convert_ir(onnx_path: str | Path, xml_path: str | Path) -> Path:
-    """fp32 IR of an ONNX file (dynamic batch kept)."""
+    """fp32 IR of an ONNX file (dynamic batch kept). A graph OpenVINO's ONNX frontend rejects exits 2 with one
+    line naming the operators, and nothing is written."""
     ov = require_openvino()
     with contextlib.redirect_stdout(sys.stderr):
-        model = ov.convert_model(str(onnx_path))
+        try:
+            model = ov.convert_model(str(onnx_path))
+        except Exception as exc:  # OpConversionFailure / GeneralFailure: C++ exceptions without a common base
+            raise InputError(f"OpenVINO {ov.__version__.split('-')[0]} cannot convert {Path(onnx_path).name}: "
+                             f"{conversion_failure(str(exc))}",
+                             hint="leave openvino and openvino-int8 out of --format, or train the student at a "
+                                  "larger --image-size (its last feature map must not shrink below its pooling kernels)"
+                             ) from exc
     return _save_ir(model, Path(xml_path))
 
 

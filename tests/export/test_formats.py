@@ -191,3 +191,46 @@ def test_bundle_verify_runs_openvino_parity_and_says_when_it_cannot(run_dir: Pat
     entry = report["parity"]["model/student.openvino.xml"]
     assert report["passed"] and entry["passed"] is None and "distillctl[openvino]" in entry["skipped"]
     assert report["parity"]["model/student.onnx"]["passed"] is True
+
+
+OV_REPORT = """Check 'false' failed at src/frontends/common_translators/src/unconverted_ops_report.cpp:151:
+FrontEnd API failed with OpConversionFailure:
+Model wasn't fully converted. Failed operations detailed log:
+-- AveragePool-20 with a message:
+[ONNX Frontend] Conversion failed for AveragePool-20
+While validating ONNX node '<Node(AveragePool): /layer4/layer4.0/downsample/downsample.0/AveragePool_output_0>': Check 'cmp::le(kernel, dim.get_length())' failed at pooling_shape_inference_util.hpp:149:
+Kernel after dilation has size (dim: 2) larger than the data shape after padding (dim: 1) at axis 0.
+
+-- Conv-20 with a message:
+The input data tensor's rank has to be known (static)
+
+Summary:
+-- Conversion is failed for: AveragePool-20, Conv-20
+"""
+
+
+def test_openvino_conversion_report_becomes_one_line() -> None:
+    from distillctl.export.openvino import conversion_failure
+
+    line = conversion_failure(OV_REPORT)
+    assert line == ("operators AveragePool-20, Conv-20: Kernel after dilation has size (dim: 2) larger than the data "
+                    "shape after padding (dim: 1) at axis 0")
+    assert conversion_failure("") == "the graph: no reason given"
+
+
+@requires_openvino
+def test_a_graph_openvino_rejects_exits_2_in_one_line(tmp_path: Path, capsys) -> None:
+    from tests.export.conftest import make_run_dir
+
+    # test_resnet at 16 px: layer4's 2x2 average-pool downsample meets a 1x1 map, which OpenVINO's ONNX frontend
+    # refuses (onnxruntime runs it); the ONNX export itself passes its gate
+    run = make_run_dir(tmp_path)
+    config = json.loads((run / "student" / "config.json").read_text())
+    (run / "student" / "config.json").write_text(json.dumps({**config, "input_size": [3, 16, 16]}))
+    code = _cli(["export", str(run), "--format", "onnx,openvino", "--data", DATA])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    message = [line for line in err.splitlines() if "cannot convert" in line]
+    assert len(message) == 1 and "AveragePool" in message[0] and "Traceback" not in err
+    assert "--image-size" in err  # the hint
+    assert not list(run.glob("export/*.openvino.*"))
