@@ -21,14 +21,15 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from distillctl.errors import GateError, InputError, UsageError
 
 # every CPU format `distillctl bench` times (the TensorRT engine needs a GPU and is benchmarked, not gated)
-LATENCY_FORMATS = ("torch", "onnx", "onnx-int8", "onnx-fp16", "openvino", "openvino-int8")
+LatencyFormat = Literal["torch", "onnx", "onnx-int8", "onnx-fp16", "openvino", "openvino-int8"]
+LATENCY_FORMATS: tuple[str, ...] = get_args(LatencyFormat)
 
 
 class LatencyGateSpec(BaseModel):
@@ -36,7 +37,7 @@ class LatencyGateSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    format: Literal["torch", "onnx", "onnx-int8", "onnx-fp16", "openvino", "openvino-int8"] = "onnx"
+    format: LatencyFormat = "onnx"
     batch: int = Field(1, ge=1, le=4096)
     threads: int = Field(1, ge=1, le=512)
     repeats: int = Field(30, ge=1, le=10000)
