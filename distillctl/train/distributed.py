@@ -30,9 +30,31 @@ def init_from_env(device_type: str) -> DistInfo:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    minutes = float(os.environ.get("DISTILLCTL_DIST_TIMEOUT_MIN", "60"))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+    timeout = datetime.timedelta(minutes=float(os.environ.get("DISTILLCTL_DIST_TIMEOUT_MIN", "60")))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    if backend != "gloo":
+        open_control_group(timeout)
     return info()
+
+
+# host-side control values (stop votes, bad-image counts, log-step means, pickled objects) travel in a gloo group
+# when the default group is NCCL: a per-step vote then neither copies to the GPU nor waits behind the step's queued
+# kernels (an NCCL all-reduce read back with .cpu() is a full host sync every step)
+_CONTROL_GROUP: dist.ProcessGroup | None = None
+
+
+def open_control_group(timeout: datetime.timedelta | None = None) -> None:
+    """Create the gloo control group (collective: every rank calls it, right after ``init_process_group``)."""
+    global _CONTROL_GROUP
+    _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def _control() -> tuple[dist.ProcessGroup | None, torch.device]:
+    """The group and device of a control collective: the gloo control group on the CPU, else the default group
+    on :func:`collective_device`."""
+    if _CONTROL_GROUP is not None:
+        return _CONTROL_GROUP, torch.device("cpu")
+    return None, collective_device()
 
 
 def local_device(device: str) -> str:
@@ -75,8 +97,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few Python numbers over ranks (one small collective; e.g. stop flags, bad-image counts)."""
     if not is_distributed():
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    group, device = _control()
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor.cpu().tolist()
 
 
@@ -85,7 +108,7 @@ def all_gather_object(obj: object) -> list[object]:
     if not is_distributed():
         return [obj]
     gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=_control()[0])
     return gathered
 
 
@@ -93,7 +116,7 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     if not is_distributed():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=_control()[0])
     return holder[0]
 
 
@@ -142,5 +165,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
 
 def destroy() -> None:
     """Tear the process group down (end of a torchrun-launched command)."""
+    global _CONTROL_GROUP
     if is_distributed():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the control group included
+    _CONTROL_GROUP = None
