@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
@@ -39,6 +39,22 @@ class BenchError(RuntimeError):
     def __init__(self, message: str, returncode: int | None = None) -> None:
         super().__init__(message)
         self.returncode = returncode
+
+
+def run_script(main: Callable[[], int]) -> NoReturn:
+    """A benchmark script's entry point: exit with ``main()``'s code, or 1 after the one-line error of a failed
+    step (a :class:`BenchError`; anything else keeps its traceback)."""
+    try:
+        code = main()
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    raise SystemExit(code)
+
+
+def default_threads(jobs: int) -> int:
+    """Threads per process when ``jobs`` processes share the machine's cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
 def log(message: str) -> None:

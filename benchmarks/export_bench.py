@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # --random-weig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, WORK, BenchError, display_command, distillctl, log, machine_info, read_json,  # noqa: E402
-                    rel, require_shared, spread, write_json)
+                    rel, require_shared, run_script, spread, write_json)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -362,8 +362,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1)
+    run_script(main)

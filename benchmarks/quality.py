@@ -31,9 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's distillctl (random students, specs)
 
-from common import (RESULTS, TEACHER, WORK, BenchError, arch_parts, arch_tag, display_command, distillctl,  # noqa: E402
-                    log, machine_info, protocol_subset, random_student, read_json, rel, registered_methods,
-                    require_shared, split_specs, standard_data, student_sets, subset_path, teacher_preprocess, write_json)
+from common import (RESULTS, TEACHER, WORK, BenchError, arch_parts, arch_tag, default_threads,  # noqa: E402
+                    display_command, distillctl, log, machine_info, protocol_subset, random_student, read_json, rel,
+                    registered_methods, require_shared, run_script, split_specs, standard_data, student_sets,
+                    subset_path, teacher_preprocess, write_json)
 
 
 # Guards ``result``: cell workers record rows and the heartbeat thread writes it (a dict changing size while
@@ -486,9 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     require_shared()
     started = time.time()
     if args.threads is None:
-        import os
-
-        args.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+        args.threads = default_threads(args.jobs)
     make = not args.dry_run  # a dry run prints the commands: it unpacks, builds and writes nothing
     if args.quick:
         args.methods = "simreg" if args.methods == "all" else args.methods
@@ -596,7 +595,6 @@ def start_saving(result: dict, out: Path, base_elapsed: float, started: float):
 def run_cells(cells, args, data, pre, teachers, result, log_path, save) -> None:
     """Run the cells, ``--jobs`` at a time. Cells that share a feature cache form one chain, run in order
     (the first builds the cache, the rest reuse it); chains run in parallel."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     threads = args.threads
@@ -922,8 +920,4 @@ def dense_dry_run(args, data: dict, pre: dict, teachers: dict, cells: list[dict]
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1)
+    run_script(main)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (PROTOCOL_SUBSETS, SHARED, TARBALL, TEACHER, WORK, BenchError, log, protocol_subset,  # noqa: E402
-                    random_student, rel, require_shared, split_specs, subset_ready, teacher_preprocess)
+from common import (PROTOCOL_SUBSETS, SHARED, TARBALL, TEACHER, WORK, log, protocol_subset,  # noqa: E402
+                    random_student, rel, require_shared, run_script, split_specs, subset_ready, teacher_preprocess)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,8 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1)
+    run_script(main)

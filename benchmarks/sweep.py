@@ -35,7 +35,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import quality  # noqa: E402
 from common import (RESULTS, TEACHER, WORK, BenchError, arch_tag, display_command, distillctl, log,  # noqa: E402
-                    machine_info, read_json, registered_methods, require_shared, teacher_preprocess)
+                    default_threads, machine_info, read_json, registered_methods, require_shared, run_script,
+                    teacher_preprocess)
 
 PUBLISHED, AUTO = "published", "auto"
 DEFAULT_BUDGET = 30_000  # the quality table's budget, where the weak methods were measured
@@ -380,9 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     require_shared()
     started = time.time()
     if args.threads is None:
-        import os
-
-        args.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+        args.threads = default_threads(args.jobs)
     data = quality.suite_data(args, make=not args.dry_run)
     try:
         variants = plan(args, data)
@@ -517,8 +516,4 @@ def run_sweep(cells: list, args: argparse.Namespace, steps: int, result: dict, s
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1)
+    run_script(main)
