@@ -412,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def invocation(argv: list[str] | None) -> str:
-    return "python benchmarks/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+def invocation(argv: list[str] | None, runs: bool = False) -> str:
+    """The command line of this invocation; ``runs``: as the command that runs the cells (without --collect)."""
+    args = sys.argv[1:] if argv is None else argv
+    return "python benchmarks/sweep.py " + " ".join(a for a in args if not (runs and a == "--collect"))
 
 
 def dry_run(args: argparse.Namespace, data: dict, cells: list) -> int:
@@ -446,7 +448,7 @@ def start_result(args, argv, data, out: Path, variants: dict[str, list[Variant]]
     for method, planned in variants.items():
         plans[f"{method}-{args.budget_images}"] = {"method": method, "budget": args.budget_images,
                                                   "variants": [v.as_record() for v in planned],
-                                                  "command": invocation(argv)}
+                                                  "command": invocation(argv, runs=True)}
     commands = list(previous.get("commands") or [])
     if not args.collect and invocation(argv) not in commands:
         commands.append(invocation(argv))

@@ -358,3 +358,11 @@ def test_help_and_missing_shared(tmp_path):
                                             "DISTILLCTL_BENCH_RESULTS": str(tmp_path / "results")})
     assert missing.returncode == 2 and "benchmark inputs missing" in missing.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_a_plan_records_the_command_that_runs_its_cells_not_the_collect_pass():
+    import sweep
+
+    argv = ["--methods", "smd", "--grid", "train.lr=0.09", "--collect"]
+    assert sweep.invocation(argv, runs=True) == "python benchmarks/sweep.py --methods smd --grid train.lr=0.09"
+    assert sweep.invocation(argv).endswith("--collect")
