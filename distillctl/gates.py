@@ -194,8 +194,14 @@ def check_run(run_dir: str | Path, gates: GatesConfig | None = None, *, raise_on
     """Check ``gates`` (default: the run's recipe ``gates:``) against the run's summary.json; record the report
     under ``summary['gates']`` and return it. Raises GateError (exit 3) after writing when a gate failed."""
     from distillctl.rundir import RunDir
+    from distillctl.runlock import hold
 
     run = RunDir(run_dir).require()
+    with hold(run.path, create=False):  # summary.json is rewritten: one writer per run directory
+        return _check_run(run, gates, raise_on_failure)
+
+
+def _check_run(run, gates: GatesConfig | None, raise_on_failure: bool) -> dict[str, Any]:
     summary = run.summary()
     if not summary:
         raise InputError(f"{run.path} has no summary.json: the run has not finished a stage yet",

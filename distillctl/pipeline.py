@@ -12,6 +12,7 @@ so the other ranks only read what rank 0 has finished writing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from distillctl import __version__
+from distillctl import __version__, runlock
 from distillctl.config import Recipe
 from distillctl.data.bad_images import BadImages
 from distillctl.data.datasets import ImageDataset
@@ -356,6 +357,16 @@ def run_pipeline(recipe: Recipe, options: RunOptions | None = None) -> dict:
     train_data, val_data = validate(recipe)
     _warn_data_faults(train_data, quiet=options.quiet)
     run = run_dir_for(recipe)
+    # one writer per run directory (runlock.py), taken before anything in it is written or deleted (--restart
+    # too); rank 0 holds it, a refusal is exit 2 on every rank
+    lock = distributed.main_first(runlock.acquire, run.path)
+    with lock or contextlib.nullcontext():
+        return _run_stages(recipe, options, run, train_data, val_data, device, started)
+
+
+def _run_stages(recipe: Recipe, options: RunOptions, run: RunDir, train_data: ImageDataset,
+                val_data: ImageDataset | None, device: str, started: float) -> dict:
+    """The stages of :func:`run_pipeline`, run while this process holds the run directory's lock."""
     method_cls = get_method(recipe.method.name)
     _check_resumable(recipe, run, options)
 

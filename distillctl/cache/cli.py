@@ -81,6 +81,20 @@ def _render_info(info: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _run_lock(out: Path, distributed):  # noqa: ANN001, ANN202
+    """A cache built inside a run directory (``--out <run>/cache``) holds that run's lock (runlock.py) on rank 0;
+    a refusal is exit 2 on every rank. A cache directory of its own takes none."""
+    import contextlib
+
+    from distillctl.rundir import RunDir
+    from distillctl.runlock import acquire
+
+    run = Path(out).expanduser().absolute().parent
+    if not RunDir(run).exists():
+        return contextlib.nullcontext()
+    return distributed.main_first(acquire, run, create=False) or contextlib.nullcontext()
+
+
 @app.command(help="Run the teacher over K stored views of every image and write a sharded fp16 cache "
                   "(resumable: rerun the same command after an interruption).\n\n"
                   "Example: distillctl cache build --teacher r50-moco --data /data/train --views 5 --out /fast/cache")
@@ -136,10 +150,12 @@ def build(
 
     adapt_teacher(loaded, spec.size, lambda text: console.print(text, highlight=False))
     started = time.perf_counter()
-    cache = build_cache(loaded, dataset, out, spec=spec, views=views, outputs=wanted,
-                        mean=_floats(mean, "mean") or loaded.preprocess.mean, std=_floats(std, "std") or loaded.preprocess.std,
-                        batch_size=batch_size, device=run_device, amp=amp, channels_last=channels_last, seed=seed,
-                        shard_size=shard_size, num_workers=num_workers, progress=not no_progress and not json_output)
+    with _run_lock(out, distributed):
+        cache = build_cache(loaded, dataset, out, spec=spec, views=views, outputs=wanted,
+                            mean=_floats(mean, "mean") or loaded.preprocess.mean,
+                            std=_floats(std, "std") or loaded.preprocess.std, batch_size=batch_size,
+                            device=run_device, amp=amp, channels_last=channels_last, seed=seed, shard_size=shard_size,
+                            num_workers=num_workers, progress=not no_progress and not json_output)
     info = cache.info()
     info["wall_s"] = round(time.perf_counter() - started, 3)
     if json_output:

@@ -198,6 +198,33 @@ def _data_record(prep: _Prepared) -> dict:
             "num_classes": len(prep.train.classes)}
 
 
+def _locks_run(command):
+    """Hold the target's run-directory lock (runlock.py) for the whole command when it writes into the run: the
+    result into ``summary.json`` (TARGET is the run) or embeddings into ``<run>/eval_cache``. Evaluating an
+    artefact with ``--no-cache`` or ``--cache-dir`` elsewhere writes nothing there and takes no lock."""
+    import contextlib
+    import functools
+    import inspect
+
+    signature = inspect.signature(command)
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        target = str(values["target"])
+        run = None if target.startswith("teacher:") else _enclosing_run(Path(target).expanduser())
+        caches = not values.get("no_cache", True) and values.get("cache_dir") is None
+        writes = run is not None and (caches or Path(target).expanduser().resolve() == run.resolve())
+        from distillctl.runlock import hold
+
+        with hold(run, create=False) if writes else contextlib.nullcontext():
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
 def _merge_summary(prep: _Prepared, student_patch: dict) -> None:
     """Record the result in ``<run>/summary.json`` (atomic, other keys kept) when TARGET is the run itself."""
     if prep.run_dir is None or prep.target.resolve() != prep.run_dir.resolve():
@@ -239,6 +266,7 @@ def _knn_settings(prep: _Prepared, ks: tuple[int, ...] | None, temperature: floa
     return ks or (20,), temperature if temperature is not None else 0.07
 
 
+@_locks_run
 def knn_report(target: str, data: str | None = None, val_data: str | None = None, k: str | None = None,
                temperature: float | None = None, batch_size: int = 256, device: str = "auto",
                num_workers: int | None = None, crop_pct: float | None = None, cache_dir: str | None = None,
@@ -312,6 +340,7 @@ def knn(
                   "Example: distillctl eval linear runs/r50-mnv2 --data /data/train --val-data /data/val\n\n"
                   "Example: distillctl eval linear runs/quickstart --epochs 30 --json\n\n"
                   "Example: distillctl eval linear teacher:r50-moco --data /data/train --val-data /data/val")
+@_locks_run
 def linear(
     target: str = TARGET,
     data: Optional[str] = DATA,
@@ -372,6 +401,7 @@ def linear(
                   "images (task mosaic-2x2, see README); mIoU and pixel accuracy.\n\n"
                   "Example: distillctl eval dense runs/quickstart\n\n"
                   "Example: distillctl eval dense teacher:dino-vits16 --data /data/train --val-data /data/val --json")
+@_locks_run
 def dense(
     target: str = TARGET,
     data: Optional[str] = DATA,

@@ -95,8 +95,19 @@ def export_run(
     :func:`distillctl.export.quantize.default_cpu_form`); ``section.slim`` cleans the fp32 graph with onnxslim
     before anything is derived from it, kept only if it passes the fp32 parity gate. Loose values (CLI flags,
     API keywords) become a section through :func:`export_config`.
-    Raises :class:`GateError` (exit 3) after writing the report if any gate failed.
+    Raises :class:`GateError` (exit 3) after writing the report if any gate failed. Holds the run directory's lock
+    (:mod:`distillctl.runlock`; exit 2 while another process writes into the run).
     """
+    from distillctl.runlock import hold
+
+    with hold(run_dir, create=False):
+        return _export_run(Path(run_dir), section, data=data, val_data=val_data, max_bad_fraction=max_bad_fraction,
+                           crop_pct=crop_pct)
+
+
+def _export_run(run_dir: Path, section: ExportConfig, *, data: str | None, val_data: str | None,
+                max_bad_fraction: float, crop_pct: float | None) -> dict[str, Any]:
+    """:func:`export_run` under the run directory's lock."""
     from distillctl.students import count_parameters, load_student
 
     formats = parse_formats(section.formats)

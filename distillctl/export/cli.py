@@ -84,8 +84,16 @@ def export_command(
         from distillctl.errors import InputError
 
         raise InputError(f"run directory does not exist: {run_dir}")
-    if teacher_cotrained:
-        run_dir = cotrained_teacher_run(run_dir)
+    if teacher_cotrained:  # <run>/teacher_cotrained is written into the run: hold the run's lock (runlock.py)
+        from distillctl.runlock import hold
+
+        with hold(run_dir, create=False):
+            export_command(cotrained_teacher_run(run_dir), format=format, calib_data=calib_data,
+                           calib_size=calib_size, calib_method=calib_method, max_drop=max_drop, half=half,
+                           exporter=exporter, parity_images=parity_images, data=data, val_data=val_data,
+                           bundle=bundle, bundle_samples=bundle_samples, int8_form=int8_form, slim=slim,
+                           json_out=json_out, teacher_cotrained=False)
+        return
     try:
         section = export_config(_split_csv(format), calib_data=calib_data, calib_size=calib_size,
                                 calib_method=calib_method, max_drop=max_drop, half=half, exporter=exporter,
