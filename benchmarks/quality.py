@@ -321,6 +321,7 @@ def row_from_summary(cell: dict, summary: dict, command: list[str]) -> dict:
             **train_time(train, cell_dir(cell) / "metrics.jsonl"), "images_per_sec": train.get("images_per_sec"),
             "steps": train.get("steps"), "images_seen": (train.get("steps") or 0) * args_batch(summary),
             "teacher_mode": train.get("teacher_mode"), "cell_wall_s": summary.get("wall_s"),
+            "collapse": train.get("collapse"),
             "lr": train.get("lr"), "preset": ((summary.get("recipe") or {}).get("method") or {}).get("preset"),
             "derived": (summary.get("recipe") or {}).get("derived"),
             "teacher_knn_top1": (summary.get("teacher") or {}).get("knn_top1"),

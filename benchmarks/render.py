@@ -100,6 +100,12 @@ def label(row: dict) -> str:
     return row["method"] + (f" [{row['preset']}]" if row.get("preset") else "")
 
 
+def collapse_note(row: dict) -> str:
+    """`` (collapsed at step N)`` when distillctl's collapse watch (methods/collapse.py) fired in the cell's run."""
+    collapse = row.get("collapse")
+    return f" (collapsed at step {collapse['step']:,})" if collapse else ""
+
+
 def cell_preset(row: dict) -> str:
     command = row.get("command") or ""
     return row.get("preset") or next((p.split("=", 1)[1] for p in command.split() if p.startswith("method.preset=")),
@@ -284,7 +290,8 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                        and s["budget"] == r["budget"]), key=lambda s: -(s.get("knn_top1") or 0))
         if same and r["kind"] == "distill":
             gain = r["knn_top1"] - same[0]["knn_top1"]
-        rows.append([label(r), r["kind"], {"sup": "ResNet-18 sup.", "ssl": "ResNet-18 SSL"}.get(r["teacher"], "–"),
+        rows.append([label(r) + collapse_note(r), r["kind"],
+                     {"sup": "ResNet-18 sup.", "ssl": "ResNet-18 SSL"}.get(r["teacher"], "–"),
                      f"{r['budget']:,}", num(cell_lr(r), 4).rstrip("0").rstrip(".") if cell_lr(r) else "–",
                      pct(r["knn_top1"]), pct(r.get("linear_top1")), *dn(r), num(ratio, 2) if ratio else "–",
                      (f"{gain:+.1f}" if gain is not None else "–"),

@@ -11,6 +11,7 @@ from distillctl.methods.common import EMA, cosine_momentum, mlp
 from distillctl.methods.domains import Count, CropScale, Momentum
 from distillctl.methods.shared import BackboneWithHead, CropParams, crop_view, require_setup, require_student
 from distillctl.methods.simreg import simreg_loss
+from distillctl.methods.collapse import LOG_KEY, embedding_cosine
 
 
 class BYOLParams(CropParams):
@@ -58,7 +59,7 @@ class BYOL(Method):
         with torch.no_grad():
             targets = [target(img).to(predictions[0].dtype) for img in inputs.images]
         loss = simreg_loss(predictions[0], targets[1]) + simreg_loss(predictions[1], targets[0])
-        return loss, {"cos": 1 - loss.detach() / 4}
+        return loss, {"cos": 1 - loss.detach() / 4, LOG_KEY: embedding_cosine(predictions[0])}
 
     def momentum(self, epoch: float, total_epochs: int) -> float:
         if not self.params.momentum_schedule:

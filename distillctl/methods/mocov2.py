@@ -12,6 +12,7 @@ from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
 from distillctl.methods.common import EMA, FeatureQueue, cosine_momentum, info_nce, mlp_relu
 from distillctl.methods.domains import Augmentation, Count, CropScale, Momentum, Positive
+from distillctl.methods.collapse import LOG_KEY, embedding_cosine
 
 
 class MocoV2Params(MethodParams):
@@ -81,7 +82,7 @@ class MocoV2(Method):
         if self.params.symmetric:
             loss = (loss + info_nce(queries[1], keys[0].to(queries[1].dtype), negatives, tau)) / 2
         inputs.extras["keys"] = keys[1] if not self.params.symmetric else torch.cat(keys)
-        return loss, {}
+        return loss, {LOG_KEY: embedding_cosine(queries[0])}
 
     @torch.no_grad()
     def after_step(self, inputs: MethodInputs) -> None:

@@ -23,6 +23,7 @@ from distillctl.methods.mocov2 import MocoV2, MocoV2Params
 from distillctl.methods.presets import PublishedRecipe
 from distillctl.methods.shared import TeacherArtifact, UsesTeacherArtifact, at_least_float32, teacher_target
 from distillctl.data.views import ViewSpec
+from distillctl.methods.collapse import LOG_KEY, embedding_cosine
 
 
 class ReKDParams(MocoV2Params):
@@ -154,7 +155,7 @@ class ReKD(UsesTeacherArtifact, MocoV2):
             loss = (loss + relation_info_nce(queries[1], keys[0], bank, related, tau, weight)) / 2
         inputs.extras["keys"] = keys[1] if not self.params.symmetric else torch.cat(keys)
         inputs.extras["key_index"] = inputs.index if not self.params.symmetric else torch.cat([inputs.index] * 2)
-        return loss, {"related_per_query": related.sum(dim=1).float().mean()}
+        return loss, {"related_per_query": related.sum(dim=1).float().mean(), LOG_KEY: embedding_cosine(queries[0])}
 
     @torch.no_grad()
     def after_step(self, inputs: MethodInputs) -> None:

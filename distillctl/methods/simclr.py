@@ -10,6 +10,7 @@ from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodVi
 from distillctl.methods.common import mlp
 from distillctl._infra import all_gather_concat, info
 from distillctl.methods.domains import Count, CropScale, Positive
+from distillctl.methods.collapse import LOG_KEY, embedding_cosine
 
 
 class SimCLRParams(MethodParams):
@@ -68,4 +69,4 @@ class SimCLR(Method):
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         z1, z2 = (self.head(f) for f in inputs.student_features)
-        return nt_xent(z1, z2, self.params.temperature), {}
+        return nt_xent(z1, z2, self.params.temperature), {LOG_KEY: embedding_cosine(z1)}

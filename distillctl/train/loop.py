@@ -38,6 +38,7 @@ from distillctl.taps import TapRecorder, check_taps
 from distillctl.teachers.base import Teacher
 from distillctl.train import distributed, faults
 from distillctl.train.checkpoint import CheckpointManager, capture_rng, restore_rng
+from distillctl.methods.collapse import CollapseWatch
 from distillctl.train.data import DecodedImages, EpochBatchSampler, ViewDataset, collate_views
 from distillctl.train.forward import autocast, merge_inputs, student_forward, teacher_outputs
 from distillctl.train.optim import build_optimizer, learning_rate
@@ -98,6 +99,7 @@ class TrainResult:
     sync_bn: bool = False
     bad_images: list[str] = field(default_factory=list)
     threads: dict = field(default_factory=dict)  # the intra-op thread choice (train/threads.py)
+    collapse: dict | None = None  # the first collapsed log step (methods/collapse.py), None if none was seen
 
     def to_dict(self) -> dict:
         return {"epochs": self.epochs, "steps": self.steps, "images_seen": self.images_seen,
@@ -105,7 +107,7 @@ class TrainResult:
                 "total_wall_s": None if self.total_wall_s is None else round(self.total_wall_s, 2),
                 "final_loss": self.final_loss, "resumed_from_step": self.resumed_from_step,
                 "world_size": self.world_size, "grad_accum": self.grad_accum, "sync_bn": self.sync_bn,
-                "bad_images": len(self.bad_images), "threads": self.threads}
+                "bad_images": len(self.bad_images), "threads": self.threads, "collapse": self.collapse}
 
 
 def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
@@ -200,6 +202,7 @@ def train(job: TrainJob) -> TrainResult:
     def total_wall(now: float) -> float | None:  # training seconds of every invocation up to ``now``
         return None if prior_wall is None else prior_wall + now - start_time
     bad_images: dict[str, str] = {}  # path → reason (this rank's; rank 0 also holds those restored from a checkpoint)
+    watch = CollapseWatch()
     state = distributed.main_first(checkpoints.load_latest, job.fingerprint) if job.resume else None
     state = distributed.broadcast_object(state) if job.resume else None  # other nodes need no shared filesystem
     if state is None and job.require_resume:
@@ -209,6 +212,7 @@ def train(job: TrainJob) -> TrainResult:
         _restore(state, student, method, optimizer, scaler, dist_info, job.teacher if co_trained else None)
         step = resumed_from = int(state["step"])
         prior_wall = state.get("train_wall_s")
+        watch.load_state_dict(state.get("collapse"))
         if dist_info.is_main:
             bad_images.update(dict(state.get("bad_images", [])))
             was = int(state.get("world_size", world))
@@ -228,7 +232,7 @@ def train(job: TrainJob) -> TrainResult:
             "method": method.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": world,
             "bad_images": sorted(gathered.items()),
-            "train_wall_s": total_wall(time.monotonic()),
+            "train_wall_s": total_wall(time.monotonic()), "collapse": watch.state_dict(),
             **({"teacher": job.teacher.state_dict()} if co_trained else {}),
         }, step)
 
@@ -304,6 +308,9 @@ def train(job: TrainJob) -> TrainResult:
                                    "cpu_img_per_s": round(log_images / max(cpu_now - log_cpu, 1e-9), 2),
                                    **{k: round(v, 6) for k, v in logs.items()}})
                     progress.log_line(step, last_loss, lr, rate)
+                    collapsed = watch.observe(step, logs)  # the same logs on every rank: no extra collective
+                    if collapsed is not None and dist_info.is_main:
+                        log.warning(collapsed.message(job.stage))
                     log_time, log_images, log_cpu = now, 0, cpu_now
                 else:
                     progress.update(step, None, lr)
@@ -333,7 +340,8 @@ def train(job: TrainJob) -> TrainResult:
                        grad_accum=job.train.grad_accum,
                        sync_bn=bool(job.train.sync_bn and world > 1),
                        bad_images=[f"{path}: {why}" for path, why in sorted(merged.items())],
-                       threads=threads.to_dict())
+                       threads=threads.to_dict(),
+                       collapse=None if watch.found is None else watch.found.to_dict())
 
 
 def _restore(state: dict, student: nn.Module, method: Method, optimizer, scaler, dist_info,

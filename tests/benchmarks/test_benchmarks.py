@@ -95,7 +95,8 @@ def _fake_results(directory: Path) -> None:
         "b": {**row, "id": "b", "method": "seed", "budget": 6400, "knn_top1": 30.0, "linear_top1": 35.0},
         "c": {**row, "id": "c", "method": "simreg", "budget": 120000, "knn_top1": 50.0, "linear_top1": 55.0},
         "d": {**row, "id": "d", "method": "mocov2", "kind": "ssl", "teacher": None, "budget": 6400, "knn_top1": 28.0,
-              "linear_top1": 30.0, "teacher_mode": "none"},
+              "linear_top1": 30.0, "teacher_mode": "none",
+              "collapse": {"step": 60, "embedding_cos": 0.99, "threshold": 0.95}},
         "e": {**row, "id": "e", "method": "bingo", "budget": 6400, "status": "failed", "error": "exit 1: boom"},
     }
     quality = {"command": "python benchmarks/quality.py --budget-images 6400", "machine": machine, "rows": rows,
@@ -144,6 +145,8 @@ def test_render_from_fake_results(tmp_path):
     assert "gain over the best SSL-only student at the same budget (mocov2, 28.0%): **+12.0 points**" in text
     assert "simreg at 120,000 images: kNN 50.0%" in text
     assert "| bingo (failed) |" in text and "boom" in text
+    assert "| mocov2 (collapsed at step 60) | ssl |" in text  # distillctl's collapse watch fired in that cell
+    assert "| simreg | distill |" in text  # no note where it did not
     assert "simreg cached 0.75" in text and "simreg online 0.50" in text
     assert "2.50 [1.50–3.50] (n=3)× vs PyTorch eager" in text
     assert "drop 0.50 points" in text

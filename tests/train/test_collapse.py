@@ -1,0 +1,123 @@
+"""The collapse watch: the pairwise-cosine measure, the two-row rule, and the run's warning and summary record."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distillctl.methods import base
+from distillctl.methods.collapse import COLLAPSE_COSINE, LOG_KEY, CollapseWatch, embedding_cosine
+from distillctl.methods.simreg import SimReg
+from tests.conftest import tiny_run_args
+
+
+def _loop_cosine(rows: torch.Tensor) -> float:
+    total, pairs = 0.0, 0
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[0]):
+            if i != j:
+                total += float(F.cosine_similarity(rows[i], rows[j], dim=0))
+                pairs += 1
+    return total / pairs
+
+
+def test_embedding_cosine_matches_the_pairwise_loop():
+    rows = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    assert float(embedding_cosine(rows)) == pytest.approx(_loop_cosine(rows), abs=1e-6)
+
+
+def test_embedding_cosine_edge_cases():
+    same = torch.tensor([[3.0, 4.0]] * 4)
+    assert float(embedding_cosine(same)) == pytest.approx(1.0, abs=1e-6)  # scale does not matter
+    assert float(embedding_cosine(torch.eye(6))) == pytest.approx(0.0, abs=1e-7)  # orthogonal
+    assert float(embedding_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))) == pytest.approx(-1.0)
+    assert math.isnan(float(embedding_cosine(torch.ones(1, 3))))  # no pair to compare
+
+
+def test_watch_needs_two_consecutive_rows_and_reports_once():
+    watch = CollapseWatch()
+    high, low = COLLAPSE_COSINE + 0.01, COLLAPSE_COSINE - 0.2
+    assert watch.observe(5, {LOG_KEY: high}) is None  # one row is not enough
+    assert watch.observe(10, {LOG_KEY: low}) is None  # the run of high rows is broken
+    assert watch.observe(15, {LOG_KEY: high}) is None
+    found = watch.observe(20, {LOG_KEY: 0.999})
+    assert found is not None and found.step == 20 and found.embedding_cos == 0.999
+    assert watch.observe(25, {LOG_KEY: 0.999}) is None  # warned once
+    assert watch.found.to_dict() == {"step": 20, "embedding_cos": 0.999, "threshold": COLLAPSE_COSINE}
+
+
+def test_watch_ignores_methods_without_the_measure_and_nan():
+    watch = CollapseWatch()
+    for step in range(5):
+        assert watch.observe(step, {"loss_part": 1.0}) is None
+        assert watch.observe(step, {LOG_KEY: float("nan")}) is None
+    assert watch.found is None
+
+
+def test_watch_state_round_trips_through_a_checkpoint_dict():
+    watch = CollapseWatch()
+    watch.observe(5, {LOG_KEY: 0.99})
+    resumed = CollapseWatch()
+    resumed.load_state_dict(watch.state_dict())
+    found = resumed.observe(10, {LOG_KEY: 0.99})  # the run of high rows continues across the resume
+    assert found is not None and found.step == 10
+    older = CollapseWatch()
+    older.load_state_dict(None)  # a checkpoint from before the watch existed
+    assert older.found is None
+
+
+class _CollapsingSimReg(SimReg):
+    """SimReg whose reported embeddings are one vector for every image from its 4th step on (logged as step 4: rows count finished steps)."""
+
+    name = "test-collapsing"
+
+    def loss(self, inputs):
+        loss, logs = super().loss(inputs)
+        batch = inputs.images[0].shape[0]
+        embeddings = torch.ones(batch, 8) if inputs.step >= 3 else torch.eye(batch, 8)
+        return loss, {**logs, LOG_KEY: embedding_cosine(embeddings)}
+
+
+@pytest.fixture
+def collapsing_method():
+    base.register(_CollapsingSimReg)
+    yield _CollapsingSimReg.name
+    base._REGISTRY.pop(_CollapsingSimReg.name, None)
+
+
+def test_a_collapsed_run_warns_once_and_records_the_step(tmp_path, tiny_teacher_file, log_lines, collapsing_method):
+    from distillctl.cli import main
+
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_teacher_file, out, "--teacher-mode", "online", "--set", "train.log_every=2",
+                         "--set", "train.checkpoint_every_steps=8", method=collapsing_method)
+    assert main(args) in (None, 0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cosines = {row["step"]: row[LOG_KEY] for row in rows}
+    assert cosines[2] == pytest.approx(0.0, abs=1e-6) and cosines[4] == pytest.approx(1.0, abs=1e-6)
+    warnings = [line for line in log_lines if "embeddings have collapsed" in line]
+    assert len(warnings) == 1 and "at step 6" in warnings[0]  # rows 4 and 6: the second consecutive one
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["collapse"] == {"step": 6, "embedding_cos": 1.0, "threshold": COLLAPSE_COSINE}
+    checkpoint = sorted((out / "distill" / "checkpoints").glob("ckpt_*.pt"))[0]
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["collapse"]["found"][0] == 6 and state["collapse"]["found"][1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_healthy_run_records_no_collapse(tmp_path, tiny_teacher_file):
+    """A real queue-contrast method reports the measure; digits on tiny-cnn do not collapse."""
+    from distillctl.cli import main
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--method", "mocov2", "--arch", "tiny-cnn", "--data", "builtin:digits", "--image-size", "16",
+              "--epochs", "1", "--batch-size", "64", "--out", str(out), "--set", "train.log_every=5",
+              "--set", "export.enabled=false", "--set", "method.params.queue_size=256",
+              "--set", "method.params.flip=false", "--set", "eval.random_student=false"]) in (None, 0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cosines = [row[LOG_KEY] for row in rows if LOG_KEY in row]
+    assert cosines and all(-1.0 <= c < COLLAPSE_COSINE for c in cosines)
+    assert json.loads((out / "summary.json").read_text())["train"]["collapse"] is None
