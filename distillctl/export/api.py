@@ -97,17 +97,30 @@ def export_run(
     API keywords) become a section through :func:`export_config`.
     Raises :class:`GateError` (exit 3) after writing the report if any gate failed. Holds the run directory's lock
     (:mod:`distillctl.runlock`; exit 2 while another process writes into the run).
+
+    Transactional: the artefacts and the model card are built in a stage beside ``<run>/export`` and swapped in
+    with the summary's report once all of them are written (:class:`distillctl.export._fs.StagedDirectory`). A
+    failure before that (a conversion error, a full disk, Ctrl-C) leaves the previous ``export/`` and summary.json
+    exactly as they were. A failed gate is a finished export: its artefacts, card and numbers are committed, then
+    exit 3 (``summary.json['export']`` always describes the files in ``export/``).
     """
+    from distillctl.export._fs import StagedDirectory
     from distillctl.runlock import hold
 
     with hold(run_dir, create=False):
-        return _export_run(Path(run_dir), section, data=data, val_data=val_data, max_bad_fraction=max_bad_fraction,
-                           crop_pct=crop_pct)
+        run_dir = Path(run_dir)
+        stage = StagedDirectory(run_dir / "export")
+        try:
+            return _export_run(run_dir, stage, section, data=data, val_data=val_data,
+                               max_bad_fraction=max_bad_fraction, crop_pct=crop_pct)
+        finally:
+            stage.abort()  # nothing left of the stage, committed or not
 
 
-def _export_run(run_dir: Path, section: ExportConfig, *, data: str | None, val_data: str | None,
+def _export_run(run_dir: Path, stage, section: ExportConfig, *, data: str | None, val_data: str | None,
                 max_bad_fraction: float, crop_pct: float | None) -> dict[str, Any]:
-    """:func:`export_run` under the run directory's lock."""
+    """:func:`export_run` under the run directory's lock, building into ``stage`` (paths in the report are
+    relative to ``stage.root``, which holds the new ``export/`` as the run directory will)."""
     from distillctl.students import count_parameters, load_student
 
     formats = parse_formats(section.formats)
@@ -133,14 +146,13 @@ def _export_run(run_dir: Path, section: ExportConfig, *, data: str | None, val_d
 
         major = trt_major(require_tensorrt())
 
-    run_dir = Path(run_dir)
     model, config = load_student(run_dir, exportable=True)
     size = int(config.input_size[-1])
     splits = _labelled_splits(run_dir, data, val_data, crop_pct)
     parity_set = _eval_images(splits.test, _spread(len(splits.test), parity_images), size, config, splits.crop_pct,
                               max_bad_fraction)
-    export_dir = run_dir / "export"
-    export_dir.mkdir(parents=True, exist_ok=True)
+    export_dir, staged_run = stage.path, stage.root  # the new export/ and the folder it sits in until the commit
+    _carry_timing_caches(run_dir / "export", export_dir)
 
     report: dict[str, Any] = {}
     failures: list[GateError] = []
@@ -159,7 +171,7 @@ def _export_run(run_dir: Path, section: ExportConfig, *, data: str | None, val_d
     slim_report = _slim(model, onnx_path, parity_set, exporter) if slim else None
     phase(f"export: parity of student.onnx against PyTorch on {len(parity_set)} held-out images")
     fp32 = check_parity(model, ort_runner(onnx_path), parity_set, precision="fp32")
-    report["onnx"] = {"path": _rel(onnx_path, run_dir), "opset": default_opset(onnx_path), "exporter": exporter,
+    report["onnx"] = {"path": _rel(onnx_path, staged_run), "opset": default_opset(onnx_path), "exporter": exporter,
                       "parity": fp32.to_dict()}
     if slim_report is not None:
         report["onnx"]["slim"] = slim_report
@@ -170,21 +182,21 @@ def _export_run(run_dir: Path, section: ExportConfig, *, data: str | None, val_d
             phase("export: fp16 ONNX and its parity")
             fp16_path = convert_fp16(onnx_path, export_dir / FILES["onnx-fp16"])
             fp16 = check_parity(model, ort_runner(fp16_path), parity_set, precision="fp16")
-            report["onnx-fp16"] = {"path": _rel(fp16_path, run_dir), "parity": fp16.to_dict()}
+            report["onnx-fp16"] = {"path": _rel(fp16_path, staged_run), "parity": fp16.to_dict()}
             gate(fp16, fp16_path.name)
         calibration = _Calibration(splits, config, calib_data, calib_size, max_bad_fraction) \
             if any(name in formats for name in INT8_FORMATS) else None
         accuracy_of = _accuracy_judge(onnx_path, splits, config, max_drop)
         if "onnx-int8" in formats or "engine-int8" in formats:
-            report["onnx-int8"], quantization = _int8(model, onnx_path, export_dir, run_dir, calibration, parity_set,
+            report["onnx-int8"], quantization = _int8(model, onnx_path, export_dir, staged_run, calibration, parity_set,
                                                       calib_method, int8_form, accuracy_of, gate)
         if any(name.startswith("openvino") for name in formats):
-            openvino_quantization = _openvino(model, onnx_path, export_dir, run_dir, formats, calibration, parity_set,
+            openvino_quantization = _openvino(model, onnx_path, export_dir, staged_run, formats, calibration, parity_set,
                                               accuracy_of, gate, report)
             if openvino_quantization:
                 quantization = {**quantization, "openvino": openvino_quantization}
         for name in engines_wanted:
-            engines[name], report[name] = _engine(model, export_dir, run_dir, size, engine_precision[name], config,
+            engines[name], report[name] = _engine(model, export_dir, staged_run, size, engine_precision[name], config,
                                                   parity_set, gate)
     else:
         for name in formats:
@@ -206,11 +218,11 @@ def _export_run(run_dir: Path, section: ExportConfig, *, data: str | None, val_d
         quantization=quantization or None, engines=engines or None,
         created=card_module.created_stamp(run_dir / "student" / "model.safetensors"),
     )
-    artefacts = [run_dir / entry["path"] for _, entry in _flat_entries(report) if "path" in entry]
+    artefacts = [staged_run / entry["path"] for _, entry in _flat_entries(report) if "path" in entry]
     artefacts += [path.with_suffix(".bin") for path in artefacts if path.suffix == ".xml"]
     props = card_module.card_to_metadata(card)
     for name, entry in _flat_entries(report):
-        artefact = run_dir / entry.get("path", "")
+        artefact = staged_run / entry.get("path", "")
         own = props | card_module.artifact_metadata(name, artefact.name, entry.get("quantization"))
         if "path" in entry and artefact.suffix == ".onnx":
             set_metadata(artefact, own)
@@ -219,13 +231,24 @@ def _export_run(run_dir: Path, section: ExportConfig, *, data: str | None, val_d
 
             set_ir_metadata(artefact, own)
     card_path = card_module.write_model_card(export_dir / "model_card.json", card, artefacts)
-    report["model_card"] = _rel(card_path, run_dir)
-    _merge_summary(run_dir, report)
+    report["model_card"] = _rel(card_path, staged_run)
+    _read_summary(run_dir, strict=True)  # an unreadable summary.json refuses the export before anything is swapped
+    phase("export: swapping the new export/ in")
+    stage.commit(then=lambda: _merge_summary(run_dir, report))
     if failures:
         message = failures[0].message if len(failures) == 1 else \
             f"{len(failures)} export gates failed: " + " | ".join(f.message for f in failures)
         raise GateError(message, hint=failures[0].hint)
     return report
+
+
+def _carry_timing_caches(previous: Path, export_dir: Path) -> None:
+    """TensorRT timing caches (``trt.*.timing.cache``) of the previous export seed the new one: they only speed up
+    engine builds (TensorRT checks their GPU and version), the artefacts themselves are all rebuilt."""
+    import shutil
+
+    for cache in sorted(previous.glob("trt.*.timing.cache")) if previous.is_dir() else []:
+        shutil.copy2(cache, export_dir / cache.name)
 
 
 class _Calibration:
