@@ -674,9 +674,24 @@ def _protocol(q: dict) -> str:
             f"supervised ResNet-18 teacher, batch {cfg['batch_size']}, seed {cfg['seed']}")
 
 
-def measured_data(q: dict, facts: dict) -> dict:
+def dense_suite_cells(d: dict | None) -> dict[str, list[dict]]:
+    """The dense suite's finished cells per method (issue 14: its own students and teachers, not ranked with the
+    main table), for the methods list: `same_protocol` when student and teacher are the main table's."""
+    cfg, cells = (d or {}).get("config") or {}, {}
+    for r in sorted((d or {}).get("rows", {}).values(), key=lambda r: (r["method"], r["student"], r["budget"])):
+        if r.get("status") == "done":
+            cells.setdefault(r["method"], []).append({
+                "images_seen": r["budget"], "knn_top1": r.get("knn_top1"), "linear_top1": r.get("linear_top1"),
+                "dense_miou": (r.get("dense") or {}).get("miou"), "student": r["student"],
+                "teacher": _teacher_label(r, cfg), "kind": r.get("kind"),
+                "same_protocol": r["student"] == cfg.get("cnn_student") and r.get("teacher") == "sup"})
+    return cells
+
+
+def measured_data(q: dict, facts: dict, dense: dict | None = None) -> dict:
     """The measured table, per method and budget (rank among the distillation methods at that budget), with its
-    source: what `distillctl methods list` shows and the README's "Which method?" section is made from."""
+    source: what `distillctl methods list` shows and the README's "Which method?" section is made from. The dense
+    suite's cells go under each method's `dense_suite` (the list shows them where the main table has none)."""
     done = [r for r in q.get("rows", {}).values() if r.get("status") == "done" and r["teacher"] in ("sup", None)]
     teacher = facts.get("teacher_knn")
     ranks: dict[tuple[int, str], tuple[int, int]] = {}
@@ -693,6 +708,8 @@ def measured_data(q: dict, facts: dict) -> dict:
             "images_seen": r["budget"], "knn_top1": r.get("knn_top1"), "linear_top1": r.get("linear_top1"),
             "student_teacher": round(r["knn_top1"] / teacher, 3) if teacher and r["kind"] == "distill" else None,
             "rank": rank, "of": of, "lr": cell_lr(r), "preset": cell_preset(r)})
+    for method, cells in dense_suite_cells(dense).items():
+        methods.setdefault(method, {"kind": cells[0]["kind"], "cells": []})["dense_suite"] = cells
     machine = q.get("machine") or {}
     return {"source": {"file": "benchmarks/RESULTS.md", "made_by": "python benchmarks/render.py",
                        "results": "benchmarks/results/quality*.json", "commit": machine.get("git_commit"),
@@ -1151,7 +1168,7 @@ def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path 
     tmp.write_text(text)
     tmp.replace(out)
     if q and qf:
-        write_which_method(measured_data(q, qf), measured, readme)
+        write_which_method(measured_data(q, qf, dense), measured, readme)
     return text
 
 

@@ -288,7 +288,8 @@ def methods_list(json_out: bool = typer.Option(False, "--json", help="JSON outpu
 
     bench = measured.load()
     # a static index while it matches the method files: no torch import
-    rows = [{**row, "measured": measured.cells(bench, row["name"])} for row in catalogue_rows()]
+    rows = [{**row, "measured": measured.cells(bench, row["name"]),
+             "measured_dense_suite": measured.dense_suite_cells(bench, row["name"])} for row in catalogue_rows()]
     if json_out:
         print_json({"methods": rows, "measured_source": bench.get("source") or {}})
         return
@@ -330,7 +331,8 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
     info = {"name": name, "kind": cls.kind, "title": cls.title, "objective": cls.objective,
             "published": cls.published, "teacher_mode": mode, "teachers": _teacher_count(cls), "defaults": defaults,
             "sources": cls.sources, "assumptions": list(cls.assumptions), "preset": recipe_summary(cls),
-            "measured": measured.cells(bench, name), "measured_source": bench.get("source") or {}}
+            "measured": measured.cells(bench, name), "measured_dense_suite": measured.dense_suite_cells(bench, name),
+            "measured_source": bench.get("source") or {}}
     if json_out:
         print_json(info)
         return
@@ -347,6 +349,9 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
         for assumption in cls.assumptions:
             console.print(f"  - {escape(assumption)}", highlight=False)
     _print_lr(info["preset"], measured.ran_lr(bench, name), measured.summary(bench, name))
+    if not info["measured"] and info["measured_dense_suite"]:
+        console.print(f"[bold]benchmark (benchmarks/RESULTS.md, dense features):[/] kNN "
+                      f"{escape(measured.summary(bench, name))}", highlight=False)
 
 
 def _print_lr(preset: dict | None, ran: str | None, measured_summary: str) -> None:

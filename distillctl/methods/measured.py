@@ -29,11 +29,30 @@ def cells(data: dict[str, Any], method: str) -> list[dict[str, Any]]:
     return list(((data.get("methods") or {}).get(method) or {}).get("cells") or [])
 
 
+def dense_suite_cells(data: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """The method's cells in the dense-features suite (issue 14; its own students and teachers, not ranked)."""
+    return list(((data.get("methods") or {}).get(method) or {}).get("dense_suite") or [])
+
+
 def summary(data: dict[str, Any], method: str) -> str:
-    """``30k #1/10 37.6 · 120k #1/2 55.8``: per budget measured, the method's rank among its kind and its kNN %."""
+    """``30k #1/10 37.6 · 120k #1/2 55.8``: per budget measured, the method's rank among its kind and its kNN %.
+
+    A method the main table did not measure shows its dense-suite cells instead, marked as such and, where they
+    differ from the main table's, with their student and teacher: ``30k 36.0 (dense suite)``."""
     parts = [f"{_budget(c['images_seen'])} #{c['rank']}/{c['of']} {c['knn_top1']:.1f}"
              for c in cells(data, method) if c.get("knn_top1") is not None]
+    if not parts:
+        parts = [f"{_budget(c['images_seen'])} {c['knn_top1']:.1f} ({_dense_origin(c)})"
+                 for c in dense_suite_cells(data, method) if c.get("knn_top1") is not None]
     return " · ".join(parts) if parts else "–"
+
+
+def _dense_origin(cell: dict[str, Any]) -> str:
+    """Where a dense-suite cell comes from: the main table's student and teacher, or its own (named)."""
+    if cell.get("same_protocol"):
+        return "dense suite"
+    teacher = str(cell.get("teacher") or "–")
+    return f"dense suite, {cell.get('student')} student, {teacher if 'teacher' in teacher else teacher + ' teacher'}"
 
 
 def source_line(data: dict[str, Any]) -> str:

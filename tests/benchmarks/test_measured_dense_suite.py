@@ -1,0 +1,93 @@
+"""`distillctl methods list` shows what the dense-features suite measured for the methods the main table did not
+run (pcd, dense-reg, attndistill, mae-lite): render.py packages those cells, marked with their suite and, where
+they differ from the main table's, their student and teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+VIT = "vit_tiny_patch16_224(patch_size=8)"
+
+
+def _quality() -> dict:
+    """A main table with one method (compress-1q at 30k), in quality.json's shape."""
+    row = {"method": "compress-1q", "budget": 30000, "knn_top1": 40.0, "linear_top1": 41.0, "kind": "distill",
+           "status": "done", "teacher": "sup", "command": "distillctl run --method compress-1q"}
+    return {"rows": {"a": row}, "machine": {"git_commit": "abc1234", "date_utc": "2026-01-01 00:00 UTC"},
+            "config": {"budget_images": 30000, "batch_size": 64, "image_size": 64, "seed": 0,
+                       "students": "mobilenetv2_100", "train_images": 10000, "test_images": 2000,
+                       "data": {"train": "train10k", "test": "test2k"}},
+            "reference": {"teacher_knn": {"sup": 80.0}, "random": {"knn_top1": 20.0}}}
+
+
+def _dense_row(method: str, student: str, teacher: str, knn: float, miou: float, status: str = "done") -> dict:
+    return {"method": method, "student": student, "teacher": teacher, "budget": 30000, "knn_top1": knn,
+            "linear_top1": knn + 2, "kind": "distill", "status": status, "dense": {"miou": miou}}
+
+
+def _dense() -> dict:
+    """quality_dense.json's shape: a CNN cell under the main protocol, a ViT cell with the suite's ViT teacher, a
+    control of a main-table method and a cell that failed."""
+    return {"config": {"cnn_student": "mobilenetv2_100", "vit_student": VIT, "vit_teacher": "mae:vit_small:50000"},
+            "rows": {"p": _dense_row("pcd", "mobilenetv2_100", "sup", 35.95, 14.9),
+                     "a": _dense_row("attndistill", VIT, "vit", 25.25, 12.0),
+                     "c": _dense_row("compress-1q", "mobilenetv2_100", "sup", 34.25, 12.3),
+                     "x": _dense_row("dense-reg", "mobilenetv2_100", "sup", 0.0, 0.0, status="failed")}}
+
+
+def test_render_packages_the_dense_suite_beside_the_main_table():
+    import render
+
+    q = _quality()
+    data = render.measured_data(q, render.quality_facts(q), _dense())
+    pcd = data["methods"]["pcd"]
+    assert pcd["cells"] == [] and pcd["kind"] == "distill"  # not ranked with the main table
+    assert pcd["dense_suite"] == [{"images_seen": 30000, "knn_top1": 35.95, "linear_top1": 37.95, "dense_miou": 14.9,
+                                   "student": "mobilenetv2_100", "teacher": "ResNet-18 sup.", "kind": "distill",
+                                   "same_protocol": True}]
+    attn = data["methods"]["attndistill"]["dense_suite"][0]
+    assert attn["same_protocol"] is False and attn["student"] == VIT and attn["teacher"] == "ViT teacher (mae)"
+    assert "dense-reg" not in data["methods"]  # a failed cell measured nothing
+    compress = data["methods"]["compress-1q"]
+    assert [c["knn_top1"] for c in compress["cells"]] == [40.0] and compress["cells"][0]["rank"] == 1
+    assert [c["knn_top1"] for c in compress["dense_suite"]] == [34.25]
+    assert render.measured_data(q, render.quality_facts(q))["methods"].keys() == {"compress-1q"}  # no dense results
+
+
+def test_methods_list_column_shows_dense_suite_cells_marked_as_such():
+    import render
+
+    from distillctl.methods import measured
+
+    q = _quality()
+    data = json.loads(json.dumps(render.measured_data(q, render.quality_facts(q), _dense())))
+    assert measured.summary(data, "pcd") == "30k 36.0 (dense suite)"
+    assert measured.summary(data, "attndistill") == f"30k 25.2 (dense suite, {VIT} student, ViT teacher (mae))"
+    assert measured.summary(data, "compress-1q") == "30k #1/1 40.0"  # the main table wins where it measured
+    assert measured.summary(data, "dense-reg") == "–"
+    assert [c["knn_top1"] for c in measured.dense_suite_cells(data, "pcd")] == [35.95]
+
+
+def test_cli_lists_the_shipped_dense_suite_numbers():
+    """The shipped measured.json (render.py's output for benchmarks/results) reaches `methods list`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    listed = subprocess.run([sys.executable, "-m", "distillctl", "methods", "list", "--json"], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)["methods"]}
+    shipped = json.loads((REPO / "distillctl" / "methods" / "measured.json").read_text())["methods"]
+    for name in ("pcd", "dense-reg", "attndistill", "mae-lite"):
+        assert rows[name]["measured"] == []
+        assert rows[name]["measured_dense_suite"] == shipped[name]["dense_suite"] != []
+    table = subprocess.run([sys.executable, "-m", "distillctl", "methods", "list"], capture_output=True, text=True,
+                           cwd=REPO, env=env, timeout=120)
+    line = next(text for text in (table.stdout + table.stderr).splitlines() if text.startswith("│ pcd "))
+    knn = shipped["pcd"]["dense_suite"][0]["knn_top1"]
+    assert f"30k {knn:.1f} (dense suite)" in line
