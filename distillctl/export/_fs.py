@@ -36,7 +36,6 @@ class StagedDirectory:
 
     def __init__(self, final: str | Path) -> None:
         self.final = Path(final)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
         recover_stale(self.final)
         self.root = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{self.final.name}-", dir=self.final.parent))
         self.path = self.root / self.final.name

@@ -107,8 +107,10 @@ def export_run(
     from distillctl.export._fs import StagedDirectory
     from distillctl.runlock import hold
 
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"run directory does not exist: {run_dir}")
     with hold(run_dir, create=False):
-        run_dir = Path(run_dir)
         stage = StagedDirectory(run_dir / "export")
         try:
             return _export_run(run_dir, stage, section, data=data, val_data=val_data,
