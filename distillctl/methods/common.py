@@ -100,10 +100,6 @@ class FeatureQueue(nn.Module):
         self.ptr.fill_(self._host[0])
         self.filled.fill_(self._host[1])
 
-    def is_full(self) -> bool:
-        """Every row has been written at least once (host-side count: no device read)."""
-        return self._pointers()[1] >= self.size
-
     def valid(self) -> torch.Tensor:
         """Rows written so far (the whole queue once it has wrapped)."""
         filled = self._pointers()[1]
@@ -139,15 +135,6 @@ def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor)
     return -(target_probs * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean()
 
 
-def batch_key_exclusion(batch: int, copies: int, device: torch.device) -> torch.Tensor:
-    """(B, copies·B) bool: True where a key of the current batch belongs to the query's own image.
-
-    The batch keys are laid out as ``copies`` blocks of B (one per view, in batch order), so query b owns
-    columns b, B + b, … — its positive and its own other keys, which must not act as negatives."""
-    own = torch.eye(batch, dtype=torch.bool, device=device)
-    return own.repeat(1, copies)
-
-
 def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo-style InfoNCE: logits [q·k+, q·Q] / τ, target index 0. Inputs L2-normalised."""
     positive_logit = (query * positive).sum(dim=1, keepdim=True)
@@ -155,13 +142,3 @@ def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
     logits = torch.cat([positive_logit, negative_logits], dim=1) / temperature
     labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels)
-
-
-def info_nce_with_batch(query: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor, batch_keys: torch.Tensor,
-                        exclude: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE whose negatives are the queue rows in ``bank`` plus the current batch's keys of *other* images:
-    logits [q·k+, q·bank, q·batch_keys (own image's masked out)] / τ, target index 0. Inputs L2-normalised."""
-    batch_logits = (query @ batch_keys.t()).masked_fill(exclude, float("-inf"))
-    logits = torch.cat([(query * positive).sum(dim=1, keepdim=True), query @ bank.t(), batch_logits], dim=1)
-    labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-    return F.cross_entropy(logits / temperature, labels)

@@ -4,16 +4,13 @@ recipe of Shi et al. (AAAI 2022): wide MLP head, τ=0.1, stronger colour jitter.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
-from distillctl.methods.common import (EMA, FeatureQueue, batch_key_exclusion, cosine_momentum, info_nce,
-                                       info_nce_with_batch, mlp_relu)
+from distillctl.methods.common import EMA, FeatureQueue, cosine_momentum, info_nce, mlp_relu
 from distillctl.methods.domains import Augmentation, Count, CropScale, Momentum, Positive
 from distillctl.methods.collapse import LOG_KEY, embedding_cosine
 
@@ -29,10 +26,6 @@ class MocoV2Params(MethodParams):
     crop_scale: CropScale = (0.2, 1.0)  # RandomResizedCrop area range
     flip: bool = True  # horizontal flips (turn off for digits/text)
     momentum_schedule: bool = False  # cosine ramp of the EMA momentum to 1 (BYOL-style)
-    # what stands for the queue rows not written yet. random (MoCo's code): random unit vectors act as negatives
-    # until overwritten; batch: unwritten rows are left out and, until the queue is full, the current batch's keys
-    # of the other images are negatives too (the method.preset=auto value; `methods show mocov2` says why)
-    queue_start: Literal["random", "batch"] = "random"
 
 
 class _Encoder(nn.Module):
@@ -60,15 +53,6 @@ class MocoV2(Method):
     )
     published = "ResNet-50, 200 epochs: 67.5 linear top-1 (800 epochs: 71.1) on ImageNet (facebookresearch/moco)."
     Params = MocoV2Params
-    assumptions = (
-        "queue_start: MoCo's code fills the queue with random unit vectors, which act as negatives until real keys "
-        "overwrite them. published keeps that; method.preset=auto uses queue_start=batch: unwritten rows are left out "
-        "and, until the queue is full, the current batch's keys of the other images are negatives too. Measured on "
-        "the CIFAR-10 protocol (MobileNetV2, 64 px): with random rows the student's embeddings of different images "
-        "reach a mean cosine of 0.98 after one step at lr 0.06 and 0.9997 by step 10 (the collapse watch's "
-        "embedding_cos), and the loss then sits at ln(K+1) for the whole run: random rows lie far from every real "
-        "embedding, so early steps reward alignment only. Real negatives from the first step avoid that.",
-    )
 
     def __init__(self, params: MocoV2Params, student_dim: int, teacher_dims=None) -> None:
         super().__init__(params, student_dim, teacher_dims)
@@ -89,29 +73,14 @@ class MocoV2(Method):
         with torch.no_grad():
             return F.normalize(self.key_encoder(images), dim=1)
 
-    def batch_negatives(self) -> bool:
-        """queue_start=batch and the queue has not wrapped yet: the batch's other keys join the negatives."""
-        return self.params.queue_start == "batch" and not self.queue.is_full()
-
-    def negative_bank(self) -> torch.Tensor:
-        """The queue rows that act as negatives: all of them (random start, or once full), else the written ones."""
-        return self.queue.data if self.params.queue_start == "random" else self.queue.valid()
-
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         queries = [F.normalize(self.head(f), dim=1) for f in inputs.student_features]
-        keys = [self._keys(img).to(queries[0].dtype) for img in inputs.images]
-        negatives = self.negative_bank().to(queries[0].dtype)
+        keys = [self._keys(img) for img in inputs.images]
+        negatives = self.queue.data.to(queries[0].dtype)
         tau = self.params.temperature
-        if self.batch_negatives():
-            batch_keys = torch.cat(keys)
-            exclude = batch_key_exclusion(keys[0].shape[0], len(keys), batch_keys.device)
-            loss = info_nce_with_batch(queries[0], keys[1], negatives, batch_keys, exclude, tau)
-            if self.params.symmetric:
-                loss = (loss + info_nce_with_batch(queries[1], keys[0], negatives, batch_keys, exclude, tau)) / 2
-        else:
-            loss = info_nce(queries[0], keys[1], negatives, tau)
-            if self.params.symmetric:
-                loss = (loss + info_nce(queries[1], keys[0], negatives, tau)) / 2
+        loss = info_nce(queries[0], keys[1].to(queries[0].dtype), negatives, tau)
+        if self.params.symmetric:
+            loss = (loss + info_nce(queries[1], keys[0].to(queries[1].dtype), negatives, tau)) / 2
         inputs.extras["keys"] = keys[1] if not self.params.symmetric else torch.cat(keys)
         return loss, {LOG_KEY: embedding_cosine(queries[0])}
 

@@ -182,24 +182,6 @@ def derive_queue(published: int, negatives: bool, size: RunSize) -> tuple[int, s
     return value, f"published {published:,} is too long: {why}; largest power of two within that: {value:,}"
 
 
-QUEUE_START_RANDOM_FROM = 1_000_000  # training images: MoCo's random start is what the paper trained on ImageNet
-
-
-def derive_queue_start(size: RunSize) -> tuple[str, str]:
-    """MoCo-family ``queue_start`` for the run: the paper's random rows on ImageNet-sized data, else the batch start.
-
-    Random initial rows lie far from every real embedding, so until real keys replace them the loss rewards
-    alignment only. Measured on 10,000 CIFAR-10 images (MobileNetV2, 64 px) the student's embeddings collapse in
-    the first steps and the loss then sits at ln(K+1) for the whole run; the paper's setting (1.28 M ImageNet
-    images, ResNet-50) is where random rows are known to train."""
-    if size.dataset_images >= QUEUE_START_RANDOM_FROM:
-        return "random", (f"{size.dataset_images:,} training images: MoCo's random initial queue rows, as published "
-                          "(ImageNet-sized data)")
-    return "batch", (f"{size.dataset_images:,} training images: random initial queue rows give the first steps no real "
-                     "negatives and the student's embeddings collapse (measured on 10,000 CIFAR-10 images); unwritten "
-                     "rows are left out and the batch's other keys stand in until the queue is full")
-
-
 def _round(value: float, digits: int = 6) -> float:
     """Round to ``digits`` significant digits (an exact integer stays one)."""
     if value == 0 or float(value).is_integer():
@@ -287,12 +269,6 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
             out.append(Derived(key, value, published, reason))
 
     recipe = facts.recipe
-    if "queue_start" in facts.defaults:  # MoCo-family student queues (mocov2, ssl-small, rekd)
-        if preset == "published":
-            add("method.params.queue_start", facts.defaults["queue_start"], facts.defaults["queue_start"],
-                "published preset: MoCo's random initial queue rows act as negatives until overwritten")
-        else:
-            add("method.params.queue_start", *_with_published(derive_queue_start(size), facts.defaults["queue_start"]))
     for name in facts.queue_fields:
         published = int(facts.defaults[name])
         if preset == "published":

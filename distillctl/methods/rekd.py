@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillctl.methods.base import MethodInputs, MethodView, Requirements, register
-from distillctl.methods.common import FeatureQueue, batch_key_exclusion
+from distillctl.methods.common import FeatureQueue
 from distillctl.methods.domains import Count, NonNegative, OptionalCount
 from distillctl.methods.mocov2 import MocoV2, MocoV2Params
 from distillctl.methods.presets import PublishedRecipe
@@ -37,24 +37,19 @@ class ReKDParams(MocoV2Params):
 
 
 def relation_info_nce(query: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor, related: torch.Tensor,
-                      temperature: float, weight: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
+                      temperature: float, weight: float) -> torch.Tensor:
     """Multi-positive InfoNCE over logits [q·k+, q·Q]/τ (inputs L2-normalised), per query b:
 
     L_b = −(log p_b(k+) + w·Σ_{j: related[b,j]} log p_b(Q_j)) / (1 + w·|{j: related[b,j]}|)
 
     with p_b the softmax over the 1 + K logits; mean over b. An empty relation set (or w = 0) gives MoCo's
-    InfoNCE; w = 1 weighs every positive equally (SupCon's "out" average). ``exclude`` (B, K) drops bank rows from
-    a query's softmax altogether (the query's own image among the batch keys); they are never related."""
+    InfoNCE; w = 1 weighs every positive equally (SupCon's "out" average)."""
     query = at_least_float32(query)
-    bank_logits = query @ bank.to(query.dtype).t()
-    if exclude is not None:
-        bank_logits = bank_logits.masked_fill(exclude, float("-inf"))
-        related = related & ~exclude
-    logits = torch.cat([(query * positive.to(query.dtype)).sum(dim=1, keepdim=True), bank_logits], dim=1) / temperature
+    logits = torch.cat([(query * positive.to(query.dtype)).sum(dim=1, keepdim=True),
+                        query @ bank.to(query.dtype).t()], dim=1) / temperature
     log_prob = F.log_softmax(logits, dim=1)
     mask = related.to(log_prob.dtype) * weight
-    # where a row is excluded its log-probability is −inf and its mask 0: take 0, not 0·(−inf)
-    numerator = log_prob[:, 0] + torch.where(mask > 0, mask * log_prob[:, 1:], 0.0).sum(dim=1)
+    numerator = log_prob[:, 0] + (mask * log_prob[:, 1:]).sum(dim=1)
     return -(numerator / (1.0 + mask.sum(dim=1))).mean()
 
 
@@ -134,16 +129,11 @@ class ReKD(UsesTeacherArtifact, MocoV2):
 
     def related(self, index: torch.Tensor) -> torch.Tensor:
         """(B, K) bool: queue row j holds a key of an image related to image ``index[b]`` (or of that image)."""
-        queued = self.queue_index.data[:, 0].round().long() - 1  # -1: no image
-        return self.related_to(index, queued)
-
-    def related_to(self, index: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-        """(B, N) bool: image ``others[j]`` is image ``index[b]`` or related to it (others[j] = −1: no image)."""
         if self.relation_table is None:
             raise RuntimeError(f"{self.name}: setup(student) was not called before training")
         table = self.relation_table.values
         index = index.to(table.device)
-        queued = others.to(table.device)
+        queued = self.queue_index.data[:, 0].round().long() - 1  # -1: no image
         valid = queued >= 0
         rows = queued.clamp_min(0)
         related = queued[None, :] == index[:, None]
@@ -157,19 +147,12 @@ class ReKD(UsesTeacherArtifact, MocoV2):
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         queries = [F.normalize(self.head(f), dim=1) for f in inputs.student_features]
         keys = [self._keys(img) for img in inputs.images]
-        bank = self.negative_bank()
-        related = self.related(inputs.index)[:, :bank.shape[0]]  # the written rows only, unless the start is random
-        exclude = None
-        if self.batch_negatives():  # queue_start=batch, queue not full: the batch's other keys join the bank
-            batch_index = torch.cat([inputs.index] * len(keys))
-            exclude = torch.cat([torch.zeros_like(related),
-                                 batch_key_exclusion(inputs.index.shape[0], len(keys), related.device)], dim=1)
-            related = torch.cat([related, self.related_to(inputs.index, batch_index)], dim=1)
-            bank = torch.cat([bank, *keys])
+        bank = self.queue.data
+        related = self.related(inputs.index)
         tau, weight = self.params.temperature, self.params.relation_weight
-        loss = relation_info_nce(queries[0], keys[1], bank, related, tau, weight, exclude)
+        loss = relation_info_nce(queries[0], keys[1], bank, related, tau, weight)
         if self.params.symmetric:
-            loss = (loss + relation_info_nce(queries[1], keys[0], bank, related, tau, weight, exclude)) / 2
+            loss = (loss + relation_info_nce(queries[1], keys[0], bank, related, tau, weight)) / 2
         inputs.extras["keys"] = keys[1] if not self.params.symmetric else torch.cat(keys)
         inputs.extras["key_index"] = inputs.index if not self.params.symmetric else torch.cat([inputs.index] * 2)
         return loss, {"related_per_query": related.sum(dim=1).float().mean(), LOG_KEY: embedding_cosine(queries[0])}

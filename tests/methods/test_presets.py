@@ -48,8 +48,7 @@ def test_imagenet_sized_run_gives_the_published_values_exactly(name):
 
 def test_imagenet_values_spelled_out():
     assert _values("mocov2", imagenet_size(RECIPES["mocov2"])) == {
-        "method.params.queue_size": 65536, "method.params.momentum": 0.999, "train.lr": 0.03,
-        "method.params.queue_start": "random"}
+        "method.params.queue_size": 65536, "method.params.momentum": 0.999, "train.lr": 0.03}
     assert _values("compress-1q", imagenet_size(RECIPES["compress-1q"])) == {
         "method.params.queue_size": 128_000, "train.lr": 0.01}
     assert _values("bingo", imagenet_size(RECIPES["bingo"]))["method.params.bag_warmup_epochs"] == 11
@@ -59,8 +58,7 @@ def test_imagenet_values_spelled_out():
 def test_small_run_values():
     assert _values("compress-1q", SMALL) == {"method.params.queue_size": 8192, "train.lr": 0.01}
     assert _values("mocov2", SMALL) == {"method.params.queue_size": 8192, "method.params.momentum": 0.99,
-                                        "train.lr": 0.0075,  # MoCo's linear rule: 0.03 × 64/256
-                                        "method.params.queue_start": "batch"}  # random rows collapse small runs
+                                        "train.lr": 0.0075}  # MoCo's linear rule: 0.03 × 64/256
     smd = _values("smd", SMALL)
     assert smd["method.params.warmup_epochs"] == pytest.approx(0.06)  # 2 % of a 3-epoch run
     assert smd["train.lr"] == pytest.approx(0.0125)  # 0.05 × 64/256
@@ -107,13 +105,12 @@ def test_published_preset_gives_paper_values_on_a_small_run():
 
 def test_explicit_keys_are_never_derived():
     values = _values("mocov2", SMALL, explicit={"method.params.queue_size", "train.lr"})
-    assert values == {"method.params.momentum": 0.99, "method.params.queue_start": "batch"}
+    assert values == {"method.params.momentum": 0.99}
     recipe = build_recipe({"method": {"name": "mocov2"}, "train": {"batch_size": 64, "epochs": 3}},
                           ["method.params.queue_size=100", "train.lr=0.2"])
     resolved, derived = preset_recipe(recipe, 10_000, 468 * 64)
     assert resolved.method.params["queue_size"] == 100 and resolved.train.lr == 0.2
-    assert {d.key for d in derived} == {"method.params.momentum", "method.params.queue_start"}
-    assert resolved.method.params["queue_start"] == "batch"  # the derived value reaches the resolved recipe
+    assert {d.key for d in derived} == {"method.params.momentum"}
     assert resolved.derived["method.params.momentum"]["value"] == 0.99
     scaled = build_recipe({"method": {"name": "seed"}, "train": {"lr_scaling": "linear"}})
     assert "train.lr" not in {d.key for d in preset_recipe(scaled, 10_000, 30_000)[1]}
