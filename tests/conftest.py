@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,21 @@ def trained_teacher_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("trained_teacher") / "teacher_r10t.safetensors"
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
     return path
+
+
+@contextmanager
+def temporary_methods(*classes) -> Iterator[None]:
+    """Register test-only method classes for the duration of a test, so registry-wide tests elsewhere never see
+    them (the registry is process-global)."""
+    from distillctl.methods import base
+
+    for cls in classes:
+        base.register(cls)
+    try:
+        yield
+    finally:
+        for cls in classes:
+            base._REGISTRY.pop(cls.name, None)
 
 
 def tiny_run_args(teacher: Path, out: Path, *extra: str, method: str = "simreg") -> list[str]:

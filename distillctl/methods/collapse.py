@@ -2,10 +2,9 @@
 
 Contrastive and self-distillation objectives have a degenerate solution in which the projection maps every image to
 (nearly) the same unit vector. Once there, the loss gives almost no gradient (every logit is equal: a queue loss
-sits at ln(K+1)) and the run goes
-on for hours without learning. On this repository's CIFAR-10 protocol that is what MoCo-style
-queue contrast (``mocov2``, ``rekd``) does to a MobileNetV2 student: the loss sits at ln(K+1) from the first
-hundred steps on, and the queued keys of different images end with a mean cosine of 0.99
+sits at ln(K+1)) and the run goes on for hours without learning. On this repository's CIFAR-10 protocol that is
+what MoCo-style queue contrast (``mocov2``, ``rekd``) does to a MobileNetV2 student: the loss sits at ln(K+1) from
+the first hundred steps on, and the queued keys of different images end with a mean cosine of 0.99
 (benchmarks/RESULTS.md, "What moves the weak methods").
 
 Methods that have an L2-normalised student embedding report ``embedding_cos`` in their step logs: the mean cosine

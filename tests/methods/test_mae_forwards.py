@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from distillctl.methods import base
 from distillctl.methods.base import MethodView
 from distillctl.methods.mae_lite import MAE, MAELite, MAELiteParams, MAEParams
+from tests.conftest import temporary_methods
 
 VIT = ["--set", "student.kwargs.depth=2", "--set", "student.kwargs.patch_size=8", "--image-size", "32",
        "--set", "method.params.decoder_dim=32", "--set", "method.params.decoder_heads=2"]
@@ -47,11 +48,8 @@ class _MAELiteWithTrainerForward(MAELite):
 
 @pytest.fixture
 def old_forms():
-    for cls in (_MAEWithTrainerForward, _MAELiteWithTrainerForward):
-        base.register(cls)
-    yield
-    for cls in (_MAEWithTrainerForward, _MAELiteWithTrainerForward):
-        base._REGISTRY.pop(cls.name, None)
+    with temporary_methods(_MAEWithTrainerForward, _MAELiteWithTrainerForward):
+        yield
 
 
 def test_mae_views_go_through_no_trainer_forward():

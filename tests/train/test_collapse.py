@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillctl.methods import base
 from distillctl.methods.collapse import COLLAPSE_COSINE, LOG_KEY, CollapseWatch, embedding_cosine
 from distillctl.methods.simreg import SimReg
-from tests.conftest import tiny_run_args
+from tests.conftest import temporary_methods, tiny_run_args
 
 
 def _loop_cosine(rows: torch.Tensor) -> float:
@@ -84,9 +83,8 @@ class _CollapsingSimReg(SimReg):
 
 @pytest.fixture
 def collapsing_method():
-    base.register(_CollapsingSimReg)
-    yield _CollapsingSimReg.name
-    base._REGISTRY.pop(_CollapsingSimReg.name, None)
+    with temporary_methods(_CollapsingSimReg):
+        yield _CollapsingSimReg.name
 
 
 def test_a_collapsed_run_warns_once_and_records_the_step(tmp_path, tiny_teacher_file, log_lines, collapsing_method):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillctl.methods import base
 from distillctl.methods.simreg import SimReg
-from tests.conftest import tiny_run_args
+from tests.conftest import temporary_methods, tiny_run_args
 
 
 class _ExplodingSimReg(SimReg):
@@ -24,10 +23,8 @@ class _ExplodingSimReg(SimReg):
 
 @pytest.fixture
 def exploding_method():
-    """Registered only for this test, so registry-wide tests elsewhere never see it."""
-    base.register(_ExplodingSimReg)
-    yield _ExplodingSimReg.name
-    base._REGISTRY.pop(_ExplodingSimReg.name, None)
+    with temporary_methods(_ExplodingSimReg):
+        yield _ExplodingSimReg.name
 
 
 def test_nan_loss_stops_with_exit_1_and_keeps_checkpoint(tmp_path, tiny_teacher_file, capsys, exploding_method):
