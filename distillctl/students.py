@@ -212,15 +212,32 @@ def build_student(config: StudentConfig, exportable: bool = False) -> nn.Module:
     return create_backbone(config.arch, img_size=config.input_size[-1], exportable=exportable, model_kwargs=model_kwargs)
 
 
+def find_student_dir(run_or_student_dir: str | Path) -> Path | None:
+    """The folder holding a deployable student (``config.json`` and ``model.safetensors``): ``<run>/student``, or
+    the given folder itself; None when neither holds both files."""
+    path = Path(run_or_student_dir)
+    for candidate in (path / "student", path):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    return None
+
+
+def require_student_files(run_or_student_dir: str | Path, hint: str | None = None) -> tuple[Path, Path]:
+    """``(config.json, model.safetensors)`` of a run's deployable student; InputError (exit 2) naming what is
+    expected when there is none. Reads nothing else, so a caller can refuse a folder that is not a finished run
+    before touching it (``export`` does, before its run lock)."""
+    student_dir = find_student_dir(run_or_student_dir)
+    if student_dir is None:
+        raise InputError(f"no student checkpoint in {run_or_student_dir} (expected student/config.json and "
+                         "student/model.safetensors)", hint=hint)
+    return student_dir / "config.json", student_dir / "model.safetensors"
+
+
 def load_student(run_or_student_dir: str | Path, exportable: bool = False) -> tuple[nn.Module, StudentConfig]:
     """Load the deployable student of a run (``<run>/student``) in eval mode, strictly."""
     from safetensors.torch import load_file
 
-    path = Path(run_or_student_dir)
-    student_dir = path / "student" if (path / "student").is_dir() else path
-    config_path, weights_path = student_dir / "config.json", student_dir / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise InputError(f"no student checkpoint in {path} (expected student/config.json and student/model.safetensors)")
+    config_path, weights_path = require_student_files(run_or_student_dir)
     try:
         config = StudentConfig(**json.loads(config_path.read_text()))
     except (ValueError, TypeError) as exc:

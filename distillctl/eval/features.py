@@ -311,13 +311,6 @@ def _load_onnx(path: Path, device: str) -> tuple[Encoder, dict, str]:
 register_artifact_loader(".onnx", _load_onnx)
 
 
-def _student_dir(path: Path) -> Path | None:
-    for candidate in (path / "student", path):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    return None
-
-
 TEACHER_PREFIX = "teacher:"
 
 
@@ -345,12 +338,10 @@ def load_encoder(target: str | Path, device: str = "cpu", *, teacher_arch: str |
         raise InputError(f"evaluation target does not exist: {path}",
                          hint="pass a run directory, its student/ directory, or an exported .onnx file")
     if path.is_dir():
-        student_dir = _student_dir(path)
-        if student_dir is None:
-            raise InputError(f"no student checkpoint in {path} (expected student/config.json and student/model.safetensors)",
-                             hint="pass a finished run directory, a student/ directory or an .onnx file")
-        from distillctl.students import load_student
+        from distillctl.students import load_student, require_student_files
 
+        student_dir = require_student_files(path, hint="pass a finished run directory, a student/ directory or an "
+                                                       ".onnx file")[0].parent
         model, config = load_student(student_dir)
         preprocess = {"input_size": int(_as_list(config.input_size)[-1]), "mean": [float(v) for v in config.mean],
                       "std": [float(v) for v in config.std]}
@@ -380,9 +371,9 @@ def encoder_fingerprint(target: str | Path, encoder: Any = None) -> str:
         raise InputError(f"cannot fingerprint {target} without its loaded encoder")
     path = Path(target).expanduser()
     if path.is_dir():
-        student_dir = _student_dir(path)
-        if student_dir is None:
-            raise InputError(f"no student checkpoint in {path}")
+        from distillctl.students import require_student_files
+
+        student_dir = require_student_files(path)[0].parent
         digest = hashlib.sha256()
         for name in ("model.safetensors", "config.json"):
             digest.update(file_sha256(student_dir / name).encode())

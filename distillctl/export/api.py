@@ -106,14 +106,12 @@ def export_run(
     """
     from distillctl.export._fs import StagedDirectory
     from distillctl.runlock import hold
+    from distillctl.students import require_student_files
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"run directory does not exist: {run_dir}")
-    student_dir = run_dir / "student" if (run_dir / "student").is_dir() else run_dir
-    if not (student_dir / "config.json").is_file() or not (student_dir / "model.safetensors").is_file():
-        # refused before the lock, whose file would otherwise be left in a folder that is not a run
-        raise InputError(f"no student checkpoint in {run_dir} (expected student/config.json and student/model.safetensors)")
+    require_student_files(run_dir)  # before the lock, whose file would otherwise be left in a folder that is not a run
     with hold(run_dir, create=False):
         stage = StagedDirectory(run_dir / "export")
         try:
