@@ -345,21 +345,25 @@ def run_cell(plan_: Plan, cell: Cell, quiet: bool = False) -> dict:
     """Pre-train (or resume) the cell's run, evaluate its student, record both; returns the cell's summary."""
     from distillctl.pipeline import RunOptions, run_pipeline
     from distillctl.rundir import RunDir
+    from distillctl.runlock import hold
     from distillctl.students import load_student
 
     run_dir = plan_.run_dir(cell)
     started = time.monotonic()
-    run_pipeline(plan_.recipe(cell), RunOptions(quiet=quiet))
-    phase(f"protocol: evaluating {cell.method} × {cell.arch} on the labelled splits")
-    student, config = load_student(run_dir)
-    seed = int(plan_.spec.train.get("seed", 0))
-    result = evaluate_encoder(student, plan_.splits, int(config.input_size[-1]), config.mean, config.std,
-                              plan_.spec.data.crop_pct, plan_.spec.eval, seed, plan_.device)
-    summary = RunDir(run_dir).update_summary({"protocol": {"name": plan_.spec.name, "method": cell.method,
-                                                           "arch": cell.arch, "eval": result}})
-    atomic_write_json(run_dir / MARKER, {"fingerprint": _cell_fingerprint(plan_, cell), "method": cell.method,
-                                         "arch": cell.arch, "protocol": plan_.spec.name,
-                                         "wall_s": round(time.monotonic() - started, 2)})
+    # one lock over training, evaluation and the summary/marker writes (run_pipeline's own hold nests inside it),
+    # so a second `distillctl protocol` or `run` on this cell cannot interleave with the summary update
+    with hold(run_dir, f"protocol {plan_.spec.name}"):
+        run_pipeline(plan_.recipe(cell), RunOptions(quiet=quiet))
+        phase(f"protocol: evaluating {cell.method} × {cell.arch} on the labelled splits")
+        student, config = load_student(run_dir)
+        seed = int(plan_.spec.train.get("seed", 0))
+        result = evaluate_encoder(student, plan_.splits, int(config.input_size[-1]), config.mean, config.std,
+                                  plan_.spec.data.crop_pct, plan_.spec.eval, seed, plan_.device)
+        summary = RunDir(run_dir).update_summary({"protocol": {"name": plan_.spec.name, "method": cell.method,
+                                                               "arch": cell.arch, "eval": result}})
+        atomic_write_json(run_dir / MARKER, {"fingerprint": _cell_fingerprint(plan_, cell), "method": cell.method,
+                                             "arch": cell.arch, "protocol": plan_.spec.name,
+                                             "wall_s": round(time.monotonic() - started, 2)})
     return summary
 
 

@@ -4,6 +4,7 @@ results table, and (slow) the whole CPU variant end to end with resume after a d
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,51 @@ def test_plan_applies_overrides_and_budget(tmp_path: Path) -> None:
                                          eval_val=data["eval_val"], out=tmp_path / "out",
                                          archs=("squeezenet", "tv:squeezenet1_1"), methods=("byol", "byol")))
     assert labelled.dataset_size == 24 and [(c.method, c.arch) for c in labelled.cells] == [("byol", "tv:squeezenet1_1")]
+
+
+def test_run_cell_holds_the_run_lock_through_evaluation_and_the_summary(tmp_path: Path, monkeypatch) -> None:
+    """Training, evaluation and the summary/marker writes of a cell are one locked section: another process is
+    refused (exit 2) until the cell's summary is written, not only while it trains."""
+    import distillctl.pipeline
+    import distillctl.protocol as protocol
+    import distillctl.students
+    from distillctl.runlock import holder
+
+    data = make_data(tmp_path / "data")
+    planned = plan(load_protocol("lightweight-ssl_cpu"),
+                   ProtocolInputs(**data, out=tmp_path / "out", methods=("byol",), archs=("squeezenet",)))
+    cell = planned.cells[0]
+    run_dir = planned.run_dir(cell)
+    seen: dict[str, object] = {}
+
+    def fake_pipeline(recipe, options):  # training is tested end to end below; here only the lock's extent
+        seen["training"] = holder(run_dir)
+        (run_dir / "summary.json").write_text("{}")
+
+    def fake_evaluate(*args, **kwargs):
+        seen["evaluating"] = holder(run_dir)
+        return {"knn_top1": 50.0}
+
+    monkeypatch.setattr(distillctl.pipeline, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(distillctl.students, "load_student", lambda path: (None, type("C", (), {
+        "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3})()))
+    monkeypatch.setattr(protocol, "evaluate_encoder", fake_evaluate)
+    summary = protocol.run_cell(planned, cell, quiet=True)
+    assert seen["training"]["pid"] == os.getpid() and seen["evaluating"]["pid"] == os.getpid()
+    assert summary["protocol"]["eval"] == {"knn_top1": 50.0}
+    assert not _lock_is_held(run_dir)  # released afterwards
+
+
+def _lock_is_held(directory: Path) -> bool:
+    import fcntl
+
+    with open(directory / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 @pytest.mark.parametrize("change, error, fragment", [
