@@ -103,7 +103,11 @@ def label(row: dict) -> str:
 def collapse_note(row: dict) -> str:
     """`` (collapsed at step N)`` when distillctl's collapse watch (methods/collapse.py) fired in the cell's run."""
     collapse = row.get("collapse")
-    return f" (collapsed at step {collapse['step']:,})" if collapse else ""
+    if not collapse:
+        return ""
+    recovered = collapse.get("recovered_at_step")
+    return (f" (collapsed at step {collapse['step']:,}, recovered by step {recovered:,})" if recovered is not None
+            else f" (collapsed at step {collapse['step']:,})")
 
 
 def cell_preset(row: dict) -> str:

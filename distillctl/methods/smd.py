@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, register
+from distillctl.methods.collapse import LOG_KEY, embedding_cosine
 from distillctl.methods.domains import NonNegative, Positive
 from distillctl.methods.shared import CropParams, at_least_float32, crop_view, teacher_target
 
@@ -116,8 +117,11 @@ class SMD(Method):
         per_view = [smd_loss(t, s, self.temperature) for t, s in zip(teachers, students)]
         distill = sum(loss for loss, _ in per_view) / len(per_view)
         cosine = sum(_cosine(t, s) for t, s in zip(teachers, students)) / len(students)
+        # embedding_cos: SMD's hard mining can settle every student embedding on the teacher's mean direction
+        # (benchmarks/RESULTS.md, "What moves the weak methods"); the collapse watch reports it
         logs = {"smd": distill.detach(), "cos": cosine.detach(), "tau": self.temperature,
-                "no_negative_frac": sum(s["no_negative_frac"] for _, s in per_view) / len(per_view)}
+                "no_negative_frac": sum(s["no_negative_frac"] for _, s in per_view) / len(per_view),
+                LOG_KEY: embedding_cosine(students[0])}
         if inputs.epoch < self.params.warmup_epochs:
             return -cosine + self.params.times * distill, logs
         return distill, logs

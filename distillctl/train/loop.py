@@ -311,6 +311,8 @@ def train(job: TrainJob) -> TrainResult:
                     collapsed = watch.observe(step, logs)  # the same logs on every rank: no extra collective
                     if collapsed is not None and dist_info.is_main:
                         log.warning(collapsed.message(job.stage))
+                    elif watch.recovered_now and dist_info.is_main:
+                        log.info(watch.found.recovery_message(job.stage))
                     log_time, log_images, log_cpu = now, 0, cpu_now
                 else:
                     progress.update(step, None, lr)

@@ -98,6 +98,9 @@ def _fake_results(directory: Path) -> None:
               "linear_top1": 30.0, "teacher_mode": "none",
               "collapse": {"step": 60, "embedding_cos": 0.99, "threshold": 0.95}},
         "e": {**row, "id": "e", "method": "bingo", "budget": 6400, "status": "failed", "error": "exit 1: boom"},
+        "f": {**row, "id": "f", "method": "smd", "budget": 6400, "knn_top1": 20.0, "linear_top1": 21.0,
+              "collapse": {"step": 20, "embedding_cos": 0.99, "threshold": 0.95, "recovered_at_step": 1500,
+                           "last_embedding_cos": 0.6}},
     }
     quality = {"command": "python benchmarks/quality.py --budget-images 6400", "machine": machine, "rows": rows,
                "config": {"budget_images": 6400, "extra_budgets": {"simreg": [120000]}, "batch_size": 64,
@@ -146,6 +149,7 @@ def test_render_from_fake_results(tmp_path):
     assert "simreg at 120,000 images: kNN 50.0%" in text
     assert "| bingo (failed) |" in text and "boom" in text
     assert "| mocov2 (collapsed at step 60) | ssl |" in text  # distillctl's collapse watch fired in that cell
+    assert "| smd (collapsed at step 20, recovered by step 1,500) | distill |" in text
     assert "| simreg | distill |" in text  # no note where it did not
     assert "simreg cached 0.75" in text and "simreg online 0.50" in text
     assert "2.50 [1.50–3.50] (n=3)× vs PyTorch eager" in text

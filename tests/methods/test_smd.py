@@ -97,6 +97,23 @@ def test_warmup_term_and_temperature_switch() -> None:
     assert fixed.temperature == 0.1
 
 
+def test_logs_the_embedding_cosine_the_collapse_watch_reads() -> None:
+    """SMD's head outputs are watched for collapse onto one direction (methods/collapse.py)."""
+    from distillctl.methods.collapse import LOG_KEY, embedding_cosine
+
+    method = SMD(SMDParams(), STUDENT_DIM, TEACHER_DIMS)
+    student, teacher = TinyNet(STUDENT_DIM), TinyTeacher()
+    inputs = make_inputs(method, student, [teacher], make_images(method, 6, 16), epoch=3.0)
+    _, logs = method.loss(inputs)
+    expected = embedding_cosine(method.head(inputs.student_features[0]))
+    assert float(logs[LOG_KEY]) == pytest.approx(float(expected), abs=1e-6)
+    with torch.no_grad():  # one direction for every image reads as collapsed
+        method.head.weight.zero_()
+        method.head.bias.fill_(1.0)
+    _, logs = method.loss(inputs)
+    assert float(logs[LOG_KEY]) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_params_reject_unknown_keys() -> None:
     with pytest.raises(ValidationError):
         SMDParams(tau=0.1)

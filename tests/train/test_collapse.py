@@ -46,7 +46,30 @@ def test_watch_needs_two_consecutive_rows_and_reports_once():
     found = watch.observe(20, {LOG_KEY: 0.999})
     assert found is not None and found.step == 20 and found.embedding_cos == 0.999
     assert watch.observe(25, {LOG_KEY: 0.999}) is None  # warned once
-    assert watch.found.to_dict() == {"step": 20, "embedding_cos": 0.999, "threshold": COLLAPSE_COSINE}
+    assert watch.found.to_dict() == {"step": 20, "embedding_cos": 0.999, "threshold": COLLAPSE_COSINE,
+                                     "recovered_at_step": None, "last_embedding_cos": 0.999}
+
+
+def test_watch_records_a_recovery_and_a_relapse():
+    watch = CollapseWatch()
+    high, low = 0.99, 0.5
+    for step in (5, 10):
+        watch.observe(step, {LOG_KEY: high})
+    assert watch.found.step == 10
+    assert watch.observe(15, {LOG_KEY: low}) is None and not watch.recovered_now  # one low row is not a recovery
+    watch.observe(20, {LOG_KEY: high})
+    watch.observe(25, {LOG_KEY: low})
+    assert watch.found.recovered_step is None
+    watch.observe(30, {LOG_KEY: 0.4})
+    assert watch.recovered_now and watch.found.recovered_step == 30  # the second consecutive low row
+    assert "left the collapse" in watch.found.recovery_message("distill") and "step 30" in watch.found.recovery_message("distill")
+    watch.observe(35, {LOG_KEY: 0.3})
+    assert not watch.recovered_now and watch.found.recovered_step == 30  # reported once
+    watch.observe(40, {LOG_KEY: high})
+    assert watch.found.recovered_step == 30  # one high row is noise
+    watch.observe(45, {LOG_KEY: 0.97})
+    assert watch.found.to_dict() == {"step": 10, "embedding_cos": high, "threshold": COLLAPSE_COSINE,
+                                     "recovered_at_step": None, "last_embedding_cos": 0.97}  # ended collapsed
 
 
 def test_watch_ignores_methods_without_the_measure_and_nan():
@@ -67,6 +90,14 @@ def test_watch_state_round_trips_through_a_checkpoint_dict():
     older = CollapseWatch()
     older.load_state_dict(None)  # a checkpoint from before the watch existed
     assert older.found is None
+    for value in (0.3, 0.2):  # recovered, mid-way through a run of low rows
+        resumed.observe(15, {LOG_KEY: value})
+    again = CollapseWatch()
+    again.load_state_dict(resumed.state_dict())
+    assert again.found == resumed.found and again.state_dict() == resumed.state_dict()
+    before_recovery_tracking = CollapseWatch()
+    before_recovery_tracking.load_state_dict({"run": 3, "found": [10, 0.99]})  # a session-7 checkpoint
+    assert before_recovery_tracking.found.to_dict()["recovered_at_step"] is None
 
 
 class _CollapsingSimReg(SimReg):
@@ -100,10 +131,42 @@ def test_a_collapsed_run_warns_once_and_records_the_step(tmp_path, tiny_teacher_
     warnings = [line for line in log_lines if "embeddings have collapsed" in line]
     assert len(warnings) == 1 and "at step 6" in warnings[0]  # rows 4 and 6: the second consecutive one
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train"]["collapse"] == {"step": 6, "embedding_cos": 1.0, "threshold": COLLAPSE_COSINE}
+    assert summary["train"]["collapse"] == {"step": 6, "embedding_cos": 1.0, "threshold": COLLAPSE_COSINE,
+                                            "recovered_at_step": None, "last_embedding_cos": 1.0}
     checkpoint = sorted((out / "distill" / "checkpoints").glob("ckpt_*.pt"))[0]
     state = torch.load(checkpoint, weights_only=True)
     assert state["collapse"]["found"][0] == 6 and state["collapse"]["found"][1] == pytest.approx(1.0, abs=1e-5)
+
+
+class _RecoveringSimReg(SimReg):
+    """Reports one vector for every image at steps 3–6 only (log rows 4 and 6), distinct ones otherwise."""
+
+    name = "test-recovering"
+
+    def loss(self, inputs):
+        loss, logs = super().loss(inputs)
+        batch = inputs.images[0].shape[0]
+        embeddings = torch.ones(batch, 8) if 3 <= inputs.step < 7 else torch.eye(batch, 8)
+        return loss, {**logs, LOG_KEY: embedding_cosine(embeddings)}
+
+
+def test_a_run_that_leaves_the_collapse_records_when(tmp_path, tiny_teacher_file, log_lines):
+    from distillctl.cli import main
+
+    out = tmp_path / "run"
+    with temporary_methods(_RecoveringSimReg):
+        args = tiny_run_args(tiny_teacher_file, out, "--teacher-mode", "online", "--set", "train.log_every=2",
+                             method=_RecoveringSimReg.name)
+        assert main(args) in (None, 0)
+    assert len([line for line in log_lines if "embeddings have collapsed" in line]) == 1
+    recovered = [line for line in log_lines if "left the collapse" in line]
+    assert len(recovered) == 1 and "from step 10 on" in recovered[0]  # rows 8 and 10 are back below
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["collapse"] == {"step": 6, "embedding_cos": 1.0, "threshold": COLLAPSE_COSINE,
+                                            "recovered_at_step": 10, "last_embedding_cos": 0.0}
+    from distillctl import schemas
+
+    schemas.validate(summary, "summary")
 
 
 def test_a_healthy_run_records_no_collapse(tmp_path, tiny_teacher_file):
