@@ -201,3 +201,48 @@ def test_train_time_of_a_resumed_cell(tmp_path):
     assert train_time(recorded, metrics) == {"train_wall_s": 11.5, "train_wall_estimated": False}
     fresh = {"resumed_from_step": None, "wall_s": 7.0}
     assert train_time(fresh, metrics) == {"train_wall_s": 7.0, "train_wall_estimated": False}
+
+
+def test_geometry_measures_against_loops():
+    import torch
+
+    import geometry
+
+    torch.manual_seed(0)
+    rows = torch.randn(7, 5, dtype=torch.float64)
+    unit = [r / r.norm() for r in rows]
+    loop = sum(float(unit[i] @ unit[j]) for i in range(7) for j in range(7) if i != j) / 42
+    assert geometry.pair_cos(rows) == pytest.approx(loop, abs=1e-12)
+    # 1-NN: two tight clusters, one point labelled against its cluster
+    points = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.98, -0.1], [0.0, 1.0], [0.1, 0.99], [-0.1, 0.98]])
+    labels = torch.tensor([0, 0, 1, 1, 1, 1])
+    assert geometry.nn1_accuracy(points, labels) == pytest.approx(100 * 5 / 6)  # only the mislabelled point misses
+    teacher = torch.rand(6, 4) + 0.1
+    unit_teacher = teacher / teacher.norm(dim=1, keepdim=True)
+    collapsed = unit_teacher.mean(dim=0, keepdim=True).repeat(6, 1)  # the teacher's mean direction for every image
+    head = geometry.head_geometry(collapsed, teacher, labels)
+    assert head["pair_cos"] == pytest.approx(1.0) and head["cos_to_teacher_mean"] == pytest.approx(1.0)
+    own = geometry.head_geometry(teacher, teacher, labels)
+    assert own["cos_to_teacher"] == pytest.approx(1.0)
+    assert head["cos_to_teacher"] == pytest.approx(own["cos_to_teacher_mean"])  # what the mean alone scores
+
+
+def test_geometry_section_reads_the_rows(tmp_path):
+    import render
+
+    teacher = {"pair_cos": 0.29, "nn1": 81.5, "cos_to_own_mean": 0.54}
+    rows = {"a": {"method": "smd", "knn_top1": 16.4, "backbone": {"pair_cos": 0.69, "nn1": 14.7},
+                  "head": {"pair_cos": 0.997, "nn1": 12.0, "cos_to_teacher": 0.534, "cos_to_teacher_mean": 0.988}},
+            "b": {"method": "cosine-reg", "knn_top1": 48.3, "backbone": {"pair_cos": 0.44, "nn1": 39.2},
+                  "head": {"pair_cos": 0.57, "nn1": 35.0, "cos_to_teacher": 0.727, "cos_to_teacher_mean": 0.753}},
+            "c": {"method": "dlkd", "knn_top1": 68.0, "backbone": {"pair_cos": 0.3, "nn1": 60.0}, "head": None}}
+    text = render.geometry_section({"command": "python benchmarks/geometry.py", "images": 1000, "budget": 120000,
+                                    "teacher": teacher, "rows": rows})
+    lines = text.splitlines()
+    smd = next(line for line in lines if line.startswith("| smd |"))
+    assert "collapsed onto the teacher's mean direction" in smd and "(0.534)" in smd and "(0.540)" in smd
+    assert "mostly the average is fitted" in next(line for line in lines if line.startswith("| cosine-reg |"))
+    assert next(line for line in lines if line.startswith("| dlkd |")).endswith("| – | – | – | – |")
+    assert [line.split(" |")[0] for line in lines if line.startswith("| ") and not line.startswith("| teacher (")][1:] == \
+        ["| smd", "| cosine-reg", "| dlkd"]  # weakest first
+    assert render.geometry_section(None) == ""
