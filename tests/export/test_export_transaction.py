@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,59 @@ def test_a_stage_left_by_a_kill_is_cleaned_and_an_old_export_put_back(tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", stage.root.name])
     stage.abort()
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def _stage_with(tmp_path: Path, old: bytes | None, new: bytes) -> _fs.StagedDirectory:
+    if old is not None:
+        (tmp_path / "export").mkdir()
+        (tmp_path / "export" / "student.onnx").write_bytes(old)
+    stage = _fs.StagedDirectory(tmp_path / "export")
+    (stage.path / "student.onnx").write_bytes(new)
+    return stage
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
+def test_commit_swaps_in_one_step_so_the_export_never_goes_missing(tmp_path: Path, monkeypatch) -> None:
+    probe_a, probe_b = tmp_path / "a", tmp_path / "b"
+    probe_a.mkdir(), probe_b.mkdir()
+    (probe_a / "x").write_text("a")
+    if not _fs.exchange(probe_a, probe_b):
+        pytest.skip("this file system refuses RENAME_EXCHANGE")
+    assert (probe_b / "x").read_text() == "a" and not (probe_a / "x").exists()  # swapped, both still exist
+    (tmp_path / "run").mkdir()
+    stage = _stage_with(tmp_path / "run", b"previous", b"new")
+
+    def no_two_step_rename(*args):
+        raise AssertionError("the old export was renamed aside: export/ would be missing for a moment")
+
+    monkeypatch.setattr(_fs.os, "rename", no_two_step_rename)
+    seen = []
+    stage.commit(then=lambda: seen.append((tmp_path / "run" / "export" / "student.onnx").read_bytes()))
+    assert seen == [b"new"] and (tmp_path / "run" / "export" / "student.onnx").read_bytes() == b"new"
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["export"]  # the old content went with the stage
+
+
+def test_a_failing_report_puts_the_old_export_back(tmp_path: Path) -> None:
+    stage = _stage_with(tmp_path, b"previous", b"new")
+
+    def report():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        stage.commit(then=report)
+    assert (tmp_path / "export" / "student.onnx").read_bytes() == b"previous"
+    stage.abort()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+@pytest.mark.parametrize("old", [b"previous", None])
+def test_without_an_atomic_exchange_the_two_renames_do_the_same(tmp_path: Path, monkeypatch, old) -> None:
+    monkeypatch.setattr(_fs, "exchange", lambda first, second: False)  # another OS or file system
+    stage = _stage_with(tmp_path, old, b"new")
+    stage.commit()
+    assert (tmp_path / "export" / "student.onnx").read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    failing = _stage_with(tmp_path, None, b"newer")
+    with pytest.raises(RuntimeError):
+        failing.commit(then=lambda: (_ for _ in ()).throw(RuntimeError("report failed")))
+    assert (tmp_path / "export" / "student.onnx").read_bytes() == b"new"
