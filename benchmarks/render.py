@@ -682,9 +682,10 @@ def geometry_verdict(row: dict, teacher: dict) -> str:
         return ("collapsed onto the teacher's mean direction: every image gets nearly one embedding, and its cosine "
                 f"to the teacher ({num(head['cos_to_teacher'], 3)}) is what that direction alone scores "
                 f"({num(teacher['cos_to_own_mean'], 3)})")
-    if head["cos_to_teacher_mean"] > head["cos_to_teacher"]:
-        return ("closer to the teacher's mean direction than to each image's own target: mostly the average is "
-                "fitted")
+    if head["pair_cos"] >= (1 + teacher["pair_cos"]) / 2 and head["cos_to_teacher_mean"] > head["cos_to_teacher"]:
+        return (f"far more concentrated than the teacher's features (pair cos {num(head['pair_cos'], 3)} vs "
+                f"{num(teacher['pair_cos'], 3)}) and closer to their mean direction than to each image's own target: "
+                "mostly the teacher's average is fitted")
     return ""
 
 
@@ -793,25 +794,31 @@ def which_method_section(data: dict) -> str:
                           for name, c in cells[:4]) + (f", … ({len(cells)} measured)" if len(cells) > 4 else "")
         best_ssl = f"{ssl[0][0]}{_preset_tag(ssl[0][1])} {ssl[0][1]['knn_top1']:.1f}" if ssl else "–"
         lines.append(f"| {budget:,} | {shown or '–'} | {best_ssl} | {pct(floor)} |")
-    below = sorted(name for name, m in methods.items() if m["kind"] == "distill" and floor is not None
-                   and any(c["knn_top1"] is not None and c["knn_top1"] < floor for c in m["cells"]))
+    below_cells = {name: [c for c in m["cells"] if c["knn_top1"] is not None and c["knn_top1"] < floor]
+                   for name, m in methods.items() if m["kind"] == "distill" and floor is not None}
+    below = sorted(name for name, cells_below in below_cells.items() if cells_below)
     leaders = {budget: next((name for name, m in methods.items() for c in m["cells"] if m["kind"] == "distill"
                              and c["images_seen"] == budget and c["rank"] == 1), None) for budget in budgets}
     distinct = sorted({name for name in leaders.values() if name})
     lead = (f"{distinct[0]} is first at every budget measured" if len(distinct) == 1 else
             "first per budget: " + ", ".join(f"{leaders[b]} at {b:,}" for b in budgets if leaders[b]))
-    def ran_auto(name: str) -> bool:
-        return any(c["preset"] == "auto" for c in methods[name]["cells"])
+    def ran_auto(name: str) -> bool:  # a cell below the floor ran with method.preset=auto
+        return any(c["preset"] == "auto" for c in below_cells[name])
+
+    def where(name: str) -> str:  # the budgets of its cells below the floor
+        budgets = sorted(c["images_seen"] for c in below_cells[name])
+        return f"{name} ({', '.join(format(b, ',') for b in budgets)})"
 
     legacy = [name for name in below if not ran_auto(name)]
     sized = [name for name in below if ran_auto(name)]
     lines += ["", f"Which to use: the method first in the row of your budget ({lead}). "
-              + (f"Below the random-init student on this protocol: {', '.join(below)}. " if below else "")
+              + (f"Below the random-init student on this protocol (at the budgets named): "
+                 f"{', '.join(where(name) for name in below)}. " if below else "")
               + (f"{', '.join(legacy)} ran with the papers' settings (before method.preset): ImageNet-sized queues and "
                  "warm-ups and one lr for every method (RESULTS.md's lr column); the default `method.preset=auto` "
                  "now sizes queues, warm-ups, lr and EMA momentum to the run, and those cells have not been "
                  "re-measured with it yet. " if legacy else "")
-              + (f"{', '.join(sized)} ran with `method.preset=auto` and are below it all the same at that budget. "
+              + (f"{', '.join(sized)} ran with `method.preset=auto` and are below it all the same at those budgets. "
                  if sized else "")
               + "Budgets, protocol and the exact commands are in benchmarks/RESULTS.md.", README_END]
     return "\n".join(lines)

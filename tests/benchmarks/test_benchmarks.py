@@ -241,7 +241,10 @@ def test_geometry_section_reads_the_rows(tmp_path):
     lines = text.splitlines()
     smd = next(line for line in lines if line.startswith("| smd |"))
     assert "collapsed onto the teacher's mean direction" in smd and "(0.534)" in smd and "(0.540)" in smd
-    assert "mostly the average is fitted" in next(line for line in lines if line.startswith("| cosine-reg |"))
+    assert next(line for line in lines if line.startswith("| cosine-reg |")).endswith("| – |")  # healthy
+    rows["b"]["head"].update(pair_cos=0.8)  # mse-reg-like: concentrated, nearer the mean than its targets
+    concentrated = render.geometry_section({"command": "x", "images": 10, "budget": 1, "teacher": teacher, "rows": rows})
+    assert "mostly the teacher's average is fitted" in concentrated
     assert next(line for line in lines if line.startswith("| dlkd |")).endswith("| – | – | – | – |")
     assert [line.split(" |")[0] for line in lines if line.startswith("| ") and not line.startswith("| teacher (")][1:] == \
         ["| smd", "| cosine-reg", "| dlkd"]  # weakest first

@@ -153,7 +153,7 @@ def test_render_writes_the_measured_table_and_the_readme_block(tmp_path):
     assert "old" not in block and block.endswith("## Next\n") and "## Which method?" in block
     assert "| 30,000 | compress-1q 40.0 (0.50), simreg 35.0 (0.44), smd 15.0 (0.19) | simclr 28.0 | 20.0 |" in block
     assert "compress-1q is first at every budget measured" in block
-    assert "Below the random-init student on this protocol: smd" in block
+    assert "Below the random-init student on this protocol (at the budgets named): smd (30,000)" in block
 
 
 def test_methods_list_and_show_read_the_packaged_table(tmp_path):
