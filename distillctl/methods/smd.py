@@ -117,8 +117,8 @@ class SMD(Method):
         per_view = [smd_loss(t, s, self.temperature) for t, s in zip(teachers, students)]
         distill = sum(loss for loss, _ in per_view) / len(per_view)
         cosine = sum(_cosine(t, s) for t, s in zip(teachers, students)) / len(students)
-        # embedding_cos: SMD's hard mining can settle every student embedding on the teacher's mean direction
-        # (benchmarks/RESULTS.md, "What moves the weak methods"); the collapse watch reports it
+        # embedding_cos: on the CIFAR-10 protocol every student embedding settles on the teacher's mean direction
+        # (benchmarks/RESULTS.md, embedding-geometry table); the collapse watch reports it
         logs = {"smd": distill.detach(), "cos": cosine.detach(), "tau": self.temperature,
                 "no_negative_frac": sum(s["no_negative_frac"] for _, s in per_view) / len(per_view),
                 LOG_KEY: embedding_cosine(students[0])}
