@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from common import (RESULTS, TEACHER, WORK, BenchError, log, machine_info, read_json, require_shared,  # noqa: E402
-                    run_script, subset_path, teacher_preprocess, write_json)
+from common import (RESULTS, TEACHER, WORK, BenchError, log, machine_info, require_shared, run_script,  # noqa: E402
+                    subset_path, teacher_preprocess, write_json)
 
 
 def pair_cos(embeddings) -> float:
@@ -55,26 +55,34 @@ def nn1_accuracy(embeddings, labels) -> float:
     return float((labels[nearest] == labels).to(torch.float64).mean() * 100)
 
 
+def cos_to_mean_direction(embeddings, reference) -> float:
+    """Mean cosine of the rows of ``embeddings`` to the mean direction of the (normalised) rows of ``reference``."""
+    import torch.nn.functional as F
+
+    mean_direction = F.normalize(F.normalize(reference.double(), dim=1).mean(dim=0, keepdim=True), dim=1)
+    return float((F.normalize(embeddings.double(), dim=1) @ mean_direction.T).mean())
+
+
 def head_geometry(student_out, teacher_out, labels) -> dict:
     """The head-output numbers against the teacher's features (see the module docstring)."""
     import torch.nn.functional as F
 
     s, t = F.normalize(student_out.double(), dim=1), F.normalize(teacher_out.double(), dim=1)
-    mean_direction = F.normalize(t.mean(dim=0, keepdim=True), dim=1)
     return {"pair_cos": pair_cos(student_out), "nn1": nn1_accuracy(student_out, labels),
             "cos_to_teacher": float((s * t).sum(dim=1).mean()),
-            "cos_to_teacher_mean": float((s @ mean_direction.T).mean())}
+            "cos_to_teacher_mean": cos_to_mean_direction(student_out, teacher_out)}
 
 
 def _cells(budget: int, methods: list[str] | None) -> list[dict]:
-    """Finished distillation cells of the quality tables (results/quality*.json) at ``budget``."""
-    cells = {}
-    for path in sorted(RESULTS.glob("quality*.json")):
-        for row in (read_json(path) or {}).get("rows", {}).values():
-            if (row.get("status") == "done" and row.get("kind") == "distill" and row.get("teacher") == "sup"
-                    and row.get("budget") == budget and (methods is None or row["method"] in methods)):
-                cells[row["id"]] = row
-    return [cells[key] for key in sorted(cells, key=lambda k: cells[k]["method"])]
+    """Finished distillation cells of the main quality table (render.table_quality: the files it merges) at
+    ``budget``."""
+    import render
+
+    rows = ((render.table_quality(RESULTS) or {}).get("rows") or {}).values()
+    cells = [row for row in rows if row.get("status") == "done" and row.get("kind") == "distill"
+             and row.get("teacher") == "sup" and row.get("budget") == budget
+             and (methods is None or row["method"] in methods)]
+    return sorted(cells, key=lambda row: row["method"])
 
 
 def main() -> int:
@@ -91,6 +99,7 @@ def main() -> int:
     from safetensors.torch import load_file
 
     from distillctl.data.datasets import open_dataset
+    from distillctl.methods.collapse import COLLAPSE_COSINE
     from distillctl.eval.features import embed_dataset
     from distillctl.students import load_student
     from distillctl.teachers.resolve import load_teacher
@@ -113,8 +122,9 @@ def main() -> int:
     teacher_out, labels = embed_dataset(teacher.backbone, subset, **common)
     result = {"benchmark": "geometry", "command": "python benchmarks/geometry.py " + " ".join(sys.argv[1:]),
               "machine": machine_info(), "budget": args.budget, "images": len(keep),
+              "collapse_threshold": COLLAPSE_COSINE,
               "teacher": {"pair_cos": pair_cos(teacher_out), "nn1": nn1_accuracy(teacher_out, labels),
-                          "cos_to_own_mean": head_geometry(teacher_out, teacher_out, labels)["cos_to_teacher_mean"]},
+                          "cos_to_own_mean": cos_to_mean_direction(teacher_out, teacher_out)},
               "rows": {}}
     for cell in cells:
         run = WORK / "quality" / cell["id"]

@@ -670,15 +670,15 @@ def sweep_note(sw: dict | None, q: dict | None) -> str | None:
 
 
 GEOMETRY_RESULTS = "geometry.json"
-COLLAPSED_PAIR_COS = 0.95  # distillctl's collapse watch threshold (distillctl/methods/collapse.py)
 
 
-def geometry_verdict(row: dict, teacher: dict) -> str:
-    """What a cell's head geometry says, computed from the numbers (empty where nothing stands out)."""
+def geometry_verdict(row: dict, teacher: dict, collapsed: float) -> str:
+    """What a cell's head geometry says, computed from the numbers (empty where nothing stands out); ``collapsed``:
+    the collapse watch's threshold, recorded by geometry.py."""
     head = row.get("head")
     if not head:
         return ""
-    if head["pair_cos"] >= COLLAPSED_PAIR_COS and head["cos_to_teacher_mean"] >= COLLAPSED_PAIR_COS:
+    if head["pair_cos"] >= collapsed and head["cos_to_teacher_mean"] >= collapsed:
         return ("collapsed onto the teacher's mean direction: every image gets nearly one embedding, and its cosine "
                 f"to the teacher ({num(head['cos_to_teacher'], 3)}) is what that direction alone scores "
                 f"({num(teacher['cos_to_own_mean'], 3)})")
@@ -693,11 +693,11 @@ def geometry_section(g: dict | None) -> str:
     """The embedding-geometry table of benchmarks/geometry.py (diagnosis of the weak methods), or nothing."""
     if not g or not g.get("rows"):
         return ""
-    teacher = g["teacher"]
+    teacher, collapsed = g["teacher"], g["collapse_threshold"]
     out = ["### Embedding geometry of the finished students (why a method is weak)", "",
            f"`{g['command']}` on {g['images']:,} test images (centre view), for the table's cells at "
            f"{g['budget']:,} images. *pair cos*: mean cosine between the embeddings of different images (1: every "
-           "image maps to one direction; distillctl's collapse watch fires at 0.95); *1-NN*: leave-one-out "
+           f"image maps to one direction; distillctl's collapse watch fires at {collapsed}); *1-NN*: leave-one-out "
            "nearest-neighbour label accuracy among those images. *head*: the method's linear head on the student, "
            "where the run saved one (its output is what the loss compares with the teacher's feature), with its "
            "cosine to the teacher's feature and to the teacher's mean direction.", "",
@@ -711,7 +711,7 @@ def geometry_section(g: dict | None) -> str:
         out.append(f"| {row['method']} | {pct(row.get('knn_top1'))} | {num(row['backbone']['pair_cos'], 3)} | "
                    f"{pct(row['backbone']['nn1'])} | {num(head.get('pair_cos'), 3)} | "
                    f"{num(head.get('cos_to_teacher'), 3)} | {num(head.get('cos_to_teacher_mean'), 3)} | "
-                   f"{geometry_verdict(row, teacher) or '–'} |")
+                   f"{geometry_verdict(row, teacher, collapsed) or '–'} |")
     return "\n".join(out + [""])
 
 

@@ -237,13 +237,14 @@ def test_geometry_section_reads_the_rows(tmp_path):
                   "head": {"pair_cos": 0.57, "nn1": 35.0, "cos_to_teacher": 0.727, "cos_to_teacher_mean": 0.753}},
             "c": {"method": "dlkd", "knn_top1": 68.0, "backbone": {"pair_cos": 0.3, "nn1": 60.0}, "head": None}}
     text = render.geometry_section({"command": "python benchmarks/geometry.py", "images": 1000, "budget": 120000,
-                                    "teacher": teacher, "rows": rows})
+                                    "collapse_threshold": 0.95, "teacher": teacher, "rows": rows})
     lines = text.splitlines()
     smd = next(line for line in lines if line.startswith("| smd |"))
     assert "collapsed onto the teacher's mean direction" in smd and "(0.534)" in smd and "(0.540)" in smd
     assert next(line for line in lines if line.startswith("| cosine-reg |")).endswith("| – |")  # healthy
     rows["b"]["head"].update(pair_cos=0.8)  # mse-reg-like: concentrated, nearer the mean than its targets
-    concentrated = render.geometry_section({"command": "x", "images": 10, "budget": 1, "teacher": teacher, "rows": rows})
+    concentrated = render.geometry_section({"command": "x", "images": 10, "budget": 1, "collapse_threshold": 0.95,
+                                            "teacher": teacher, "rows": rows})
     assert "mostly the teacher's average is fitted" in concentrated
     assert next(line for line in lines if line.startswith("| dlkd |")).endswith("| – | – | – | – |")
     assert [line.split(" |")[0] for line in lines if line.startswith("| ") and not line.startswith("| teacher (")][1:] == \
