@@ -237,13 +237,25 @@ def _student_dim(student: str) -> int:
     return int(timm.create_model(name, pretrained=False, num_classes=0, **kwargs).num_features)
 
 
-def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, args: argparse.Namespace) -> Path:
-    """One feature cache per (teacher, stored-view spec, outputs, K): methods asking for the same share it."""
+def method_params_set(cell: dict) -> dict:
+    """The ``method.params.*`` values a cell sets with ``--set`` (a sweep variant's), parsed as the CLI does."""
+    from distillctl.config import parse_set
+
+    return {key[len("method.params."):]: value for key, value in parse_set(cell.get("sets") or ()).items()
+            if key.startswith("method.params.")}
+
+
+def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, args: argparse.Namespace,
+                  params: dict | None = None) -> Path:
+    """One feature cache per (teacher, stored-view spec, outputs, K): methods asking for the same share it.
+
+    ``params`` are the cell's own method params: a setting that changes the stored view (e.g. smd's
+    ``augmentation``) gets the cache of that view instead of failing on the default view's cache."""
     from distillctl.data.views import spec_dict
     from distillctl.methods.base import build_method
 
     student_dim = _student_dim(student)
-    requirements = build_method(method, {}, student_dim, teacher_dims).requirements(args.image_size)
+    requirements = build_method(method, dict(params or {}), student_dim, teacher_dims).requirements(args.image_size)
     # the spec the pipeline stores in the cache (distillctl/pipeline.py): the first teacher view, else the first view
     teacher_views = [view.spec for view in requirements.views if view.teacher] or [requirements.views[0].spec]
     key = {"teacher": teacher_key, "spec": spec_dict(teacher_views[0]),
@@ -293,7 +305,8 @@ def cell_command(cell: dict, args: argparse.Namespace, data: dict, pre: dict, te
 
         dims = TeacherDims(teacher["dim"], None)
         command[command.index("--out"):command.index("--out")] = [
-            "--cache", str(cache_dir_for(cell["method"], teacher.get("key", cell["teacher"]), dims, cell["student"], args))]
+            "--cache", str(cache_dir_for(cell["method"], teacher.get("key", cell["teacher"]), dims, cell["student"], args,
+                                         method_params_set(cell)))]
     return command
 
 

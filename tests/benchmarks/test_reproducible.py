@@ -236,3 +236,33 @@ def test_methods_share_a_feature_cache_only_when_the_pipeline_would_store_the_sa
 
     assert cache("rekd") != cache("noroozi-kt")
     assert cache("rekd") == cache("protocpc")  # both store moco-v2 views of the same teacher output
+
+
+def test_a_sweep_variant_that_changes_the_stored_view_gets_that_views_cache():
+    """A one-factor cell that changes the stored view (smd augmentation=weak) once got the default view's cache and
+    stopped with exit 3; now its cache key follows its own params. A setting that leaves the view alone (times)
+    keeps sharing the published cell's cache."""
+    import argparse
+
+    import quality
+
+    args = argparse.Namespace(cache_views=4, seed=0, image_size=64, batch_size=64, preset="published", no_linear=True,
+                              online="", ssl_teacher_mode="auto")
+    data = {"train": "train10k", "test": "test2k", "train_images": 10_000}
+    pre = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    teachers = {"sup": {"path": "t.safetensors", "arch": "resnet18", "dim": 512, "key": "sup",
+                        "modes": {"smd": "cached_exact"}}}
+
+    def cache_of(*sets: str) -> str:
+        cell = {"kind": "distill", "method": "smd", "teacher": "sup", "student": "mobilenetv2_100",
+                "budget": 30_000, "preset": "published", "sets": list(sets), "dir": "x"}
+        command = quality.cell_command(cell, args, data, pre, teachers, False)
+        return command[command.index("--cache") + 1]
+
+    assert quality.method_params_set({"sets": ["method.params.crop_scale=[0.4, 1.0]", "train.lr=0.1"]}) == {
+        "crop_scale": [0.4, 1.0]}
+    published = cache_of()
+    assert cache_of("method.params.times=0.1") == published
+    assert cache_of("train.lr=0.5") == published
+    weak = cache_of("method.params.augmentation=weak")
+    assert weak != published and weak.startswith(str(quality.WORK / "caches" / "sup-"))
