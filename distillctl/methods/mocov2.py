@@ -10,7 +10,7 @@ from torch import nn
 
 from distillctl.data.views import ViewSpec
 from distillctl.methods.base import Method, MethodInputs, MethodParams, MethodView, Requirements, register
-from distillctl.methods.common import EMA, FeatureQueue, cosine_momentum, info_nce, mlp_relu
+from distillctl.methods.common import EMA, FeatureQueue, cosine_momentum, info_nce, mlp, mlp_relu
 from distillctl.methods.domains import Augmentation, Count, CropScale, Momentum, Positive
 from distillctl.methods.collapse import LOG_KEY, embedding_cosine
 
@@ -26,6 +26,9 @@ class MocoV2Params(MethodParams):
     crop_scale: CropScale = (0.2, 1.0)  # RandomResizedCrop area range
     flip: bool = True  # horizontal flips (turn off for digits/text)
     momentum_schedule: bool = False  # cosine ramp of the EMA momentum to 1 (BYOL-style)
+    # BatchNorm after the head's hidden layer (Linear–BN–ReLU–Linear, as in SimCLR's and MoCo v3's heads);
+    # MoCo v2's head has none
+    head_bn: bool = False
 
 
 class _Encoder(nn.Module):
@@ -56,7 +59,8 @@ class MocoV2(Method):
 
     def __init__(self, params: MocoV2Params, student_dim: int, teacher_dims=None) -> None:
         super().__init__(params, student_dim, teacher_dims)
-        self.head = mlp_relu([student_dim, params.hidden_dim or student_dim, params.out_dim])
+        dims = [student_dim, params.hidden_dim or student_dim, params.out_dim]
+        self.head = mlp(dims) if params.head_bn else mlp_relu(dims)
         self.queue = FeatureQueue(params.queue_size, params.out_dim)
         self.key_encoder: EMA | None = None
 

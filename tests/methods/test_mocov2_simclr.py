@@ -75,3 +75,23 @@ def test_mocov2_symmetric_loss_is_the_mean_of_both_directions():
         queue = method.queue.data.tolist()  # rows as stored (unit up to float32 rounding), used as they are
     expected = (_infonce_loop(queries[0], keys[1], queue, 0.2) + _infonce_loop(queries[1], keys[0], queue, 0.2)) / 2
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mocov2", "rekd", "ssl-small"])
+def test_head_bn_puts_batchnorm_after_the_hidden_layer_of_every_moco_head(name):
+    """MoCo v2's head is Linear–ReLU–Linear; head_bn=true makes it Linear–BN–ReLU–Linear (SimCLR / MoCo v3 heads)
+    for mocov2 and the methods built on it, and the EMA key encoder copies that head."""
+    from torch import nn
+
+    from distillctl.methods.base import TeacherDims, get_method
+
+    cls = get_method(name)
+    teacher_dims = TeacherDims(pooled=12) if name == "rekd" else None
+    plain = cls(cls.Params(), STUDENT_DIM, teacher_dims)
+    assert [type(m) for m in plain.head] == [nn.Linear, nn.ReLU, nn.Linear]
+    with_bn = cls(cls.Params(head_bn=True), STUDENT_DIM, teacher_dims)
+    assert [type(m) for m in with_bn.head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert with_bn.head[1].num_features == with_bn.head[0].out_features
+    if name != "rekd":  # rekd's setup() needs the pipeline's teacher artefact; it shares MocoV2.setup
+        with_bn.setup(TinyNet(STUDENT_DIM))
+        assert any(isinstance(m, nn.BatchNorm1d) for m in with_bn.key_encoder.modules())
