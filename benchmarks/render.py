@@ -556,6 +556,12 @@ def sweep_verdict(rows: list[dict], floor: float | None) -> str:
     return " ".join(parts)
 
 
+def diverged(row: dict) -> bool:
+    """A cell that stopped on distillctl's non-finite-loss guard: a measured outcome of its settings, not a
+    failure to rerun."""
+    return row.get("status") != "done" and "non-finite loss" in (row.get("error") or "")
+
+
 def _delta(value: float | None, base: float | None) -> str:
     return f"{value - base:+.1f}" if value is not None and base is not None else "–"
 
@@ -575,8 +581,11 @@ def sweep_group(plan: dict, rows: list[dict], table_rows: list[dict], floor: flo
     for r in named:
         overrides = ", ".join(f"`{item}`" for item in r.get("overrides") or []) or "–"
         if r.get("status") != "done":
-            out.append(f"| {r['variant']} (failed) | {r.get('preset')} | {overrides} | – | – | – | – | – | "
-                       f"{(r.get('error') or '')[:80].replace('|', '/')} |")
+            error = (r.get("error") or "").split("error: ", 1)[-1]
+            lr = r.get("lr") or (r.get("factors") or {}).get("train.lr")  # no summary: the lr it was given, if any
+            out.append(f"| {r['variant']} ({'diverged' if diverged(r) else 'failed'}) | {r.get('preset')} | "
+                       f"{overrides} | {num(lr, 5).rstrip('0').rstrip('.') if lr else '–'} | – | – | – | – | "
+                       f"{error[:80].replace('|', '/')} |")
             continue
         derived = "; ".join(f"{k.removeprefix('method.params.')} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
                             for k, v in sorted((r.get("factors") or {}).items())) if r["variant"] == "auto" else ""
@@ -596,7 +605,11 @@ def sweep_group(plan: dict, rows: list[dict], table_rows: list[dict], floor: flo
                    f"{_delta(t.get('knn_top1'), floor)} | {num(t.get('train_wall_s'), 0)} |")
     out += ["", sweep_verdict(named, floor)]
     missing = [n for n in order if n not in by_name]
-    failed = [r["variant"] for r in named if r.get("status") != "done"]
+    failed = [r["variant"] for r in named if r.get("status") != "done" and not diverged(r)]
+    gone = [r["variant"] for r in named if r.get("status") != "done" and diverged(r)]
+    if gone:
+        out.append(f"\nDiverged (the loss became non-finite; a rerun diverges again, this is the result): "
+                   f"{', '.join(gone)}.")
     if missing or failed:
         todo = "; ".join(part for part in (f"not run yet: {', '.join(missing)}" if missing else "",
                                            f"failed: {', '.join(failed)}" if failed else "") if part)

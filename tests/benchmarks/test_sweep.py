@@ -203,12 +203,16 @@ def _fake_sweep(directory: Path) -> None:
             _sweep_row("rekd", "+train.lr", None, 0.0075, q["lr"], ["train.lr=0.0075"], status="failed"),
             _sweep_row("smd", "published", 18.0, 0.0125, {}, [], source="published"),
             _sweep_row("smd", "auto", 27.5, 0.0125, {"method.params.warmup_epochs": 0.06}, [], preset="auto"),
-            _sweep_row("smd", "train.lr=0.004", 19.0, 0.004, {"train.lr": 0.004}, ["train.lr=0.004"], source="grid")]
+            _sweep_row("smd", "train.lr=0.004", 19.0, 0.004, {"train.lr": 0.004}, ["train.lr=0.004"], source="grid"),
+            {**_sweep_row("smd", "train.lr=0.5", None, 0.5, {"train.lr": 0.5}, ["train.lr=0.5"], source="grid",
+                          status="failed"), "lr": None,
+             "error": "distillctl run exited 1: error: non-finite loss (nan) at step 11 (epoch 0); the last good "
+                      "checkpoint is kept"}]
     plans = {"rekd-6400": {"method": "rekd", "budget": 6400, "command": "python benchmarks/sweep.py --methods rekd",
                            "variants": [{"name": n} for n in ("published", "auto", "+momentum", "+queue_size",
                                                               "+train.lr", "train.lr=0.09")]},
              "smd-6400": {"method": "smd", "budget": 6400, "command": "python benchmarks/sweep.py --methods smd --grid x",
-                          "variants": [{"name": n} for n in ("published", "auto", "train.lr=0.004")]}}
+                          "variants": [{"name": n} for n in ("published", "auto", "train.lr=0.004", "train.lr=0.5")]}}
     sweep = {"benchmark": "sweep", "plans": plans, "commands": ["python benchmarks/sweep.py --methods rekd"],
              "rows": {f"{r['method']}-6400/{r['variant']}": r for r in rows}}
     (directory / "sweep.json").write_text(json.dumps(sweep))
@@ -250,7 +254,7 @@ def test_render_sweep_section(tmp_path):
            "-1.0 | 100 |" in rekd
     assert "| +queue_size | published | `method.params.queue_size=8192` | 0.03 | 22.0 | 23.0 | +7.0 | -3.0 | 100 |" in rekd
     assert "| +momentum | published | `method.params.momentum=0.99` | 0.03 | 14.0 | 15.0 | -1.0 | -11.0 | 100 |" in rekd
-    assert "| +train.lr (failed) | published | `train.lr=0.0075` |" in rekd and "boom" in rekd
+    assert "| +train.lr (failed) | published | `train.lr=0.0075` | 0.0075 | – |" in rekd and "boom" in rekd
     assert ("Largest gain over `published` (15.0 %): **queue_size = 8192 (its auto value)**, +7.0 points kNN "
             "(→ 22.0 %, -3.0 vs random-init). `auto` (all 3 derived values together): +9.0 points.") in rekd
     assert "Not run yet: train.lr=0.09; failed: +train.lr — `python benchmarks/sweep.py --methods rekd` runs them" in rekd
@@ -260,6 +264,10 @@ def test_render_sweep_section(tmp_path):
     assert ("Largest gain over `published` (18.0 %): **warmup_epochs = 0.06 (its auto value)**, +9.5 points kNN "
             "(→ 27.5 %, +2.5 vs random-init).") in smd
     assert "| train.lr=0.004 | published | `train.lr=0.004` | 0.004 | 19.0 | 20.0 | +1.0 | -6.0 | 100 |" in smd
+    # a cell stopped by the non-finite-loss guard is a result (diverged), not a failure to rerun
+    assert ("| train.lr=0.5 (diverged) | published | `train.lr=0.5` | 0.5 | – | – | – | – | non-finite loss (nan) at "
+            "step 11") in smd
+    assert "Diverged (the loss became non-finite; a rerun diverges again, this is the result): train.lr=0.5." in smd
     # the quality table's own smd cell (before method.preset: the CLI's lr 0.05) as context
     assert "| the quality table's cell (context, not a sweep variant) | published (before method.preset) | – | 0.05 | " \
            "20.0 | 21.0 | +2.0 | -5.0 | 10 |" in smd
