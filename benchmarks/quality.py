@@ -586,15 +586,48 @@ def start_result(args, argv, data, pre, methods, out: Path) -> tuple[dict, float
     return result, float(previous.get("elapsed_s") or 0)
 
 
+MERGED_SECTIONS = ("rows", "plans", "reference")  # keyed sections that several invocations may add to
+
+
+def merge_on_disk(result: dict, out: Path, baseline: dict) -> dict:
+    """``result`` as it should be written to ``out``: the keyed sections (rows, sweep plans, references) of what is
+    on disk now, with only the entries *this* process changed since ``baseline`` (its copy at start) laid over them,
+    and the command lists united. So two invocations writing one result file (e.g. two sweeps of different methods)
+    keep each other's rows instead of the last writer's snapshot winning."""
+    disk = read_json(out) or {}
+    merged = dict(result)
+    for section in MERGED_SECTIONS:
+        if not isinstance(result.get(section), dict):
+            continue
+        mine = {key: value for key, value in result[section].items() if baseline.get(section, {}).get(key) != value}
+        merged[section] = {**(disk.get(section) if isinstance(disk.get(section), dict) else result[section]), **mine}
+    for section in ("commands", "extra_commands"):
+        if isinstance(result.get(section), list) and isinstance(disk.get(section), list):
+            merged[section] = disk[section] + [c for c in result[section] if c not in disk[section]]
+    return merged
+
+
 def start_saving(result: dict, out: Path, base_elapsed: float, started: float):
-    """Write ``result`` now and every minute (elapsed_s stays current); returns the save function."""
+    """Write ``result`` now and every minute (elapsed_s stays current); returns the save function. Each write is
+    a read-merge-write under an exclusive lock on ``<out>.lock`` (:func:`merge_on_disk`)."""
+    import copy
+
     (WORK / "quality").mkdir(parents=True, exist_ok=True)
+    baseline = copy.deepcopy({section: result.get(section) or {} for section in MERGED_SECTIONS})
 
     def save() -> None:
         with RESULT_LOCK:
             result["elapsed_s"] = round(base_elapsed + time.time() - started, 1)
             result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            write_json(out, result)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out.with_name(f".{out.name}.lock"), "a") as lock:
+                try:
+                    import fcntl
+
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                except ImportError:  # no flock (Windows): the plain last-writer-wins write
+                    pass
+                write_json(out, merge_on_disk(result, out, baseline))
 
     def heartbeat() -> None:  # keeps elapsed_s current, so a suite killed mid-cell loses at most a minute of it
         while True:

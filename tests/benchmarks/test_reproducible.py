@@ -266,3 +266,37 @@ def test_a_sweep_variant_that_changes_the_stored_view_gets_that_views_cache():
     assert cache_of("train.lr=0.5") == published
     weak = cache_of("method.params.augmentation=weak")
     assert weak != published and weak.startswith(str(quality.WORK / "caches" / "sup-"))
+
+
+def test_two_invocations_writing_one_result_file_keep_each_others_rows(tmp_path, monkeypatch):
+    """Two sweeps (or quality runs) of different methods into one result file: each write merges with what is on
+    disk, so neither the other's new rows nor its updates of shared rows are lost to a stale in-memory snapshot."""
+    import quality
+
+    monkeypatch.setattr(quality, "WORK", tmp_path / "work")
+    out = tmp_path / "results" / "sweep.json"
+    out.parent.mkdir()
+    out.write_text(json.dumps({"rows": {"old": {"knn_top1": 1.0}, "retry": {"status": "failed"}},
+                               "plans": {"p-old": {"method": "old"}}, "commands": ["c0"]}))
+
+    def invocation(command: str) -> dict:
+        previous = json.loads(out.read_text())
+        return {"rows": dict(previous["rows"]), "plans": dict(previous["plans"]),
+                "commands": previous["commands"] + [command]}
+
+    a, b = invocation("c-a"), invocation("c-b")  # both started from the same file
+    save_a = quality.start_saving(a, out, 0.0, 0.0)
+    save_b = quality.start_saving(b, out, 0.0, 0.0)
+    a["rows"]["mse"] = {"knn_top1": 34.2}
+    a["plans"]["p-mse"] = {"method": "mse"}
+    save_a()
+    b["rows"]["rekd"] = {"knn_top1": 15.0}
+    b["rows"]["retry"] = {"status": "done", "knn_top1": 20.0}
+    save_b()
+    save_a()  # a's heartbeat: its stale copy of "retry" and its missing "rekd" must not win
+    disk = json.loads(out.read_text())
+    assert disk["rows"] == {"old": {"knn_top1": 1.0}, "retry": {"status": "done", "knn_top1": 20.0},
+                            "mse": {"knn_top1": 34.2}, "rekd": {"knn_top1": 15.0}}
+    assert set(disk["plans"]) == {"p-old", "p-mse"}
+    assert disk["commands"] == ["c0", "c-a", "c-b"]  # start_saving writes at once: a first
+    assert not (out.parent / "sweep.json.lock").exists()  # the lock file is hidden (.sweep.json.lock, git-ignored)
