@@ -79,7 +79,7 @@ class NorooziKT(UsesTeacherArtifact, Method):
         source="Noroozi et al. CVPR18: AlexNet trained on the cluster labels like a supervised network (assumed "
                "standard Caffe schedule: SGD lr 0.01, batch 256, 90 epochs)",
         optimizer="sgd", lr=0.01, batch=256, published_rule="none", auto_rule="none", epochs=90,
-        rule_source="assumed supervised AlexNet schedule; no rule stated")
+        rule_source="assumed supervised AlexNet schedule; no rule stated", per_dataset=("clusters",))
 
     def __init__(self, params: NorooziKTParams, student_dim: int, teacher_dims) -> None:
         super().__init__(params, student_dim, teacher_dims)

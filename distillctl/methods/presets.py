@@ -19,6 +19,9 @@ batch 64 they are the wrong size. Two presets:
     * learning rate: the paper's lr scaled by the batch with the method's own rule (:data:`RECIPES`).
     * EMA momentum: the key/target encoder's time constant ``1/(1-m)`` is at most a tenth of the run, never
       below 0.99 (MoCo's ablation: 0.99 trains nearly as well as 0.999, 0.9 fails).
+    * k-means cluster counts sized for the paper's dataset (``PublishedRecipe.per_dataset``, e.g. Noroozi's 2,000
+      pseudo-classes for 1.28 M images) keep their images per cluster: ``published × N / N_paper``, at least 2.
+      2,000 clusters of 10,000 images are 5 images each, a pseudo-label task the student cannot learn from.
 
 Every function here is pure (numbers in, numbers and a reason out); the pipeline applies the result to the
 recipe (:func:`apply`), prints it and writes it into ``recipe.yaml`` (section ``derived``). A key the user set
@@ -50,7 +53,8 @@ class PublishedRecipe:
     ``lr`` is the paper's learning rate at ``batch``; ``published_rule`` is what the official code does with
     another batch, ``auto_rule`` what ``auto`` does (they differ only where the paper recommends another rule
     for small batches, e.g. SimCLR's square-root scaling). ``warmups`` are Params fields counted in epochs of
-    the ``epochs``-epoch published run; ``ema`` are EMA momentum fields (per step)."""
+    the ``epochs``-epoch published run; ``ema`` are EMA momentum fields (per step); ``per_dataset`` are counts
+    sized for the paper's ``dataset_images`` (k-means clusters)."""
 
     source: str
     optimizer: str
@@ -63,6 +67,7 @@ class PublishedRecipe:
     warmups: tuple[str, ...] = ()
     ema: tuple[str, ...] = ()
     dataset_images: int = IMAGENET_TRAIN_IMAGES
+    per_dataset: tuple[str, ...] = ()  # Params counts sized for the paper's dataset (k-means clusters)
 
 
 def _sgd(source: str, lr: float, batch: int, epochs: float, rule: LrRule = "none", rule_source: str = "",
@@ -236,6 +241,22 @@ def derive_ema(published: float, size: RunSize) -> tuple[float, str]:
                    f"(MoCo's ablation) → {value:g}")
 
 
+MIN_CLUSTERS = 2
+
+
+def derive_per_dataset(published: int, recipe: PublishedRecipe, size: RunSize) -> tuple[int, str]:
+    """A count sized for the paper's dataset (k-means clusters) keeps its images per cluster on this dataset."""
+    per = recipe.dataset_images / published
+    value = max(MIN_CLUSTERS, int(round(published * size.dataset_images / recipe.dataset_images)))
+    if value == published:
+        return published, (f"published {published:,} fits: {recipe.dataset_images:,} / {published:,} = {per:,.0f} "
+                           f"images each, and this training set has {size.dataset_images:,} images")
+    return value, (f"published {published:,} for {recipe.dataset_images:,} images ({per:,.0f} images each); this "
+                   f"training set has {size.dataset_images:,} images: {published:,} × {size.dataset_images:,} / "
+                   f"{recipe.dataset_images:,} → {value:,} (at least {MIN_CLUSTERS}; the published count would leave "
+                   f"{size.dataset_images / published:.3g} images each)")
+
+
 # --- one method -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -289,6 +310,13 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
                 add(f"method.params.{name}", published, published, "published preset: the paper's EMA momentum")
             else:
                 add(f"method.params.{name}", *_with_published(derive_ema(float(published), size), published))
+        for name in recipe.per_dataset:
+            published = int(facts.defaults[name])
+            if preset == "published":
+                add(f"method.params.{name}", published, published,
+                    f"published preset: the paper's count for {recipe.dataset_images:,} images")
+            else:
+                add(f"method.params.{name}", *_with_published(derive_per_dataset(published, recipe, size), published))
         value, reason = derive_lr(recipe, size, preset)
         published_lr = recipe.lr
         if value is not None:
@@ -395,4 +423,4 @@ def recipe_summary(method_cls, example_batch: int = 64) -> dict[str, Any] | None
             "published_rule": recipe.published_rule, "auto_rule": recipe.auto_rule, "rule_source": recipe.rule_source,
             "auto_lr_example": {"batch": example_batch,
                                 "lr": scale_lr(recipe.lr, recipe.batch, example_batch, recipe.auto_rule)},
-            "sized_params": list(facts.queue_fields + recipe.warmups + recipe.ema)}
+            "sized_params": list(facts.queue_fields + recipe.warmups + recipe.ema + recipe.per_dataset)}

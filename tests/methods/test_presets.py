@@ -10,8 +10,9 @@ import yaml
 
 from distillctl.config import build_recipe
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
-from distillctl.methods.presets import (RECIPES, RunSize, derive, derive_ema, derive_queue, derive_warmup, imagenet_size,
-                                        method_facts, preset_recipe, queue_warnings, scale_lr)
+from distillctl.methods.presets import (RECIPES, RunSize, derive, derive_ema, derive_per_dataset, derive_queue,
+                                       derive_warmup, imagenet_size, method_facts, preset_recipe, queue_warnings,
+                                       scale_lr)
 from tests.conftest import run_cli, tiny_run_args
 
 SMALL = RunSize(dataset_images=10_000, batch_size=64, images_seen=468 * 64)  # the benchmark's 30,000-image cell
@@ -81,6 +82,21 @@ def test_queue_bounds():
 def test_warmup_keeps_its_share_of_the_run():
     value, reason = derive_warmup(10, RECIPES["bingo"], RunSize(10_000, 64, 20 * 156 * 64))  # a 20-epoch run
     assert value == pytest.approx(1.0) and "5% of the run" in reason
+
+
+def test_cluster_counts_keep_their_images_per_cluster():
+    """Noroozi's 2,000 k-means pseudo-classes are sized for ImageNet's 1.28 M images (641 each); on 10,000 images
+    auto keeps about 641 each (16 clusters) instead of 5 images per cluster; never below 2; ImageNet: published."""
+    recipe = method_facts(get_method("noroozi-kt")).recipe
+    assert derive_per_dataset(2000, recipe, RunSize(10_000, 64, 30_000))[0] == 16  # 2000 × 10,000 / 1,281,167
+    assert derive_per_dataset(2000, recipe, RunSize(50_000, 64, 30_000))[0] == 78
+    assert derive_per_dataset(2000, recipe, RunSize(500, 64, 30_000))[0] == 2  # 0.78 → the floor
+    assert derive_per_dataset(2000, recipe, RunSize(1_281_167, 256, 10**6))[0] == 2000
+    assert _values("noroozi-kt", SMALL)["method.params.clusters"] == 16
+    assert _values("noroozi-kt", SMALL, "published")["method.params.clusters"] == 2000
+    assert "method.params.clusters" not in _values("noroozi-kt", SMALL, explicit={"method.params.clusters"})
+    reason = next(d.reason for d in derive(method_facts(get_method("noroozi-kt")), SMALL) if d.key.endswith("clusters"))
+    assert "641 images each" in reason and "→ 16" in reason and "would leave 5 images each" in reason
 
 
 def test_ema_time_constant_and_floor():
