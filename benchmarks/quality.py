@@ -609,7 +609,7 @@ def merge_on_disk(result: dict, out: Path, baseline: dict) -> dict:
 
 def start_saving(result: dict, out: Path, base_elapsed: float, started: float):
     """Write ``result`` now and every minute (elapsed_s stays current); returns the save function. Each write is
-    a read-merge-write under an exclusive lock on ``<out>.lock`` (:func:`merge_on_disk`)."""
+    a read-merge-write under an exclusive lock on ``.<name>.lock`` beside it (:func:`merge_on_disk`)."""
     import copy
 
     (WORK / "quality").mkdir(parents=True, exist_ok=True)

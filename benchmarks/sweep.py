@@ -372,8 +372,26 @@ def plan(args: argparse.Namespace, data: dict) -> dict[str, tuple[list[Variant],
     grid = parse_grid(args.grid)
     grid_keys_known(grid, facts)
     size = run_size(data["train_images"], args.batch_size, args.budget_images)
-    return {name: (plan_variants(f, size, grid, args.suspects), derived_values(f, size, PUBLISHED))
-            for name, f in facts.items()}
+    planned = {name: (plan_variants(f, size, grid, args.suspects), derived_values(f, size, PUBLISHED))
+               for name, f in facts.items()}
+    params_valid(planned)
+    return planned
+
+
+def params_valid(planned: dict) -> None:
+    """Every variant's method params are values its method accepts (a bad ``--grid`` value is exit 2 before any
+    cell runs; the cache key is built from them)."""
+    from distillctl.config import typed_method_params
+    from distillctl.errors import UsageError
+
+    for name, (variants, _) in planned.items():
+        for variant in variants:
+            params = {key.removeprefix("method.params."): value for key, value in variant.factors.items()
+                      if key.startswith("method.params.")}
+            try:
+                typed_method_params(name, params, "method.params")
+            except UsageError as exc:
+                raise SweepUsage(str(exc).splitlines()[0]) from None
 
 
 def main(argv: list[str] | None = None) -> int:

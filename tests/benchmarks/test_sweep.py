@@ -374,3 +374,15 @@ def test_a_plan_records_the_command_that_runs_its_cells_not_the_collect_pass():
     argv = ["--methods", "smd", "--grid", "train.lr=0.09", "--collect"]
     assert sweep.invocation(argv, runs=True) == "python benchmarks/sweep.py --methods smd --grid train.lr=0.09"
     assert sweep.invocation(argv).endswith("--collect")
+
+
+def test_a_grid_value_the_method_refuses_is_a_usage_error_before_any_cell():
+    """A --grid value outside the method's Params (smd augmentation=foo) stops the sweep with one line (exit 2)
+    instead of a traceback from the cache-key builder or a failed cell; accepted values pass."""
+    import sweep
+
+    ok = {"smd": (_plan("smd", ["method.params.augmentation=weak", "method.params.times=0.1"]), {})}
+    sweep.params_valid(ok)
+    bad = {"smd": (_plan("smd", ["method.params.augmentation=foo"]), {})}
+    with pytest.raises(sweep.SweepUsage, match=r"method.params.augmentation: invalid value 'foo' for method smd"):
+        sweep.params_valid(bad)
