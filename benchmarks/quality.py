@@ -601,9 +601,8 @@ def merge_on_disk(result: dict, out: Path, baseline: dict) -> dict:
             continue
         mine = {key: value for key, value in result[section].items() if baseline.get(section, {}).get(key) != value}
         merged[section] = {**(disk.get(section) if isinstance(disk.get(section), dict) else result[section]), **mine}
-    for section in ("commands", "extra_commands"):
-        if isinstance(result.get(section), list) and isinstance(disk.get(section), list):
-            merged[section] = disk[section] + [c for c in result[section] if c not in disk[section]]
+    if isinstance(result.get("commands"), list) and isinstance(disk.get("commands"), list):  # sweep.json's
+        merged["commands"] = disk["commands"] + [c for c in result["commands"] if c not in disk["commands"]]
     return merged
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 EMA_MIN_MOMENTUM = 0.99  # MoCo (He et al. 2020) Table: m=0.99 → 74.4, 0.999 → 75.1, 0.9 → 55.2 (K=4096)
@@ -290,33 +290,25 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
             out.append(Derived(key, value, published, reason))
 
     recipe = facts.recipe
-    for name in facts.queue_fields:
-        published = int(facts.defaults[name])
-        if preset == "published":
-            add(f"method.params.{name}", published, published, "published preset: the paper's queue length")
-        else:
-            add(f"method.params.{name}", *_with_published(derive_queue(published, facts.queue_negatives, size), published))
+    # (Params fields, their auto derivation, the published preset's reason), in the order they are reported
+    sized: list[tuple[tuple[str, ...], Callable[[Any], tuple[Any, str]], Callable[[Any], str]]] = [
+        (facts.queue_fields, lambda p: derive_queue(int(p), facts.queue_negatives, size),
+         lambda p: "published preset: the paper's queue length")]
     if recipe is not None:
-        for name in recipe.warmups:
+        sized += [
+            (recipe.warmups, lambda p: derive_warmup(float(p), recipe, size),
+             lambda p: f"published preset: {p:g} of the paper's {recipe.epochs:g} epochs"),
+            (recipe.ema, lambda p: derive_ema(float(p), size), lambda p: "published preset: the paper's EMA momentum"),
+            (recipe.per_dataset, lambda p: derive_per_dataset(int(p), recipe, size),
+             lambda p: f"published preset: the paper's count for {recipe.dataset_images:,} images")]
+    for names, derive_auto, published_reason in sized:
+        for name in names:
             published = facts.defaults[name]
             if preset == "published":
-                add(f"method.params.{name}", published, published,
-                    f"published preset: {published:g} of the paper's {recipe.epochs:g} epochs")
+                add(f"method.params.{name}", published, published, published_reason(published))
             else:
-                add(f"method.params.{name}", *_with_published(derive_warmup(float(published), recipe, size), published))
-        for name in recipe.ema:
-            published = facts.defaults[name]
-            if preset == "published":
-                add(f"method.params.{name}", published, published, "published preset: the paper's EMA momentum")
-            else:
-                add(f"method.params.{name}", *_with_published(derive_ema(float(published), size), published))
-        for name in recipe.per_dataset:
-            published = int(facts.defaults[name])
-            if preset == "published":
-                add(f"method.params.{name}", published, published,
-                    f"published preset: the paper's count for {recipe.dataset_images:,} images")
-            else:
-                add(f"method.params.{name}", *_with_published(derive_per_dataset(published, recipe, size), published))
+                add(f"method.params.{name}", *_with_published(derive_auto(published), published))
+    if recipe is not None:
         value, reason = derive_lr(recipe, size, preset)
         published_lr = recipe.lr
         if value is not None:
