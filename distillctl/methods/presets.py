@@ -22,6 +22,10 @@ batch 64 they are the wrong size. Two presets:
     * k-means cluster counts sized for the paper's dataset (``PublishedRecipe.per_dataset``, e.g. Noroozi's 2,000
       pseudo-classes for 1.28 M images) keep their images per cluster: ``published × N / N_paper``, at least 2.
       2,000 clusters of 10,000 images are 5 images each, a pseudo-label task the student cannot learn from.
+    * MoCo-type negatives (``PublishedRecipe.negatives``: mocov2, ssl-small, rekd): the queue's oldest key is
+      ``queue / batch`` steps old; when that is more than 0.1 % of the run (published MoCo v2: 0.026 %), the
+      negatives are the batch's other keys instead (MoCo v3). On the benchmark's short runs the stale keys differ
+      from the fresh positive by the encoder's drift, and the students collapsed within the first steps.
 
 Every function here is pure (numbers in, numbers and a reason out); the pipeline applies the result to the
 recipe (:func:`apply`), prints it and writes it into ``recipe.yaml`` (section ``derived``). A key the user set
@@ -41,6 +45,9 @@ from typing import Any, Callable, Literal
 IMAGENET_TRAIN_IMAGES = 1_281_167
 EMA_MIN_MOMENTUM = 0.99  # MoCo (He et al. 2020) Table: m=0.99 → 74.4, 0.999 → 75.1, 0.9 → 55.2 (K=4096)
 EMA_RUN_FRACTION = 0.1  # time constant 1/(1-m) at most this share of the run's steps
+# a queue of negatives whose oldest key is older than this share of the run gives way to in-batch negatives
+# (published MoCo v2: 65,536 / 256 = 256 steps of 1,000,800, 0.026 %; collapsed here at 6.8 % and 27 %)
+QUEUE_AGE_RUN_FRACTION = 0.001
 
 LrRule = Literal["linear", "sqrt", "none"]
 Preset = Literal["auto", "published"]
@@ -54,7 +61,8 @@ class PublishedRecipe:
     another batch, ``auto_rule`` what ``auto`` does (they differ only where the paper recommends another rule
     for small batches, e.g. SimCLR's square-root scaling). ``warmups`` are Params fields counted in epochs of
     the ``epochs``-epoch published run; ``ema`` are EMA momentum fields (per step); ``per_dataset`` are counts
-    sized for the paper's ``dataset_images`` (k-means clusters)."""
+    sized for the paper's ``dataset_images`` (k-means clusters); ``negatives`` choose between a queue of past keys
+    and the batch's keys as contrastive negatives (``"queue"`` / ``"batch"``, the queue being ``queue_size``)."""
 
     source: str
     optimizer: str
@@ -68,6 +76,7 @@ class PublishedRecipe:
     ema: tuple[str, ...] = ()
     dataset_images: int = IMAGENET_TRAIN_IMAGES
     per_dataset: tuple[str, ...] = ()  # Params counts sized for the paper's dataset (k-means clusters)
+    negatives: tuple[str, ...] = ()  # Params fields choosing queue or in-batch negatives (MoCo v2's ``negatives``)
 
 
 def _sgd(source: str, lr: float, batch: int, epochs: float, rule: LrRule = "none", rule_source: str = "",
@@ -102,9 +111,11 @@ RECIPES: dict[str, PublishedRecipe] = {
     "bingo": _sgd("BINGO (haohang96/bingo): SGD lr 0.03, batch 256, 200 epochs; bag weights switch after 11 epochs",
                   0.03, 256, 200, warmups=("bag_warmup_epochs",)),
     "mocov2": _sgd("MoCo v2 (facebookresearch/moco): SGD lr 0.03, batch 256, 200 epochs", 0.03, 256, 200,
-                   rule="none", auto_rule="linear", rule_source=_MOCO_RULE, ema=("momentum",)),
+                   rule="none", auto_rule="linear", rule_source=_MOCO_RULE, ema=("momentum",),
+                   negatives=("negatives",)),
     "ssl-small": _sgd("ssl-small (WOWNICE/ssl-small, MoCo v2 code): SGD lr 0.06, batch 512, 800 epochs", 0.06, 512, 800,
-                      rule="none", auto_rule="linear", rule_source=_MOCO_RULE, ema=("momentum",)),
+                      rule="none", auto_rule="linear", rule_source=_MOCO_RULE, ema=("momentum",),
+                      negatives=("negatives",)),
     "simclr": PublishedRecipe(
         source="SimCLR (google-research/simclr): LARS lr 0.3·B/256 (4.8 at batch 4096), 1000 epochs", optimizer="lars",
         lr=4.8, batch=4096, published_rule="linear", auto_rule="sqrt", epochs=1000,
@@ -241,6 +252,25 @@ def derive_ema(published: float, size: RunSize) -> tuple[float, str]:
                    f"(MoCo's ablation) → {value:g}")
 
 
+def derive_negatives(published: str, queue: int, size: RunSize) -> tuple[str, str]:
+    """Queue or in-batch negatives: the queue's oldest key is ``queue / batch`` steps old; when that is more than
+    :data:`QUEUE_AGE_RUN_FRACTION` of the run, the encoder drifts across the queue and the stale keys differ from
+    the fresh positive by that drift, a shortcut the student takes instead of telling images apart (measured on
+    the benchmark: the embeddings collapse within the first steps). The batch's own keys have no such age."""
+    age = queue / max(1, size.batch_size)
+    share = 100 * age / size.steps
+    if published != "queue":
+        return published, f"published {published}: no queue"
+    if age <= QUEUE_AGE_RUN_FRACTION * size.steps:
+        return published, (f"published queue fits: its oldest key is at most {age:,.0f} steps old, {share:.3g}% of this run "
+                           f"({size.steps:,} steps; at most {100 * QUEUE_AGE_RUN_FRACTION:g}%)")
+    return "batch", (f"a queue of {queue:,} keys at batch {size.batch_size} keeps keys up to {age:,.0f} steps old, "
+                     f"{share:.3g}% of this run ({size.steps:,} steps; published MoCo v2: 0.026%, at most "
+                     f"{100 * QUEUE_AGE_RUN_FRACTION:g}%); keys that old differ from the fresh positive by the "
+                     "encoder's drift, a shortcut that collapsed the benchmark's students, so the negatives are the "
+                     "batch's other keys (MoCo v3)")
+
+
 MIN_CLUSTERS = 2
 
 
@@ -290,6 +320,12 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
             out.append(Derived(key, value, published, reason))
 
     recipe = facts.recipe
+
+    def negatives_auto(published: Any) -> tuple[str, str]:
+        if "method.params.queue_size" in explicit:
+            return str(published), f"published {published}: method.params.queue_size was set, so the queue is kept"
+        queue = derive_queue(int(facts.defaults["queue_size"]), facts.queue_negatives, size)[0]
+        return derive_negatives(str(published), queue, size)
     # (Params fields, their auto derivation, the published preset's reason), in the order they are reported
     sized: list[tuple[tuple[str, ...], Callable[[Any], tuple[Any, str]], Callable[[Any], str]]] = [
         (facts.queue_fields, lambda p: derive_queue(int(p), facts.queue_negatives, size),
@@ -300,7 +336,9 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
              lambda p: f"published preset: {p:g} of the paper's {recipe.epochs:g} epochs"),
             (recipe.ema, lambda p: derive_ema(float(p), size), lambda p: "published preset: the paper's EMA momentum"),
             (recipe.per_dataset, lambda p: derive_per_dataset(int(p), recipe, size),
-             lambda p: f"published preset: the paper's count for {recipe.dataset_images:,} images")]
+             lambda p: f"published preset: the paper's count for {recipe.dataset_images:,} images"),
+            (recipe.negatives, negatives_auto,
+             lambda p: "published preset: the paper's negatives")]
     for names, derive_auto, published_reason in sized:
         for name in names:
             published = facts.defaults[name]

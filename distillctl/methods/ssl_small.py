@@ -22,7 +22,7 @@ class SslSmall(MocoV2):
     objective = (
         "Plain MoCo v2 with the small-model recipe: wide projection head Linear(d,2d)–ReLU–Linear(2d,128), "
         "τ = 0.1, K = 65536, m = 0.999, stronger colour jitter; queries q = n(g(S(x1))), keys from the EMA encoder, "
-        "InfoNCE over [q·k+, q·Q]/τ. No teacher: the 'student trained alone' reference."
+        "InfoNCE over [q·k+, q·Q]/τ (negatives=batch: Q = the batch's other keys). No teacher: the 'student trained alone' reference."
     )
     published = (
         "ImageNet linear, baseline → improved 200ep / 800ep (WOWNICE/ssl-small): MobileNetV3-Small 26.8 → 41.3 / 41.0, "

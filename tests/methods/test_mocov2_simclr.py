@@ -95,3 +95,40 @@ def test_head_bn_puts_batchnorm_after_the_hidden_layer_of_every_moco_head(name):
     if name != "rekd":  # rekd's setup() needs the pipeline's teacher artefact; it shares MocoV2.setup
         with_bn.setup(TinyNet(STUDENT_DIM))
         assert any(isinstance(m, nn.BatchNorm1d) for m in with_bn.key_encoder.modules())
+
+
+def _batch_infonce_loop(query, keys, tau: float) -> float:
+    """In-batch negatives: query b's logits are q_b·k_j/τ over every key j of the batch, its own key the positive."""
+    total = 0.0
+    for b, q in enumerate(query):
+        logits = [_dot(q, k) / tau for k in keys]
+        top = max(logits)
+        total += -(logits[b] - top - math.log(sum(math.exp(v - top) for v in logits)))
+    return total / len(query)
+
+
+def test_batch_negatives_use_the_other_keys_of_the_batch_and_keep_no_queue():
+    """negatives=batch (MoCo v3's negatives): the symmetric loss over in-batch keys, no queue kept or enqueued."""
+    torch.manual_seed(0)
+    method = MocoV2(MocoV2Params(queue_size=12, out_dim=4, temperature=0.2, negatives="batch"), STUDENT_DIM).double()
+    assert method.queue is None and not any(name.startswith("queue") for name in method.state_dict())
+    student = TinyNet(STUDENT_DIM).double()
+    method.setup(student)
+    images = [image.double() for image in make_images(method, 6, 16)]
+    inputs = make_inputs(method, student, None, images)
+    loss, _ = method.loss(inputs)
+    with torch.no_grad():
+        queries = [_unit(method.head(f)) for f in inputs.student_features]
+        keys = [_unit(method.key_encoder(image)) for image in images]
+    expected = (_batch_infonce_loop(queries[0], keys[1], 0.2) + _batch_infonce_loop(queries[1], keys[0], 0.2)) / 2
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
+    method.after_step(inputs)  # EMA update only
+
+
+@pytest.mark.parametrize("bad", ["both", "Queue", ""])
+def test_negatives_is_queue_or_batch(bad):
+    from pydantic import ValidationError
+
+    assert MocoV2Params().negatives == "queue"  # published MoCo v2
+    with pytest.raises(ValidationError):
+        MocoV2Params(negatives=bad)

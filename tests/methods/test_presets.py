@@ -10,9 +10,9 @@ import yaml
 
 from distillctl.config import build_recipe
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
-from distillctl.methods.presets import (RECIPES, RunSize, derive, derive_ema, derive_per_dataset, derive_queue,
-                                       derive_warmup, imagenet_size, method_facts, preset_recipe, queue_warnings,
-                                       scale_lr)
+from distillctl.methods.presets import (RECIPES, RunSize, derive, derive_ema, derive_negatives, derive_per_dataset,
+                                       derive_queue, derive_warmup, imagenet_size, method_facts, preset_recipe,
+                                       queue_warnings, scale_lr)
 from tests.conftest import run_cli, tiny_run_args
 
 SMALL = RunSize(dataset_images=10_000, batch_size=64, images_seen=468 * 64)  # the benchmark's 30,000-image cell
@@ -49,7 +49,8 @@ def test_imagenet_sized_run_gives_the_published_values_exactly(name):
 
 def test_imagenet_values_spelled_out():
     assert _values("mocov2", imagenet_size(RECIPES["mocov2"])) == {
-        "method.params.queue_size": 65536, "method.params.momentum": 0.999, "train.lr": 0.03}
+        "method.params.queue_size": 65536, "method.params.momentum": 0.999, "method.params.negatives": "queue",
+        "train.lr": 0.03}
     assert _values("compress-1q", imagenet_size(RECIPES["compress-1q"])) == {
         "method.params.queue_size": 128_000, "train.lr": 0.01}
     assert _values("bingo", imagenet_size(RECIPES["bingo"]))["method.params.bag_warmup_epochs"] == 11
@@ -59,6 +60,7 @@ def test_imagenet_values_spelled_out():
 def test_small_run_values():
     assert _values("compress-1q", SMALL) == {"method.params.queue_size": 8192, "train.lr": 0.01}
     assert _values("mocov2", SMALL) == {"method.params.queue_size": 8192, "method.params.momentum": 0.99,
+                                        "method.params.negatives": "batch",
                                         "train.lr": 0.0075}  # MoCo's linear rule: 0.03 × 64/256
     smd = _values("smd", SMALL)
     assert smd["method.params.warmup_epochs"] == pytest.approx(0.06)  # 2 % of a 3-epoch run
@@ -99,6 +101,27 @@ def test_cluster_counts_keep_their_images_per_cluster():
     assert "641 images each" in reason and "→ 16" in reason and "would leave 5 images each" in reason
 
 
+def test_negatives_leave_a_queue_older_than_a_thousandth_of_the_run():
+    """MoCo-type queues: the oldest key is queue / batch steps old; above 0.1 % of the run the negatives are the
+    batch's keys (the benchmark's 30,000- and 120,000-image cells: 27 % and 6.8 %); ImageNet's 0.026 % keeps it."""
+    assert derive_negatives("queue", 8192, RunSize(10_000, 64, 468 * 64))[0] == "batch"
+    assert derive_negatives("queue", 8192, RunSize(10_000, 64, 1875 * 64))[0] == "batch"
+    assert derive_negatives("queue", 65536, RunSize(1_281_167, 256, 1_000_800 * 256))[0] == "queue"
+    # the boundary: 128 steps old is exactly 0.1 % of a 128,000-step run, one step fewer is too short
+    assert derive_negatives("queue", 8192, RunSize(10_000, 64, 128_000 * 64))[0] == "queue"
+    assert derive_negatives("queue", 8192, RunSize(10_000, 64, 127_999 * 64))[0] == "batch"
+    value, reason = derive_negatives("queue", 8192, RunSize(10_000, 64, 468 * 64))
+    assert "up to 128 steps old" in reason and "27.4%" in reason and "0.026%" in reason
+    assert derive_negatives("batch", 8192, SMALL)[0] == "batch"  # nothing to shorten
+    for name in ("mocov2", "ssl-small", "rekd"):
+        assert _values(name, SMALL)["method.params.negatives"] == "batch"
+        assert _values(name, SMALL, "published")["method.params.negatives"] == "queue"
+        # a queue length the user set keeps the queue; negatives the user set are never derived
+        explicit = _values(name, SMALL, explicit={"method.params.queue_size"})
+        assert explicit["method.params.negatives"] == "queue"
+        assert "method.params.negatives" not in _values(name, SMALL, explicit={"method.params.negatives"})
+
+
 def test_ema_time_constant_and_floor():
     assert derive_ema(0.999, RunSize(10_000, 64, 1875 * 64))[0] == pytest.approx(0.99467)  # 1 − 1/187.5
     assert derive_ema(0.999, RunSize(10_000, 64, 100 * 64))[0] == 0.99  # floored (MoCo's ablation)
@@ -121,13 +144,14 @@ def test_published_preset_gives_paper_values_on_a_small_run():
 
 def test_explicit_keys_are_never_derived():
     values = _values("mocov2", SMALL, explicit={"method.params.queue_size", "train.lr"})
-    assert values == {"method.params.momentum": 0.99}
+    assert values == {"method.params.momentum": 0.99, "method.params.negatives": "queue"}  # the set queue is kept
     recipe = build_recipe({"method": {"name": "mocov2"}, "train": {"batch_size": 64, "epochs": 3}},
                           ["method.params.queue_size=100", "train.lr=0.2"])
     resolved, derived = preset_recipe(recipe, 10_000, 468 * 64)
     assert resolved.method.params["queue_size"] == 100 and resolved.train.lr == 0.2
-    assert {d.key for d in derived} == {"method.params.momentum"}
+    assert {d.key for d in derived} == {"method.params.momentum", "method.params.negatives"}
     assert resolved.derived["method.params.momentum"]["value"] == 0.99
+    assert resolved.method.params["negatives"] == "queue"  # the user's 100-row queue is used
     scaled = build_recipe({"method": {"name": "seed"}, "train": {"lr_scaling": "linear"}})
     assert "train.lr" not in {d.key for d in preset_recipe(scaled, 10_000, 30_000)[1]}
 

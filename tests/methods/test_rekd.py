@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from distillctl.methods.rekd import ReKD, ReKDParams, relation_info_nce
+from distillctl.methods.rekd import ReKD, ReKDParams, relation_batch_nce, relation_info_nce
 from method_harness import STUDENT_DIM, TEACHER_DIMS, TinyNet, make_images, make_inputs
 
 
@@ -138,11 +138,50 @@ def test_artefact_declaration_and_cache_mode() -> None:
 def test_params_defaults_and_domains() -> None:
     params = ReKDParams()
     assert (params.relations, params.clusters, params.knn_k, params.relation_weight, params.temperature,
-            params.queue_size, params.momentum) == ("kmeans", 1000, 5, 1.0, 0.2, 65536, 0.999)
+            params.queue_size, params.momentum, params.negatives) == ("kmeans", 1000, 5, 1.0, 0.2, 65536, 0.999, "queue")
     for bad in ({"clusters": 0}, {"knn_k": 0}, {"relation_weight": -1}, {"relations": "proto"}, {"temperature": 0},
                 {"weights": 1}):
         with pytest.raises(ValidationError):
             ReKDParams(**bad)
+
+
+def test_batch_negatives_relate_the_batch_images_and_match_the_loop() -> None:
+    """negatives=batch: the columns are the batch's keys; b's own key is its positive (never also a relation),
+    related images of the batch are extra positives; the loss is the loop form with those logits."""
+    method = built([0, 1, 0, 1, 2, 2], negatives="batch").double()
+    assert method.queue is None and method.queue_index is None
+    student = TinyNet(STUDENT_DIM).double()
+    method.setup(student)
+    index = torch.tensor([4, 0, 2, 5])  # clusters 2, 0, 0, 2
+    related = method.related_in_batch(index)
+    assert related.tolist() == [[False, False, False, True], [False, False, True, False],
+                                [False, True, False, False], [True, False, False, False]]
+    images = [i.double() for i in make_images(method, 4, 16)]
+    inputs = make_inputs(method, student, None, images, index=index)
+    loss, logs = method.loss(inputs)
+    q = [torch.nn.functional.normalize(method.head(student(img)), dim=1) for img in images]
+    k = [torch.nn.functional.normalize(method.key_encoder(img), dim=1) for img in images]
+
+    def loop(query, keys):  # the bank is the batch's keys; column b is b's own (its k+)
+        total = 0.0
+        for b in range(4):
+            rows = [keys[b]] + [keys[j] for j in range(4) if j != b]
+            flags = [related[b, j].item() for j in range(4) if j != b]
+            total += relation_loss_loop([query[b]], [rows[0]], rows[1:], [flags], 0.2, 1.0)
+        return total / 4
+    expected = (loop(q[0].tolist(), k[1].tolist()) + loop(q[1].tolist(), k[0].tolist())) / 2
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-10)
+    assert logs["related_per_query"] == pytest.approx(1.0)
+    method.after_step(inputs)  # EMA update only: nothing to enqueue
+
+
+def test_batch_form_with_no_relations_is_in_batch_info_nce() -> None:
+    from distillctl.methods.mocov2 import batch_info_nce
+
+    generator = torch.Generator().manual_seed(3)
+    q, k = unit(5, 4, generator), unit(5, 4, generator)
+    plain = float(batch_info_nce(q, k, 0.2))
+    assert float(relation_batch_nce(q, k, torch.zeros(5, 5, dtype=torch.bool), 0.2, 1.0)) == pytest.approx(plain, rel=1e-12)
 
 
 TINY = ["--set", "method.params.clusters=8", "--set", "method.params.flip=false", "--set", "method.params.queue_size=32",
@@ -168,6 +207,14 @@ def test_trains_and_resumes_exactly_with_knn_relations(tmp_path, tiny_teacher_fi
     train_and_resume(tmp_path, tiny_teacher_file, "rekd", [*TINY, "--set", "method.params.relations=knn"],
                      falls_from=None)
     assert (tmp_path / "full" / "cache" / "artifacts" / "knn_pooled_k5.npy").is_file()
+
+
+@pytest.mark.slow
+def test_trains_and_resumes_exactly_with_batch_negatives(tmp_path, tiny_teacher_file) -> None:
+    from pooled_e2e import train_and_resume
+
+    train_and_resume(tmp_path, tiny_teacher_file, "rekd", [*TINY, "--set", "method.params.negatives=batch"],
+                     falls_from=None)
 
 
 def test_recipes_validate() -> None:
