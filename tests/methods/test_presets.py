@@ -59,9 +59,11 @@ def test_imagenet_values_spelled_out():
 
 def test_small_run_values():
     assert _values("compress-1q", SMALL) == {"method.params.queue_size": 8192, "train.lr": 0.01}
+    # in-batch negatives make it MoCo v3's objective: MoCo v2's lr rule is not applied (the recipe's lr stays)
     assert _values("mocov2", SMALL) == {"method.params.queue_size": 8192, "method.params.momentum": 0.99,
-                                        "method.params.negatives": "batch",
-                                        "train.lr": 0.0075}  # MoCo's linear rule: 0.03 × 64/256
+                                        "method.params.negatives": "batch", "train.lr": None}
+    # with the queue kept (queue length set), MoCo's linear rule: 0.03 × 64/256
+    assert _values("mocov2", SMALL, explicit={"method.params.queue_size"})["train.lr"] == 0.0075
     smd = _values("smd", SMALL)
     assert smd["method.params.warmup_epochs"] == pytest.approx(0.06)  # 2 % of a 3-epoch run
     assert smd["train.lr"] == pytest.approx(0.0125)  # 0.05 × 64/256
