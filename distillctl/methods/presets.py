@@ -353,8 +353,8 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
             # the objective is now MoCo v3's (in-batch negatives), whose published lr is a LARS lr: not MoCo v2's rule
             value, reason = None, ("not derived: with in-batch negatives (derived above) the objective is MoCo v3's, "
                                    f"whose published lr is a LARS lr, and the paper's {published_lr:g} is MoCo v2's "
-                                   "lr for its queue; measured on the benchmark (rekd, 30,000 images): MoCo v2's "
-                                   "rule (0.0075 at batch 64) 14.75 % kNN, 0.03 20.6 %, 0.06 27.1 %")
+                                   "lr for its queue (at MoCo v2's linear rule, 0.0075 at batch 64, rekd with "
+                                   "in-batch negatives did not learn in the benchmark's 30,000-image run)")
         if value is not None:
             add("train.lr", value, published_lr, reason)
         elif "train.lr" not in explicit:
