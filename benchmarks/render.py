@@ -152,8 +152,9 @@ def lr_lines(q: dict, facts: dict) -> list[str]:
         if recipe is None:
             lines.append(f"- {method}: ran at lr {ran}; no published recipe in distillctl's preset table.")
             continue
-        auto = {d.key: d.value for d in derive(method_facts_, size, "auto")}.get("train.lr")
-        auto_text = f"{auto:g}" if auto is not None else f"not derived ({recipe.optimizer} paper lr, sgd run)"
+        lr_item = next((d for d in derive(method_facts_, size, "auto") if d.key == "train.lr"), None)
+        auto = lr_item.value if lr_item else None
+        auto_text = f"{auto:g}" if auto is not None else (lr_item.reason if lr_item else "not derived")
         rule = {"none": "not scaled by batch", "linear": "× batch/256-style linear rule",
                 "sqrt": "square-root batch rule"}[recipe.published_rule]
         lines.append(f"- {method}: ran at lr {ran}; published {recipe.lr:g} at batch {recipe.batch} ({recipe.optimizer}, "
@@ -283,7 +284,8 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                                                                   -r["budget"], r["kind"] != "distill",
                                                                   -(r.get("knn_top1") or -1)))
     for r in all_rows:
-        teacher_knn = teacher if r["teacher"] == "sup" else (q.get("reference", {}).get("ssl_teacher") or {}).get("knn_top1")
+        own_ssl = r.get("ssl_teacher_ref") or q.get("reference", {}).get("ssl_teacher") or {}
+        teacher_knn = teacher if r["teacher"] == "sup" else own_ssl.get("knn_top1")
         if r.get("status") != "done":
             rows.append([f"{label(r)} ({r['status']})", r["kind"], r["teacher"] or "–", f"{r['budget']:,}", "–",
                          "–", "–", *dn(None), "–", "–", "–", "–", (r.get("error") or "")[:80].replace("|", "/")])
@@ -295,7 +297,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
         if same and r["kind"] == "distill":
             gain = r["knn_top1"] - same[0]["knn_top1"]
         rows.append([label(r) + collapse_note(r), r["kind"],
-                     {"sup": "ResNet-18 sup.", "ssl": "ResNet-18 SSL"}.get(r["teacher"], "–"),
+                     {"sup": "ResNet-18 sup.", "ssl": ssl_teacher_label(own_ssl)}.get(r["teacher"], "–"),
                      f"{r['budget']:,}", num(cell_lr(r), 4).rstrip("0").rstrip(".") if cell_lr(r) else "–",
                      pct(r["knn_top1"]), pct(r.get("linear_top1")), *dn(r), num(ratio, 2) if ratio else "–",
                      (f"{gain:+.1f}" if gain is not None else "–"),
@@ -308,8 +310,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
         why = ("not run: needs two or more teachers; the suite has one" if m.get("teachers") == "2+"
                else "not run: the suite was stopped before this cell")
         rows.append([m["name"], m["kind"], "–", f"{budget:,}", "–", "–", "–", *dn(None), "–", "–", "–", "–", why])
-    ssl_teacher = q.get("reference", {}).get("ssl_teacher")
-    if ssl_teacher:
+    for ssl_teacher in ssl_teachers(q.get("reference", {})):
         rows.append([f"SSL teacher: `distillctl pretrain --method {ssl_teacher['method']} --arch {ssl_teacher['student']}`",
                      "teacher", "–", f"{ssl_teacher['budget']:,}", num(cell_lr(ssl_teacher), 4).rstrip("0").rstrip(".")
                      if cell_lr(ssl_teacher) else "–", pct(ssl_teacher.get("knn_top1")),
@@ -348,8 +349,9 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             "default `--preset auto` and so re-measure; the per-cell commands are pinned (`--set "
             "method.preset=published` and the lr they ran with) and reproduce the rows.", "",
             "```", q.get("command", ""), *q.get("extra_commands", [])]
-    if ssl_teacher and ssl_teacher.get("command"):  # makes the teacher file the SSL-teacher cells read
-        out.append(reproducible_command(ssl_teacher["command"]))
+    for ssl_teacher in ssl_teachers(q.get("reference", {})):  # make the teacher files the SSL-teacher cells read
+        if ssl_teacher.get("command"):
+            out.append(reproducible_command(ssl_teacher["command"]))
     for r in all_rows:
         out.append(reproducible_command(r.get("command", "")))
     for key in ("teacher_linear",):
@@ -1183,6 +1185,27 @@ def machine_section(*results: dict | None) -> str:
             f"{m.get('date_utc')}.\n")
 
 
+def ssl_teachers(reference: dict) -> list[dict]:
+    """The SSL teachers a result file's rows distilled from (``ssl_teachers`` once merged, else its one)."""
+    if "ssl_teachers" in reference:
+        return list(reference["ssl_teachers"])
+    return [reference["ssl_teacher"]] if reference.get("ssl_teacher") else []
+
+
+def tag_ssl_teacher(rows: dict, reference: dict) -> dict:
+    """Each SSL-teacher row with the teacher of its own result file (``ssl_teacher_ref``): files of different SSL
+    teachers share the row teacher ``ssl``, so the file's reference tells them apart."""
+    teacher = reference.get("ssl_teacher")
+    return {key: ({**row, "ssl_teacher_ref": teacher} if row.get("teacher") == "ssl" and teacher
+                  and "ssl_teacher_ref" not in row else row) for key, row in rows.items()}
+
+
+def ssl_teacher_label(teacher: dict | None) -> str:
+    if not teacher:
+        return "ResNet-18 SSL"
+    return f"ResNet-18 SSL ({teacher.get('method')}, {teacher.get('budget', 0):,} images)"
+
+
 def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
     """Add the rows of a second quality run (e.g. the SSL-teacher cells run as their own process)."""
     if not extra:
@@ -1190,11 +1213,16 @@ def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
     if not main:
         return extra
     merged = {**main, "rows": dict(main.get("rows") or {}), "reference": dict(main.get("reference") or {})}
-    for key, row in (extra.get("rows") or {}).items():
+    merged["rows"] = tag_ssl_teacher(merged["rows"], merged["reference"])
+    merged["reference"]["ssl_teachers"] = ssl_teachers(merged["reference"])
+    extra_reference = extra.get("reference") or {}
+    for key, row in tag_ssl_teacher(extra.get("rows") or {}, extra_reference).items():
         merged["rows"].setdefault(key, row)
+    known = {t.get("id") for t in merged["reference"]["ssl_teachers"]}
+    merged["reference"]["ssl_teachers"] += [t for t in ssl_teachers(extra_reference) if t.get("id") not in known]
     for key in ("ssl_teacher", "ssl_teacher_error"):
-        if key in (extra.get("reference") or {}) and key not in merged["reference"]:
-            merged["reference"][key] = extra["reference"][key]
+        if key in extra_reference and key not in merged["reference"]:
+            merged["reference"][key] = extra_reference[key]
     merged["extra_commands"] = list(main.get("extra_commands") or []) + [extra.get("command")]
     return merged
 

@@ -30,6 +30,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's distillctl (the preset policy)
 
@@ -122,6 +124,8 @@ def fmt(value: Any) -> str:
     ``5e-05`` as a string), true."""
     if isinstance(value, float) and math.isfinite(value):
         return format(Decimal(repr(value)), "f")
+    if isinstance(value, str) and value.isidentifier() and yaml.safe_load(value) == value:
+        return value  # a plain word (batch, weak) needs no quotes, which would also land in the cell's folder name
     return json.dumps(value)
 
 

@@ -174,6 +174,31 @@ def test_methods_list_and_show_read_the_packaged_table(tmp_path):
     assert measured.load(tmp_path / "missing.json")["methods"] == {}
 
 
+def test_rows_of_two_ssl_teachers_divide_by_their_own_teacher():
+    """Result files of two SSL teachers (both rows' teacher is ``ssl``): each row's student/teacher uses the kNN of
+    the teacher in its own file, each teacher gets its row and its label names it."""
+    import render
+
+    def ssl_file(method: str, budget: int, knn: float, student_knn: float) -> dict:
+        q = _quality({f"ssl/seed-{budget}": {**_row("seed", 120000, student_knn), "teacher": "ssl",
+                                             "id": f"ssl/seed-{budget}"}})
+        q["reference"]["ssl_teacher"] = {"id": f"resnet18/none/{method}-{budget}", "method": method, "budget": budget,
+                                         "student": "resnet18", "knn_top1": knn, "command": f"distillctl pretrain --method {method}"}
+        return q
+
+    q = render.merge_quality(render.merge_quality(_quality({"a": _row("compress-1q", 120000, 40.0)}),
+                                                  ssl_file("mocov2", 6400, 20.0, 10.0)),
+                             ssl_file("simclr", 1_000_000, 50.0, 40.0))
+    assert [t["method"] for t in q["reference"]["ssl_teachers"]] == ["mocov2", "simclr"]
+    assert q["rows"]["ssl/seed-6400"]["ssl_teacher_ref"]["knn_top1"] == 20.0
+    assert q["rows"]["ssl/seed-1000000"]["ssl_teacher_ref"]["knn_top1"] == 50.0
+    text, _ = render.quality_section(q, [])
+    simclr_row = next(line for line in text.splitlines() if "ResNet-18 SSL (simclr, 1,000,000 images)" in line)
+    mocov2_row = next(line for line in text.splitlines() if "ResNet-18 SSL (mocov2, 6,400 images)" in line)
+    assert "| 0.80 |" in simclr_row and "| 0.50 |" in mocov2_row  # 40 / 50 and 10 / 20
+    assert "`distillctl pretrain --method simclr" in text and "`distillctl pretrain --method mocov2" in text
+
+
 def test_packaged_table_matches_results_md():
     """The shipped data file is render.py's output for the shipped results (regenerate with render.py)."""
     import render

@@ -40,7 +40,8 @@ def test_plan_isolates_every_key_auto_derives_differently():
     from distillctl.methods.presets import derive_queue
 
     variants = {v.name: v for v in _plan("rekd")}
-    assert list(variants) == ["published", "auto", "+momentum", "+queue_size", "+train.lr"]
+    # auto leaves the lr underived for rekd here (in-batch negatives), so there is no +train.lr variant
+    assert list(variants) == ["published", "auto", "+momentum", "+negatives", "+queue_size"]
     size = sweep.run_size(*PROTOCOL)
     assert size.steps == 468 and size.images_seen == 29_952  # whole steps of 64, as the pipeline plans them
     queue = derive_queue(65_536, _facts("rekd").queue_negatives, size)[0]
@@ -49,10 +50,11 @@ def test_plan_isolates_every_key_auto_derives_differently():
     assert variants["+queue_size"].preset == "published" and variants["+queue_size"].factors == {
         "method.params.queue_size": 8192}
     assert variants["+momentum"].sets == ("method.params.momentum=0.99",)
-    assert variants["+train.lr"].sets == ("train.lr=0.0075",)  # 0.03 x 64/256 (MoCo's linear rule)
+    assert variants["+negatives"].sets == ("method.params.negatives=batch",)  # a plain word: no quotes
+    assert variants["+negatives"].slug == "published+negatives=batch"
     assert variants["auto"].preset == "auto" and variants["auto"].sets == ()
     assert variants["auto"].factors == {"method.params.queue_size": 8192, "method.params.momentum": 0.99,
-                                        "train.lr": 0.0075}
+                                        "method.params.negatives": "batch"}
     assert variants["published"].factors == {} and variants["published"].slug == "published"
     assert variants["+queue_size"].slug == "published+queue_size=8192"  # the value names the folder
 
@@ -102,7 +104,7 @@ def test_auto_plan_matches_a_recorded_run():
     """The table's rekd cell ran with method.preset=auto on the protocol: its recorded derived values are the plan's."""
     import sweep
 
-    catalogue = json.loads((BENCH / "results" / "quality_catalogue2.json").read_text())
+    catalogue = json.loads((BENCH / "results" / "quality_moco_batch.json").read_text())
     row = catalogue["rows"]["mobilenetv2_100/sup/rekd-30000-auto"]
     auto = next(v for v in _plan("rekd") if v.name == "auto")
     summary = {"recipe": {"derived": row["derived"]}}
@@ -386,3 +388,16 @@ def test_a_grid_value_the_method_refuses_is_a_usage_error_before_any_cell():
     bad = {"smd": (_plan("smd", ["method.params.augmentation=foo"]), {})}
     with pytest.raises(sweep.SweepUsage, match=r"method.params.augmentation: invalid value 'foo' for method smd"):
         sweep.params_valid(bad)
+
+
+def test_set_values_read_back_as_written():
+    """``fmt``: the --set text YAML reads back as the same value; a plain word goes bare (it names the cell's
+    folder), a word YAML would read as something else keeps its quotes."""
+    import sweep
+
+    from distillctl.config import parse_set
+
+    for value, text in [(8192, "8192"), (0.0075, "0.0075"), (5e-05, "0.00005"), (True, "true"), ("batch", "batch"),
+                        ("weak", "weak"), ("yes", '"yes"'), ("null", '"null"'), ("1e3", '"1e3"'), ("a b", '"a b"')]:
+        assert sweep.fmt(value) == text
+        assert parse_set([f"method.params.x={text}"])["method.params.x"] == value
