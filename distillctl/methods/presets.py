@@ -349,7 +349,8 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
     if recipe is not None:
         value, reason = derive_lr(recipe, size, preset)
         published_lr = recipe.lr
-        if any(d.value == "batch" and d.published == "queue" for d in out if d.key.startswith("method.params.")):
+        negatives_keys = {f"method.params.{name}" for name in recipe.negatives}
+        if any(d.key in negatives_keys and d.value == "batch" and d.published == "queue" for d in out):
             # the objective is now MoCo v3's (in-batch negatives), whose published lr is a LARS lr: not MoCo v2's rule
             value, reason = None, ("not derived: with in-batch negatives (derived above) the objective is MoCo v3's, "
                                    f"whose published lr is a LARS lr, and the paper's {published_lr:g} is MoCo v2's "
