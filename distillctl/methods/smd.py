@@ -24,6 +24,11 @@ class SMDParams(CropParams):
     teacher_feature: Literal["backbone", "projection"] = "backbone"  # published: pooled R50 feature, head removed
     teacher_bn: Literal["eval", "train"] = "eval"  # official: teacher_model.eval()
     augmentation: Literal["mocov2", "simclr", "weak"] = "mocov2"
+    # none: the paper's loss. batch: subtract each view's batch mean from the teacher targets and from the student's
+    # head outputs before they are L2-normalised (warm-up cosine and metric term alike; per process under DDP, as
+    # the loss itself). The pooled teacher feature is post-ReLU, so every target shares one mean direction; on the
+    # benchmark the student's head settled on it by step 20 and stayed (benchmarks/RESULTS.md, smd rows)
+    center: Literal["none", "batch"] = "none"
 
 
 def pairwise_distance(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
@@ -73,6 +78,11 @@ def _cosine(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         return F.cosine_similarity(teacher.to(dtype), student.to(dtype), dim=1).mean()
 
 
+def _centred(features: torch.Tensor) -> torch.Tensor:
+    """``features`` minus their batch mean (rows are images)."""
+    return features - features.mean(dim=0, keepdim=True)
+
+
 @register
 class SMD(Method):
     name = "smd"
@@ -114,6 +124,8 @@ class SMD(Method):
         students = [self.head(f) for f in inputs.student_features]
         # targets stay in (at least) fp32: a bf16 cast under AMP would round them before the fp32 distances
         teachers = [at_least_float32(out[self.target_key]) for out in inputs.teacher_outputs]
+        if self.params.center == "batch":
+            teachers, students = [_centred(t) for t in teachers], [_centred(s) for s in students]
         per_view = [smd_loss(t, s, self.temperature) for t, s in zip(teachers, students)]
         distill = sum(loss for loss, _ in per_view) / len(per_view)
         cosine = sum(_cosine(t, s) for t, s in zip(teachers, students)) / len(students)

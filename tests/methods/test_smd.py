@@ -178,3 +178,43 @@ def test_bf16_autocast_keeps_targets_fp32() -> None:
     amp_error, rounded_error = abs(float(amp_loss.detach()) - reference), abs(rounded - reference)
     assert amp_error <= 1e-6 * reference  # fp32 rounding only (measured 1.6e-7 relative)
     assert rounded_error > 1000 * amp_error  # bf16 targets: 9.6e-3 absolute here
+
+
+@pytest.mark.parametrize("epoch", [0.5, 3.0])  # warm-up (cosine + metric term) and after it (metric term only)
+def test_center_batch_ignores_offsets_shared_by_the_batch(epoch: float) -> None:
+    """center=batch: a vector added to every teacher target and another added to every student head output (its
+    bias) leave the loss unchanged; the paper's loss (center=none) moves with them."""
+    from dataclasses import replace
+
+    losses = {}
+    for center in ("none", "batch"):
+        method = SMD(SMDParams(center=center), STUDENT_DIM, TEACHER_DIMS).double()  # float64: τ = 0.04 amplifies
+        student, teacher = TinyNet(STUDENT_DIM).double(), TinyTeacher().double()
+        images = [image.double() for image in make_images(method, 8, 16)]
+        inputs = make_inputs(method, student, [teacher], images, epoch=epoch)
+        before, _ = method.loss(inputs)
+        generator = torch.Generator().manual_seed(3)
+        teacher_offset = 5.0 * torch.randn(TEACHER_DIMS.pooled, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            method.head.bias.add_(5.0 * torch.randn(method.head.bias.shape, generator=generator, dtype=torch.float64))
+        shifted = replace(inputs, teacher_outputs=[{key: value + teacher_offset for key, value in out.items()}
+                                                   for out in inputs.teacher_outputs])
+        after, _ = method.loss(shifted)
+        losses[center] = (float(before.detach()), float(after.detach()))
+    assert losses["batch"][1] == pytest.approx(losses["batch"][0], rel=1e-9)
+    assert abs(losses["none"][1] - losses["none"][0]) > 1e-3
+
+
+def test_center_batch_is_the_paper_loss_on_centred_features() -> None:
+    method = SMD(SMDParams(center="batch", temperature=0.1), STUDENT_DIM, TEACHER_DIMS).double()
+    student, teacher = TinyNet(STUDENT_DIM).double(), TinyTeacher().double()
+    images = [image.double() for image in make_images(method, 8, 16)]
+    inputs = make_inputs(method, student, [teacher], images, epoch=3.0)
+    loss, _ = method.loss(inputs)
+    expected = 0.0
+    for features, out in zip(inputs.student_features, inputs.teacher_outputs):
+        head, target = method.head(features).detach(), out["pooled"]
+        expected += float(smd_loss(target - target.mean(0), head - head.mean(0), 0.1)[0]) / 2
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValidationError):
+        SMDParams(center="mean")
