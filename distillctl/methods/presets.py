@@ -25,7 +25,9 @@ batch 64 they are the wrong size. Two presets:
     * MoCo-type negatives (``PublishedRecipe.negatives``: mocov2, ssl-small, rekd): the queue's oldest key is
       ``queue / batch`` steps old; when that is more than 0.1 % of the run (published MoCo v2: 0.026 %), the
       negatives are the batch's other keys instead (MoCo v3). On the benchmark's short runs the stale keys differ
-      from the fresh positive by the encoder's drift, and the students collapsed within the first steps.
+      from the fresh positive by the encoder's drift, and the students collapsed within the first steps. With
+      in-batch negatives the projection head also gets MoCo v3's BatchNorm after its hidden layer (``head_bn``),
+      where the method has that switch and the user did not set it.
 
 Every function here is pure (numbers in, numbers and a reason out); the pipeline applies the result to the
 recipe (:func:`apply`), prints it and writes it into ``recipe.yaml`` (section ``derived``). A key the user set
@@ -271,6 +273,11 @@ def derive_negatives(published: str, queue: int, size: RunSize) -> tuple[str, st
                      "batch's other keys (MoCo v3)")
 
 
+# why ``auto`` turns on the head's BatchNorm with in-batch negatives (benchmarks/RESULTS.md, rekd rows)
+HEAD_BN_REASON = ("with in-batch negatives (derived above) the objective is MoCo v3's, whose projection head has "
+                  "BatchNorm after its hidden layer; measured on the benchmark at 120,000 images, rekd with in-batch "
+                  "negatives: 34.0 % kNN without it, 36.2 % with it")
+
 MIN_CLUSTERS = 2
 
 
@@ -346,11 +353,14 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
                 add(f"method.params.{name}", published, published, published_reason(published))
             else:
                 add(f"method.params.{name}", *_with_published(derive_auto(published), published))
+    negatives_keys = {f"method.params.{name}" for name in recipe.negatives} if recipe is not None else set()
+    in_batch = any(d.key in negatives_keys and d.value == "batch" and d.published == "queue" for d in out)
+    if in_batch and "head_bn" in facts.defaults:
+        add("method.params.head_bn", True, facts.defaults["head_bn"], HEAD_BN_REASON)
     if recipe is not None:
         value, reason = derive_lr(recipe, size, preset)
         published_lr = recipe.lr
-        negatives_keys = {f"method.params.{name}" for name in recipe.negatives}
-        if any(d.key in negatives_keys and d.value == "batch" and d.published == "queue" for d in out):
+        if in_batch:
             # the objective is now MoCo v3's (in-batch negatives), whose published lr is a LARS lr: not MoCo v2's rule
             value, reason = None, ("not derived: with in-batch negatives (derived above) the objective is MoCo v3's, "
                                    f"whose published lr is a LARS lr, and the paper's {published_lr:g} is MoCo v2's "
@@ -460,4 +470,6 @@ def recipe_summary(method_cls, example_batch: int = 64) -> dict[str, Any] | None
             "published_rule": recipe.published_rule, "auto_rule": recipe.auto_rule, "rule_source": recipe.rule_source,
             "auto_lr_example": {"batch": example_batch,
                                 "lr": scale_lr(recipe.lr, recipe.batch, example_batch, recipe.auto_rule)},
-            "sized_params": list(facts.queue_fields + recipe.warmups + recipe.ema + recipe.per_dataset)}
+            "sized_params": list(facts.queue_fields + recipe.warmups + recipe.ema + recipe.per_dataset
+                                 + recipe.negatives + (("head_bn",) if recipe.negatives and "head_bn" in facts.defaults
+                                                       else ()))}

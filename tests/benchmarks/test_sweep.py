@@ -41,7 +41,7 @@ def test_plan_isolates_every_key_auto_derives_differently():
 
     variants = {v.name: v for v in _plan("rekd")}
     # auto leaves the lr underived for rekd here (in-batch negatives), so there is no +train.lr variant
-    assert list(variants) == ["published", "auto", "+momentum", "+negatives", "+queue_size"]
+    assert list(variants) == ["published", "auto", "+head_bn", "+momentum", "+negatives", "+queue_size"]
     size = sweep.run_size(*PROTOCOL)
     assert size.steps == 468 and size.images_seen == 29_952  # whole steps of 64, as the pipeline plans them
     queue = derive_queue(65_536, _facts("rekd").queue_negatives, size)[0]
@@ -54,7 +54,8 @@ def test_plan_isolates_every_key_auto_derives_differently():
     assert variants["+negatives"].slug == "published+negatives=batch"
     assert variants["auto"].preset == "auto" and variants["auto"].sets == ()
     assert variants["auto"].factors == {"method.params.queue_size": 8192, "method.params.momentum": 0.99,
-                                        "method.params.negatives": "batch"}
+                                        "method.params.negatives": "batch", "method.params.head_bn": True}
+    assert variants["+head_bn"].sets == ("method.params.head_bn=true",)
     assert variants["published"].factors == {} and variants["published"].slug == "published"
     assert variants["+queue_size"].slug == "published+queue_size=8192"  # the value names the folder
 
@@ -316,12 +317,12 @@ def test_dry_run_prints_commands_and_estimate(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     commands = [line for line in lines if line.startswith("distillctl run ")]
-    # smd: published, auto, lr 0.01; rekd: published, auto, three one-key variants, lr 0.01
-    assert len(commands) == 9
-    assert sum("--method smd " in c for c in commands) == 3 and sum("--method rekd " in c for c in commands) == 6
+    # smd: published, auto, lr 0.01; rekd: published, auto, four one-key variants, lr 0.01
+    assert len(commands) == 10
+    assert sum("--method smd " in c for c in commands) == 3 and sum("--method rekd " in c for c in commands) == 7
     assert any("rekd-30000/published+queue_size=8192" in c and "--set method.params.queue_size=8192" in c
                for c in commands)
-    assert lines[-1].startswith("# estimate: 9 cells to run (smd 3, rekd 6), ~") and " h one at a time" in lines[-1]
+    assert lines[-1].startswith("# estimate: 10 cells to run (smd 3, rekd 7), ~") and " h one at a time" in lines[-1]
     assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()  # a dry run makes nothing
     bad = _run("--methods", "smd", "--grid", "method.params.queue_size=1024", "--dry-run", env=env)
     assert bad.returncode == 2 and "none of smd has a param 'queue_size'" in bad.stderr and "Traceback" not in bad.stderr

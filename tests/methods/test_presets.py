@@ -12,7 +12,7 @@ from distillctl.config import build_recipe
 from distillctl.methods.base import TeacherDims, build_method, get_method, registry
 from distillctl.methods.presets import (RECIPES, RunSize, derive, derive_ema, derive_negatives, derive_per_dataset,
                                        derive_queue, derive_warmup, imagenet_size, method_facts, preset_recipe,
-                                       queue_warnings, scale_lr)
+                                       queue_warnings, recipe_summary, scale_lr)
 from tests.conftest import run_cli, tiny_run_args
 
 SMALL = RunSize(dataset_images=10_000, batch_size=64, images_seen=468 * 64)  # the benchmark's 30,000-image cell
@@ -60,8 +60,10 @@ def test_imagenet_values_spelled_out():
 def test_small_run_values():
     assert _values("compress-1q", SMALL) == {"method.params.queue_size": 8192, "train.lr": 0.01}
     # in-batch negatives make it MoCo v3's objective: MoCo v2's lr rule is not applied (the recipe's lr stays)
+    # and the head gets MoCo v3's BatchNorm
     assert _values("mocov2", SMALL) == {"method.params.queue_size": 8192, "method.params.momentum": 0.99,
-                                        "method.params.negatives": "batch", "train.lr": None}
+                                        "method.params.negatives": "batch", "method.params.head_bn": True,
+                                        "train.lr": None}
     # with the queue kept (queue length set), MoCo's linear rule: 0.03 × 64/256
     assert _values("mocov2", SMALL, explicit={"method.params.queue_size"})["train.lr"] == 0.0075
     smd = _values("smd", SMALL)
@@ -122,6 +124,25 @@ def test_negatives_leave_a_queue_older_than_a_thousandth_of_the_run():
         explicit = _values(name, SMALL, explicit={"method.params.queue_size"})
         assert explicit["method.params.negatives"] == "queue"
         assert "method.params.negatives" not in _values(name, SMALL, explicit={"method.params.negatives"})
+
+
+def test_in_batch_negatives_bring_the_head_batchnorm():
+    """head_bn follows a derived in-batch negatives switch (MoCo v3's head); the queue kept, a published preset, or a
+    head_bn the user set leave it alone."""
+    for name in ("mocov2", "ssl-small", "rekd"):
+        derived = {d.key: d for d in derive(method_facts(get_method(name)), SMALL)}
+        item = derived["method.params.head_bn"]
+        assert (item.value, item.published) == (True, False) and "MoCo v3" in item.reason
+        keys = list(derived)  # reported right after the negatives it follows
+        assert keys.index("method.params.head_bn") == keys.index("method.params.negatives") + 1
+        assert "method.params.head_bn" not in _values(name, SMALL, explicit={"method.params.queue_size"})
+        assert "method.params.head_bn" not in _values(name, SMALL, explicit={"method.params.head_bn"})
+        assert "method.params.head_bn" not in _values(name, SMALL, "published")
+        assert "method.params.head_bn" not in _values(name, imagenet_size(method_facts(get_method(name)).recipe))
+    recipe = build_recipe({"method": {"name": "rekd"}, "train": {"batch_size": 64, "epochs": 13}})
+    resolved, _ = preset_recipe(recipe, 10_000, 1875 * 64)
+    assert resolved.method.params["head_bn"] is True and resolved.derived["method.params.head_bn"]["value"] is True
+    assert "head_bn" in recipe_summary(get_method("rekd"))["sized_params"]
 
 
 def test_ema_time_constant_and_floor():
