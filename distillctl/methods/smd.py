@@ -95,7 +95,9 @@ class SMD(Method):
         "(w_a = [Dtt−Dts]_+ at a, w_p = [Dts−Dtt]_+ at p, no gradient): ℓ_i = softplus((w_p·Dts[i,p] − "
         "w_a·Dts[i,a])/τ), averaged over anchors and the two views. τ = 0.04 (0.004 for MobileNetV3-L and "
         "EfficientNet-B0/B1 students); during the first 2 epochs −½(cos(t1,s1)+cos(t2,s2)) is added. "
-        "No queue, momentum encoder or predictor."
+        "No queue, momentum encoder or predictor. method.params.center=batch (not in the paper) subtracts each "
+        "view's batch mean from targets and head outputs first: the pooled post-ReLU teacher feature shares one mean "
+        "direction, onto which the benchmark's student heads collapsed by step 20."
     )
     published = (
         "ECCV 2022 (liuhao-lh/SMD): beats earlier self-supervised distillers with fewer epochs, sometimes the teacher "
