@@ -146,7 +146,7 @@ def test_render_from_fake_results(tmp_path):
     # best method at the common budget, its ratio to the teacher and gain over the best SSL-only student
     assert "**simreg**, kNN 40.0% (teacher 80.0%, student/teacher **0.50**)" in text
     assert "gain over the best SSL-only student at the same budget (mocov2, 28.0%): **+12.0 points**" in text
-    assert "simreg at 120,000 images: kNN 50.0%" in text
+    assert "simreg at 120,000 images (lr 0.05): kNN 50.0%" in text  # with the lr it trained at (CLI default)
     assert "| bingo (failed) |" in text and "boom" in text
     assert "| mocov2 (collapsed at step 60) | ssl |" in text  # distillctl's collapse watch fired in that cell
     assert "| smd (collapsed at step 20, recovered by step 1,500) | distill |" in text
