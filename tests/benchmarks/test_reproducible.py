@@ -327,3 +327,24 @@ def test_two_invocations_writing_one_result_file_keep_each_others_rows(tmp_path,
     assert set(disk["plans"]) == {"p-old", "p-mse"}
     assert disk["commands"] == ["c0", "c-a", "c-b"]  # start_saving writes at once: a first
     assert not (out.parent / "sweep.json.lock").exists()  # the lock file is hidden (.sweep.json.lock, git-ignored)
+
+
+def test_table_merges_table_suite_files_whatever_their_name(tmp_path):
+    """A table-suite file whose name starts like the dense suite's (quality_densereg_120k.json: the dense-reg
+    method at 120,000) joins the table; the dense suite's own file and the --quick smoke run do not."""
+    import render
+
+    def suite(name: str, kind: str | None, method: str) -> None:
+        row = {"method": method, "budget": 120000, "knn_top1": 40.0, "kind": "distill", "status": "done",
+               "teacher": "sup"}
+        data = {"config": {"budget_images": 120000}, "reference": {}, "rows": {f"{method}-120000": row}}
+        if kind:
+            data["suite"] = kind
+        (tmp_path / name).write_text(json.dumps(data))
+
+    suite("quality.json", None, "seed")
+    suite("quality_densereg_120k.json", "table", "dense-reg")
+    suite("quality_dense.json", "dense", "pcd")
+    suite("quality_quick.json", "table", "simreg")
+    merged = render.table_quality(tmp_path)
+    assert sorted(r["method"] for r in merged["rows"].values()) == ["dense-reg", "seed"]
