@@ -1137,8 +1137,8 @@ def summary_section(qf: dict, sf: dict, ef: dict, q: dict | None, dense: dict | 
         out.append(line + ".")
     for budget, facts in sorted((qf.get("long") or {}).items(), reverse=True):
         for r in facts["distill"]:
-            line = f"- {label(r)} at {budget:,} images" + (f" (lr {cell_lr(r):g})" if cell_lr(r) else "") + \
-                f": kNN {r['knn_top1']:.1f}%"
+            lr = cell_lr(r)
+            line = f"- {label(r)} at {budget:,} images" + (f" (lr {lr:g})" if lr else "") + f": kNN {r['knn_top1']:.1f}%"
             if qf.get("teacher_knn"):
                 line += f" (student/teacher {r['knn_top1'] / qf['teacher_knn']:.2f})"
             if budget == ISSUE_REFERENCE["images"]:
@@ -1236,10 +1236,12 @@ def table_quality(results: Path) -> dict | None:
     (quality_*.json), without the --quick smoke run and the dense suite (its own section)."""
     q = load(results, "quality.json")
     for extra in sorted(results.glob("quality_*.json")):
+        if extra.name == "quality_quick.json":
+            continue
         data = load(results, extra.name)
         # the dense suite is told apart by what it recorded, not by its file name (quality_densereg_*.json is a
         # table-suite run of the dense-reg method)
-        if extra.name != "quality_quick.json" and data and data.get("suite", "table") != "dense":
+        if data and data.get("suite", "table") != "dense":
             q = merge_quality(q, data)
     return q
 

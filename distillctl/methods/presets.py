@@ -278,6 +278,13 @@ HEAD_BN_REASON = ("with in-batch negatives (derived above) the objective is MoCo
                   "BatchNorm after its hidden layer; measured on the benchmark at 120,000 images, rekd with in-batch "
                   "negatives: 34.0 % kNN without it, 36.2 % with it")
 
+
+
+def head_bn_follows_negatives(facts: "MethodFacts") -> bool:
+    """Whether ``auto`` derives ``head_bn`` with in-batch negatives: the method has both switches."""
+    return bool(facts.recipe and facts.recipe.negatives) and "head_bn" in facts.defaults
+
+
 MIN_CLUSTERS = 2
 
 
@@ -355,7 +362,7 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
                 add(f"method.params.{name}", *_with_published(derive_auto(published), published))
     negatives_keys = {f"method.params.{name}" for name in recipe.negatives} if recipe is not None else set()
     in_batch = any(d.key in negatives_keys and d.value == "batch" and d.published == "queue" for d in out)
-    if in_batch and "head_bn" in facts.defaults:
+    if in_batch and head_bn_follows_negatives(facts):
         add("method.params.head_bn", True, facts.defaults["head_bn"], HEAD_BN_REASON)
     if recipe is not None:
         value, reason = derive_lr(recipe, size, preset)
@@ -471,5 +478,4 @@ def recipe_summary(method_cls, example_batch: int = 64) -> dict[str, Any] | None
             "auto_lr_example": {"batch": example_batch,
                                 "lr": scale_lr(recipe.lr, recipe.batch, example_batch, recipe.auto_rule)},
             "sized_params": list(facts.queue_fields + recipe.warmups + recipe.ema + recipe.per_dataset
-                                 + recipe.negatives + (("head_bn",) if recipe.negatives and "head_bn" in facts.defaults
-                                                       else ()))}
+                                 + recipe.negatives + (("head_bn",) if head_bn_follows_negatives(facts) else ()))}
