@@ -155,6 +155,9 @@ def lr_lines(q: dict, facts: dict) -> list[str]:
         lr_item = next((d for d in derive(method_facts_, size, "auto") if d.key == "train.lr"), None)
         auto = lr_item.value if lr_item else None
         auto_text = f"{auto:g}" if auto is not None else (lr_item.reason if lr_item else "not derived")
+        if auto is not None and recipe.short_run is not None and "short-run lr" in lr_item.reason:
+            auto_text += (f" (the measured short-run lr, for runs up to "
+                          f"{int(recipe.short_run.max_share * recipe.images_seen):,} images)")
         rule = {"none": "not scaled by batch", "linear": "× batch/256-style linear rule",
                 "sqrt": "square-root batch rule"}[recipe.published_rule]
         lines.append(f"- {method}: ran at lr {ran}; published {recipe.lr:g} at batch {recipe.batch} ({recipe.optimizer}, "
@@ -1211,7 +1214,9 @@ def ssl_teacher_label(teacher: dict | None) -> str:
 
 
 def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
-    """Add the rows of a second quality run (e.g. the SSL-teacher cells run as their own process)."""
+    """Add the rows of a second quality run (e.g. the SSL-teacher cells run as their own process). A cell both runs
+    measured (the same row key) keeps the measurement of the run that finished later: re-measuring a cell into a new
+    result file (after a preset change, say) replaces the old row without editing the old file."""
     if not extra:
         return main
     if not main:
@@ -1219,9 +1224,14 @@ def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
     merged = {**main, "rows": dict(main.get("rows") or {}), "reference": dict(main.get("reference") or {})}
     merged["rows"] = tag_ssl_teacher(merged["rows"], merged["reference"])
     merged["reference"]["ssl_teachers"] = ssl_teachers(merged["reference"])
+    # when each row was measured (its file's finish time): a cell measured again by a later run replaces it
+    measured_at = dict(main.get("row_finished_utc") or {key: main.get("finished_utc") or "" for key in merged["rows"]})
     extra_reference = extra.get("reference") or {}
+    extra_finished = extra.get("finished_utc") or ""
     for key, row in tag_ssl_teacher(extra.get("rows") or {}, extra_reference).items():
-        merged["rows"].setdefault(key, row)
+        if key not in merged["rows"] or extra_finished > (measured_at.get(key) or ""):
+            merged["rows"][key], measured_at[key] = row, extra_finished
+    merged["row_finished_utc"] = measured_at
     known = {t.get("id") for t in merged["reference"]["ssl_teachers"]}
     merged["reference"]["ssl_teachers"] += [t for t in ssl_teachers(extra_reference) if t.get("id") not in known]
     for key in ("ssl_teacher", "ssl_teacher_error"):

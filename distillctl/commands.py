@@ -364,6 +364,12 @@ def _print_lr(preset: dict | None, ran: str | None, measured_summary: str) -> No
                       f"{rule[preset['auto_rule']]} ({escape(preset['rule_source'])}), e.g. {example['lr']:g} at batch "
                       f"{example['batch']}" + ("" if preset["optimizer"] == "sgd" else
                                               f" when train.optimizer={preset['optimizer']}"), highlight=False)
+        short = preset.get("short_run")
+        if short:
+            console.print(f"[bold]short runs (method.preset=auto):[/] up to {short['max_images']:,} images seen "
+                          f"({100 * short['max_share']:g}% of the paper's run) start from lr {short['lr']:g} at batch "
+                          f"{preset['batch']} instead (e.g. {short['example_lr']:g} at batch {example['batch']}): "
+                          f"{escape(short['evidence'])}", highlight=False)
     if preset and preset.get("sized_params"):
         console.print(f"[bold]sized by method.preset=auto:[/] {', '.join(preset['sized_params'])}", highlight=False)
     if ran:

@@ -199,6 +199,29 @@ def test_rows_of_two_ssl_teachers_divide_by_their_own_teacher():
     assert "`distillctl pretrain --method simclr" in text and "`distillctl pretrain --method mocov2" in text
 
 
+def test_a_cell_measured_again_by_a_later_run_replaces_the_earlier_row(tmp_path):
+    """Re-measuring a cell into its own result file (e.g. after a preset change) replaces the old row in the table,
+    whichever file name sorts first; rows only one file has are all kept."""
+    import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    old = {**_quality({"x/ssl-small-120000": _row("ssl-small", 120000, 28.0, "ssl"),
+                       "x/mocov2-120000": _row("mocov2", 120000, 35.0, "ssl")}), "finished_utc": "2026-12-01T04:40:49Z"}
+    new = {**_quality({"x/ssl-small-120000": _row("ssl-small", 120000, 31.0, "ssl")}),
+           "finished_utc": "2026-12-02T01:00:00Z", "command": "python benchmarks/quality.py --ssl-methods ssl-small"}
+    (results / "quality_b_old.json").write_text(json.dumps(old))
+    (results / "quality_a_new.json").write_text(json.dumps(new))  # sorts first, finished later
+    q = render.table_quality(results)
+    assert q["rows"]["x/ssl-small-120000"]["knn_top1"] == 31.0 and q["rows"]["x/mocov2-120000"]["knn_top1"] == 35.0
+    (results / "quality_a_new.json").rename(results / "quality_c_new.json")  # sorts last, finished later
+    q = render.table_quality(results)
+    assert q["rows"]["x/ssl-small-120000"]["knn_top1"] == 31.0
+    older = {**new, "finished_utc": "2026-11-01T00:00:00Z"}  # a file finished earlier never wins a shared cell
+    (results / "quality_c_new.json").write_text(json.dumps(older))
+    assert render.table_quality(results)["rows"]["x/ssl-small-120000"]["knn_top1"] == 28.0
+
+
 def test_packaged_table_matches_results_md():
     """The shipped data file is render.py's output for the shipped results (regenerate with render.py)."""
     import render

@@ -58,7 +58,11 @@ def test_imagenet_values_spelled_out():
 
 
 def test_small_run_values():
-    assert _values("compress-1q", SMALL) == {"method.params.queue_size": 8192, "train.lr": 0.01}
+    # CompRess's 0.01 is for 130 ImageNet epochs: a 30,000-image run starts from the measured short-run lr
+    assert _values("compress-1q", SMALL) == {"method.params.queue_size": 8192, "train.lr": 0.05}
+    assert _values("compress-2q", SMALL)["train.lr"] == 0.05
+    long_run = RunSize(1_281_167, 256, 10 * 1_281_167)  # 10 ImageNet epochs: 7.7 % of the paper's run
+    assert _values("compress-1q", long_run)["train.lr"] == 0.01
     # in-batch negatives make it MoCo v3's objective: MoCo v2's lr rule is not applied (the recipe's lr stays)
     # and the head gets MoCo v3's BatchNorm
     assert _values("mocov2", SMALL) == {"method.params.queue_size": 8192, "method.params.momentum": 0.99,
@@ -159,6 +163,28 @@ def test_lr_rules():
     assert {d.key: d.value for d in simclr}["train.lr"] == pytest.approx(0.6)
     published = derive(method_facts(get_method("simclr")), RunSize(10_000, 64, 30_000, "lars"), "published")
     assert {d.key: d.value for d in published}["train.lr"] == pytest.approx(0.075)  # the code's 0.3·B/256
+
+
+def test_short_run_lr_applies_only_within_its_measured_share_of_the_paper_run():
+    """A measured short-run lr replaces the paper's under auto while the run sees at most its share of the paper's
+    images (scaled by the method's auto rule); longer runs, the paper's own run and the published preset keep the
+    paper's lr, and the reason names the evidence."""
+    from dataclasses import replace
+
+    from distillctl.methods.presets import ShortRunLr, derive_lr
+
+    recipe = replace(RECIPES["seed"], short_run=ShortRunLr(lr=0.06, max_share=0.01, evidence="rows X and Y"),
+                     auto_rule="linear")  # paper: lr 0.03 at batch 256 for 200 epochs of ImageNet
+    paper_images = 200 * 1_281_167
+    assert recipe.images_seen == paper_images
+    short = RunSize(10_000, 64, 120_000)
+    value, reason = derive_lr(recipe, short, "auto")
+    assert value == 0.015  # 0.06 × 64/256
+    assert "rows X and Y" in reason and "short-run lr 0.06" in reason and "0.0468% of the paper's run" in reason
+    assert derive_lr(recipe, RunSize(10_000, 64, paper_images // 100), "auto")[0] == 0.015  # at the share: still short
+    assert derive_lr(recipe, RunSize(10_000, 64, paper_images // 100 + 64), "auto")[0] == 0.0075  # beyond: the paper's
+    assert derive_lr(recipe, short, "published")[0] == 0.03  # published: the paper's lr, its own (no) rule
+    assert derive_lr(recipe, imagenet_size(recipe), "auto")[0] == 0.03
 
 
 def test_published_preset_gives_paper_values_on_a_small_run():
