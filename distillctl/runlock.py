@@ -4,7 +4,9 @@ Two ``distillctl`` processes training into one folder (one given ``--out runs/a`
 symlink to it) overwrite each other's checkpoints. Every command that writes into a run directory (``run``,
 ``pretrain``, ``export``, ``gate``, ``eval`` when it records into the run, ``cache build`` into a run) holds this
 lock for its whole life; a second one is refused with exit 2 before it writes or deletes anything, naming the
-holder's pid, host and command (written into the lock file after the lock is taken).
+holder's pid, host and command (written into the lock file after the lock is taken). Building a feature cache
+takes the same lock on the cache directory itself (``cache/build.py``), so two processes given one ``--cache`` never
+write its shards at once.
 
 - The lock is on the lock file's inode, so every spelling of the path meets the same lock.
 - The operating system drops a ``flock`` when its holder dies, even by ``kill -9``: a lock file left behind never
@@ -100,10 +102,12 @@ class RunLock:
         self.release()
 
 
-def acquire(directory: str | Path, command: str | None = None, *, create: bool = True) -> RunLock:
+def acquire(directory: str | Path, command: str | None = None, *, create: bool = True,
+            what: str = "run directory") -> RunLock:
     """Take the lock of run directory ``directory`` (created with its parents when ``create``; without it a missing
     directory gets no lock and the caller reports it). Raises :class:`UsageError` (exit 2) naming the holder when
-    another process has it; nothing in the directory is changed then."""
+    another process has it; nothing in the directory is changed then. ``what`` names the directory in that message
+    (a feature cache's builder lock is the same lock on the cache directory)."""
     directory = Path(directory)
     created: list[Path] = []
     if not directory.is_dir():
@@ -116,7 +120,7 @@ def acquire(directory: str | Path, command: str | None = None, *, create: bool =
         _HELD[key].depth += 1
         return RunLock(directory, key)
     lock_file = directory / LOCK_NAME
-    fd = _lock(lock_file, directory, created)
+    fd = _lock(lock_file, directory, created, what)
     _HELD[key] = _Held(fd, lock_file, created=created)
     if fd is not None:
         _write_holder(fd, command)
@@ -159,7 +163,7 @@ def _make_dirs(directory: Path) -> list[Path]:
     return missing
 
 
-def _lock(lock_file: Path, directory: Path, created: list[Path]) -> int | None:
+def _lock(lock_file: Path, directory: Path, created: list[Path], what: str = "run directory") -> int | None:
     """Open and ``flock`` the lock file; the descriptor, or None where this platform/filesystem has no flock."""
     if fcntl is None:
         log.debug("no fcntl on this platform: %s is not locked against other processes", directory)
@@ -171,7 +175,7 @@ def _lock(lock_file: Path, directory: Path, created: list[Path]) -> int | None:
         except BlockingIOError:
             os.close(fd)
             _remove_created(created)
-            raise _refusal(directory) from None
+            raise _refusal(directory, what) from None
         except OSError as exc:  # e.g. ENOLCK/EOPNOTSUPP on some network filesystems
             os.close(fd)
             log.warning(f"cannot lock {lock_file} ({exc.strerror or exc}); two distillctl processes writing into "
@@ -181,7 +185,7 @@ def _lock(lock_file: Path, directory: Path, created: list[Path]) -> int | None:
             return fd
         os.close(fd)
     raise UsageError(f"could not take the lock {lock_file}: it keeps being replaced; is another distillctl process "
-                     "starting and stopping on this run directory?")
+                     f"starting and stopping on this {what}?")
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -210,7 +214,7 @@ def _command_line() -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _refusal(directory: Path) -> UsageError:
+def _refusal(directory: Path, what: str = "run directory") -> UsageError:
     """The one-line exit-2 error naming the process that holds ``directory``."""
     who = None
     for _ in range(10):  # the holder writes its record just after taking the lock
@@ -222,7 +226,7 @@ def _refusal(directory: Path) -> UsageError:
         named = "another distillctl process (pid unknown)"
     else:
         named = f"pid {who.get('pid')} on {who.get('host')} ({who.get('command')}, since {who.get('since')})"
-    return UsageError(f"run directory {directory} is in use by {named}; wait for it or stop it")
+    return UsageError(f"{what} {directory} is in use by {named}; wait for it or stop it")
 
 
 def _give_back(held: _Held) -> None:

@@ -203,6 +203,23 @@ def _check_rows(features: dict[str, np.ndarray], indices: np.ndarray, views: int
                                     hint="check the teacher weights and input; with --amp fp16 try bf16 or none")
 
 
+@contextlib.contextmanager
+def _builder_lock(root: Path):
+    """Hold the cache directory's lock (runlock.py's ``flock`` on ``<cache>/.lock``, taken by rank 0) while building.
+
+    Two processes given the same ``--cache`` (two runs of a sweep, a run and a ``cache build``) would otherwise
+    both write its shards; the second is refused with exit 2 naming the first, and reuses the finished cache when
+    rerun. A directory the lock created is removed again if the build fails before writing into it."""
+    from distillctl.runlock import acquire
+
+    lock = distributed.main_first(acquire, root, "cache build", what="feature cache")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spec: ViewSpec, views: int,
                 outputs: set[str], mean, std, batch_size: int = 256, device: str = "cpu", amp: str = "none",
                 channels_last: bool = False, seed: int = 0, shard_size: int = 50000, num_workers: int = 0,
@@ -255,98 +272,99 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
         if int(existing["shard_size"]) != shard_size:
             raise UsageError(f"{root} was started with shard size {existing['shard_size']}; resume with the same")
 
-    teacher.freeze()
-    teacher.set_bn_mode("eval")
-    teacher.to(torch_device)
-    if channels_last:
-        teacher.backbone.to(memory_format=torch.channels_last)
-    producer = ViewProducer(dataset, spec, views, seed)
-    probe_index, probe_views, _, _ = _collate([producer[0]])
-    bad = BadImages("cache", len(dataset), max_bad_fraction)
-    probe = _forward(teacher, probe_views, outputs, torch_device, amp, channels_last, mean, std)
-    dims = {name: int(values.shape[1]) for name, values in probe.items()}
+    with _builder_lock(root):  # one builder per cache directory (a second process gets exit 2, naming this one)
+        teacher.freeze()
+        teacher.set_bn_mode("eval")
+        teacher.to(torch_device)
+        if channels_last:
+            teacher.backbone.to(memory_format=torch.channels_last)
+        producer = ViewProducer(dataset, spec, views, seed)
+        probe_index, probe_views, _, _ = _collate([producer[0]])
+        bad = BadImages("cache", len(dataset), max_bad_fraction)
+        probe = _forward(teacher, probe_views, outputs, torch_device, amp, channels_last, mean, std)
+        dims = {name: int(values.shape[1]) for name, values in probe.items()}
 
-    plans = _shard_plans(len(dataset), views, shard_size)
-    already = layout.dir_size(root) if root.exists() else 0
-    row_bytes = 2 * sum(dims.values()) + PARAMS_DTYPE.itemsize
-    check_disk_space(root, max(0, estimate_bytes(len(dataset), views, dims, shard_size) - already),
-                     f" = {len(dataset)} images x {views} views x {row_bytes} B"
-                     + (f" + headers, minus {already:,} bytes already built" if already else " + headers"))
-    header = _header(teacher, dataset, dataset_hash, fingerprint, spec, views, dims, mean, std, seed, shard_size)
-    build_info = {"device": str(torch_device), "amp": amp, "channels_last": channels_last, "batch_size": batch_size,
-                  "world_size": rank.world_size, "torch": torch.__version__,
-                  "created": (existing or {}).get("build", {}).get("created")
-                  or datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if rank.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if dataset.paths is not None and not (root / "index" / "files.txt").is_file():
-            rel = [os.path.relpath(p, dataset.root) if dataset.root else p for p in dataset.paths]
-            layout.atomic_write_bytes(root / "index" / "files.txt", ("\n".join(rel) + "\n").encode())
-        write_manifest(root, header, plans, build_info)
-    distributed.barrier()
+        plans = _shard_plans(len(dataset), views, shard_size)
+        already = layout.dir_size(root) if root.exists() else 0
+        row_bytes = 2 * sum(dims.values()) + PARAMS_DTYPE.itemsize
+        check_disk_space(root, max(0, estimate_bytes(len(dataset), views, dims, shard_size) - already),
+                         f" = {len(dataset)} images x {views} views x {row_bytes} B"
+                         + (f" + headers, minus {already:,} bytes already built" if already else " + headers"))
+        header = _header(teacher, dataset, dataset_hash, fingerprint, spec, views, dims, mean, std, seed, shard_size)
+        build_info = {"device": str(torch_device), "amp": amp, "channels_last": channels_last, "batch_size": batch_size,
+                      "world_size": rank.world_size, "torch": torch.__version__,
+                      "created": (existing or {}).get("build", {}).get("created")
+                      or datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if rank.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if dataset.paths is not None and not (root / "index" / "files.txt").is_file():
+                rel = [os.path.relpath(p, dataset.root) if dataset.root else p for p in dataset.paths]
+                layout.atomic_write_bytes(root / "index" / "files.txt", ("\n".join(rel) + "\n").encode())
+            write_manifest(root, header, plans, build_info)
+        distributed.barrier()
 
-    names = ["params", *sorted(dims)]
-    mine = [plan for plan in plans if plan.shard % rank.world_size == rank.rank]
-    writers_done = sum(plan.images for plan in mine if finish_sealed(root, plan, names) is not None)
-    todo = [plan for plan in mine if not layout.seal_file(root, plan.shard).is_file()]
-    meter = BuildProgress(sum(plan.images for plan in mine), writers_done, enabled=progress and rank.is_main)
-    images_per_batch = max(1, batch_size // views)
-    started = time.perf_counter()
-    try:
-        for plan in todo:
-            writer = ShardWriter(root, plan, dims)
-            meter.resumed(writer.images_done)
-            loader = torch.utils.data.DataLoader(
-                producer, batch_sampler=writer.pending_chunks(images_per_batch), num_workers=num_workers,
-                collate_fn=_collate, pin_memory=torch_device.type == "cuda")
-            last_flush = time.perf_counter()
-            try:
-                for indices, pixels, records, unreadable in loader:
-                    bad.add(unreadable)
-                    if rank.world_size == 1:  # several ranks decide together once every shard is built
-                        bad.check()
-                    features = _forward(teacher, pixels, outputs, torch_device, amp, channels_last, mean, std)
-                    for name, values in features.items():
-                        if values.shape != (len(indices) * views, dims[name]):
-                            raise TrainingError(f"teacher returned {name} of shape {values.shape}; expected "
-                                                f"({len(indices) * views}, {dims[name]})")
-                    _check_rows(features, indices, views)
-                    writer.write(indices, records, features)
-                    if time.perf_counter() - last_flush >= flush_seconds:
-                        writer.flush()
-                        last_flush = time.perf_counter()
-                    meter.advance(len(indices))
-                    if on_batch is not None:
-                        on_batch(BatchInfo(plan.shard, indices, meter.done, meter.total))
-            except BaseException:
-                writer.flush()  # keep the finished rows for the resume (a kill -9 skips this; the bitmap covers it)
-                writer.close()
+        names = ["params", *sorted(dims)]
+        mine = [plan for plan in plans if plan.shard % rank.world_size == rank.rank]
+        writers_done = sum(plan.images for plan in mine if finish_sealed(root, plan, names) is not None)
+        todo = [plan for plan in mine if not layout.seal_file(root, plan.shard).is_file()]
+        meter = BuildProgress(sum(plan.images for plan in mine), writers_done, enabled=progress and rank.is_main)
+        images_per_batch = max(1, batch_size // views)
+        started = time.perf_counter()
+        try:
+            for plan in todo:
+                writer = ShardWriter(root, plan, dims)
+                meter.resumed(writer.images_done)
+                loader = torch.utils.data.DataLoader(
+                    producer, batch_sampler=writer.pending_chunks(images_per_batch), num_workers=num_workers,
+                    collate_fn=_collate, pin_memory=torch_device.type == "cuda")
+                last_flush = time.perf_counter()
+                try:
+                    for indices, pixels, records, unreadable in loader:
+                        bad.add(unreadable)
+                        if rank.world_size == 1:  # several ranks decide together once every shard is built
+                            bad.check()
+                        features = _forward(teacher, pixels, outputs, torch_device, amp, channels_last, mean, std)
+                        for name, values in features.items():
+                            if values.shape != (len(indices) * views, dims[name]):
+                                raise TrainingError(f"teacher returned {name} of shape {values.shape}; expected "
+                                                    f"({len(indices) * views}, {dims[name]})")
+                        _check_rows(features, indices, views)
+                        writer.write(indices, records, features)
+                        if time.perf_counter() - last_flush >= flush_seconds:
+                            writer.flush()
+                            last_flush = time.perf_counter()
+                        meter.advance(len(indices))
+                        if on_batch is not None:
+                            on_batch(BatchInfo(plan.shard, indices, meter.done, meter.total))
+                except BaseException:
+                    writer.flush()  # keep the finished rows for the resume (a kill -9 skips this; the bitmap covers it)
+                    writer.close()
+                    if rank.world_size == 1:
+                        write_manifest(root, header, plans, build_info)
+                    raise
+                writer.seal()
                 if rank.world_size == 1:
                     write_manifest(root, header, plans, build_info)
-                raise
-            writer.seal()
-            if rank.world_size == 1:
-                write_manifest(root, header, plans, build_info)
-    finally:
-        meter.close()
-    seconds = time.perf_counter() - started
-    distributed.barrier()
-    bad = bad.gathered()  # the same merged list on every rank: all stop together, or none
-    bad.check()
-    built = [meter.session_done]
-    if distributed.is_distributed():
-        built = [0] * rank.world_size
-        torch.distributed.all_gather_object(built, meter.session_done)
-    if rank.is_main:
-        if bad:
-            bad.write(root / "bad_images.txt")
-            bad.report("substituted", root / "bad_images.txt")
-        build_info.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          seconds=round(seconds, 3), images_built=sum(built), unreadable_images=len(bad),
-                          images_per_second=round(sum(built) / seconds, 2) if seconds > 0 else None)
-        manifest = write_manifest(root, header, plans, build_info)
-        if not manifest["complete"]:
-            missing = [s["id"] for s in manifest["shards"] if s["status"] != "sealed"]
-            raise TrainingError(f"cache build finished with unsealed shards {missing[:10]}")
-    distributed.barrier()
-    return FeatureCache.open(root)
+        finally:
+            meter.close()
+        seconds = time.perf_counter() - started
+        distributed.barrier()
+        bad = bad.gathered()  # the same merged list on every rank: all stop together, or none
+        bad.check()
+        built = [meter.session_done]
+        if distributed.is_distributed():
+            built = [0] * rank.world_size
+            torch.distributed.all_gather_object(built, meter.session_done)
+        if rank.is_main:
+            if bad:
+                bad.write(root / "bad_images.txt")
+                bad.report("substituted", root / "bad_images.txt")
+            build_info.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              seconds=round(seconds, 3), images_built=sum(built), unreadable_images=len(bad),
+                              images_per_second=round(sum(built) / seconds, 2) if seconds > 0 else None)
+            manifest = write_manifest(root, header, plans, build_info)
+            if not manifest["complete"]:
+                missing = [s["id"] for s in manifest["shards"] if s["status"] != "sealed"]
+                raise TrainingError(f"cache build finished with unsealed shards {missing[:10]}")
+        distributed.barrier()
+        return FeatureCache.open(root)

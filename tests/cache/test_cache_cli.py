@@ -123,3 +123,27 @@ def test_kill_9_of_the_cli_then_rerun_finishes_the_same_cache(teacher_file, tmp_
         return {str(p.relative_to(root)): p.read_bytes() for sub in ("params", "pooled") for p in (root / sub).glob("*.npy")}
 
     assert files(out) == files(tmp_path / "reference") and len(files(out)) == 2 * 15
+
+
+def test_a_cache_another_process_is_building_is_refused_then_built_when_it_is_free(teacher_file, image_folder,
+                                                                                  tmp_path, capsys):
+    """One builder per cache directory: while another process holds ``<cache>/.lock`` (a run or ``cache build``
+    writing its shards), a second build exits 2 with one line naming it and writes nothing; once the holder is gone
+    (here: killed, as ``kill -9`` would), the same command builds the cache."""
+    out = tmp_path / "cache"
+    hold = ("import sys, time; from distillctl.runlock import acquire; acquire(sys.argv[1], 'cache build'); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+        args = _build_args(teacher_file, image_folder.root, out, "--views", "2", "--image-size", "24")
+        assert _cli(args) == 2
+        err = capsys.readouterr().err
+        assert f"feature cache {out} is in use by pid {holder.pid} " in err and "wait for it or stop it" in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cli(args) == 0
+    assert FeatureCache.open(out, verify=True).manifest["complete"]
