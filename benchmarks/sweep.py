@@ -7,7 +7,8 @@ differently from ``published``, ``published`` with that one key at its ``auto`` 
 isolated. The keys and values come from the product's own derivation (``distillctl.methods.presets.derive``) for
 the protocol's size (training images, batch, images seen). ``--grid KEY=V1,V2`` adds one-factor points of the
 published base (queue length, lr, a temperature, …); ``--suspects`` adds the lr at ⅓× and 3× the paper's and each
-set temperature at ½× and 2×. Cells that would run the same settings as another are planned once.
+set temperature at ½× and 2×. Cells that would run the same settings as another are planned once. ``--variants``
+runs part of the plan (the rest is reported as not run yet, with the command that runs it).
 
 Every cell is a real ``distillctl run`` built by quality.py's command builder on the same protocol (CIFAR-10
 train10k / test2k, 64 px, batch 64, the supervised ResNet-18 teacher, the shared feature caches), in
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="Extra one-factor points of the published base, e.g. method.params.queue_size=1024,4096 or "
                              "train.lr=0.01,0.03 (repeatable; a method without the key skips it).")
+    parser.add_argument("--variants", default=None, metavar="NAMES",
+                        help="Run only these planned variants (comma-separated names as --dry-run prints them, e.g. "
+                             "published,+queue_size); the others stay in the plan as not run yet.")
     parser.add_argument("--suspects", action="store_true",
                         help="Also the lr at 1/3x and 3x the paper's, and each set temperature at 1/2x and 2x.")
     parser.add_argument("--batch-size", type=int, default=None, help="Global batch (default 64; --quick: 32).")
@@ -382,6 +386,18 @@ def plan(args: argparse.Namespace, data: dict) -> dict[str, tuple[list[Variant],
     return planned
 
 
+def chosen_variants(names: str | None, planned: dict[str, list[Variant]]) -> set[str] | None:
+    """The ``--variants`` names to run (None: all); a name no swept method plans is a typo (exit 2)."""
+    if names is None:
+        return None
+    chosen = {n.strip() for n in names.split(",") if n.strip()}
+    known = {v.name for variants in planned.values() for v in variants}
+    unknown = sorted(chosen - known)
+    if not chosen or unknown:
+        raise SweepUsage(f"--variants {', '.join(unknown) or '(none)'}: not planned; planned: {', '.join(sorted(known))}")
+    return chosen
+
+
 def params_valid(planned: dict) -> None:
     """Every variant's method params are values its method accepts (a bad ``--grid`` value is exit 2 before any
     cell runs; the cache key is built from them)."""
@@ -414,9 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     modes = {m["name"]: m["teacher_mode"] for m in registered_methods()}
     teachers = {"sup": {"path": str(TEACHER), "arch": pre["arch"], "dim": 512, "modes": modes}}
     steps, _ = quality.schedule(args.budget_images, args.batch_size, data["train_images"])
+    try:
+        chosen = chosen_variants(args.variants, {m: planned for m, (planned, _) in variants.items()})
+    except SweepUsage as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cells = []
     for method, (planned, published) in variants.items():
         for variant in planned:
+            if chosen is not None and variant.name not in chosen:
+                continue
             cell = sweep_cell(method, variant, args)
             twin = table_twin(cell, steps, published)
             run = twin or cell
@@ -435,9 +458,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def invocation(argv: list[str] | None, runs: bool = False) -> str:
-    """The command line of this invocation; ``runs``: as the command that runs the cells (without --collect)."""
-    args = sys.argv[1:] if argv is None else argv
-    return "python benchmarks/sweep.py " + " ".join(a for a in args if not (runs and a == "--collect"))
+    """The command line of this invocation; ``runs``: as the command that runs every planned cell (without
+    --collect, and without a --variants selection)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if runs:
+        kept, skip = [], False
+        for a in args:
+            if skip or a == "--collect" or a.startswith("--variants="):
+                skip = False
+                continue
+            if a == "--variants":
+                skip = True
+                continue
+            kept.append(a)
+        args = kept
+    return "python benchmarks/sweep.py " + " ".join(args)
 
 
 def dry_run(args: argparse.Namespace, data: dict, cells: list) -> int:

@@ -328,6 +328,15 @@ def test_dry_run_prints_commands_and_estimate(tmp_path):
     assert bad.returncode == 2 and "none of smd has a param 'queue_size'" in bad.stderr and "Traceback" not in bad.stderr
     unknown = _run("--methods", "nope", "--dry-run", env=env)
     assert unknown.returncode == 2 and "nope" in unknown.stderr and "Traceback" not in unknown.stderr
+    # --variants: only the named planned variants run; a name no method plans is one line, exit 2
+    some = _run("--methods", "smd,rekd", "--variants", "published,+queue_size", "--dry-run", "--threads", "1", env=env)
+    assert some.returncode == 0, some.stderr
+    chosen = [line for line in some.stdout.splitlines() if line.startswith("distillctl run ")]
+    assert len(chosen) == 3 and sum("/published " in c for c in chosen) == 2  # smd has no queue: no +queue_size
+    assert sum("rekd-30000/published+queue_size=8192" in c for c in chosen) == 1
+    typo = _run("--methods", "smd", "--variants", "published,+queue", "--dry-run", env=env)
+    assert typo.returncode == 2 and "--variants +queue: not planned; planned: " in typo.stderr
+    assert "Traceback" not in typo.stderr
 
 
 @pytest.mark.slow
@@ -377,6 +386,10 @@ def test_a_plan_records_the_command_that_runs_its_cells_not_the_collect_pass():
     argv = ["--methods", "smd", "--grid", "train.lr=0.09", "--collect"]
     assert sweep.invocation(argv, runs=True) == "python benchmarks/sweep.py --methods smd --grid train.lr=0.09"
     assert sweep.invocation(argv).endswith("--collect")
+    # a --variants selection runs part of the plan: the plan's command runs all of it
+    chosen = ["--methods", "smd", "--variants", "published", "--budget-images", "120000", "--variants=auto"]
+    assert sweep.invocation(chosen, runs=True) == "python benchmarks/sweep.py --methods smd --budget-images 120000"
+    assert "--variants published" in sweep.invocation(chosen)
 
 
 def test_a_grid_value_the_method_refuses_is_a_usage_error_before_any_cell():
