@@ -612,7 +612,11 @@ def start_saving(result: dict, out: Path, base_elapsed: float, started: float):
     import copy
 
     (WORK / "quality").mkdir(parents=True, exist_ok=True)
-    baseline = copy.deepcopy({section: result.get(section) or {} for section in MERGED_SECTIONS})
+    # what is on disk now: entries this process added or changed before its first save (a sweep's new plan, made by
+    # start_result) count as its own, as much as those it changes later
+    on_disk = read_json(out) or {}
+    baseline = copy.deepcopy({section: on_disk.get(section) if isinstance(on_disk.get(section), dict) else {}
+                              for section in MERGED_SECTIONS})
 
     def save() -> None:
         with RESULT_LOCK:

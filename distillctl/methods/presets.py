@@ -119,9 +119,9 @@ _SEED = _sgd("SEED (jacobswan1/SEED): SGD lr 0.03, batch 256, 200 epochs", 0.03,
 # cached-teacher setting), uses 0.05 at batch 256: the short-run lr, not scaled by batch like the paper's.
 _COMPRESS_SHORT_RUN = ShortRunLr(
     lr=0.05, max_share=0.01,
-    evidence=("benchmarks/RESULTS.md, compress-1q on the CIFAR-10 protocol at batch 64: 120,000 images, lr 0.01 → "
-              "46.2 % kNN, lr 0.05 → 55.8 % (with the published 128,000-row queue); 1,000,000 images at lr 0.01 → 54.4 %, below 500,000 at lr 0.05 → "
-              "70.7 %; 0.05 is SimReg's lr (the authors' next distiller, same code)"))
+    evidence=("benchmarks/RESULTS.md, compress-1q on the CIFAR-10 protocol at batch 64, 120,000 images with auto's "
+              "8,192-row queue: lr 0.01 → 46.2 % kNN, lr 0.05 → 56.15 %; 1,000,000 images at lr 0.01 → 54.4 %, below "
+              "500,000 at lr 0.05 → 70.7 %; 0.05 is SimReg's lr (the authors' next distiller, same code)"))
 _COMPRESS = _sgd("CompRess (UMBCvision/CompRess): SGD lr 0.01, batch 256, 130 epochs", 0.01, 256, 130,
                  short_run=_COMPRESS_SHORT_RUN)
 _MOCO_RULE = ("MoCo's README: 'for 4-GPU training, follow the linear lr scaling recipe: --lr 0.015 "

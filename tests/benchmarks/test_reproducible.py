@@ -350,6 +350,13 @@ def test_two_invocations_writing_one_result_file_keep_each_others_rows(tmp_path,
     assert set(disk["plans"]) == {"p-old", "p-mse"}
     assert disk["commands"] == ["c0", "c-a", "c-b"]  # start_saving writes at once: a first
     assert not (out.parent / "sweep.json.lock").exists()  # the lock file is hidden (.sweep.json.lock, git-ignored)
+    # a plan (or row) the invocation made before its first save, as sweep.py's start_result does, is written too
+    c = invocation("c-c")
+    c["plans"]["p-new"] = {"method": "new"}
+    c["rows"]["old"] = {"knn_top1": 2.0}
+    quality.start_saving(c, out, 0.0, 0.0)
+    disk = json.loads(out.read_text())
+    assert set(disk["plans"]) == {"p-old", "p-mse", "p-new"} and disk["rows"]["old"] == {"knn_top1": 2.0}
 
 
 def test_table_merges_table_suite_files_whatever_their_name(tmp_path):
