@@ -222,6 +222,22 @@ def test_a_cell_measured_again_by_a_later_run_replaces_the_earlier_row(tmp_path)
     assert render.table_quality(results)["rows"]["x/ssl-small-120000"]["knn_top1"] == 28.0
 
 
+def test_a_method_measured_twice_at_one_budget_is_ranked_and_counted_once():
+    """Two cells of one method at one budget (the published preset's and auto's): the better one ranks it, the
+    method is counted once, and the other methods' ranks are not shifted."""
+    import render
+
+    q = _quality({"a": _row("compress-1q", 120000, 55.8), "b": {**_row("compress-1q", 120000, 56.15), "id": "b"},
+                  "c": _row("seed", 120000, 51.5), "d": _row("dlkd", 120000, 68.0)})
+    q["config"]["budget_images"] = 120000
+    facts = render.quality_facts(q)
+    assert [r["method"] for r in facts["distill"]] == ["dlkd", "compress-1q", "seed"]
+    assert facts["distill"][1]["knn_top1"] == 56.15
+    cells = render.measured_data(q, facts)["methods"]
+    assert [(c["knn_top1"], c["rank"], c["of"]) for c in cells["compress-1q"]["cells"]] == [(56.15, 2, 3)]
+    assert cells["seed"]["cells"][0]["rank"] == 3
+
+
 def test_packaged_table_matches_results_md():
     """The shipped data file is render.py's output for the shipped results (regenerate with render.py)."""
     import render
@@ -244,9 +260,11 @@ def test_cli_reports_measured_numbers_with_their_source(command):
         assert rows["compress-1q"]["measured"] and rows["compress-1q"]["measured"][0]["lr"] == 0.05
     else:
         assert data["preset"]["lr"] == 0.01 and data["preset"]["batch"] == 256
-        # cells from before method.preset ran at the CLI's lr; the auto cells at the paper's, which auto keeps
+        # cells from before method.preset ran at the CLI's lr; the auto cell at 1,000,000 at the paper's (before the
+        # short-run lr), the auto cell at 120,000 at the short-run lr that auto now starts from
         assert {c["lr"] for c in data["measured"] if c["preset"] != "auto"} == {0.05}
-        assert {c["lr"] for c in data["measured"] if c["preset"] == "auto"} == {data["preset"]["lr"]}
+        auto = {c["images_seen"]: c["lr"] for c in data["measured"] if c["preset"] == "auto"}
+        assert auto[1_000_000] == data["preset"]["lr"] and auto[120_000] == data["preset"]["short_run"]["lr"] == 0.05
 
 
 def test_cells_of_another_preset_are_never_reused(tmp_path, monkeypatch):
