@@ -82,6 +82,11 @@ class OnnxEncoder:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        if list(providers)[:1] == ["CPUExecutionProvider"]:
+            from distillctl.export.quantize import saturating_int8_kernels
+
+            if saturating_int8_kernels(self.path):  # int8 activations on x86 without VNNI: run Q/DQ as written
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own exception classes

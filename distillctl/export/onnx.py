@@ -163,12 +163,16 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {entry.key: entry.value for entry in proto.metadata_props}
 
 
-def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
-    """An onnxruntime session (CPU unless providers say otherwise) with explicit thread count."""
+def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                exact_int8: bool = False):
+    """An onnxruntime session (CPU unless providers say otherwise) with explicit thread count. ``exact_int8``: no
+    graph fusion, so Q/DQ runs as written (see :func:`distillctl.export.quantize.saturating_int8_kernels`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if exact_int8:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -105,6 +105,26 @@ def default_cpu_form(machine: str | None = None) -> str:
     return "qdq-u8s8" if machine in ("x86_64", "amd64", "i686", "x86") else "qdq-s8s8"
 
 
+def saturating_int8_kernels(path) -> bool:
+    """Whether onnxruntime's fused CPU kernels would run this Q/DQ model's int8 activations through x86's saturating
+    ``VPMADDUBSW`` (x86-64 without VNNI): then they do not compute the model's own math. The symmetric TensorRT
+    form (int8 activations) measured that way lost its parity on an AVX2-only EPYC (mean cosine 0.971 against
+    0.9885 for the same file run unfused), although TensorRT accumulates in int32 and never saturates. Gates
+    evaluate such a model unfused (:func:`distillctl.export.onnx.ort_session` ``exact_int8``), which runs each
+    DequantizeLinear → fp32 op → QuantizeLinear exactly."""
+    if default_cpu_form() != "qdq-u8s8" or cpu_has_vnni() is not False:
+        return False
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX file we can read: the session reports it
+        return False
+    zero_points = {t.name: t.data_type for t in proto.graph.initializer}
+    return any(node.op_type == "QuantizeLinear" and len(node.input) > 2
+               and zero_points.get(node.input[2]) == onnx.TensorProto.INT8 for node in proto.graph.node)
+
+
 def _reduce_range(form: Int8Form) -> bool:
     """7-bit weights only for uint8 activations on x86 without VNNI (AVX2 U8S8 saturation)."""
     return form.activation_type == "QUInt8" and default_cpu_form() == "qdq-u8s8" and cpu_has_vnni() is False

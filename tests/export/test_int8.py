@@ -234,3 +234,50 @@ def test_percentile_calibrates_a_gate_whose_values_barely_vary(tmp_path: Path) -
     assert counts.sum() == 0 and len(edges) == 2049 and edges[0] == 0 and np.all(np.diff(edges) > 0)
     assert edges[-2] == pytest.approx(0.500002, abs=1e-7)  # the last bin starts at max|x|
     assert lowest == np.float32(0.5) and highest == pytest.approx(0.500002)
+
+
+def _qdq_model(path: Path, zero_point_type: int) -> Path:
+    """Input → QuantizeLinear → DequantizeLinear → Relu, with the activation zero point of ``zero_point_type``."""
+    from onnx import TensorProto, helper
+
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [0.1])
+    zero = helper.make_tensor("zero", zero_point_type, [], [0])
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["input", "scale", "zero"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"]),
+         helper.make_node("Relu", ["dq"], ["embedding"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 4])], [scale, zero])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_int8_activations_on_x86_without_vnni_are_evaluated_unfused(tmp_path, monkeypatch):
+    """The symmetric (TensorRT) form has int8 activations; onnxruntime's fused kernels on x86 without VNNI saturate
+    on them, so the gates run such a model unfused (its own Q/DQ math). uint8 activations (reduce_range handles
+    them), fp32 models and CPUs with VNNI or another architecture keep the fused session."""
+    import distillctl.export.quantize as quantize
+    from distillctl.export.parity import ort_runner
+
+    s8 = _qdq_model(tmp_path / "s8.onnx", onnx.TensorProto.INT8)
+    u8 = _qdq_model(tmp_path / "u8.onnx", onnx.TensorProto.UINT8)
+    monkeypatch.setattr(quantize, "default_cpu_form", lambda machine=None: "qdq-u8s8")
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
+    assert quantize.saturating_int8_kernels(s8) and not quantize.saturating_int8_kernels(u8)
+    assert not quantize.saturating_int8_kernels(tmp_path / "missing.onnx")
+    x = np.array([[0.05, -0.3, 1.04, 20.0]], dtype=np.float32)
+    assert np.allclose(ort_runner(s8)(x), [[0.0, 0.0, 1.0, 12.7]], atol=1e-6)  # int8 rounding (half to even), clipping
+    import onnxruntime as ort
+
+    from distillctl.eval.features import OnnxEncoder
+
+    def level(path):
+        return OnnxEncoder(path, providers=["CPUExecutionProvider"]).session.get_session_options().graph_optimization_level
+
+    assert level(s8) == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert level(u8) != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: True)
+    assert not quantize.saturating_int8_kernels(s8)
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
+    monkeypatch.setattr(quantize, "default_cpu_form", lambda machine=None: "qdq-s8s8")  # e.g. aarch64
+    assert not quantize.saturating_int8_kernels(s8)
