@@ -27,7 +27,11 @@ def test_cached_and_online_reach_comparable_knn_and_bad_caches_are_refused(tmp_p
     online_knn, cached_knn = online_summary["student"]["knn_top1"], cached_summary["student"]["knn_top1"]
     random_knn = online_summary["eval"]["random_student"]["knn_top1"]
     assert online_knn > random_knn and cached_knn > random_knn, (online_knn, cached_knn, random_knn)
-    assert abs(online_knn - cached_knn) <= 4.0, (online_knn, cached_knn)
+    # Cached training replays K stored views (view 0 the centre crop), online draws fresh ones; on this tiny
+    # set the replayed views train a better student (measured +0.8 to +6.4 points over seeds and CPUs), so
+    # the bound is one-sided. A cache that feeds the wrong rows ends near the random student and fails it
+    # (batch rows reversed: 80.8 cached vs 86.9 online, random 78.9).
+    assert cached_knn >= online_knn - 4.0, (online_knn, cached_knn)
 
     # A different teacher must not use this cache (exit 3, named mismatch), and nothing is overwritten.
     import timm
