@@ -250,7 +250,7 @@ def random_weights_main(args: argparse.Namespace) -> int:
             runners[name] = ov_runner(entry["path"], threads=args.threads)
         else:
             entry["ort_ops"] = ort_optimised_ops(entry["path"])
-            session = ort_session(entry["path"], threads=args.threads)
+            session = ort_session(entry["path"], threads=args.threads, exact_int8=False)
             runners[name] = (lambda s: lambda images: s.run(None, {INPUT_NAME: images}))(session)
     load_before = [round(value, 2) for value in os.getloadavg()]
     rows = []

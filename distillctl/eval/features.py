@@ -76,19 +76,13 @@ class OnnxEncoder:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"ONNX file not found: {self.path}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        available = ort.get_available_providers()
         if providers is None:
+            available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        if list(providers)[:1] == ["CPUExecutionProvider"]:
-            from distillctl.export.quantize import saturating_int8_kernels
+        from distillctl.export.onnx import ort_session
 
-            if saturating_int8_kernels(self.path):  # int8 activations on x86 without VNNI: run Q/DQ as written
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
+        try:  # on the CPU provider, int8 activations on x86 without VNNI run Q/DQ as written (ort_session)
+            self.session = ort_session(self.path, threads=int(threads) if threads else None, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own exception classes
             raise InputError(f"cannot load ONNX model {self.path}: {str(exc).splitlines()[0]}") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

@@ -164,11 +164,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
-                exact_int8: bool = False):
-    """An onnxruntime session (CPU unless providers say otherwise) with explicit thread count. ``exact_int8``: no
-    graph fusion, so Q/DQ runs as written (see :func:`distillctl.export.quantize.saturating_int8_kernels`)."""
+                exact_int8: bool | None = None):
+    """An onnxruntime session (CPU unless providers say otherwise) with explicit thread count.
+
+    ``exact_int8``: no graph fusion, so Q/DQ runs as written. ``None`` (the default, for anything that judges a
+    model's outputs) decides it: on when the session runs on the CPU provider and this CPU's fused kernels would
+    saturate the model's int8 activations (:func:`distillctl.export.quantize.saturating_int8_kernels`).
+    Speed measurements pass ``False``: they time the kernels a deployment runs."""
     import onnxruntime as ort
 
+    providers = list(providers or ["CPUExecutionProvider"])
+    if exact_int8 is None:
+        from distillctl.export.quantize import saturating_int8_kernels
+
+        exact_int8 = providers[0] == "CPUExecutionProvider" and saturating_int8_kernels(path)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if exact_int8:
@@ -176,7 +185,7 @@ def ort_session(path: str | Path, threads: int | None = None, providers: list[st
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
 SLIM_INSTALL_HINT = "pip install 'distillctl[slim]'  (installs onnxslim)"

@@ -281,3 +281,25 @@ def test_int8_activations_on_x86_without_vnni_are_evaluated_unfused(tmp_path, mo
     monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
     monkeypatch.setattr(quantize, "default_cpu_form", lambda machine=None: "qdq-s8s8")  # e.g. aarch64
     assert not quantize.saturating_int8_kernels(s8)
+
+
+def test_ort_session_decides_unfused_int8_unless_told(tmp_path, monkeypatch):
+    """One place decides whether a session runs Q/DQ unfused: ort_session with exact_int8=None (what the gates and
+    the evaluators use). A speed measurement's exact_int8=False keeps the fused kernels a deployment runs."""
+    import onnxruntime as ort
+
+    import distillctl.export.quantize as quantize
+    from distillctl.export.onnx import ort_session
+
+    s8 = _qdq_model(tmp_path / "s8.onnx", onnx.TensorProto.INT8)
+    monkeypatch.setattr(quantize, "default_cpu_form", lambda machine=None: "qdq-u8s8")
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
+
+    def level(**kwargs):
+        return ort_session(s8, **kwargs).get_session_options().graph_optimization_level
+
+    unfused = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert level() == unfused
+    assert level(exact_int8=False) != unfused
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: True)
+    assert level() != unfused and level(exact_int8=True) == unfused
