@@ -132,7 +132,7 @@ def lr_lines(q: dict, facts: dict) -> list[str]:
     """Per method: the lr its cells ran with, the paper's lr, and what ``method.preset=auto`` gives on this protocol."""
     try:
         from distillctl.methods.base import get_method
-        from distillctl.methods.presets import RunSize, derive, method_facts
+        from distillctl.methods.presets import RunSize, derive, method_facts, uses_short_run_lr
     except ImportError:  # render without the package: no lr table
         return []
     cfg = q["config"]
@@ -155,7 +155,7 @@ def lr_lines(q: dict, facts: dict) -> list[str]:
         lr_item = next((d for d in derive(method_facts_, size, "auto") if d.key == "train.lr"), None)
         auto = lr_item.value if lr_item else None
         auto_text = f"{auto:g}" if auto is not None else (lr_item.reason if lr_item else "not derived")
-        if auto is not None and recipe.short_run is not None and "short-run lr" in lr_item.reason:
+        if auto is not None and uses_short_run_lr(recipe, size, "auto"):
             auto_text += (f" (the measured short-run lr, for runs up to "
                           f"{int(recipe.short_run.max_share * recipe.images_seen):,} images)")
         rule = {"none": "not scaled by batch", "linear": "× batch/256-style linear rule",

@@ -254,6 +254,14 @@ def scale_lr(lr: float, from_batch: int, to_batch: int, rule: LrRule) -> float:
     return _round(lr * factor)
 
 
+def uses_short_run_lr(recipe: PublishedRecipe, size: RunSize, preset: Preset) -> bool:
+    """Whether ``preset`` starts this run from the recipe's measured short-run lr rather than the paper's: ``auto``,
+    a recipe with one, and a run that sees at most its ``max_share`` of the published run's images."""
+    short = recipe.short_run
+    return (preset == "auto" and short is not None
+            and size.images_seen / max(1, recipe.images_seen) <= short.max_share)
+
+
 def derive_lr(recipe: PublishedRecipe, size: RunSize, preset: Preset) -> tuple[float | None, str]:
     """The learning rate for this run's batch, or None (keep the recipe's) when ``auto`` cannot transfer it."""
     rule = recipe.published_rule if preset == "published" else recipe.auto_rule
@@ -262,10 +270,10 @@ def derive_lr(recipe: PublishedRecipe, size: RunSize, preset: Preset) -> tuple[f
                       f"this run uses {size.optimizer}; set train.optimizer={recipe.optimizer} to get it scaled, or "
                       "train.lr")
     base, which = recipe.lr, "the paper's lr"
-    short = recipe.short_run if preset == "auto" else None
     share = size.images_seen / max(1, recipe.images_seen)
     prefix = ""
-    if short is not None and share <= short.max_share:
+    if uses_short_run_lr(recipe, size, preset):
+        short = recipe.short_run
         base, which = short.lr, "the short-run lr"
         prefix = (f"this run sees {size.images_seen:,} images, {100 * share:.3g}% of the paper's run "
                   f"({recipe.images_seen:,}; at most {100 * short.max_share:g}% uses the short-run lr), and the paper's "

@@ -171,7 +171,7 @@ def test_short_run_lr_applies_only_within_its_measured_share_of_the_paper_run():
     paper's lr, and the reason names the evidence."""
     from dataclasses import replace
 
-    from distillctl.methods.presets import ShortRunLr, derive_lr
+    from distillctl.methods.presets import ShortRunLr, derive_lr, uses_short_run_lr
 
     recipe = replace(RECIPES["seed"], short_run=ShortRunLr(lr=0.06, max_share=0.01, evidence="rows X and Y"),
                      auto_rule="linear")  # paper: lr 0.03 at batch 256 for 200 epochs of ImageNet
@@ -185,6 +185,10 @@ def test_short_run_lr_applies_only_within_its_measured_share_of_the_paper_run():
     assert derive_lr(recipe, RunSize(10_000, 64, paper_images // 100 + 64), "auto")[0] == 0.0075  # beyond: the paper's
     assert derive_lr(recipe, short, "published")[0] == 0.03  # published: the paper's lr, its own (no) rule
     assert derive_lr(recipe, imagenet_size(recipe), "auto")[0] == 0.03
+    # the one predicate derive_lr and the benchmark's lr notes read
+    assert uses_short_run_lr(recipe, short, "auto") and not uses_short_run_lr(recipe, short, "published")
+    assert not uses_short_run_lr(recipe, imagenet_size(recipe), "auto")
+    assert not uses_short_run_lr(RECIPES["seed"], short, "auto")  # no measured short-run lr
 
 
 def test_published_preset_gives_paper_values_on_a_small_run():
