@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -23,6 +23,9 @@ from distillctl.data.datasets import ImageDataset
 from distillctl.rundir import RunDir, content_identity, fingerprint
 from distillctl.students import create_backbone
 from distillctl.train import distributed
+
+if TYPE_CHECKING:
+    from distillctl.config import Recipe
 
 
 log = get_logger(__name__)

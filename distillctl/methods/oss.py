@@ -13,7 +13,6 @@ distillation weight that can ramp up while the teacher is still near random. Eve
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from distillctl.errors import UsageError
 from distillctl.methods.base import Method, MethodInputs, MethodView, Requirements, TeacherDims, register

@@ -3,7 +3,6 @@ render.py builds RESULTS.md (tables, ratios, plots) from tiny fake JSON results.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess

@@ -4,7 +4,6 @@ summary.json complete whatever the exit code, re-checking without retraining."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
