@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from tests.ci.conftest import INT8_MAX_DROP
 from tests.conftest import run_cli
 
-EXPORT = ("--format", "onnx,onnx-int8", "--calib-size", "64", "--parity-images", "16", "--bundle-samples", "6")
+EXPORT = ("--format", "onnx,onnx-int8", "--calib-size", "64", "--parity-images", "16", "--bundle-samples", "6",
+          "--max-drop", INT8_MAX_DROP)
 
 
 def _files(root):
