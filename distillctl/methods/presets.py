@@ -21,9 +21,10 @@ batch 64 they are the wrong size. Two presets:
       such runs start from the measured lr instead, scaled by the same rule; runs of the paper's length keep its lr.
     * EMA momentum: the key/target encoder's time constant ``1/(1-m)`` is at most a tenth of the run, never
       below 0.99 (MoCo's ablation: 0.99 trains nearly as well as 0.999, 0.9 fails).
-    * k-means cluster counts sized for the paper's dataset (``PublishedRecipe.per_dataset``, e.g. Noroozi's 2,000
-      pseudo-classes for 1.28 M images) keep their images per cluster: ``published × N / N_paper``, at least 2.
-      2,000 clusters of 10,000 images are 5 images each, a pseudo-label task the student cannot learn from.
+    * k-means cluster and prototype counts sized for the paper's dataset (``PublishedRecipe.per_dataset``, e.g.
+      Noroozi's 2,000 pseudo-classes for 1.28 M images; a method's ``per_dataset_counts``, e.g. ProtoCPC's 65,536
+      prototypes) keep their images per cluster: ``published × N / N_paper``, at least 2. 2,000 clusters of 10,000
+      images are 5 images each, a pseudo-label task the student cannot learn from.
     * MoCo-type negatives (``PublishedRecipe.negatives``: mocov2, ssl-small, rekd): the queue's oldest key is
       ``queue / batch`` steps old; when that is more than 0.1 % of the run (published MoCo v2: 0.026 %), the
       negatives are the batch's other keys instead (MoCo v3). On the benchmark's short runs the stale keys differ
@@ -337,16 +338,17 @@ def head_bn_follows_negatives(facts: "MethodFacts") -> bool:
 MIN_CLUSTERS = 2
 
 
-def derive_per_dataset(published: int, recipe: PublishedRecipe, size: RunSize) -> tuple[int, str]:
-    """A count sized for the paper's dataset (k-means clusters) keeps its images per cluster on this dataset."""
-    per = recipe.dataset_images / published
-    value = max(MIN_CLUSTERS, int(round(published * size.dataset_images / recipe.dataset_images)))
+def derive_per_dataset(published: int, paper_images: int, size: RunSize) -> tuple[int, str]:
+    """A count sized for the paper's dataset of ``paper_images`` (k-means clusters, prototypes) keeps its images per
+    cluster on this dataset."""
+    per = paper_images / published
+    value = max(MIN_CLUSTERS, int(round(published * size.dataset_images / paper_images)))
     if value == published:
-        return published, (f"published {published:,} fits: {recipe.dataset_images:,} / {published:,} = {per:,.0f} "
+        return published, (f"published {published:,} fits: {paper_images:,} / {published:,} = {per:,.0f} "
                            f"images each, and this training set has {size.dataset_images:,} images")
-    return value, (f"published {published:,} for {recipe.dataset_images:,} images ({per:,.0f} images each); this "
+    return value, (f"published {published:,} for {paper_images:,} images ({per:,.0f} images each); this "
                    f"training set has {size.dataset_images:,} images: {published:,} × {size.dataset_images:,} / "
-                   f"{recipe.dataset_images:,} → {value:,} (at least {MIN_CLUSTERS}; the published count would leave "
+                   f"{paper_images:,} → {value:,} (at least {MIN_CLUSTERS}; the published count would leave "
                    f"{size.dataset_images / published:.3g} images each)")
 
 
@@ -361,6 +363,10 @@ class MethodFacts:
     queue_negatives: bool = False
     recipe: PublishedRecipe | None = None
     queue_fields: tuple[str, ...] = field(default=())
+    # Params counts sized for the paper's dataset of paper_images: the recipe's per_dataset, and a method's own
+    # ``per_dataset_counts`` (class attribute) where it has no published lr schedule to put in a recipe
+    per_dataset: tuple[str, ...] = ()
+    paper_images: int = IMAGENET_TRAIN_IMAGES
 
 
 def method_facts(method_cls) -> MethodFacts:
@@ -368,7 +374,9 @@ def method_facts(method_cls) -> MethodFacts:
     defaults = method_cls.Params().model_dump()
     recipe = getattr(method_cls, "preset_recipe", None) or RECIPES.get(method_cls.name)
     queues = tuple(name for name in defaults if name == "queue_size" or name.endswith("_queue_size"))
-    return MethodFacts(method_cls.name, defaults, bool(getattr(method_cls, "queue_negatives", False)), recipe, queues)
+    per_dataset = (recipe.per_dataset if recipe else ()) + tuple(getattr(method_cls, "per_dataset_counts", ()))
+    return MethodFacts(method_cls.name, defaults, bool(getattr(method_cls, "queue_negatives", False)), recipe, queues,
+                       per_dataset, recipe.dataset_images if recipe else IMAGENET_TRAIN_IMAGES)
 
 
 def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
@@ -392,14 +400,14 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
     # (Params fields, their auto derivation, the published preset's reason), in the order they are reported
     sized: list[tuple[tuple[str, ...], Callable[[Any], tuple[Any, str]], Callable[[Any], str]]] = [
         (facts.queue_fields, lambda p: derive_queue(int(p), facts.queue_negatives, size),
-         lambda p: "published preset: the paper's queue length")]
+         lambda p: "published preset: the paper's queue length"),
+        (facts.per_dataset, lambda p: derive_per_dataset(int(p), facts.paper_images, size),
+         lambda p: f"published preset: the paper's count for {facts.paper_images:,} images")]
     if recipe is not None:
         sized += [
             (recipe.warmups, lambda p: derive_warmup(float(p), recipe, size),
              lambda p: f"published preset: {p:g} of the paper's {recipe.epochs:g} epochs"),
             (recipe.ema, lambda p: derive_ema(float(p), size), lambda p: "published preset: the paper's EMA momentum"),
-            (recipe.per_dataset, lambda p: derive_per_dataset(int(p), recipe, size),
-             lambda p: f"published preset: the paper's count for {recipe.dataset_images:,} images"),
             (recipe.negatives, negatives_auto,
              lambda p: "published preset: the paper's negatives")]
     for names, derive_auto, published_reason in sized:
@@ -521,7 +529,8 @@ def recipe_summary(method_cls, example_batch: int = 64) -> dict[str, Any] | None
     facts = method_facts(method_cls)
     recipe = facts.recipe
     if recipe is None:
-        return None if not facts.queue_fields else {"sized_params": list(facts.queue_fields)}
+        sized = facts.queue_fields + facts.per_dataset
+        return {"sized_params": list(sized)} if sized else None
     return {"source": recipe.source, "optimizer": recipe.optimizer, "lr": recipe.lr, "batch": recipe.batch,
             "published_rule": recipe.published_rule, "auto_rule": recipe.auto_rule, "rule_source": recipe.rule_source,
             "auto_lr_example": {"batch": example_batch,
@@ -530,5 +539,5 @@ def recipe_summary(method_cls, example_batch: int = 64) -> dict[str, Any] | None
                 "lr": recipe.short_run.lr, "max_share": recipe.short_run.max_share,
                 "max_images": int(recipe.short_run.max_share * recipe.images_seen), "evidence": recipe.short_run.evidence,
                 "example_lr": scale_lr(recipe.short_run.lr, recipe.batch, example_batch, recipe.auto_rule)},
-            "sized_params": list(facts.queue_fields + recipe.warmups + recipe.ema + recipe.per_dataset
+            "sized_params": list(facts.queue_fields + recipe.warmups + recipe.ema + facts.per_dataset
                                  + recipe.negatives + (("head_bn",) if head_bn_follows_negatives(facts) else ()))}

@@ -97,16 +97,33 @@ def test_warmup_keeps_its_share_of_the_run():
 def test_cluster_counts_keep_their_images_per_cluster():
     """Noroozi's 2,000 k-means pseudo-classes are sized for ImageNet's 1.28 M images (641 each); on 10,000 images
     auto keeps about 641 each (16 clusters) instead of 5 images per cluster; never below 2; ImageNet: published."""
-    recipe = method_facts(get_method("noroozi-kt")).recipe
-    assert derive_per_dataset(2000, recipe, RunSize(10_000, 64, 30_000))[0] == 16  # 2000 × 10,000 / 1,281,167
-    assert derive_per_dataset(2000, recipe, RunSize(50_000, 64, 30_000))[0] == 78
-    assert derive_per_dataset(2000, recipe, RunSize(500, 64, 30_000))[0] == 2  # 0.78 → the floor
-    assert derive_per_dataset(2000, recipe, RunSize(1_281_167, 256, 10**6))[0] == 2000
+    paper = method_facts(get_method("noroozi-kt")).paper_images
+    assert derive_per_dataset(2000, paper, RunSize(10_000, 64, 30_000))[0] == 16  # 2000 × 10,000 / 1,281,167
+    assert derive_per_dataset(2000, paper, RunSize(50_000, 64, 30_000))[0] == 78
+    assert derive_per_dataset(2000, paper, RunSize(500, 64, 30_000))[0] == 2  # 0.78 → the floor
+    assert derive_per_dataset(2000, paper, RunSize(1_281_167, 256, 10**6))[0] == 2000
     assert _values("noroozi-kt", SMALL)["method.params.clusters"] == 16
     assert _values("noroozi-kt", SMALL, "published")["method.params.clusters"] == 2000
     assert "method.params.clusters" not in _values("noroozi-kt", SMALL, explicit={"method.params.clusters"})
     reason = next(d.reason for d in derive(method_facts(get_method("noroozi-kt")), SMALL) if d.key.endswith("clusters"))
     assert "641 images each" in reason and "→ 16" in reason and "would leave 5 images each" in reason
+
+
+def test_protocpc_prototypes_keep_their_images_per_prototype():
+    """ProtoCPC has no published lr schedule (no recipe) but its 65,536 prototypes are sized for ImageNet (about
+    20 images each): auto keeps that on the user's data (512 on 10,000 images), published and ImageNet keep 65,536,
+    an explicit out_dim wins, and the lr stays not derived."""
+    facts = method_facts(get_method("protocpc"))
+    assert facts.recipe is None and facts.per_dataset == ("out_dim",)
+    assert _values("protocpc", SMALL)["method.params.out_dim"] == 512  # 65,536 × 10,000 / 1,281,167 = 511.5
+    assert _values("protocpc", SMALL, "published")["method.params.out_dim"] == 65_536
+    assert _values("protocpc", RunSize(1_281_167, 256, 10**8))["method.params.out_dim"] == 65_536
+    assert "method.params.out_dim" not in _values("protocpc", SMALL, explicit={"method.params.out_dim"})
+    lr = next(d for d in derive(facts, SMALL) if d.key == "train.lr")
+    assert lr.value is None and "no published recipe" in lr.reason
+    from distillctl.methods.presets import recipe_summary
+
+    assert recipe_summary(get_method("protocpc")) == {"sized_params": ["out_dim"]}
 
 
 def test_negatives_leave_a_queue_older_than_a_thousandth_of_the_run():
