@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's distillctl (random students, specs)
@@ -318,7 +319,53 @@ def finished(cell: dict, steps: int) -> dict | None:
         return None
     if summary.get("student", {}).get("knn_top1") is None or summary.get("train", {}).get("steps") != steps:
         return None
+    stale = stale_derivation(summary)
+    if stale:
+        log(f"cell {cell_id(cell)}: ran under an older preset derivation ({stale}); it runs again")
+        return None
     return summary
+
+
+def stale_derivation(summary: dict) -> str | None:
+    """What this checkout's preset policy derives differently for a finished run (``key: then → now``), or None.
+
+    A run records every value its ``method.preset`` derived (``recipe.derived``); a key set explicitly is never
+    derived. Re-deriving for the run's own size (training images, batch, max_steps) with the same explicit keys
+    tells whether the command would now run other settings: then the finished run is not what the command gives
+    (e.g. a derivation added since), and reusing it would put a stale number under the command."""
+    recipe = summary.get("recipe") or {}
+    method, train = recipe.get("method") or {}, recipe.get("train") or {}
+    recorded = {key: (entry or {}).get("value") for key, entry in (recipe.get("derived") or {}).items()}
+    images = (summary.get("data") or {}).get("images")
+    if not method.get("name") or not method.get("preset") or not images or not train.get("max_steps"):
+        return None  # not a preset-era run: nothing to compare
+    try:
+        from distillctl.methods.base import get_method
+        from distillctl.methods.presets import RunSize, derive, method_facts
+        facts = method_facts(get_method(method["name"]))
+    except Exception:  # noqa: BLE001 - a method no longer registered: the run stands as it ran
+        return None
+    batch = int(train.get("batch_size") or 1)
+    size = RunSize(int(images), batch, int(train["max_steps"]) * batch, str(train.get("optimizer") or "sgd"))
+    params = method.get("params") or {}
+    explicit = ({f"method.params.{name}" for name in params} | {"train.lr"}) - set(recorded)
+    now = {item.key: item.value for item in derive(facts, size, method["preset"], explicit)}
+
+    def ran(key: str) -> Any:  # the value the run used
+        name = key.removeprefix("method.params.")
+        return train.get("lr") if key == "train.lr" else params.get(name, facts.defaults.get(name))
+
+    def would_run(key: str) -> Any:  # the value the same command uses now
+        if now.get(key) is not None:
+            return now[key]
+        if key == "train.lr":  # not derived (now): the command's own lr, as then unless then it was derived
+            return ran(key) if recorded.get(key) is None else None
+        return params.get(key.removeprefix("method.params.")) if key in explicit else \
+            facts.defaults.get(key.removeprefix("method.params."))
+
+    changed = [f"{key}: {ran(key)} → {would_run(key)}" for key in sorted(set(now) | set(recorded))
+               if ran(key) != would_run(key)]
+    return "; ".join(changed) or None
 
 
 def row_from_summary(cell: dict, summary: dict, command: list[str]) -> dict:

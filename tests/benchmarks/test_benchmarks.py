@@ -249,3 +249,26 @@ def test_geometry_section_reads_the_rows(tmp_path):
     assert [line.split(" |")[0] for line in lines if line.startswith("| ") and not line.startswith("| teacher (")][1:] == \
         ["| smd", "| cosine-reg", "| dlkd"]  # weakest first
     assert render.geometry_section(None) == ""
+
+
+def test_a_finished_cell_under_an_older_derivation_is_stale():
+    """A cell that ran before a derivation was added (protocpc's auto out_dim) is not what its command runs now:
+    quality.finished must not reuse it. Explicit keys and values derived the same way keep a cell."""
+    import quality
+
+    def summary(preset, params, derived):
+        return {"data": {"images": 10_000}, "recipe": {
+            "method": {"name": "protocpc", "preset": preset, "params": params},
+            "train": {"batch_size": 64, "max_steps": 1875, "optimizer": "sgd"},
+            "derived": {key: {"value": value} for key, value in derived.items()}}}
+
+    old_auto = summary("auto", {}, {"train.lr": None})
+    assert quality.stale_derivation(old_auto) == "method.params.out_dim: 65536 → 512"
+    old_published = summary("published", {}, {"train.lr": None})  # before the derivation: the same 65,536
+    assert quality.stale_derivation(old_published) is None
+    assert quality.stale_derivation(summary("auto", {"out_dim": 512}, {"train.lr": None,
+                                                                     "method.params.out_dim": 512})) is None
+    assert quality.stale_derivation(summary("published", {"out_dim": 1024}, {"train.lr": None})) is None  # explicit
+    assert quality.stale_derivation(summary("published", {"out_dim": 65536},
+                                            {"train.lr": None, "method.params.out_dim": 65536})) is None
+    assert quality.stale_derivation({"recipe": {}}) is None  # a run from before presets
