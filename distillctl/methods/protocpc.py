@@ -51,7 +51,7 @@ class ProtoCPC(Method):
     name = "protocpc"
     # K = 65,536 prototypes for ImageNet's 1.28 M images (about 20 images each): method.preset=auto keeps the images
     # per prototype on the user's data (presets.derive_per_dataset). On the benchmark's 10,000 images at 120,000
-    # images seen: 65,536 → 34.85 % kNN (28 img/s), 1,024 → 40.15 (92 img/s), 512 → see benchmarks/RESULTS.md.
+    # images seen: 65,536 → 34.85 % kNN (28 img/s), 1,024 → 40.15, 512 (auto) → 40.55 (benchmarks/RESULTS.md).
     per_dataset_counts = ("out_dim",)
     title = "ProtoCPC: Prototypical contrastive predictive coding, self-supervised compression (Lee et al., ICLR 2022)"
     objective = (
