@@ -321,7 +321,7 @@ def finished(cell: dict, steps: int) -> dict | None:
         return None
     stale = stale_derivation(summary)
     if stale:
-        log(f"cell {cell_id(cell)}: ran under an older preset derivation ({stale}); it runs again")
+        log(f"cell {cell_id(cell)}: ran under an older preset derivation ({stale}); not reused")
         return None
     return summary
 
@@ -360,8 +360,8 @@ def stale_derivation(summary: dict) -> str | None:
             return now[key]
         if key == "train.lr":  # not derived (now): the command's own lr, as then unless then it was derived
             return ran(key) if recorded.get(key) is None else None
-        return params.get(key.removeprefix("method.params.")) if key in explicit else \
-            facts.defaults.get(key.removeprefix("method.params."))
+        # derived then, not now (an explicit key is in neither): the Params default
+        return facts.defaults.get(key.removeprefix("method.params."))
 
     changed = [f"{key}: {ran(key)} → {would_run(key)}" for key in sorted(set(now) | set(recorded))
                if ran(key) != would_run(key)]
