@@ -368,8 +368,9 @@ def _print_lr(preset: dict | None, ran: str | None, measured_summary: str) -> No
         if short:
             console.print(f"[bold]short runs (method.preset=auto):[/] up to {short['max_images']:,} images seen "
                           f"({100 * short['max_share']:g}% of the paper's run) start from lr {short['lr']:g} at batch "
-                          f"{preset['batch']} instead (e.g. {short['example_lr']:g} at batch {example['batch']}): "
-                          f"{escape(short['evidence'])}", highlight=False)
+                          f"{preset['batch']} instead (e.g. {short['example_lr']:g} at batch {example['batch']})"
+                          + (f" with {', '.join(f'{k}={v}' for k, v in short['params'].items())}"
+                             if short.get("params") else "") + f": {escape(short['evidence'])}", highlight=False)
     if preset and preset.get("sized_params"):
         console.print(f"[bold]sized by method.preset=auto:[/] {', '.join(preset['sized_params'])}", highlight=False)
     if ran:

@@ -17,8 +17,10 @@ batch 64 they are the wrong size. Two presets:
       published length when that fits.
     * warm-ups counted in epochs keep their share of the run: 10 of 200 epochs is 5 % of any run, in steps.
     * learning rate: the paper's lr scaled by the batch with the method's own rule (:data:`RECIPES`). Where the
-      benchmark measured the paper's lr too small for runs far shorter than the paper's (:class:`ShortRunLr`),
+      benchmark measured the paper's lr too small for runs far shorter than the paper's (:class:`ShortRun`),
       such runs start from the measured lr instead, scaled by the same rule; runs of the paper's length keep its lr.
+      Where the measurement found other settings that such runs need with it (SMD: the warm-up's alignment term
+      alone, a softer temperature, centred targets), they come with that lr and are printed with its evidence.
     * EMA momentum: the key/target encoder's time constant ``1/(1-m)`` is at most a tenth of the run, never
       below 0.99 (MoCo's ablation: 0.99 trains nearly as well as 0.999, 0.9 fails).
     * k-means cluster and prototype counts sized for the paper's dataset (``PublishedRecipe.per_dataset``, e.g.
@@ -82,7 +84,7 @@ class PublishedRecipe:
     dataset_images: int = IMAGENET_TRAIN_IMAGES
     per_dataset: tuple[str, ...] = ()  # Params counts sized for the paper's dataset (k-means clusters)
     negatives: tuple[str, ...] = ()  # Params fields choosing queue or in-batch negatives (MoCo v2's ``negatives``)
-    short_run: "ShortRunLr | None" = None  # a measured lr for runs far shorter than the paper's
+    short_run: "ShortRun | None" = None  # a measured lr (and params) for runs far shorter than the paper's
 
     @property
     def images_seen(self) -> int:
@@ -91,18 +93,21 @@ class PublishedRecipe:
 
 
 @dataclass(frozen=True)
-class ShortRunLr:
-    """A learning rate measured to fit runs far shorter than the paper's, and where it applies.
+class ShortRun:
+    """Settings measured to fit runs far shorter than the paper's, and where they apply.
 
     A paper's lr is tuned for its own schedule (CompRess: 0.01 for 130 epochs of ImageNet, 650,000 steps at batch
     256); a run with a few thousand steps at that lr barely leaves its initialisation. ``auto`` uses ``lr`` instead
     (scaled from the paper's batch by the auto rule, like the paper's lr) while the run sees at most ``max_share`` of
     the published run's images: the range the ``evidence`` covers, so runs of the paper's length keep the paper's
-    lr. ``evidence`` names the measurements (benchmarks/RESULTS.md rows) and is printed as the reason."""
+    lr. ``params`` are Params values measured together with that lr (field name, value), applied in the same range
+    in place of the paper's (and of their own size derivation, e.g. a warm-up's share of the run). ``evidence``
+    names the measurements (benchmarks/RESULTS.md rows) and is printed as the reason."""
 
     lr: float
     max_share: float
     evidence: str
+    params: tuple[tuple[str, Any], ...] = ()
 
 
 def _sgd(source: str, lr: float, batch: int, epochs: float, rule: LrRule = "none", rule_source: str = "",
@@ -118,13 +123,24 @@ _SEED = _sgd("SEED (jacobswan1/SEED): SGD lr 0.03, batch 256, 200 epochs", 0.03,
 # CompRess's lr 0.01 is for 130 epochs of ImageNet (650,000 steps, step decay); measured on the benchmark it is too
 # small for runs of a few thousand steps. The authors' next distiller, SimReg (same lab, same training code, same
 # cached-teacher setting), uses 0.05 at batch 256: the short-run lr, not scaled by batch like the paper's.
-_COMPRESS_SHORT_RUN = ShortRunLr(
+_COMPRESS_SHORT_RUN = ShortRun(
     lr=0.05, max_share=0.01,
     evidence=("benchmarks/RESULTS.md, compress-1q on the CIFAR-10 protocol at batch 64, 120,000 images with auto's "
               "8,192-row queue: lr 0.01 → 46.2 % kNN, lr 0.05 → 56.15 %; 1,000,000 images at lr 0.01 → 54.4 %, below "
               "500,000 at lr 0.05 → 70.7 %; 0.05 is SimReg's lr (the authors' next distiller, same code)"))
 _COMPRESS = _sgd("CompRess (UMBCvision/CompRess): SGD lr 0.01, batch 256, 130 epochs", 0.01, 256, 130,
                  short_run=_COMPRESS_SHORT_RUN)
+# SMD on short runs (benchmarks/RESULTS.md, smd rows): the warm-up's cosine term is what aligns the student's new
+# head with the teacher, and the metric term, whose slope is 1/τ = 25 wherever it saturates, swamps it (head cosine
+# 0.002 after 130 warm-up steps) and, started after the warm-up, pulls an aligned head (cosine 0.44) back to 0.02
+# within 100 steps; the pooled post-ReLU teacher features share one mean direction, onto which the uncentred heads
+# collapse. Measured together at batch 64 (0.05 = 0.4 × 64/512).
+_SMD_SHORT_RUN = ShortRun(
+    lr=0.4, max_share=0.01,
+    evidence=("benchmarks/RESULTS.md, smd on the CIFAR-10 protocol at batch 64: 30,000 images, published (lr 0.0125) "
+              "14.75 % kNN, + centred targets 23.05 %, + lr 0.05 and the warm-up's cosine term alone (times 0) 28.4 %, "
+              "+ τ 0.4 34.7 %"),
+    params=(("center", "batch"), ("times", 0.0), ("temperature", 0.4), ("warmup_epochs", 2.0)))
 _MOCO_RULE = ("MoCo's README: 'for 4-GPU training, follow the linear lr scaling recipe: --lr 0.015 "
               "--batch-size 128' (the code itself does not scale)")
 
@@ -140,7 +156,8 @@ RECIPES: dict[str, PublishedRecipe] = {
     "compress-1q": _COMPRESS,
     "compress-2q": _sgd(_COMPRESS.source, 0.01, 256, 130, ema=("momentum",), short_run=_COMPRESS_SHORT_RUN),
     "smd": _sgd("SMD (liuhao-lh/SMD): SGD lr 0.05·B/256, batch 512, 100 epochs, 2 warm-up epochs", 0.1, 512, 100,
-                rule="linear", rule_source="SMD's code sets lr = 0.05 × batch / 256", warmups=("warmup_epochs",)),
+                rule="linear", rule_source="SMD's code sets lr = 0.05 × batch / 256", warmups=("warmup_epochs",),
+                short_run=_SMD_SHORT_RUN),
     "disco": _sgd("DisCo (Yuting-Gao/DisCo-pytorch): SGD lr 0.03, batch 256, 200 epochs", 0.03, 256, 200,
                   ema=("momentum",)),
     "bingo": _sgd("BINGO (haohang96/bingo): SGD lr 0.03, batch 256, 200 epochs; bag weights switch after 11 epochs",
@@ -263,6 +280,21 @@ def uses_short_run_lr(recipe: PublishedRecipe, size: RunSize, preset: Preset) ->
             and size.images_seen / max(1, recipe.images_seen) <= short.max_share)
 
 
+def _short_run_share(recipe: PublishedRecipe, size: RunSize) -> str:
+    short = recipe.short_run
+    return (f"this run sees {size.images_seen:,} images, {100 * size.images_seen / max(1, recipe.images_seen):.3g}% "
+            f"of the paper's run ({recipe.images_seen:,}; at most {100 * short.max_share:g}% uses the short-run "
+            "settings)")
+
+
+def short_run_reason(recipe: PublishedRecipe, size: RunSize, name: str) -> str:
+    """Why ``auto`` sets the short-run value of Params field ``name`` on this run (see :class:`ShortRun`)."""
+    short = recipe.short_run
+    published = "the paper's value" if name not in recipe.warmups else "the paper's warm-up (not its share of the run)"
+    return (f"{_short_run_share(recipe, size)}; measured with the short-run lr {short.lr:g} instead of "
+            f"{published}: {short.evidence}")
+
+
 def derive_lr(recipe: PublishedRecipe, size: RunSize, preset: Preset) -> tuple[float | None, str]:
     """The learning rate for this run's batch, or None (keep the recipe's) when ``auto`` cannot transfer it."""
     rule = recipe.published_rule if preset == "published" else recipe.auto_rule
@@ -271,14 +303,12 @@ def derive_lr(recipe: PublishedRecipe, size: RunSize, preset: Preset) -> tuple[f
                       f"this run uses {size.optimizer}; set train.optimizer={recipe.optimizer} to get it scaled, or "
                       "train.lr")
     base, which = recipe.lr, "the paper's lr"
-    share = size.images_seen / max(1, recipe.images_seen)
     prefix = ""
     if uses_short_run_lr(recipe, size, preset):
         short = recipe.short_run
         base, which = short.lr, "the short-run lr"
-        prefix = (f"this run sees {size.images_seen:,} images, {100 * share:.3g}% of the paper's run "
-                  f"({recipe.images_seen:,}; at most {100 * short.max_share:g}% uses the short-run lr), and the paper's "
-                  f"lr {recipe.lr:g} is measured too small for that: {short.evidence}; ")
+        prefix = (f"{_short_run_share(recipe, size)}, and the paper's lr {recipe.lr:g} is measured too small "
+                  f"for that: {short.evidence}; ")
     value = scale_lr(base, recipe.batch, size.batch_size, rule)
     note = "" if size.optimizer == recipe.optimizer else f"; the paper uses {recipe.optimizer}, this run {size.optimizer}"
     if rule == "none":
@@ -410,8 +440,16 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
             (recipe.ema, lambda p: derive_ema(float(p), size), lambda p: "published preset: the paper's EMA momentum"),
             (recipe.negatives, negatives_auto,
              lambda p: "published preset: the paper's negatives")]
+    short_params = dict(recipe.short_run.params) if recipe is not None and recipe.short_run is not None else {}
+    if recipe is not None and short_params and uses_short_run_lr(recipe, size, preset):
+        for name, value in short_params.items():
+            add(f"method.params.{name}", value, facts.defaults[name], short_run_reason(recipe, size, name))
+    else:
+        short_params = {}
     for names, derive_auto, published_reason in sized:
         for name in names:
+            if name in short_params:
+                continue
             published = facts.defaults[name]
             if preset == "published":
                 add(f"method.params.{name}", published, published, published_reason(published))
@@ -538,6 +576,9 @@ def recipe_summary(method_cls, example_batch: int = 64) -> dict[str, Any] | None
             "short_run": None if recipe.short_run is None else {
                 "lr": recipe.short_run.lr, "max_share": recipe.short_run.max_share,
                 "max_images": int(recipe.short_run.max_share * recipe.images_seen), "evidence": recipe.short_run.evidence,
+                "params": dict(recipe.short_run.params),
                 "example_lr": scale_lr(recipe.short_run.lr, recipe.batch, example_batch, recipe.auto_rule)},
-            "sized_params": list(facts.queue_fields + recipe.warmups + recipe.ema + facts.per_dataset
-                                 + recipe.negatives + (("head_bn",) if head_bn_follows_negatives(facts) else ()))}
+            "sized_params": list(dict.fromkeys(
+                facts.queue_fields + recipe.warmups + recipe.ema + facts.per_dataset + recipe.negatives
+                + (("head_bn",) if head_bn_follows_negatives(facts) else ())
+                + tuple(name for name, _ in (recipe.short_run.params if recipe.short_run else ()))))}

@@ -70,9 +70,13 @@ def test_small_run_values():
                                         "train.lr": None}
     # with the queue kept (queue length set), MoCo's linear rule: 0.03 × 64/256
     assert _values("mocov2", SMALL, explicit={"method.params.queue_size"})["train.lr"] == 0.0075
-    smd = _values("smd", SMALL)
-    assert smd["method.params.warmup_epochs"] == pytest.approx(0.06)  # 2 % of a 3-epoch run
-    assert smd["train.lr"] == pytest.approx(0.0125)  # 0.05 × 64/256
+    # SMD's short-run settings (measured together): lr 0.4 at batch 512 → 0.05 at 64, and its params
+    assert _values("smd", SMALL) == {"method.params.center": "batch", "method.params.times": 0.0,
+                                     "method.params.temperature": 0.4, "method.params.warmup_epochs": 2.0,
+                                     "train.lr": pytest.approx(0.05)}
+    smd_long = _values("smd", RunSize(1_281_167, 64, 2 * 1_281_167))  # 2 ImageNet epochs: 2 % of the paper's run
+    assert smd_long == {"method.params.warmup_epochs": pytest.approx(0.04),  # 2 % of a 2-epoch run
+                        "train.lr": pytest.approx(0.0125)}  # 0.05 × 64/256
     assert _values("bingo", SMALL)["method.params.bag_warmup_epochs"] == pytest.approx(0.165)  # 11/200 of 3 epochs
     dino = _values("dino", SMALL)
     assert dino["method.params.warmup_teacher_temperature_epochs"] == pytest.approx(0.75)
@@ -188,9 +192,9 @@ def test_short_run_lr_applies_only_within_its_measured_share_of_the_paper_run():
     paper's lr, and the reason names the evidence."""
     from dataclasses import replace
 
-    from distillctl.methods.presets import ShortRunLr, derive_lr, uses_short_run_lr
+    from distillctl.methods.presets import ShortRun, derive_lr, uses_short_run_lr
 
-    recipe = replace(RECIPES["seed"], short_run=ShortRunLr(lr=0.06, max_share=0.01, evidence="rows X and Y"),
+    recipe = replace(RECIPES["seed"], short_run=ShortRun(lr=0.06, max_share=0.01, evidence="rows X and Y"),
                      auto_rule="linear")  # paper: lr 0.03 at batch 256 for 200 epochs of ImageNet
     paper_images = 200 * 1_281_167
     assert recipe.images_seen == paper_images
@@ -206,6 +210,25 @@ def test_short_run_lr_applies_only_within_its_measured_share_of_the_paper_run():
     assert uses_short_run_lr(recipe, short, "auto") and not uses_short_run_lr(recipe, short, "published")
     assert not uses_short_run_lr(recipe, imagenet_size(recipe), "auto")
     assert not uses_short_run_lr(RECIPES["seed"], short, "auto")  # no measured short-run lr
+
+
+def test_short_run_params_come_with_the_short_run_lr_and_yield_to_explicit_keys():
+    """A recipe's short-run params are derived exactly where its short-run lr is (auto, within the measured share),
+    replace their own size derivation (SMD's warm-up share), cite the evidence, and never override a key the user
+    set; the published preset keeps the paper's values."""
+    from distillctl.methods.presets import short_run_reason
+
+    facts = method_facts(get_method("smd"))
+    derived = {d.key: d for d in derive(facts, SMALL, "auto")}
+    warmup = derived["method.params.warmup_epochs"]
+    assert warmup.value == 2.0 and warmup.published == 2.0
+    assert "not its share of the run" in warmup.reason and facts.recipe.short_run.evidence in warmup.reason
+    assert derived["method.params.temperature"].published is None  # the paper's: chosen by student architecture
+    assert derived["method.params.temperature"].reason == short_run_reason(facts.recipe, SMALL, "temperature")
+    explicit = _values("smd", SMALL, explicit={"method.params.temperature", "method.params.warmup_epochs"})
+    assert "method.params.temperature" not in explicit and "method.params.warmup_epochs" not in explicit
+    assert explicit["method.params.center"] == "batch"
+    assert _values("smd", SMALL, "published") == {"method.params.warmup_epochs": 2, "train.lr": 0.0125}
 
 
 def test_published_preset_gives_paper_values_on_a_small_run():
