@@ -327,7 +327,13 @@ def finished(cell: dict, steps: int) -> dict | None:
 
 
 def stale_derivation(summary: dict) -> str | None:
-    """What this checkout's preset policy derives differently for a finished run (``key: then → now``), or None.
+    """What this checkout's preset policy derives differently for a finished run (``key: then → now``), or None
+    (see :func:`stale_values`)."""
+    return "; ".join(f"{key}: {ran} → {now}" for key, ran, now in stale_values(summary)) or None
+
+
+def stale_values(summary: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, value the run used, value the same command uses now)`` for each preset-derived key that differs.
 
     A run records every value its ``method.preset`` derived (``recipe.derived``); a key set explicitly is never
     derived. Re-deriving for the run's own size (training images, batch, max_steps) with the same explicit keys
@@ -338,13 +344,13 @@ def stale_derivation(summary: dict) -> str | None:
     recorded = {key: (entry or {}).get("value") for key, entry in (recipe.get("derived") or {}).items()}
     images = (summary.get("data") or {}).get("images")
     if not method.get("name") or not method.get("preset") or not images or not train.get("max_steps"):
-        return None  # not a preset-era run: nothing to compare
+        return []  # not a preset-era run: nothing to compare
     try:
         from distillctl.methods.base import get_method
         from distillctl.methods.presets import RunSize, derive, method_facts
         facts = method_facts(get_method(method["name"]))
     except Exception:  # noqa: BLE001 - a method no longer registered: the run stands as it ran
-        return None
+        return []
     batch = int(train.get("batch_size") or 1)
     size = RunSize(int(images), batch, int(train["max_steps"]) * batch, str(train.get("optimizer") or "sgd"))
     params = method.get("params") or {}
@@ -363,9 +369,7 @@ def stale_derivation(summary: dict) -> str | None:
         # derived then, not now (an explicit key is in neither): the Params default
         return facts.defaults.get(key.removeprefix("method.params."))
 
-    changed = [f"{key}: {ran(key)} → {would_run(key)}" for key in sorted(set(now) | set(recorded))
-               if ran(key) != would_run(key)]
-    return "; ".join(changed) or None
+    return [(key, ran(key), would_run(key)) for key in sorted(set(now) | set(recorded)) if ran(key) != would_run(key)]
 
 
 def row_from_summary(cell: dict, summary: dict, command: list[str]) -> dict:

@@ -116,12 +116,51 @@ def cell_preset(row: dict) -> str:
                                      "published (before method.preset)")
 
 
-def reproducible_command(command: str) -> str:
+def _yaml_scalar(value: object) -> str:
+    """A value as ``--set`` parses it back (YAML): true/false, null, numbers, plain strings."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def stale_pins(command: str, row: dict, train_images: int) -> list[str]:
+    """The flags that pin a preset-era cell's command to what it ran with where this checkout's preset policy now
+    derives other values (a derivation added or changed since, e.g. SMD's short-run settings): ``--set key=value``
+    per such key (``--lr`` for the lr), so the command reproduces the row. Empty when nothing changed."""
+    derived = row.get("derived") or {}
+    if not row.get("preset") or not row.get("steps") or not row.get("method"):
+        return []
+    from quality import stale_values  # noqa: E402 - the same check the suite runs before reusing a finished cell
+
+    parts = command.split()
+    explicit = {}
+    for i, part in enumerate(parts[:-1]):
+        if part == "--set" and parts[i + 1].startswith("method.params."):
+            name, _, value = parts[i + 1][len("method.params."):].partition("=")
+            explicit[name] = value
+    params = {**explicit, **{key.removeprefix("method.params."): (entry or {}).get("value")
+                             for key, entry in derived.items() if key.startswith("method.params.")}}
+    optimizer = next((p.split("=", 1)[1] for p in parts if p.startswith("train.optimizer=")), None) or "sgd"
+    summary = {"recipe": {"method": {"name": row["method"], "preset": row["preset"], "params": params},
+                          "train": {"max_steps": row["steps"], "batch_size": int(_flag(command, "--batch-size") or 64),
+                                    "lr": row.get("lr"), "optimizer": optimizer},
+                          "derived": derived},
+               "data": {"images": train_images}}
+    return [f"--lr {_yaml_scalar(ran)}" if key == "train.lr" else f"--set {key}={_yaml_scalar(ran)}"
+            for key, ran, _now in stale_values(summary)]
+
+
+def reproducible_command(command: str, row: dict | None = None, train_images: int = 10_000) -> str:
     """A cell's command pinned to what it ran with: cells from before method.preset get
-    ``--set method.preset=published`` (the papers' values, which were the defaults then) and their verb's lr."""
+    ``--set method.preset=published`` (the papers' values, which were the defaults then) and their verb's lr; cells
+    that ran under a preset whose values this checkout derives differently get those values pinned
+    (:func:`stale_pins`, given the cell's ``row`` and training-set size)."""
     verb = _verb(command)
     if verb not in LEGACY_LR or "method.preset=" in command:
-        return command
+        pins = stale_pins(command, row, train_images) if row and verb in LEGACY_LR else []
+        return " ".join([command, *pins])
     pinned = command + " --set method.preset=published"
     if _flag(command, "--lr") is None:
         pinned += f" --lr {LEGACY_LR[verb]:g}"
@@ -364,11 +403,12 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             "default `--preset auto` and so re-measure; the per-cell commands are pinned (`--set "
             "method.preset=published` and the lr they ran with) and reproduce the rows.", "",
             "```", q.get("command", ""), *q.get("extra_commands", [])]
+    images = int(cfg.get("train_images") or 10_000)
     for ssl_teacher in ssl_teachers(q.get("reference", {})):  # make the teacher files the SSL-teacher cells read
         if ssl_teacher.get("command"):
-            out.append(reproducible_command(ssl_teacher["command"]))
+            out.append(reproducible_command(ssl_teacher["command"], ssl_teacher, images))
     for r in all_rows:
-        out.append(reproducible_command(r.get("command", "")))
+        out.append(reproducible_command(r.get("command", ""), r, images))
     for key in ("teacher_linear",):
         if q.get("reference", {}).get(key, {}).get("command"):
             out.append(q["reference"][key]["command"])
@@ -488,7 +528,8 @@ def dense_section(d: dict | None) -> str:
             "directory.", "", "```", d.get("command", "")]
     commands = []
     for r in [r for r in cells if r["teacher"] == "sup"] + ([vit] if vit else []) + [r for r in cells if r["teacher"] == "vit"]:
-        commands += [reproducible_command(r.get("command") or ""), (r.get("dense") or {}).get("command")]
+        commands += [reproducible_command(r.get("command") or "", r, int(cfg.get("train_images") or 10_000)),
+                     (r.get("dense") or {}).get("command")]
     for name, row in sorted(ref.items()):
         if isinstance(row, dict) and (name == "teacher" or name.startswith("random:")):
             commands += [row.get("knn_command"), row.get("linear_command"), (row.get("dense") or {}).get("command")]
@@ -679,7 +720,8 @@ def sweep_section(sw: dict | None, q: dict | None) -> str:
         for key in sorted((sw.get("rows") or {})):
             row = sw["rows"][key]
             if row.get("command"):
-                out.append(reproducible_command(row["command"]))
+                out.append(reproducible_command(row["command"], row,
+                                                int((sw.get("config") or {}).get("train_images") or 10_000)))
         out += ["```", "", "</details>", ""]
     return "\n".join(out)
 

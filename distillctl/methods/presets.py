@@ -291,8 +291,8 @@ def short_run_reason(recipe: PublishedRecipe, size: RunSize, name: str) -> str:
     """Why ``auto`` sets the short-run value of Params field ``name`` on this run (see :class:`ShortRun`)."""
     short = recipe.short_run
     published = "the paper's value" if name not in recipe.warmups else "the paper's warm-up (not its share of the run)"
-    return (f"{_short_run_share(recipe, size)}; measured with the short-run lr {short.lr:g} instead of "
-            f"{published}: {short.evidence}")
+    return (f"{_short_run_share(recipe, size)}; in place of {published}, measured together with the short-run lr "
+            f"({short.lr:g} at batch {recipe.batch}): {short.evidence}")
 
 
 def derive_lr(recipe: PublishedRecipe, size: RunSize, preset: Preset) -> tuple[float | None, str]:
