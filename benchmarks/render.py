@@ -609,6 +609,12 @@ def sweep_verdict(rows: list[dict], floor: float | None) -> str:
     if auto is not None and auto.get("knn_top1") is not None and len(auto.get("factors") or {}) > 1:
         parts.append(f"`auto` (all {len(auto['factors'])} derived values together): "
                      f"{auto['knn_top1'] - base:+.1f} points.")
+    left_out = sorted((r for r in by_name.values() if r.get("source") == "leave-one-out" and r.get("knn_top1") is not None),
+                      key=lambda r: (r["knn_top1"], r["variant"]))
+    if auto is not None and auto.get("knn_top1") is not None and left_out:
+        parts.append(f"`auto` with one derived value back at the paper's ({auto['knn_top1']:.1f} % with all): "
+                     + ", ".join(f"without {r['variant'].removeprefix('auto-')} {r['knn_top1'] - auto['knn_top1']:+.1f}"
+                                 for r in left_out) + ".")
     if not single and not parts:
         return "No verdict yet: no variant besides `published` has run."
     return " ".join(parts)

@@ -7,7 +7,10 @@ differently from ``published``, ``published`` with that one key at its ``auto`` 
 isolated. The keys and values come from the product's own derivation (``distillctl.methods.presets.derive``) for
 the protocol's size (training images, batch, images seen). ``--grid KEY=V1,V2`` adds one-factor points of the
 published base (queue length, lr, a temperature, …); ``--suspects`` adds the lr at ⅓× and 3× the paper's and each
-set temperature at ½× and 2×. Cells that would run the same settings as another are planned once. ``--variants``
+set temperature at ½× and 2×. ``--leave-one-out`` adds, where ``auto`` changes several keys, ``auto`` with each of
+them back at its published value (``auto-KEY``): with interacting settings, which of them ``auto`` needs, where a
+one-factor point from ``published`` shows only what each does alone. Cells that would run the same settings as
+another are planned once. ``--variants``
 runs part of the plan (the rest is reported as not run yet, with the command that runs it).
 
 Every cell is a real ``distillctl run`` built by quality.py's command builder on the same protocol (CIFAR-10
@@ -67,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "published,+queue_size); the others stay in the plan as not run yet.")
     parser.add_argument("--suspects", action="store_true",
                         help="Also the lr at 1/3x and 3x the paper's, and each set temperature at 1/2x and 2x.")
+    parser.add_argument("--leave-one-out", action="store_true",
+                        help="Also auto with each derived key back at its published value (auto-KEY), where auto "
+                             "derives more than one: which of auto's changes the result needs.")
     parser.add_argument("--batch-size", type=int, default=None, help="Global batch (default 64; --quick: 32).")
     parser.add_argument("--image-size", type=int, default=None, help="Input resolution (default 64; --quick: 32).")
     parser.add_argument("--cache-views", type=int, default=None, help="Stored views per cached image (default 4; --quick: 2).")
@@ -205,11 +211,13 @@ def suspect_grid(facts, published: dict[str, Any]) -> dict[str, list[str]]:
     return grid
 
 
-def plan_variants(facts, size, grid: dict[str, list[str]] | None = None, suspects: bool = False) -> list[Variant]:
+def plan_variants(facts, size, grid: dict[str, list[str]] | None = None, suspects: bool = False,
+                  leave_one_out: bool = False) -> list[Variant]:
     """The sweep's cells for one method and run size: ``published``, ``auto`` (when it derives anything
     differently), one variant per differing key (when more than one differs: with one, ``auto`` is that variant),
-    then the ``grid`` points (and ``suspects``) as one-factor variants of ``published``. A point whose settings
-    equal an earlier variant's (e.g. a grid value equal to the published or the auto one) is planned once."""
+    with ``leave_one_out`` ``auto`` with each differing key at its published value (``auto-KEY``), then the ``grid``
+    points (and ``suspects``) as one-factor variants of ``published``. A point whose settings equal an earlier
+    variant's (e.g. a grid value equal to the published or the auto one) is planned once."""
     from distillctl.config import TrainConfig
 
     published = derived_values(facts, size, PUBLISHED)
@@ -221,6 +229,13 @@ def plan_variants(facts, size, grid: dict[str, list[str]] | None = None, suspect
     if len(differing) > 1:
         variants += [Variant(f"+{short(key)}", PUBLISHED, (f"{key}={fmt(value)}",), {key: value}, source="auto")
                      for key, value in sorted(differing.items())]
+    if leave_one_out and len(differing) > 1:
+        for key in sorted(differing):
+            paper = published[key] if key in published else facts.defaults.get(short(key))
+            candidate = Variant(f"auto-{short(key)}", AUTO, (f"{key}={fmt(paper)}",),
+                                {k: v for k, v in differing.items() if k != key}, source="leave-one-out")
+            if not any(_same_factors(v.factors, candidate.factors) for v in variants):
+                variants.append(candidate)
     points = dict(suspect_grid(facts, published)) if suspects else {}
     for key, values in (grid or {}).items():
         points[key] = list(dict.fromkeys([*points.get(key, []), *values]))
@@ -380,7 +395,8 @@ def plan(args: argparse.Namespace, data: dict) -> dict[str, tuple[list[Variant],
     grid = parse_grid(args.grid)
     grid_keys_known(grid, facts)
     size = run_size(data["train_images"], args.batch_size, args.budget_images)
-    planned = {name: (plan_variants(f, size, grid, args.suspects), derived_values(f, size, PUBLISHED))
+    planned = {name: (plan_variants(f, size, grid, args.suspects, args.leave_one_out),
+                      derived_values(f, size, PUBLISHED))
                for name, f in facts.items()}
     params_valid(planned)
     return planned

@@ -61,15 +61,37 @@ def test_plan_isolates_every_key_auto_derives_differently():
 
 
 def test_keys_equal_in_both_presets_give_no_variant():
-    # smd: the lr is 0.1 x 64/512 = 0.0125 under both presets; only the warm-up differs, so `auto` is that variant
-    smd = _plan("smd")
-    assert [v.name for v in smd] == ["published", "auto"]
-    assert smd[1].factors == {"method.params.warmup_epochs": 0.06}  # 2 of 100 epochs of a 4.68-epoch run
-    assert not any("train.lr" in item for v in smd for item in v.sets)
+    # byol: only the EMA momentum differs (its LARS lr is not transferred to SGD), so `auto` is that variant
+    byol = _plan("byol")
+    assert [v.name for v in byol] == ["published", "auto"]
+    assert byol[1].factors == {"method.params.momentum": 0.99}
+    assert not any("train.lr" in item for v in byol for item in v.sets)
     # mse-reg: nothing differs, so `published` is the only cell (an auto cell would train the same settings)
     assert [v.name for v in _plan("mse-reg")] == ["published"]
     # ImageNet-sized: auto gives the published values back, nothing to sweep
     assert [v.name for v in _plan("disco", size=(1_281_167, 256, 1_281_167 // 256 * 256 * 200))] == ["published"]
+
+
+def test_leave_one_out_puts_each_derived_key_back_at_the_paper_value():
+    """smd's short-run settings (four keys) as one-factor points of published and, with leave_one_out, as auto
+    minus one key each; the paper's value of a key only auto derives comes from the Params defaults (None for the
+    architecture-chosen temperature, written so YAML reads it back)."""
+    import sweep
+
+    size = sweep.run_size(*PROTOCOL)
+    plain = [v.name for v in sweep.plan_variants(_facts("smd"), size)]
+    assert plain == ["published", "auto", "+center", "+temperature", "+times", "+train.lr"]
+    variants = {v.name: v for v in sweep.plan_variants(_facts("smd"), size, leave_one_out=True)}
+    assert list(variants)[len(plain):] == ["auto-center", "auto-temperature", "auto-times", "auto-train.lr"]
+    assert variants["auto-temperature"].preset == "auto"
+    assert variants["auto-temperature"].sets == ("method.params.temperature=null",)
+    assert variants["auto-train.lr"].sets == ("train.lr=0.0125",)  # the paper's 0.1 at batch 512, its linear rule
+    assert variants["auto-center"].factors == {"method.params.times": 0.0, "method.params.temperature": 0.4,
+                                               "train.lr": 0.05}
+    assert variants["auto-center"].source == "leave-one-out" and variants["auto-center"].slug == "auto+center=none"
+    # two derived keys: leaving one out is the other's one-factor point, already planned
+    disco = [v.name for v in sweep.plan_variants(_facts("disco"), size, leave_one_out=True)]
+    assert disco == ["published", "auto", "+momentum", "+queue_size"]
 
 
 def test_grid_and_suspects_add_one_factor_points():
@@ -204,6 +226,10 @@ def _fake_sweep(directory: Path) -> None:
             _sweep_row("rekd", "+queue_size", 22.0, 0.03, q["queue"], ["method.params.queue_size=8192"]),
             _sweep_row("rekd", "+momentum", 14.0, 0.03, q["momentum"], ["method.params.momentum=0.99"]),
             _sweep_row("rekd", "+train.lr", None, 0.0075, q["lr"], ["train.lr=0.0075"], status="failed"),
+            _sweep_row("rekd", "auto-queue_size", 16.5, 0.0075, {**q["momentum"], **q["lr"]},
+                       ["method.params.queue_size=65536"], preset="auto", source="leave-one-out"),
+            _sweep_row("rekd", "auto-momentum", 25.0, 0.0075, {**q["queue"], **q["lr"]},
+                       ["method.params.momentum=0.999"], preset="auto", source="leave-one-out"),
             _sweep_row("smd", "published", 18.0, 0.0125, {}, [], source="published"),
             _sweep_row("smd", "auto", 27.5, 0.0125, {"method.params.warmup_epochs": 0.06}, [], preset="auto"),
             _sweep_row("smd", "train.lr=0.004", 19.0, 0.004, {"train.lr": 0.004}, ["train.lr=0.004"], source="grid"),
@@ -259,7 +285,9 @@ def test_render_sweep_section(tmp_path):
     assert "| +momentum | published | `method.params.momentum=0.99` | 0.03 | 14.0 | 15.0 | -1.0 | -11.0 | 100 |" in rekd
     assert "| +train.lr (failed) | published | `train.lr=0.0075` | 0.0075 | – |" in rekd and "boom" in rekd
     assert ("Largest gain over `published` (15.0 %): **queue_size = 8192 (its auto value)**, +7.0 points kNN "
-            "(→ 22.0 %, -3.0 vs random-init). `auto` (all 3 derived values together): +9.0 points.") in rekd
+            "(→ 22.0 %, -3.0 vs random-init). `auto` (all 3 derived values together): +9.0 points. `auto` with one "
+            "derived value back at the paper's (24.0 % with all): without queue_size -7.5, without momentum +1.0.") in rekd
+    assert "| auto-queue_size | auto | `method.params.queue_size=65536` | 0.0075 | 16.5 |" in rekd
     assert "Not run yet: train.lr=0.09; failed: +train.lr — `python benchmarks/sweep.py --methods rekd` runs them" in rekd
     assert "Not run yet" not in smd_part(section) and "failed:" not in smd_part(section)
     smd = section[section.index("### smd, 6,400 images"):]
