@@ -97,7 +97,9 @@ class SMD(Method):
         "EfficientNet-B0/B1 students); during the first 2 epochs −½(cos(t1,s1)+cos(t2,s2)) is added. "
         "No queue, momentum encoder or predictor. method.params.center=batch (not in the paper) subtracts each "
         "view's batch mean from targets and head outputs first: the pooled post-ReLU teacher feature shares one mean "
-        "direction, onto which the benchmark's student heads collapsed by step 20."
+        "direction, onto which the benchmark's student heads collapsed by step 20. On runs of at most 1 % of the "
+        "paper's images, method.preset=auto uses the settings measured for short runs (methods/presets.py, "
+        "_SMD_SHORT_RUN): centred targets, the warm-up's cosine term alone (times 0), τ 0.4, lr 0.4·B/512."
     )
     published = (
         "ECCV 2022 (liuhao-lh/SMD): beats earlier self-supervised distillers with fewer epochs, sometimes the teacher "
