@@ -73,21 +73,23 @@ def test_keys_equal_in_both_presets_give_no_variant():
 
 
 def test_leave_one_out_puts_each_derived_key_back_at_the_paper_value():
-    """smd's short-run settings (four keys) as one-factor points of published and, with leave_one_out, as auto
+    """smd's short-run settings (five keys) as one-factor points of published and, with leave_one_out, as auto
     minus one key each; the paper's value of a key only auto derives comes from the Params defaults (None for the
     architecture-chosen temperature, written so YAML reads it back)."""
     import sweep
 
     size = sweep.run_size(*PROTOCOL)
     plain = [v.name for v in sweep.plan_variants(_facts("smd"), size)]
-    assert plain == ["published", "auto", "+center", "+temperature", "+times", "+train.lr"]
+    assert plain == ["published", "auto", "+center", "+keep_cosine", "+temperature", "+times", "+train.lr"]
     variants = {v.name: v for v in sweep.plan_variants(_facts("smd"), size, leave_one_out=True)}
-    assert list(variants)[len(plain):] == ["auto-center", "auto-temperature", "auto-times", "auto-train.lr"]
+    assert list(variants)[len(plain):] == ["auto-center", "auto-keep_cosine", "auto-temperature", "auto-times",
+                                           "auto-train.lr"]
     assert variants["auto-temperature"].preset == "auto"
     assert variants["auto-temperature"].sets == ("method.params.temperature=null",)
     assert variants["auto-train.lr"].sets == ("train.lr=0.0125",)  # the paper's 0.1 at batch 512, its linear rule
     assert variants["auto-center"].factors == {"method.params.times": 0.0, "method.params.temperature": 0.4,
-                                               "train.lr": 0.05}
+                                               "method.params.keep_cosine": True, "train.lr": 0.05}
+    assert variants["auto-keep_cosine"].sets == ("method.params.keep_cosine=false",)
     assert variants["auto-center"].source == "leave-one-out" and variants["auto-center"].slug == "auto+center=none"
     # two derived keys: leaving one out is the other's one-factor point, already planned
     disco = [v.name for v in sweep.plan_variants(_facts("disco"), size, leave_one_out=True)]

@@ -73,7 +73,7 @@ def test_small_run_values():
     # SMD's short-run settings (measured together): lr 0.4 at batch 512 → 0.05 at 64, and its params
     assert _values("smd", SMALL) == {"method.params.center": "batch", "method.params.times": 0.0,
                                      "method.params.temperature": 0.4, "method.params.warmup_epochs": 2.0,
-                                     "train.lr": pytest.approx(0.05)}
+                                     "method.params.keep_cosine": True, "train.lr": pytest.approx(0.05)}
     smd_long = _values("smd", RunSize(1_281_167, 64, 2 * 1_281_167))  # 2 ImageNet epochs: 2 % of the paper's run
     assert smd_long == {"method.params.warmup_epochs": pytest.approx(0.04),  # 2 % of a 2-epoch run
                         "train.lr": pytest.approx(0.0125)}  # 0.05 × 64/256
