@@ -101,13 +101,15 @@ class ShortRun:
     (scaled from the paper's batch by the auto rule, like the paper's lr) while the run sees at most ``max_share`` of
     the published run's images: the range the ``evidence`` covers, so runs of the paper's length keep the paper's
     lr. ``params`` are Params values measured together with that lr (field name, value), applied in the same range
-    in place of the paper's (and of their own size derivation, e.g. a warm-up's share of the run). ``evidence``
-    names the measurements (benchmarks/RESULTS.md rows) and is printed as the reason."""
+    in place of the paper's (and of their own size derivation). ``warmup_share``, where set, is the share of the run
+    the recipe's warm-ups cover in that range instead of the paper's share. ``evidence`` names the measurements
+    (benchmarks/RESULTS.md rows) and is printed as the reason."""
 
     lr: float
     max_share: float
     evidence: str
     params: tuple[tuple[str, Any], ...] = ()
+    warmup_share: float | None = None  # the recipe's warm-ups cover this share of the run (not the paper's share)
 
 
 def _sgd(source: str, lr: float, batch: int, epochs: float, rule: LrRule = "none", rule_source: str = "",
@@ -133,16 +135,17 @@ _COMPRESS = _sgd("CompRess (UMBCvision/CompRess): SGD lr 0.01, batch 256, 130 ep
 # SMD on short runs (benchmarks/RESULTS.md, smd rows): the warm-up's cosine term is what aligns the student's new
 # head with the teacher. The metric term, whose slope is 1/τ = 25 wherever it saturates, swamps it during the
 # warm-up (head cosine 0.002 after 130 steps), and after the warm-up the metric term alone lets an aligned head
-# (cosine 0.45–0.57) drift off the teacher (0.03–0.24 within 200–300 steps, at τ 0.4 too). So: the paper's 2 warm-up
-# epochs of the cosine term alone, then the metric term at τ 0.4 with the cosine term kept; the pooled post-ReLU
-# teacher features share one mean direction, onto which the uncentred heads collapse, so targets are centred.
-# Measured together at batch 64 (0.05 = 0.4 × 64/512).
+# (cosine 0.45–0.57) drift off the teacher (0.03–0.24 within 200–300 steps, at τ 0.4 too): what the student keeps is
+# what the warm-up built. So on short runs: the cosine term alone for the first half of the run, then the paper's
+# metric term at τ 0.4; the pooled post-ReLU teacher features share one mean direction, onto which the uncentred
+# heads collapse, so targets are centred. Measured together at batch 64 (0.05 = 0.4 × 64/512).
 _SMD_SHORT_RUN = ShortRun(
     lr=0.4, max_share=0.01,
-    evidence=("benchmarks/RESULTS.md, smd on the CIFAR-10 protocol at batch 64: 30,000 images, published (lr 0.0125) "
-              "14.75 % kNN, + centred targets 23.05 %, + lr 0.05 and the warm-up's cosine term alone (times 0) 28.4 %, "
-              "+ τ 0.4 34.7 %"),
-    params=(("center", "batch"), ("temperature", 0.4), ("times", 0.0), ("warmup_epochs", 2.0), ("keep_cosine", True)))
+    evidence=("benchmarks/RESULTS.md, smd on the CIFAR-10 protocol at batch 64, 120,000 images: the paper's settings "
+              "(lr 0.0125, warm-up 2 % of the run) 16.4 % kNN, with centred targets and the paper's 2 warm-up epochs "
+              "21.35 %; at lr 0.05 with centred targets, τ 0.4 and the cosine term alone during the warm-up, a warm-up "
+              "of half the run 44.2 %"),
+    params=(("center", "batch"), ("temperature", 0.4), ("times", 0.0)), warmup_share=0.5)
 _MOCO_RULE = ("MoCo's README: 'for 4-GPU training, follow the linear lr scaling recipe: --lr 0.015 "
               "--batch-size 128' (the code itself does not scale)")
 
@@ -292,8 +295,13 @@ def _short_run_share(recipe: PublishedRecipe, size: RunSize) -> str:
 def short_run_reason(recipe: PublishedRecipe, size: RunSize, name: str) -> str:
     """Why ``auto`` sets the short-run value of Params field ``name`` on this run (see :class:`ShortRun`)."""
     short = recipe.short_run
-    published = "the paper's value" if name not in recipe.warmups else "the paper's warm-up (not its share of the run)"
-    return (f"{_short_run_share(recipe, size)}; in place of {published}, measured together with the short-run lr "
+    if name in recipe.warmups and name not in dict(short.params) and short.warmup_share is not None:
+        steps = int(round(short.warmup_share * size.steps))
+        published = (f"in place of the paper's share of the run, the warm-up covers {100 * short.warmup_share:g}% of this run "
+                     f"({size.epochs:.4g} epochs, {size.steps:,} steps of {size.batch_size} → ≈{steps:,} steps)")
+    else:
+        published = "in place of the paper's value"
+    return (f"{_short_run_share(recipe, size)}; {published}, measured together with the short-run lr "
             f"({short.lr:g} at batch {recipe.batch}): {short.evidence}")
 
 
@@ -442,12 +450,17 @@ def derive(facts: MethodFacts, size: RunSize, preset: Preset = "auto",
             (recipe.ema, lambda p: derive_ema(float(p), size), lambda p: "published preset: the paper's EMA momentum"),
             (recipe.negatives, negatives_auto,
              lambda p: "published preset: the paper's negatives")]
-    short_params = dict(recipe.short_run.params) if recipe is not None and recipe.short_run is not None else {}
-    if recipe is not None and short_params and uses_short_run_lr(recipe, size, preset):
+    short_params: dict[str, Any] = {}
+    if recipe is not None and recipe.short_run is not None and uses_short_run_lr(recipe, size, preset):
+        short_params = dict(recipe.short_run.params)
         for name, value in short_params.items():
             add(f"method.params.{name}", value, facts.defaults[name], short_run_reason(recipe, size, name))
-    else:
-        short_params = {}
+        if recipe.short_run.warmup_share is not None:
+            for name in recipe.warmups:
+                if name not in short_params:
+                    value = _round(recipe.short_run.warmup_share * size.epochs)
+                    add(f"method.params.{name}", value, facts.defaults[name], short_run_reason(recipe, size, name))
+                    short_params[name] = value
     for names, derive_auto, published_reason in sized:
         for name in names:
             if name in short_params:

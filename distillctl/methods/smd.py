@@ -29,10 +29,6 @@ class SMDParams(CropParams):
     # the loss itself). The pooled teacher feature is post-ReLU, so every target shares one mean direction; on the
     # benchmark the student's head settled on it by step 20 and stayed (benchmarks/RESULTS.md, smd rows)
     center: Literal["none", "batch"] = "none"
-    # true (not in the paper): the warm-up's −½(cos(t1,s1)+cos(t2,s2)) stays in the loss after the warm-up. The metric
-    # term alone does not hold the head on the teacher: on the benchmark, an aligned head (cosine 0.45–0.57 at the
-    # end of the warm-up) fell to 0.03–0.24 within 200–300 steps once the cosine term stopped
-    keep_cosine: bool = False
 
 
 def pairwise_distance(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
@@ -103,8 +99,8 @@ class SMD(Method):
         "view's batch mean from targets and head outputs first: the pooled post-ReLU teacher feature shares one mean "
         "direction, onto which the benchmark's student heads collapsed by step 20. On runs of at most 1 % of the "
         "paper's images, method.preset=auto uses the settings measured for short runs (methods/presets.py, "
-        "_SMD_SHORT_RUN): centred targets, τ 0.4, the warm-up's cosine term kept for the whole run "
-        "(method.params.keep_cosine, not in the paper), lr 0.4·B/512."
+        "_SMD_SHORT_RUN): centred targets, τ 0.4, the warm-up's cosine term alone (times 0) for the first half of "
+        "the run, lr 0.4·B/512."
     )
     published = (
         "ECCV 2022 (liuhao-lh/SMD): beats earlier self-supervised distillers with fewer epochs, sometimes the teacher "
@@ -145,6 +141,4 @@ class SMD(Method):
                 LOG_KEY: embedding_cosine(students[0])}
         if inputs.epoch < self.params.warmup_epochs:
             return -cosine + self.params.times * distill, logs
-        if self.params.keep_cosine:
-            return -cosine + distill, logs
         return distill, logs

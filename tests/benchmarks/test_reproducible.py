@@ -128,8 +128,8 @@ def test_stale_preset_cells_are_pinned_to_what_they_ran_with():
     row = {"method": "smd", "preset": "auto", "steps": 468, "lr": 0.0125,
            "derived": {"method.params.warmup_epochs": {"value": 0.06}, "train.lr": {"value": 0.0125}}}
     pinned = render.reproducible_command(command, row, 10_000)
-    assert pinned == (command + " --set method.params.keep_cosine=false --set method.params.temperature=null"
-                      " --set method.params.times=1 --set method.params.warmup_epochs=0.06 --lr 0.0125")
+    assert pinned == (command + " --set method.params.temperature=null --set method.params.times=1"
+                      " --set method.params.warmup_epochs=0.06 --lr 0.0125")
     assert render.reproducible_command(command, row, 10_000).count("method.params.center") == 1
     # what the suite checks before reusing that cell: the same changes, then → now
     summary = {"recipe": {"method": {"name": "smd", "preset": "auto", "params": {"center": "batch",
@@ -137,7 +137,7 @@ def test_stale_preset_cells_are_pinned_to_what_they_ran_with():
                           "train": {"max_steps": 468, "batch_size": 64, "lr": 0.0125},
                           "derived": row["derived"]}, "data": {"images": 10_000}}
     assert [key for key, _, _ in quality.stale_values(summary)] == [
-        "method.params.keep_cosine", "method.params.temperature", "method.params.times", "method.params.warmup_epochs", "train.lr"]
+        "method.params.temperature", "method.params.times", "method.params.warmup_epochs", "train.lr"]
 
 
 def _quality(rows: dict) -> dict:

@@ -80,16 +80,16 @@ def test_leave_one_out_puts_each_derived_key_back_at_the_paper_value():
 
     size = sweep.run_size(*PROTOCOL)
     plain = [v.name for v in sweep.plan_variants(_facts("smd"), size)]
-    assert plain == ["published", "auto", "+center", "+keep_cosine", "+temperature", "+times", "+train.lr"]
+    assert plain == ["published", "auto", "+center", "+temperature", "+times", "+warmup_epochs", "+train.lr"]
     variants = {v.name: v for v in sweep.plan_variants(_facts("smd"), size, leave_one_out=True)}
-    assert list(variants)[len(plain):] == ["auto-center", "auto-keep_cosine", "auto-temperature", "auto-times",
-                                           "auto-train.lr"]
+    assert list(variants)[len(plain):] == ["auto-center", "auto-temperature", "auto-times",
+                                           "auto-warmup_epochs", "auto-train.lr"]
     assert variants["auto-temperature"].preset == "auto"
     assert variants["auto-temperature"].sets == ("method.params.temperature=null",)
     assert variants["auto-train.lr"].sets == ("train.lr=0.0125",)  # the paper's 0.1 at batch 512, its linear rule
     assert variants["auto-center"].factors == {"method.params.times": 0.0, "method.params.temperature": 0.4,
-                                               "method.params.keep_cosine": True, "train.lr": 0.05}
-    assert variants["auto-keep_cosine"].sets == ("method.params.keep_cosine=false",)
+                                               "method.params.warmup_epochs": 1.5, "train.lr": 0.05}
+    assert variants["auto-warmup_epochs"].sets == ("method.params.warmup_epochs=2",)  # the paper's 2 epochs
     assert variants["auto-center"].source == "leave-one-out" and variants["auto-center"].slug == "auto+center=none"
     # two derived keys: leaving one out is the other's one-factor point, already planned
     disco = [v.name for v in sweep.plan_variants(_facts("disco"), size, leave_one_out=True)]

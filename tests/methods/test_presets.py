@@ -72,8 +72,9 @@ def test_small_run_values():
     assert _values("mocov2", SMALL, explicit={"method.params.queue_size"})["train.lr"] == 0.0075
     # SMD's short-run settings (measured together): lr 0.4 at batch 512 → 0.05 at 64, and its params
     assert _values("smd", SMALL) == {"method.params.center": "batch", "method.params.times": 0.0,
-                                     "method.params.temperature": 0.4, "method.params.warmup_epochs": 2.0,
-                                     "method.params.keep_cosine": True, "train.lr": pytest.approx(0.05)}
+                                     "method.params.temperature": 0.4,
+                                     "method.params.warmup_epochs": pytest.approx(1.5),  # half of a 3-epoch run
+                                     "train.lr": pytest.approx(0.05)}
     smd_long = _values("smd", RunSize(1_281_167, 64, 2 * 1_281_167))  # 2 ImageNet epochs: 2 % of the paper's run
     assert smd_long == {"method.params.warmup_epochs": pytest.approx(0.04),  # 2 % of a 2-epoch run
                         "train.lr": pytest.approx(0.0125)}  # 0.05 × 64/256
@@ -221,8 +222,9 @@ def test_short_run_params_come_with_the_short_run_lr_and_yield_to_explicit_keys(
     facts = method_facts(get_method("smd"))
     derived = {d.key: d for d in derive(facts, SMALL, "auto")}
     warmup = derived["method.params.warmup_epochs"]
-    assert warmup.value == 2.0 and warmup.published == 2.0
-    assert "not its share of the run" in warmup.reason and facts.recipe.short_run.evidence in warmup.reason
+    assert warmup.value == pytest.approx(1.5) and warmup.published == 2.0
+    assert "the warm-up covers 50% of this run" in warmup.reason and "≈234 steps" in warmup.reason
+    assert facts.recipe.short_run.evidence in warmup.reason
     assert derived["method.params.temperature"].published is None  # the paper's: chosen by student architecture
     assert derived["method.params.temperature"].reason == short_run_reason(facts.recipe, SMALL, "temperature")
     explicit = _values("smd", SMALL, explicit={"method.params.temperature", "method.params.warmup_epochs"})

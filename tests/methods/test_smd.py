@@ -97,21 +97,6 @@ def test_warmup_term_and_temperature_switch() -> None:
     assert fixed.temperature == 0.1
 
 
-def test_keep_cosine_keeps_the_warm_up_term_after_the_warm_up() -> None:
-    """keep_cosine (the short-run setting): −cos + SMD after the warm-up; during the warm-up `times` still scales
-    the SMD term (times 0: the cosine term alone)."""
-    torch.manual_seed(0)
-    method = SMD(SMDParams(keep_cosine=True, times=0.0, temperature=0.4), STUDENT_DIM, TEACHER_DIMS)
-    student, teacher = TinyNet(STUDENT_DIM), TinyTeacher()
-    method.setup(student)
-    images = make_images(method, 6, 16)
-    warm, logs = method.loss(make_inputs(method, student, [teacher], images, epoch=1.5))
-    assert float(warm.detach()) == pytest.approx(-float(logs["cos"]), rel=1e-5)
-    late, logs = method.loss(make_inputs(method, student, [teacher], images, epoch=2.0))
-    assert float(logs["smd"]) > 0
-    assert float(late.detach()) == pytest.approx(-float(logs["cos"]) + float(logs["smd"]), rel=1e-5)
-
-
 def test_logs_the_embedding_cosine_the_collapse_watch_reads() -> None:
     """SMD's head outputs are watched for collapse onto one direction (methods/collapse.py)."""
     from distillctl.methods.collapse import LOG_KEY, embedding_cosine
