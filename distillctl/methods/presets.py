@@ -141,10 +141,10 @@ _COMPRESS = _sgd("CompRess (UMBCvision/CompRess): SGD lr 0.01, batch 256, 130 ep
 # heads collapse, so targets are centred. Measured together at batch 64 (0.05 = 0.4 × 64/512).
 _SMD_SHORT_RUN = ShortRun(
     lr=0.4, max_share=0.01,
-    evidence=("benchmarks/RESULTS.md, smd on the CIFAR-10 protocol at batch 64, 120,000 images: the paper's settings "
-              "(lr 0.0125, warm-up 2 % of the run) 16.4 % kNN, with centred targets and the paper's 2 warm-up epochs "
-              "21.35 %; at lr 0.05 with centred targets, τ 0.4 and the cosine term alone during the warm-up, a warm-up "
-              "of half the run 44.2 %"),
+    evidence=("benchmarks/RESULTS.md, smd on the CIFAR-10 protocol at batch 64, 120,000 images: with these settings "
+              "(the smd [auto] row) 42.1 % kNN; with the paper's 2 warm-up epochs instead of half the run (sweep row "
+              "auto-warmup_epochs) WUPENDING %; the paper's settings with centred targets (sweep row +center) 21.35 %, "
+              "without (lr 0.0125, warm-up 2 % of the run; CHANGELOG) 16.4 %"),
     params=(("center", "batch"), ("temperature", 0.4), ("times", 0.0)), warmup_share=0.5)
 _MOCO_RULE = ("MoCo's README: 'for 4-GPU training, follow the linear lr scaling recipe: --lr 0.015 "
               "--batch-size 128' (the code itself does not scale)")

@@ -249,6 +249,13 @@ def test_geometry_section_reads_the_rows(tmp_path):
     assert [line.split(" |")[0] for line in lines if line.startswith("| ") and not line.startswith("| teacher (")][1:] == \
         ["| smd", "| cosine-reg", "| dlkd"]  # weakest first
     assert render.geometry_section(None) == ""
+    # the table has measured cell "a" again since: the row is the earlier run's, with the table's number beside it
+    table = {"rows": {"a": {"status": "done", "knn_top1": 42.1}, "b": {"status": "done", "knn_top1": 48.3}}}
+    again = render.geometry_section({"command": "x", "images": 10, "budget": 1, "collapse_threshold": 0.95,
+                                     "teacher": teacher, "rows": rows}, table).splitlines()
+    assert any(line.startswith("| smd (an earlier run of this cell; the table's cell now: 42.1 %) | 16.4 |")
+               for line in again)
+    assert any(line.startswith("| cosine-reg | 48.3 |") for line in again)
 
 
 def test_a_finished_cell_under_an_older_derivation_is_stale():
