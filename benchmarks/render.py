@@ -590,8 +590,16 @@ def sweep_verdict(rows: list[dict], floor: float | None) -> str:
     what ``auto`` (every derived value together) gained."""
     by_name = {r["variant"]: r for r in rows if r.get("status") == "done"}
     published = by_name.get("published")
+    auto = by_name.get("auto")
+    left_out = sorted((r for r in by_name.values() if r.get("source") == "leave-one-out" and r.get("knn_top1") is not None),
+                      key=lambda r: (r["knn_top1"], r["variant"]))
+    leave_one_out = ""
+    if auto is not None and auto.get("knn_top1") is not None and left_out:
+        leave_one_out = (f"`auto` with one derived value back at the paper's ({auto['knn_top1']:.1f} % with all): "
+                         + ", ".join(f"without {r['variant'].removeprefix('auto-')} "
+                                     f"{r['knn_top1'] - auto['knn_top1']:+.1f}" for r in left_out) + ".")
     if published is None or published.get("knn_top1") is None:
-        return "No verdict yet: the `published` cell has not run."
+        return " ".join(["No one-factor verdict yet: the `published` cell has not run.", leave_one_out]).strip()
     base = published["knn_top1"]
     single = [r for r in by_name.values() if len(r.get("factors") or {}) == 1 and r.get("knn_top1") is not None]
     parts = []
@@ -605,16 +613,11 @@ def sweep_verdict(rows: list[dict], floor: float | None) -> str:
         else:
             parts.append(f"No single factor beats `published` ({base:.1f} %); the best, {_factor_text(best)}, "
                          f"gives {gain:+.1f} points.")
-    auto = by_name.get("auto")
     if auto is not None and auto.get("knn_top1") is not None and len(auto.get("factors") or {}) > 1:
         parts.append(f"`auto` (all {len(auto['factors'])} derived values together): "
                      f"{auto['knn_top1'] - base:+.1f} points.")
-    left_out = sorted((r for r in by_name.values() if r.get("source") == "leave-one-out" and r.get("knn_top1") is not None),
-                      key=lambda r: (r["knn_top1"], r["variant"]))
-    if auto is not None and auto.get("knn_top1") is not None and left_out:
-        parts.append(f"`auto` with one derived value back at the paper's ({auto['knn_top1']:.1f} % with all): "
-                     + ", ".join(f"without {r['variant'].removeprefix('auto-')} {r['knn_top1'] - auto['knn_top1']:+.1f}"
-                                 for r in left_out) + ".")
+    if leave_one_out:
+        parts.append(leave_one_out)
     if not single and not parts:
         return "No verdict yet: no variant besides `published` has run."
     return " ".join(parts)

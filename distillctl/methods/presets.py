@@ -19,8 +19,9 @@ batch 64 they are the wrong size. Two presets:
     * learning rate: the paper's lr scaled by the batch with the method's own rule (:data:`RECIPES`). Where the
       benchmark measured the paper's lr too small for runs far shorter than the paper's (:class:`ShortRun`),
       such runs start from the measured lr instead, scaled by the same rule; runs of the paper's length keep its lr.
-      Where the measurement found other settings that such runs need with it (SMD: the warm-up's alignment term
-      alone, a softer temperature, centred targets), they come with that lr and are printed with its evidence.
+      Where the measurement found other settings that such runs need with it (SMD: a warm-up of half the run with
+      its alignment term alone, a softer temperature, centred targets), they come with that lr and are printed with
+      its evidence (:attr:`ShortRun.params`, :attr:`ShortRun.warmup_share`).
     * EMA momentum: the key/target encoder's time constant ``1/(1-m)`` is at most a tenth of the run, never
       below 0.99 (MoCo's ablation: 0.99 trains nearly as well as 0.999, 0.9 fails).
     * k-means cluster and prototype counts sized for the paper's dataset (``PublishedRecipe.per_dataset``, e.g.
@@ -143,7 +144,7 @@ _SMD_SHORT_RUN = ShortRun(
     lr=0.4, max_share=0.01,
     evidence=("benchmarks/RESULTS.md, smd on the CIFAR-10 protocol at batch 64, 120,000 images: with these settings "
               "(the smd [auto] row) 42.1 % kNN; with the paper's 2 warm-up epochs instead of half the run (sweep row "
-              "auto-warmup_epochs) WUPENDING %; the paper's settings with centred targets (sweep row +center) 21.35 %, "
+              "auto-warmup_epochs) 31.15 %; the paper's settings with centred targets (sweep row +center) 21.35 %, "
               "without (lr 0.0125, warm-up 2 % of the run; CHANGELOG) 16.4 %"),
     params=(("center", "batch"), ("temperature", 0.4), ("times", 0.0)), warmup_share=0.5)
 _MOCO_RULE = ("MoCo's README: 'for 4-GPU training, follow the linear lr scaling recipe: --lr 0.015 "
@@ -297,8 +298,9 @@ def short_run_reason(recipe: PublishedRecipe, size: RunSize, name: str) -> str:
     short = recipe.short_run
     if name in recipe.warmups and name not in dict(short.params) and short.warmup_share is not None:
         steps = int(round(short.warmup_share * size.steps))
-        published = (f"in place of the paper's share of the run, the warm-up covers {100 * short.warmup_share:g}% of this run "
-                     f"({size.epochs:.4g} epochs, {size.steps:,} steps of {size.batch_size} → ≈{steps:,} steps)")
+        published = (f"in place of the paper's share of the run, the warm-up covers {100 * short.warmup_share:g}% "
+                     f"of this run ({size.epochs:.4g} epochs, {size.steps:,} steps of {size.batch_size} → ≈{steps:,} "
+                     "steps)")
     else:
         published = "in place of the paper's value"
     return (f"{_short_run_share(recipe, size)}; {published}, measured together with the short-run lr "

@@ -347,12 +347,13 @@ def test_dry_run_prints_commands_and_estimate(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     commands = [line for line in lines if line.startswith("distillctl run ")]
-    # smd: published, auto, lr 0.01; rekd: published, auto, four one-key variants, lr 0.01
-    assert len(commands) == 10
-    assert sum("--method smd " in c for c in commands) == 3 and sum("--method rekd " in c for c in commands) == 7
+    # smd: published, auto, five one-key variants (its short-run settings), lr 0.01; rekd: published, auto, four
+    # one-key variants, lr 0.01
+    assert len(commands) == 15
+    assert sum("--method smd " in c for c in commands) == 8 and sum("--method rekd " in c for c in commands) == 7
     assert any("rekd-30000/published+queue_size=8192" in c and "--set method.params.queue_size=8192" in c
                for c in commands)
-    assert lines[-1].startswith("# estimate: 10 cells to run (smd 3, rekd 7), ~") and " h one at a time" in lines[-1]
+    assert lines[-1].startswith("# estimate: 15 cells to run (smd 8, rekd 7), ~") and " h one at a time" in lines[-1]
     assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()  # a dry run makes nothing
     bad = _run("--methods", "smd", "--grid", "method.params.queue_size=1024", "--dry-run", env=env)
     assert bad.returncode == 2 and "none of smd has a param 'queue_size'" in bad.stderr and "Traceback" not in bad.stderr
