@@ -370,7 +370,10 @@ def _print_lr(preset: dict | None, ran: str | None, measured_summary: str) -> No
                           f"({100 * short['max_share']:g}% of the paper's run) start from lr {short['lr']:g} at batch "
                           f"{preset['batch']} instead (e.g. {short['example_lr']:g} at batch {example['batch']})"
                           + (f" with {', '.join(f'{k}={v}' for k, v in short['params'].items())}"
-                             if short.get("params") else "") + f": {escape(short['evidence'])}", highlight=False)
+                             if short.get("params") else "")
+                          + (f", warm-ups over {100 * short['warmup_share']:g}% of the run"
+                             if short.get("warmup_share") is not None else "")
+                          + f": {escape(short['evidence'])}", highlight=False)
     if preset and preset.get("sized_params"):
         console.print(f"[bold]sized by method.preset=auto:[/] {', '.join(preset['sized_params'])}", highlight=False)
     if ran:

@@ -144,7 +144,7 @@ _SMD_SHORT_RUN = ShortRun(
     lr=0.4, max_share=0.01,
     evidence=("benchmarks/RESULTS.md, smd on the CIFAR-10 protocol at batch 64, 120,000 images: with these settings "
               "(the smd [auto] row) 42.1 % kNN; with the paper's 2 warm-up epochs instead of half the run (sweep row "
-              "auto-warmup_epochs) 31.15 %; the paper's settings with centred targets (sweep row +center) 21.35 %, "
+              "auto-warmup_epochs) 31.15 %; the paper's settings with centred targets (sweep row center=batch) 21.35 %, "
               "without (lr 0.0125, warm-up 2 % of the run; CHANGELOG) 16.4 %"),
     params=(("center", "batch"), ("temperature", 0.4), ("times", 0.0)), warmup_share=0.5)
 _MOCO_RULE = ("MoCo's README: 'for 4-GPU training, follow the linear lr scaling recipe: --lr 0.015 "
@@ -593,7 +593,7 @@ def recipe_summary(method_cls, example_batch: int = 64) -> dict[str, Any] | None
             "short_run": None if recipe.short_run is None else {
                 "lr": recipe.short_run.lr, "max_share": recipe.short_run.max_share,
                 "max_images": int(recipe.short_run.max_share * recipe.images_seen), "evidence": recipe.short_run.evidence,
-                "params": dict(recipe.short_run.params),
+                "params": dict(recipe.short_run.params), "warmup_share": recipe.short_run.warmup_share,
                 "example_lr": scale_lr(recipe.short_run.lr, recipe.batch, example_batch, recipe.auto_rule)},
             "sized_params": list(dict.fromkeys(
                 facts.queue_fields + recipe.warmups + recipe.ema + facts.per_dataset + recipe.negatives

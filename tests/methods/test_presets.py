@@ -231,6 +231,11 @@ def test_short_run_params_come_with_the_short_run_lr_and_yield_to_explicit_keys(
     assert "method.params.temperature" not in explicit and "method.params.warmup_epochs" not in explicit
     assert explicit["method.params.center"] == "batch"
     assert _values("smd", SMALL, "published") == {"method.params.warmup_epochs": 2, "train.lr": 0.0125}
+    from distillctl.methods.presets import recipe_summary
+
+    short = recipe_summary(get_method("smd"))["short_run"]  # what `methods show` prints
+    assert short["params"] == {"center": "batch", "temperature": 0.4, "times": 0.0} and short["warmup_share"] == 0.5
+    assert short["example_lr"] == pytest.approx(0.05)
 
 
 def test_published_preset_gives_paper_values_on_a_small_run():
