@@ -116,13 +116,9 @@ def cell_preset(row: dict) -> str:
                                      "published (before method.preset)")
 
 
-def _yaml_scalar(value: object) -> str:
-    """A value as ``--set`` parses it back (YAML): true/false, null, numbers, plain strings."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def _train_images(cfg: dict | None) -> int:
+    """The protocol's training-set size from a result file's config (the protocol's 10,000 where unrecorded)."""
+    return int((cfg or {}).get("train_images") or 10_000)
 
 
 def stale_pins(command: str, row: dict, train_images: int) -> list[str]:
@@ -133,6 +129,7 @@ def stale_pins(command: str, row: dict, train_images: int) -> list[str]:
     if not row.get("preset") or not row.get("steps") or not row.get("method"):
         return []
     from quality import stale_values  # noqa: E402 - the same check the suite runs before reusing a finished cell
+    from sweep import fmt  # noqa: E402 - values as --set text that YAML reads back unchanged
 
     parts = command.split()
     explicit = {}
@@ -148,7 +145,7 @@ def stale_pins(command: str, row: dict, train_images: int) -> list[str]:
                                     "lr": row.get("lr"), "optimizer": optimizer},
                           "derived": derived},
                "data": {"images": train_images}}
-    return [f"--lr {_yaml_scalar(ran)}" if key == "train.lr" else f"--set {key}={_yaml_scalar(ran)}"
+    return [f"--lr {fmt(ran)}" if key == "train.lr" else f"--set {key}={fmt(ran)}"
             for key, ran, _now in stale_values(summary)]
 
 
@@ -175,7 +172,7 @@ def lr_lines(q: dict, facts: dict) -> list[str]:
     except ImportError:  # render without the package: no lr table
         return []
     cfg = q["config"]
-    size = RunSize(int(cfg.get("train_images") or 10_000), int(cfg.get("batch_size") or 64), int(facts["budget"]))
+    size = RunSize(_train_images(cfg), int(cfg.get("batch_size") or 64), int(facts["budget"]))
     lines = []
     seen = {}
     for r in q.get("rows", {}).values():
@@ -403,7 +400,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             "default `--preset auto` and so re-measure; the per-cell commands are pinned (`--set "
             "method.preset=published` and the lr they ran with) and reproduce the rows.", "",
             "```", q.get("command", ""), *q.get("extra_commands", [])]
-    images = int(cfg.get("train_images") or 10_000)
+    images = _train_images(cfg)
     for ssl_teacher in ssl_teachers(q.get("reference", {})):  # make the teacher files the SSL-teacher cells read
         if ssl_teacher.get("command"):
             out.append(reproducible_command(ssl_teacher["command"], ssl_teacher, images))
@@ -528,7 +525,7 @@ def dense_section(d: dict | None) -> str:
             "directory.", "", "```", d.get("command", "")]
     commands = []
     for r in [r for r in cells if r["teacher"] == "sup"] + ([vit] if vit else []) + [r for r in cells if r["teacher"] == "vit"]:
-        commands += [reproducible_command(r.get("command") or "", r, int(cfg.get("train_images") or 10_000)),
+        commands += [reproducible_command(r.get("command") or "", r, _train_images(cfg)),
                      (r.get("dense") or {}).get("command")]
     for name, row in sorted(ref.items()):
         if isinstance(row, dict) and (name == "teacher" or name.startswith("random:")):
@@ -729,8 +726,7 @@ def sweep_section(sw: dict | None, q: dict | None) -> str:
         for key in sorted((sw.get("rows") or {})):
             row = sw["rows"][key]
             if row.get("command"):
-                out.append(reproducible_command(row["command"], row,
-                                                int((sw.get("config") or {}).get("train_images") or 10_000)))
+                out.append(reproducible_command(row["command"], row, _train_images(sw.get("config"))))
         out += ["```", "", "</details>", ""]
     return "\n".join(out)
 

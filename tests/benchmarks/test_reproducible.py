@@ -128,7 +128,7 @@ def test_stale_preset_cells_are_pinned_to_what_they_ran_with():
     row = {"method": "smd", "preset": "auto", "steps": 468, "lr": 0.0125,
            "derived": {"method.params.warmup_epochs": {"value": 0.06}, "train.lr": {"value": 0.0125}}}
     pinned = render.reproducible_command(command, row, 10_000)
-    assert pinned == (command + " --set method.params.temperature=null --set method.params.times=1"
+    assert pinned == (command + " --set method.params.temperature=null --set method.params.times=1.0"
                       " --set method.params.warmup_epochs=0.06 --lr 0.0125")
     assert render.reproducible_command(command, row, 10_000).count("method.params.center") == 1
     # what the suite checks before reusing that cell: the same changes, then → now
