@@ -111,14 +111,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dense.add_argument("--vit-teacher", default=None, metavar="METHOD:ARCH:IMAGES",
                        help=f"ViT teacher pretrained by the dense suite (default {DENSE_DEFAULTS['vit_teacher']}).")
     dense.add_argument("--vit-global-method", default="compress-1q",
-                       help="Method distilling the CNN teacher into the ViT student (default compress-1q).")
+                       help="Method distilling the CNN teacher into the ViT student (default compress-1q; 'none' to skip).")
     dense.add_argument("--vit-teacher-methods", default="attndistill,mae-lite",
-                       help="Methods distilled from the ViT teacher into the ViT student (default attndistill,mae-lite).")
+                       help="Methods distilled from the ViT teacher into the ViT student (default attndistill,mae-lite; "
+                            "'none' to skip).")
     dense.add_argument("--dense-methods", default="pcd,dense-reg",
-                       help="Dense methods on the CNN student (default pcd,dense-reg).")
+                       help="Dense methods on the CNN student (default pcd,dense-reg; 'none' to skip).")
     dense.add_argument("--reference-method", default="compress-1q",
                        help="The best global method on the CNN student, dense-probed beside them (its table cell is "
-                            "reused when finished; default compress-1q).")
+                            "reused when finished; default compress-1q; 'none' to skip).")
     dense.add_argument("--vit-lr", type=float, default=1e-3,
                        help="AdamW lr of the ViT cells and of the ViT teacher (default 0.001; weight decay 0.05).")
     return resolve_defaults(parser.parse_args(argv))
@@ -849,12 +850,13 @@ def plan_dense_cells(args, methods: list[dict]) -> list[dict]:
     the CNN → ViT cell, and the cells distilled from the ViT teacher the suite pretrains."""
     names = {m["name"] for m in methods}
     cnn = split_specs(args.students)[0]
-    split = lambda text: [n.strip() for n in text.split(",") if n.strip()]  # noqa: E731
+    split = lambda text: [n.strip() for n in (text or "").split(",") if n.strip() and n.strip() != "none"]  # noqa: E731
     vit_train = {"sets": list(VIT_TRAIN_SETS), "lr": args.vit_lr}
     teacher_tag = "vit-" + ssl_teacher_dir(args, args.vit_teacher).name
     cells = [{"method": m, "teacher": "sup", "student": cnn} for m in split(args.dense_methods)]
-    cells.append({"method": args.reference_method, "teacher": "sup", "student": cnn, "role": "reference"})
-    if args.vit_global_method:
+    if split(args.reference_method):
+        cells.append({"method": args.reference_method, "teacher": "sup", "student": cnn, "role": "reference"})
+    if split(args.vit_global_method):
         cells.append({"method": args.vit_global_method, "teacher": "sup", "student": args.vit_student, **vit_train})
     for method in split(args.vit_teacher_methods):
         sets = list(vit_train["sets"])
@@ -938,7 +940,7 @@ def dense_main(args, argv, data: dict, pre: dict, methods: list[dict], out: Path
     result["benchmark"] = "quality-dense"
     students = sorted({c["student"] for c in cells}, key=lambda s: (is_vit(s), s))
     result["config"].update({"vit_student": args.vit_student, "vit_teacher": args.vit_teacher, "vit_lr": args.vit_lr,
-                             "vit_train": list(VIT_TRAIN_SETS), "cnn_student": cells[0]["student"] if cells else None,
+                             "vit_train": list(VIT_TRAIN_SETS), "cnn_student": split_specs(args.students)[0],
                              # makes the random-init students the reference rows' eval commands read
                              "setup_command": f"python benchmarks/setup_data.py --image-size {args.image_size} "
                                               f"--random-students '{','.join(students)}'"})

@@ -463,6 +463,14 @@ def _grid(row: dict | None) -> str:
     return f"{grid[0]}×{grid[1]}" if grid else "–"
 
 
+def _other_budgets(d: dict) -> str:
+    """" (also …)" when merged dense runs hold cells at budgets other than the suite's own."""
+    budgets = sorted({r["budget"] for r in (d.get("rows") or {}).values()} - {d["config"]["budget_images"]})
+    if not budgets:
+        return ""
+    return f" (also {', '.join(f'{b:,}' for b in budgets)}: see the column \"images seen\")"
+
+
 def dense_section(d: dict | None) -> str:
     """The issue-14 table: ViT and dense-distillation cells with kNN, linear and the dense probe, beside the
     teacher(s), the random-init students and the best global method."""
@@ -474,7 +482,7 @@ def dense_section(d: dict | None) -> str:
     out = [title, "", f"CIFAR-10 protocol of the table above: `{cfg['data']['train']}` ({cfg['train_images']:,} images) "
                       f"for training, kNN bank and probes, `{cfg['data']['test']}` ({cfg['test_images']:,}) for scores, "
                       f"{cfg['image_size']} px, batch {cfg['batch_size']}, seed {cfg['seed']}, "
-                      f"{cfg['budget_images']:,} images seen per distillation cell. CNN student `{cfg.get('cnn_student')}`; "
+                      f"{cfg['budget_images']:,} images seen per distillation cell{_other_budgets(d)}. CNN student `{cfg.get('cnn_student')}`; "
                       f"ViT student `{cfg.get('vit_student')}` (AdamW, lr {cfg.get('vit_lr')}, weight decay 0.05); ViT "
                       f"teacher pretrained here: `{cfg.get('vit_teacher')}` (METHOD:ARCH:IMAGES, same optimizer). "
                       "kNN and linear as in the table above.", "", dense_task(cfg), ""]
@@ -522,7 +530,7 @@ def dense_section(d: dict | None) -> str:
             "students the reference rows evaluate). The suite command runs everything below in this order (resumable; "
             "finished cells and probes are kept); the ViT teacher's `distillctl pretrain` line makes the teacher file "
             "that the ViT-teacher cells read, and every cell's `distillctl eval dense` line reads that cell's run "
-            "directory.", "", "```", d.get("command", "")]
+            "directory.", "", "```", d.get("command", ""), *[c for c in d.get("extra_commands") or [] if c]]
     commands = []
     for r in [r for r in cells if r["teacher"] == "sup"] + ([vit] if vit else []) + [r for r in cells if r["teacher"] == "vit"]:
         commands += [reproducible_command(r.get("command") or "", r, _train_images(cfg)),
@@ -1322,12 +1330,41 @@ def table_quality(results: Path) -> dict | None:
     return q
 
 
+def dense_quality(results: Path) -> dict | None:
+    """The dense suite's results: quality_dense.json merged with the dense-suite runs written to other files
+    (quality_*.json whose recorded suite is "dense", e.g. the ViT-teacher cells at another budget). A cell both
+    measured keeps the later run's measurement; reference rows the main file lacks are taken from the others; the
+    running times add up and each extra invocation's command is listed."""
+    d = load(results, DENSE_RESULTS)
+    for extra in sorted(results.glob("quality_*.json")):
+        data = load(results, extra.name) if extra.name != DENSE_RESULTS else None
+        if not data or data.get("suite") != "dense" or extra.stem.endswith("_quick"):  # --quick smoke runs stay out
+            continue
+        if not d:
+            d = data
+            continue
+        merged = {**d, "rows": dict(d.get("rows") or {}), "reference": dict(d.get("reference") or {})}
+        measured_at = dict(d.get("row_finished_utc") or {key: d.get("finished_utc") or "" for key in merged["rows"]})
+        finished = data.get("finished_utc") or ""
+        for key, row in (data.get("rows") or {}).items():
+            if key not in merged["rows"] or finished > (measured_at.get(key) or ""):
+                merged["rows"][key], measured_at[key] = row, finished
+        merged["row_finished_utc"] = measured_at
+        for key, row in (data.get("reference") or {}).items():
+            merged["reference"].setdefault(key, row)
+        if d.get("elapsed_s") is not None or data.get("elapsed_s") is not None:
+            merged["elapsed_s"] = (d.get("elapsed_s") or 0) + (data.get("elapsed_s") or 0)
+        merged["extra_commands"] = list(d.get("extra_commands") or []) + [data.get("command")]
+        d = merged
+    return d
+
+
 def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path | None = None,
            readme: Path | None = None) -> str:
     q, s, e = table_quality(results), load(results, "speed.json"), load(results, "export.json")
     cache_bench = load(results, "cache_bench_cifar10.json") or load(results, "cache_bench.json")
     gpu = load(results, "gpu_check.json")
-    dense = load(results, DENSE_RESULTS)
+    dense = dense_quality(results)
     plots = []
     if plots_enabled and q and plot_quality(q, out.parent / "quality_budget.png"):
         plots.append("curve")

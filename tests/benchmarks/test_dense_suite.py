@@ -120,6 +120,11 @@ def test_dense_suite_defaults_and_cells():
                                                 "patch_size8-50000-auto/mae-lite-30000-auto")
     with pytest.raises(quality.BenchError, match="unknown method"):
         quality.plan_dense_cells(quality.parse_args(["--suite", "dense", "--dense-methods", "nope"]), METHODS)
+    # 'none' leaves a group out: only the ViT-teacher cells, e.g. at another budget
+    only_vit = quality.plan_dense_cells(quality.parse_args(
+        ["--suite", "dense", "--dense-methods", "none", "--reference-method", "none", "--vit-global-method", "none",
+         "--vit-teacher-methods", "mae-lite", "--budget-images", "120000"]), METHODS)
+    assert [(c["method"], c["teacher"], c["budget"]) for c in only_vit] == [("mae-lite", "vit", 120_000)]
 
 
 def test_dense_dry_run_prints_commands_and_estimate(tmp_path):
@@ -194,6 +199,42 @@ def test_render_dense_section(tmp_path):
     assert "- Dense probe mIoU % (mosaic-2x2, 30,000 images per cell): pcd [auto] on mobilenetv2_100 41.5 " \
            "(random-init 20.0)" in text
     assert "No results yet: run `python benchmarks/quality.py`." in text  # the dense rows never enter the main table
+
+
+def test_render_merges_dense_runs_at_another_budget(tmp_path):
+    """A dense-suite run written to its own file (the ViT-teacher cells at 120,000 images) joins the dense section:
+    its cells beside the suite's, its command listed, running times added; the quick smoke file stays out."""
+    import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    _fake_dense_results(results)
+    base = json.loads((results / "quality_dense.json").read_text())
+    row = {"kind": "distill", "status": "done", "budget": 120000, "preset": "auto", "knn_top1": 27.5, "linear_top1": 36.0,
+           "train_wall_s": 400.0, "images_per_sec": 60.0, "method": "mae-lite", "teacher": "vit",
+           "student": "vit_tiny_patch16_224(patch_size=8)", "dense": _dense(12.5, 16),
+           "command": "distillctl run --method mae-lite --epochs 12"}
+    extra = {**base, "command": "python benchmarks/quality.py --suite dense --budget-images 120000",
+             "config": {**base["config"], "budget_images": 120000}, "elapsed_s": 540, "finished_utc": "2026-12-02T07:00:00Z",
+             "rows": {"mae-lite-120k": row}, "reference": {"random:vit_tiny_patch16_224(patch_size=8)": {"knn_top1": 28.0}}}
+    (results / "quality_vit_120k.json").write_text(json.dumps(extra))
+    quick = {**extra, "rows": {"q": {**row, "method": "simreg", "budget": 7}}}
+    (results / "quality_dense_quick.json").write_text(json.dumps(quick))
+    merged = render.dense_quality(results)
+    assert set(merged["rows"]) == {"pcd", "attn", "ref", "mae-lite-120k"}
+    assert merged["elapsed_s"] == 600 and merged["config"]["budget_images"] == 30000
+    assert merged["reference"]["random:vit_tiny_patch16_224(patch_size=8)"] == {"knn_top1": 28.0}  # filled in
+    assert merged["reference"]["teacher"]["knn_top1"] == 86.0  # the suite's own reference is kept
+    text = render.render(results, tmp_path / "RESULTS.md", plots_enabled=False, measured=None, readme=None)
+    section = text[text.index("## Dense features"):]
+    section = section[:section.index("\n## ", 3)]
+    assert "30,000 images seen per distillation cell (also 120,000: see the column \"images seen\")" in section
+    assert ("| mae-lite [auto] | `vit_tiny_patch16_224(patch_size=8)` | ViT teacher (mae) | 120,000 | 27.5 | 36.0 | "
+            "12.5 | 22.5 | 16×16 | 400 | 60 |") in section
+    commands = section[section.index("Exact commands"):]
+    assert "python benchmarks/quality.py --suite dense --budget-images 120000" in commands
+    assert "distillctl run --method mae-lite --epochs 12" in commands and "simreg" not in section
+    assert "Suite running time: 10.0 min" in section
 
 
 def test_main_table_gets_dense_columns_when_cells_have_them(tmp_path):
