@@ -643,8 +643,16 @@ def sweep_group(plan: dict, rows: list[dict], table_rows: list[dict], floor: flo
     and the variants still to run."""
     order = [v["name"] for v in plan.get("variants") or []]
     by_name = {r["variant"]: r for r in rows}
-    named = [by_name[n] for n in order if n in by_name] + sorted((r for r in rows if r["variant"] not in order),
-                                                                 key=lambda r: r["variant"])
+    # a row recorded under an older grid name counts for the plan's variant of the same preset and overrides
+    by_settings = {(r.get("preset"), tuple(sorted(r.get("overrides") or []))): r for r in rows}
+    for variant in plan.get("variants") or []:
+        same = by_settings.get((variant.get("preset"), tuple(sorted(variant.get("sets") or []))))
+        if variant["name"] not in by_name and same is not None and same["variant"] not in order:
+            renamed = {**same, "variant": f"{variant['name']} (run as {same['variant']})"}
+            by_name[variant["name"]] = renamed
+            rows = [renamed if r is same else r for r in rows]
+    listed = [by_name[n] for n in order if n in by_name]
+    named = listed + sorted((r for r in rows if all(r is not x for x in listed)), key=lambda r: r["variant"])
     published = (by_name.get("published") or {}).get("knn_top1") if (by_name.get("published") or {}).get(
         "status") == "done" else None
     out = [f"### {plan['method']}, {plan['budget']:,} images", "",

@@ -446,3 +446,26 @@ def test_set_values_read_back_as_written():
                         ("weak", "weak"), ("yes", '"yes"'), ("null", '"null"'), ("1e3", '"1e3"'), ("a b", '"a b"')]:
         assert sweep.fmt(value) == text
         assert parse_set([f"method.params.x={text}"])["method.params.x"] == value
+
+
+def test_a_row_under_an_older_grid_name_counts_for_the_plan_variant_with_its_settings():
+    """smd's 120,000-image sweep recorded published + center=batch as `center=batch` before the plan named it
+    `+center`: the row fills that variant (labelled with both names) instead of showing it as not run; a row whose
+    settings no variant has stays under its own name."""
+    import render
+
+    def row(variant, preset, overrides, knn):
+        return {"method": "smd", "budget": 6400, "variant": variant, "preset": preset, "overrides": overrides,
+                "status": "done", "knn_top1": knn, "linear_top1": knn, "train_wall_s": 10.0, "lr": 0.0125}
+
+    plan = {"method": "smd", "budget": 6400, "command": "python benchmarks/sweep.py --methods smd",
+            "variants": [{"name": "published", "preset": "published", "sets": []},
+                         {"name": "+center", "preset": "published", "sets": ["method.params.center=batch"]},
+                         {"name": "+times", "preset": "published", "sets": ["method.params.times=0.0"]}]}
+    rows = [row("published", "published", [], 15.0), row("center=batch", "published", ["method.params.center=batch"], 23.0),
+            row("times=0.1", "published", ["method.params.times=0.1"], 12.0)]
+    text = "\n".join(render.sweep_group(plan, rows, [], 20.0))
+    assert "| +center (run as center=batch) | published | `method.params.center=batch` | 0.0125 | 23.0 | 23.0 | +8.0 |" in text
+    assert "| times=0.1 | published | `method.params.times=0.1` |" in text
+    assert text.index("+center (run as") < text.index("times=0.1")  # in plan order, extra rows after
+    assert "Not run yet: +times —" in text and "+center," not in text
