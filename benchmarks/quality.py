@@ -387,6 +387,8 @@ def row_from_summary(cell: dict, summary: dict, command: list[str]) -> dict:
             "steps": train.get("steps"), "images_seen": (train.get("steps") or 0) * args_batch(summary),
             "teacher_mode": train.get("teacher_mode"), "cell_wall_s": summary.get("wall_s"),
             "collapse": train.get("collapse"),
+            # intra-op threads it trained with: float reductions, and so the trained weights, depend on it
+            "threads": (train.get("threads") or {}).get("threads"),
             "lr": train.get("lr"), "preset": ((summary.get("recipe") or {}).get("method") or {}).get("preset"),
             "derived": (summary.get("recipe") or {}).get("derived"),
             "teacher_knn_top1": (summary.get("teacher") or {}).get("knn_top1"),

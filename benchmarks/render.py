@@ -154,6 +154,10 @@ def reproducible_command(command: str, row: dict | None = None, train_images: in
     ``--set method.preset=published`` (the papers' values, which were the defaults then) and their verb's lr; cells
     that ran under a preset whose values this checkout derives differently get those values pinned
     (:func:`stale_pins`, given the cell's ``row`` and training-set size)."""
+    threads = (row or {}).get("threads")
+    if threads and command.startswith("distillctl ") and "OMP_NUM_THREADS=" not in command:
+        # the weights a run trains depend on its thread count (float reduction order): the command says it
+        return f"OMP_NUM_THREADS={threads} " + reproducible_command(command, {**row, "threads": None}, train_images)
     verb = _verb(command)
     if verb not in LEGACY_LR or "method.preset=" in command:
         pins = stale_pins(command, row, train_images) if row and verb in LEGACY_LR else []
@@ -454,7 +458,8 @@ def _teacher_label(row: dict, cfg: dict) -> str:
         return "ResNet-18 sup."
     if row.get("teacher") == "vit":
         method, _, rest = (cfg.get("vit_teacher") or "").partition(":")
-        return f"ViT teacher ({method})"
+        rebuild = row.get("vit_teacher_rebuild")
+        return f"ViT teacher ({method}{f', rebuild {rebuild}' if rebuild else ''})"
     return "–"
 
 
@@ -497,7 +502,13 @@ def dense_section(d: dict | None) -> str:
         rows.append([f"ViT teacher: `distillctl pretrain --method {vit['method']}`", f"`{vit['student']}`", "–",
                      f"{vit['budget']:,}", pct(vit.get("knn_top1")), pct(vit.get("linear_top1")), *dense_cols(vit),
                      _grid(vit), num(vit.get("train_wall_s"), 0), num(vit.get("images_per_sec"), 0)])
-    elif ref.get("vit_teacher_error"):
+    for number, again in enumerate(ref.get("vit_teacher_rebuilds") or [], start=2):
+        threads = f", {again['threads']} thread(s)" if again.get("threads") else ""
+        rows.append([f"ViT teacher, rebuild {number} (`{again.get('file')}`{threads}): `distillctl pretrain --method "
+                     f"{again['method']}`", f"`{again['student']}`", "–", f"{again['budget']:,}",
+                     pct(again.get("knn_top1")), pct(again.get("linear_top1")), *dense_cols(again), _grid(again),
+                     num(again.get("train_wall_s"), 0), num(again.get("images_per_sec"), 0)])
+    if not vit and ref.get("vit_teacher_error"):
         rows.append(["ViT teacher (failed)", "–", "–", "–", "–", "–", "–", "–", "–", "–",
                      ref["vit_teacher_error"][:80].replace("|", "/")])
     for name, row in sorted(ref.items()):
@@ -532,7 +543,8 @@ def dense_section(d: dict | None) -> str:
             "that the ViT-teacher cells read, and every cell's `distillctl eval dense` line reads that cell's run "
             "directory.", "", "```", d.get("command", ""), *[c for c in d.get("extra_commands") or [] if c]]
     commands = []
-    for r in [r for r in cells if r["teacher"] == "sup"] + ([vit] if vit else []) + [r for r in cells if r["teacher"] == "vit"]:
+    rebuilds = list(ref.get("vit_teacher_rebuilds") or [])
+    for r in [r for r in cells if r["teacher"] == "sup"] + ([vit] if vit else []) + rebuilds + [r for r in cells if r["teacher"] == "vit"]:
         commands += [reproducible_command(r.get("command") or "", r, _train_images(cfg)),
                      (r.get("dense") or {}).get("command")]
     for name, row in sorted(ref.items()):
@@ -1338,6 +1350,12 @@ def table_quality(results: Path) -> dict | None:
     return q
 
 
+def _teacher_differs(a: dict, b: dict) -> bool:
+    """Two records of the ViT teacher are different teachers when their scores differ (a rebuild's training is not
+    bit-identical across thread counts)."""
+    return any(a.get(k) != b.get(k) for k in ("knn_top1", "linear_top1", "method", "budget", "student"))
+
+
 def dense_quality(results: Path) -> dict | None:
     """The dense suite's results: quality_dense.json merged with the dense-suite runs written to other files
     (quality_*.json whose recorded suite is "dense", e.g. the ViT-teacher cells at another budget). A cell both
@@ -1358,7 +1376,19 @@ def dense_quality(results: Path) -> dict | None:
             if key not in merged["rows"] or finished > (measured_at.get(key) or ""):
                 merged["rows"][key], measured_at[key] = row, finished
         merged["row_finished_utc"] = measured_at
-        for key, row in (data.get("reference") or {}).items():
+        reference = dict(data.get("reference") or {})
+        mine, theirs = merged["reference"].get("vit_teacher"), reference.get("vit_teacher")
+        if mine and theirs and _teacher_differs(mine, theirs):
+            # this run pretrained its own ViT teacher and got another one (e.g. at another thread count): its
+            # cells are labelled with that rebuild, shown as its own row
+            rebuilds = list(merged["reference"].get("vit_teacher_rebuilds") or [])
+            rebuilds.append({**reference.pop("vit_teacher"), "file": extra.name})
+            merged["reference"]["vit_teacher_rebuilds"] = rebuilds
+            merged["rows"] = {key: ({**row, "vit_teacher_rebuild": len(rebuilds) + 1}
+                                    if key in (data.get("rows") or {}) and row.get("teacher") == "vit"
+                                    and merged["rows"][key] is data["rows"][key] else row)
+                              for key, row in merged["rows"].items()}
+        for key, row in reference.items():
             merged["reference"].setdefault(key, row)
         if d.get("elapsed_s") is not None or data.get("elapsed_s") is not None:
             merged["elapsed_s"] = (d.get("elapsed_s") or 0) + (data.get("elapsed_s") or 0)

@@ -237,6 +237,47 @@ def test_render_merges_dense_runs_at_another_budget(tmp_path):
     assert "Suite running time: 10.0 min" in section
 
 
+def test_a_dense_run_that_rebuilt_another_vit_teacher_shows_it_and_labels_its_cells(tmp_path):
+    """The ViT teacher is rebuilt by each fresh invocation; trained at another thread count it is another teacher
+    (25.85 % kNN against 25.0): it gets its own row with its thread count, the cells distilled from it name it, and
+    its command carries OMP_NUM_THREADS."""
+    import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    _fake_dense_results(results)
+    base = json.loads((results / "quality_dense.json").read_text())
+    teacher = {**base["reference"]["vit_teacher"], "knn_top1": 25.85, "threads": 2,
+               "command": "distillctl pretrain --method mae --rebuilt"}
+    row = {"kind": "distill", "status": "done", "budget": 120000, "preset": "auto", "knn_top1": 27.5, "linear_top1": 36.0,
+           "train_wall_s": 400.0, "images_per_sec": 60.0, "method": "mae-lite", "teacher": "vit", "threads": 1,
+           "student": "vit_tiny_patch16_224(patch_size=8)", "command": "distillctl run --method mae-lite --epochs 12"}
+    extra = {**base, "command": "python benchmarks/quality.py --suite dense --budget-images 120000", "elapsed_s": 1,
+             "finished_utc": "2026-12-02T07:00:00Z", "rows": {"m": row}, "reference": {"vit_teacher": teacher}}
+    (results / "quality_vit_120k.json").write_text(json.dumps(extra))
+    merged = render.dense_quality(results)
+    assert merged["reference"]["vit_teacher"]["knn_top1"] == 25.0
+    assert [t["knn_top1"] for t in merged["reference"]["vit_teacher_rebuilds"]] == [25.85]
+    assert merged["rows"]["m"]["vit_teacher_rebuild"] == 2 and "vit_teacher_rebuild" not in merged["rows"]["attn"]
+    text = render.render(results, tmp_path / "RESULTS.md", plots_enabled=False, measured=None, readme=None)
+    section = text[text.index("## Dense features"):]
+    section = section[:section.index("\n## ", 3)]
+    assert ("| ViT teacher, rebuild 2 (`quality_vit_120k.json`, 2 thread(s)): `distillctl pretrain --method mae` | "
+            "`vit_small_patch16_224(patch_size=8)` | – | 50,000 | 25.9 |") in section
+    assert "| mae-lite [auto] | `vit_tiny_patch16_224(patch_size=8)` | ViT teacher (mae, rebuild 2) | 120,000 |" in section
+    assert "| attndistill [auto] | `vit_tiny_patch16_224(patch_size=8)` | ViT teacher (mae) | 30,000 |" in section
+    commands = section[section.index("Exact commands"):]
+    assert "\nOMP_NUM_THREADS=2 distillctl pretrain --method mae --rebuilt " in commands
+    assert "\nOMP_NUM_THREADS=1 distillctl run --method mae-lite --epochs 12" in commands
+    assert "\ndistillctl pretrain --method mae " in commands  # the first teacher: no thread count recorded
+
+    # the same teacher again (equal scores) is not a rebuild: the cells keep the plain label
+    (results / "quality_vit_120k.json").write_text(json.dumps({**extra, "reference": {
+        "vit_teacher": base["reference"]["vit_teacher"]}}))
+    again = render.dense_quality(results)
+    assert "vit_teacher_rebuilds" not in again["reference"] and "vit_teacher_rebuild" not in again["rows"]["m"]
+
+
 def test_main_table_gets_dense_columns_when_cells_have_them(tmp_path):
     import render
 

@@ -273,7 +273,7 @@ def test_packaged_table_matches_results_md():
 
     shipped = json.loads((REPO / "distillctl" / "methods" / "measured.json").read_text())
     q = render.table_quality(BENCH / "results")
-    dense = render.load(BENCH / "results", render.DENSE_RESULTS)
+    dense = render.dense_quality(BENCH / "results")
     assert shipped == json.loads(json.dumps(render.measured_data(q, render.quality_facts(q), dense)))
 
 
@@ -425,3 +425,21 @@ def test_table_merges_table_suite_files_whatever_their_name(tmp_path):
     suite("quality_quick.json", "table", "simreg")
     merged = render.table_quality(tmp_path)
     assert sorted(r["method"] for r in merged["rows"].values()) == ["dense-reg", "seed"]
+
+
+def test_a_cell_row_records_the_thread_count_and_its_command_says_it(tmp_path, monkeypatch):
+    """Float reductions, and so the trained weights, follow the intra-op thread count: the row keeps the count the
+    run recorded, and RESULTS.md's command for it sets OMP_NUM_THREADS (rows without one are left as they ran)."""
+    import quality
+    import render
+
+    monkeypatch.setattr(quality, "WORK", tmp_path)
+    args = quality.parse_args(["--methods", "simreg", "--ssl-methods", "none", "--budget-images", "30000"])
+    (cell,) = quality.plan_cells(args, [{"name": "simreg", "kind": "distill", "teacher_mode": "cached_exact"}])
+    summary = {"recipe": {"train": {"max_steps": 468, "batch_size": 64}, "method": {"name": "simreg", "preset": "auto"}},
+               "train": {"steps": 468, "threads": {"threads": 2, "source": "OMP_NUM_THREADS"}},
+               "student": {"knn_top1": 30.0}}
+    row = quality.row_from_summary(cell, summary, ["run", "--method", "simreg", "--set", "method.preset=auto"])
+    assert row["threads"] == 2
+    assert render.reproducible_command(row["command"], row).startswith("OMP_NUM_THREADS=2 distillctl run --method simreg")
+    assert not render.reproducible_command(row["command"], {**row, "threads": None}).startswith("OMP_NUM_THREADS")
