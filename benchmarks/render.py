@@ -1380,11 +1380,15 @@ def dense_quality(results: Path) -> dict | None:
         mine, theirs = merged["reference"].get("vit_teacher"), reference.get("vit_teacher")
         if mine and theirs and _teacher_differs(mine, theirs):
             # this run pretrained its own ViT teacher and got another one (e.g. at another thread count): its
-            # cells are labelled with that rebuild, shown as its own row
+            # cells are labelled with that rebuild (one row per distinct rebuild, numbered from 2)
             rebuilds = list(merged["reference"].get("vit_teacher_rebuilds") or [])
-            rebuilds.append({**reference.pop("vit_teacher"), "file": extra.name})
+            number = next((n for n, known in enumerate(rebuilds, start=2) if not _teacher_differs(known, theirs)), None)
+            if number is None:
+                rebuilds.append({**theirs, "file": extra.name})
+                number = len(rebuilds) + 1
+            reference.pop("vit_teacher")
             merged["reference"]["vit_teacher_rebuilds"] = rebuilds
-            merged["rows"] = {key: ({**row, "vit_teacher_rebuild": len(rebuilds) + 1}
+            merged["rows"] = {key: ({**row, "vit_teacher_rebuild": number}
                                     if key in (data.get("rows") or {}) and row.get("teacher") == "vit"
                                     and merged["rows"][key] is data["rows"][key] else row)
                               for key, row in merged["rows"].items()}

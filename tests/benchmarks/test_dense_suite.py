@@ -271,6 +271,14 @@ def test_a_dense_run_that_rebuilt_another_vit_teacher_shows_it_and_labels_its_ce
     assert "\nOMP_NUM_THREADS=1 distillctl run --method mae-lite --epochs 12" in commands
     assert "\ndistillctl pretrain --method mae " in commands  # the first teacher: no thread count recorded
 
+    # a third run reading the same rebuild (a control cell in its own file) joins rebuild 2, no new row
+    third = {**extra, "rows": {"c": {**row, "method": "compress-1q"}}, "finished_utc": "2026-12-02T08:00:00Z"}
+    (results / "quality_vit_control.json").write_text(json.dumps(third))
+    merged = render.dense_quality(results)
+    assert len(merged["reference"]["vit_teacher_rebuilds"]) == 1
+    assert merged["rows"]["c"]["vit_teacher_rebuild"] == merged["rows"]["m"]["vit_teacher_rebuild"] == 2
+    (results / "quality_vit_control.json").unlink()
+
     # the same teacher again (equal scores) is not a rebuild: the cells keep the plain label
     (results / "quality_vit_120k.json").write_text(json.dumps({**extra, "reference": {
         "vit_teacher": base["reference"]["vit_teacher"]}}))
