@@ -504,7 +504,10 @@ def dense_section(d: dict | None) -> str:
                      _grid(vit), num(vit.get("train_wall_s"), 0), num(vit.get("images_per_sec"), 0)])
     for number, again in enumerate(ref.get("vit_teacher_rebuilds") or [], start=2):
         threads = f", {again['threads']} thread(s)" if again.get("threads") else ""
-        rows.append([f"ViT teacher, rebuild {number} (`{again.get('file')}`{threads}): `distillctl pretrain --method "
+        same_spec = vit and all(again.get(k) == vit.get(k) for k in ("method", "student", "budget"))
+        # another spec is an SSL-only ViT pretrain run through the suite (a baseline), not a teacher rebuild
+        name = f"ViT teacher, rebuild {number}" if same_spec else "SSL-only ViT (pretrain, no teacher)"
+        rows.append([f"{name} (`{again.get('file')}`{threads}): `distillctl pretrain --method "
                      f"{again['method']}`", f"`{again['student']}`", "–", f"{again['budget']:,}",
                      pct(again.get("knn_top1")), pct(again.get("linear_top1")), *dense_cols(again), _grid(again),
                      num(again.get("train_wall_s"), 0), num(again.get("images_per_sec"), 0)])

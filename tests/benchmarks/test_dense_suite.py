@@ -279,6 +279,15 @@ def test_a_dense_run_that_rebuilt_another_vit_teacher_shows_it_and_labels_its_ce
     assert merged["rows"]["c"]["vit_teacher_rebuild"] == merged["rows"]["m"]["vit_teacher_rebuild"] == 2
     (results / "quality_vit_control.json").unlink()
 
+    # a run whose "ViT teacher" is another spec (plain MAE on the ViT student, the SSL-only baseline) is not a rebuild
+    plain = {**teacher, "student": "vit_tiny_patch16_224(patch_size=8)", "budget": 30000, "knn_top1": 24.0}
+    (results / "quality_vit_ssl.json").write_text(json.dumps({**extra, "rows": {}, "reference": {"vit_teacher": plain}}))
+    text = render.render(results, tmp_path / "RESULTS.md", plots_enabled=False, measured=None, readme=None)
+    assert ("| SSL-only ViT (pretrain, no teacher) (`quality_vit_ssl.json`, 2 thread(s)): `distillctl pretrain --method "
+            "mae` | `vit_tiny_patch16_224(patch_size=8)` | – | 30,000 | 24.0 |") in text
+    assert "ViT teacher, rebuild 2 (`quality_vit_120k.json`" in text
+    (results / "quality_vit_ssl.json").unlink()
+
     # the same teacher again (equal scores) is not a rebuild: the cells keep the plain label
     (results / "quality_vit_120k.json").write_text(json.dumps({**extra, "reference": {
         "vit_teacher": base["reference"]["vit_teacher"]}}))
