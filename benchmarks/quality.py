@@ -1016,7 +1016,7 @@ def dense_dry_run(args, data: dict, pre: dict, teachers: dict, cells: list[dict]
     total += sum(run_or_reuse(cell) for cell in cells if cell["teacher"] == "vit")
     # the reference rows (teacher, random-init CNN and ViT students): evaluations only
     total += sum(estimate_seconds({"student": s, "method": "", "budget": 0}, args, data)
-                 for s in (cells[0]["student"], cells[0]["student"], args.vit_student))
+                 for s in (split_specs(args.students)[0],) * 2 + (args.vit_student,))
     print(f"# estimate: ~{total / 3600:.1f} h at {args.threads} thread(s) on free cores, one cell at a time (--jobs 2 on "
           f"two free cores roughly halves it; the quality table's cells ran {SHARED_SLOWDOWN:.1f}x slower than this on "
           f"the shared 2-core machine); each cell includes its kNN, linear and dense probe (task mosaic-2x2, "
