@@ -1310,6 +1310,18 @@ def ssl_teacher_label(teacher: dict | None) -> str:
     return f"ResNet-18 SSL ({teacher.get('method')}, {teacher.get('budget', 0):,} images)"
 
 
+def later_rows(main: dict, rows: dict, extra: dict, extra_rows: dict) -> tuple[dict, dict]:
+    """``rows`` (of the ``main`` results) with ``extra_rows`` added, and when each row was measured (its file's finish
+    time): a cell both measured keeps the measurement of the run that finished later."""
+    rows = dict(rows)
+    measured_at = dict(main.get("row_finished_utc") or {key: main.get("finished_utc") or "" for key in rows})
+    finished = extra.get("finished_utc") or ""
+    for key, row in extra_rows.items():
+        if key not in rows or finished > (measured_at.get(key) or ""):
+            rows[key], measured_at[key] = row, finished
+    return rows, measured_at
+
+
 def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
     """Add the rows of a second quality run (e.g. the SSL-teacher cells run as their own process). A cell both runs
     measured (the same row key) keeps the measurement of the run that finished later: re-measuring a cell into a new
@@ -1322,13 +1334,9 @@ def merge_quality(main: dict | None, extra: dict | None) -> dict | None:
     merged["rows"] = tag_ssl_teacher(merged["rows"], merged["reference"])
     merged["reference"]["ssl_teachers"] = ssl_teachers(merged["reference"])
     # when each row was measured (its file's finish time): a cell measured again by a later run replaces it
-    measured_at = dict(main.get("row_finished_utc") or {key: main.get("finished_utc") or "" for key in merged["rows"]})
     extra_reference = extra.get("reference") or {}
-    extra_finished = extra.get("finished_utc") or ""
-    for key, row in tag_ssl_teacher(extra.get("rows") or {}, extra_reference).items():
-        if key not in merged["rows"] or extra_finished > (measured_at.get(key) or ""):
-            merged["rows"][key], measured_at[key] = row, extra_finished
-    merged["row_finished_utc"] = measured_at
+    merged["rows"], merged["row_finished_utc"] = later_rows(
+        main, merged["rows"], extra, tag_ssl_teacher(extra.get("rows") or {}, extra_reference))
     known = {t.get("id") for t in merged["reference"]["ssl_teachers"]}
     merged["reference"]["ssl_teachers"] += [t for t in ssl_teachers(extra_reference) if t.get("id") not in known]
     for key in ("ssl_teacher", "ssl_teacher_error"):
@@ -1373,12 +1381,7 @@ def dense_quality(results: Path) -> dict | None:
             d = data
             continue
         merged = {**d, "rows": dict(d.get("rows") or {}), "reference": dict(d.get("reference") or {})}
-        measured_at = dict(d.get("row_finished_utc") or {key: d.get("finished_utc") or "" for key in merged["rows"]})
-        finished = data.get("finished_utc") or ""
-        for key, row in (data.get("rows") or {}).items():
-            if key not in merged["rows"] or finished > (measured_at.get(key) or ""):
-                merged["rows"][key], measured_at[key] = row, finished
-        merged["row_finished_utc"] = measured_at
+        merged["rows"], merged["row_finished_utc"] = later_rows(d, merged["rows"], data, data.get("rows") or {})
         reference = dict(data.get("reference") or {})
         mine, theirs = merged["reference"].get("vit_teacher"), reference.get("vit_teacher")
         if mine and theirs and _teacher_differs(mine, theirs):
