@@ -459,6 +459,8 @@ def _teacher_label(row: dict, cfg: dict) -> str:
     if row.get("teacher") == "vit":
         method, _, rest = (cfg.get("vit_teacher") or "").partition(":")
         rebuild = row.get("vit_teacher_rebuild")
+        if row.get("vit_teacher_spec"):
+            return f"ViT teacher ({row['vit_teacher_spec']})"
         return f"ViT teacher ({method}{f', rebuild {rebuild}' if rebuild else ''})"
     return "–"
 
@@ -502,11 +504,13 @@ def dense_section(d: dict | None) -> str:
         rows.append([f"ViT teacher: `distillctl pretrain --method {vit['method']}`", f"`{vit['student']}`", "–",
                      f"{vit['budget']:,}", pct(vit.get("knn_top1")), pct(vit.get("linear_top1")), *dense_cols(vit),
                      _grid(vit), num(vit.get("train_wall_s"), 0), num(vit.get("images_per_sec"), 0)])
-    for number, again in enumerate(ref.get("vit_teacher_rebuilds") or [], start=2):
+    for again in ref.get("vit_teacher_rebuilds") or []:
         threads = f", {again['threads']} thread(s)" if again.get("threads") else ""
-        same_spec = vit and all(again.get(k) == vit.get(k) for k in ("method", "student", "budget"))
-        # another spec is an SSL-only ViT pretrain run through the suite (a baseline), not a teacher rebuild
-        name = f"ViT teacher, rebuild {number}" if same_spec else "SSL-only ViT (pretrain, no teacher)"
+        # another spec is a ViT pretrained by another run of the suite: pretraining the ViT student's own
+        # architecture is the SSL-only baseline; another architecture is a different teacher, named by its spec
+        name = (f"ViT teacher, rebuild {again['number']}" if again.get("number")
+                else "SSL-only ViT (pretrain, no teacher)" if again.get("student") == cfg.get("vit_student")
+                else f"another ViT teacher ({_spec(again)})")
         rows.append([f"{name} (`{again.get('file')}`{threads}): `distillctl pretrain --method "
                      f"{again['method']}`", f"`{again['student']}`", "–", f"{again['budget']:,}",
                      pct(again.get("knn_top1")), pct(again.get("linear_top1")), *dense_cols(again), _grid(again),
@@ -842,14 +846,32 @@ def dense_suite_cells(d: dict | None) -> dict[str, list[dict]]:
     """The dense suite's finished cells per method (issue 14: its own students and teachers, not ranked with the
     main table), for the methods list: `same_protocol` when student and teacher are the main table's."""
     cfg, cells = (d or {}).get("config") or {}, {}
+    ref = (d or {}).get("reference") or {}
     for r in sorted((d or {}).get("rows", {}).values(), key=lambda r: (r["method"], r["student"], r["budget"])):
         if r.get("status") == "done":
             cells.setdefault(r["method"], []).append({
                 "images_seen": r["budget"], "knn_top1": r.get("knn_top1"), "linear_top1": r.get("linear_top1"),
                 "dense_miou": (r.get("dense") or {}).get("miou"), "student": r["student"],
                 "teacher": _teacher_label(r, cfg), "kind": r.get("kind"),
-                "same_protocol": r["student"] == cfg.get("cnn_student") and r.get("teacher") == "sup"})
+                "same_protocol": r["student"] == cfg.get("cnn_student") and r.get("teacher") == "sup",
+                # the cell's own floor and ceiling: its student at random init, the teacher it was distilled from
+                "random_init_knn_top1": (ref.get(f"random:{r['student']}") or {}).get("knn_top1"),
+                "teacher_knn_top1": (_cell_teacher(r, ref) or {}).get("knn_top1")})
     return cells
+
+
+def _cell_teacher(row: dict, ref: dict) -> dict | None:
+    """The reference record of the teacher a dense-suite cell was distilled from (rebuilds and other specs
+    included), or None (an SSL-only cell)."""
+    if row.get("teacher") == "sup":
+        return ref.get("teacher")
+    if row.get("teacher") != "vit":
+        return None
+    for known in ref.get("vit_teacher_rebuilds") or []:
+        if (row.get("vit_teacher_rebuild") and known.get("number") == row["vit_teacher_rebuild"]) or (
+                row.get("vit_teacher_spec") and not known.get("number") and _spec(known) == row["vit_teacher_spec"]):
+            return known
+    return ref.get("vit_teacher")
 
 
 def measured_data(q: dict, facts: dict, dense: dict | None = None) -> dict:
@@ -1367,6 +1389,16 @@ def _teacher_differs(a: dict, b: dict) -> bool:
     return any(a.get(k) != b.get(k) for k in ("knn_top1", "linear_top1", "method", "budget", "student"))
 
 
+def _same_spec(a: dict, b: dict) -> bool:
+    """Two ViT-teacher records of one spec (method, architecture, images): a rebuild, not another teacher."""
+    return all(a.get(k) == b.get(k) for k in ("method", "student", "budget"))
+
+
+def _spec(teacher: dict) -> str:
+    """A ViT teacher's METHOD:ARCH:IMAGES, as --vit-teacher takes it."""
+    return f"{teacher.get('method')}:{teacher.get('student')}:{teacher.get('budget')}"
+
+
 def dense_quality(results: Path) -> dict | None:
     """The dense suite's results: quality_dense.json merged with the dense-suite runs written to other files
     (quality_*.json whose recorded suite is "dense", e.g. the ViT-teacher cells at another budget). A cell both
@@ -1388,13 +1420,17 @@ def dense_quality(results: Path) -> dict | None:
             # this run pretrained its own ViT teacher and got another one (e.g. at another thread count): its
             # cells are labelled with that rebuild (one row per distinct rebuild, numbered from 2)
             rebuilds = list(merged["reference"].get("vit_teacher_rebuilds") or [])
-            number = next((n for n, known in enumerate(rebuilds, start=2) if not _teacher_differs(known, theirs)), None)
-            if number is None:
-                rebuilds.append({**theirs, "file": extra.name})
-                number = len(rebuilds) + 1
+            known = next((known for known in rebuilds if not _teacher_differs(known, theirs)), None)
+            if known is None:
+                # rebuilds of the same spec are numbered from 2; a teacher of another spec is named by its spec
+                number = (2 + sum(1 for k in rebuilds if k.get("number"))) if _same_spec(mine, theirs) else None
+                known = {**theirs, "file": extra.name, "number": number}
+                rebuilds.append(known)
             reference.pop("vit_teacher")
             merged["reference"]["vit_teacher_rebuilds"] = rebuilds
-            merged["rows"] = {key: ({**row, "vit_teacher_rebuild": number}
+            tag = ({"vit_teacher_rebuild": known["number"]} if known.get("number")
+                   else {"vit_teacher_spec": _spec(known)})
+            merged["rows"] = {key: ({**row, **tag}
                                     if key in (data.get("rows") or {}) and row.get("teacher") == "vit"
                                     and merged["rows"][key] is data["rows"][key] else row)
                               for key, row in merged["rows"].items()}

@@ -352,6 +352,8 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
     if not info["measured"] and info["measured_dense_suite"]:
         console.print(f"[bold]benchmark (benchmarks/RESULTS.md, dense features):[/] kNN "
                       f"{escape(measured.summary(bench, name))}", highlight=False)
+        for line in measured.dense_context(bench, name):
+            console.print(f"  {escape(line)}", highlight=False)
 
 
 def _print_lr(preset: dict | None, ran: str | None, measured_summary: str) -> None:

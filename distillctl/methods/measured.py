@@ -47,6 +47,32 @@ def summary(data: dict[str, Any], method: str) -> str:
     return " · ".join(parts) if parts else "–"
 
 
+def dense_context(data: dict[str, Any], method: str) -> list[str]:
+    """Per dense-suite cell of a method the main table did not measure: its kNN next to its own student at random
+    init and the teacher it was distilled from, and the other methods distilled from that teacher into that
+    student at that budget (the controls that tell a weak method from a weak teacher), e.g.
+    ``120k 26.5: random-init student 28.2, its teacher 25.9; same teacher and student: compress-1q 23.7``."""
+    if cells(data, method):
+        return []
+    lines = []
+    for cell in dense_suite_cells(data, method):
+        if cell.get("knn_top1") is None:
+            continue
+        known = [f"random-init student {cell['random_init_knn_top1']:.1f}"
+                 if cell.get("random_init_knn_top1") is not None else "",
+                 f"its teacher {cell['teacher_knn_top1']:.1f}" if cell.get("teacher_knn_top1") is not None else ""]
+        peers = sorted((other, peer["knn_top1"]) for other in (data.get("methods") or {}) if other != method
+                       for peer in dense_suite_cells(data, other)
+                       if peer.get("knn_top1") is not None and all(peer.get(k) == cell.get(k)
+                                                                   for k in ("student", "teacher", "images_seen")))
+        if peers:
+            known.append("same teacher and student: " + ", ".join(f"{other} {knn:.1f}" for other, knn in peers))
+        known = [k for k in known if k]
+        if known:
+            lines.append(f"{_budget(cell['images_seen'])} {cell['knn_top1']:.1f}: " + "; ".join(known))
+    return lines
+
+
 def _dense_origin(cell: dict[str, Any]) -> str:
     """Where a dense-suite cell comes from: the main table's student and teacher, or its own (named)."""
     if cell.get("same_protocol"):

@@ -287,6 +287,19 @@ def test_a_dense_run_that_rebuilt_another_vit_teacher_shows_it_and_labels_its_ce
             "mae` | `vit_tiny_patch16_224(patch_size=8)` | – | 30,000 | 24.0 |") in text
     assert "ViT teacher, rebuild 2 (`quality_vit_120k.json`" in text
     (results / "quality_vit_ssl.json").unlink()
+    # read before the rebuild (its file sorts first), the other spec takes no rebuild number: the rebuild stays 2,
+    # and cells distilled from the other spec's ViT name that spec
+    ssl_cell = {**row, "method": "attndistill"}
+    (results / "quality_vit_0ssl.json").write_text(json.dumps({**extra, "rows": {"s": ssl_cell},
+                                                               "reference": {"vit_teacher": plain}}))
+    merged = render.dense_quality(results)
+    assert [t.get("number") for t in merged["reference"]["vit_teacher_rebuilds"]] == [None, 2]
+    assert merged["rows"]["m"]["vit_teacher_rebuild"] == 2
+    assert merged["rows"]["s"]["vit_teacher_spec"] == "mae:vit_tiny_patch16_224(patch_size=8):30000"
+    text = render.render(results, tmp_path / "RESULTS.md", plots_enabled=False, measured=None, readme=None)
+    assert "ViT teacher, rebuild 2 (`quality_vit_120k.json`" in text and "rebuild 3" not in text
+    assert "| ViT teacher (mae:vit_tiny_patch16_224(patch_size=8):30000) | 120,000 |" in text
+    (results / "quality_vit_0ssl.json").unlink()
 
     # the same teacher again (equal scores) is not a rebuild: the cells keep the plain label
     (results / "quality_vit_120k.json").write_text(json.dumps({**extra, "reference": {

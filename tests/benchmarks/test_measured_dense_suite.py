@@ -39,7 +39,9 @@ def _dense() -> dict:
             "rows": {"p": _dense_row("pcd", "mobilenetv2_100", "sup", 35.95, 14.9),
                      "a": _dense_row("attndistill", VIT, "vit", 25.25, 12.0),
                      "c": _dense_row("compress-1q", "mobilenetv2_100", "sup", 34.25, 12.3),
-                     "x": _dense_row("dense-reg", "mobilenetv2_100", "sup", 0.0, 0.0, status="failed")}}
+                     "x": _dense_row("dense-reg", "mobilenetv2_100", "sup", 0.0, 0.0, status="failed")},
+            "reference": {"teacher": {"knn_top1": 86.0}, "vit_teacher": {"knn_top1": 22.8},
+                          "random:mobilenetv2_100": {"knn_top1": 22.5}, f"random:{VIT}": {"knn_top1": 28.2}}}
 
 
 def test_render_packages_the_dense_suite_beside_the_main_table():
@@ -51,9 +53,11 @@ def test_render_packages_the_dense_suite_beside_the_main_table():
     assert pcd["cells"] == [] and pcd["kind"] == "distill"  # not ranked with the main table
     assert pcd["dense_suite"] == [{"images_seen": 30000, "knn_top1": 35.95, "linear_top1": 37.95, "dense_miou": 14.9,
                                    "student": "mobilenetv2_100", "teacher": "ResNet-18 sup.", "kind": "distill",
-                                   "same_protocol": True}]
+                                   "same_protocol": True, "random_init_knn_top1": 22.5, "teacher_knn_top1": 86.0}]
     attn = data["methods"]["attndistill"]["dense_suite"][0]
     assert attn["same_protocol"] is False and attn["student"] == VIT and attn["teacher"] == "ViT teacher (mae)"
+    # its own floor and ceiling: the ViT student at random init and the ViT teacher, not the main table's
+    assert (attn["random_init_knn_top1"], attn["teacher_knn_top1"]) == (28.2, 22.8)
     assert "dense-reg" not in data["methods"]  # a failed cell measured nothing
     compress = data["methods"]["compress-1q"]
     assert [c["knn_top1"] for c in compress["cells"]] == [40.0] and compress["cells"][0]["rank"] == 1
@@ -75,6 +79,29 @@ def test_methods_list_column_shows_dense_suite_cells_marked_as_such():
     assert [c["knn_top1"] for c in measured.dense_suite_cells(data, "pcd")] == [35.95]
 
 
+def test_methods_show_puts_a_dense_suite_cell_beside_its_floor_its_teacher_and_its_controls():
+    """A method only the dense suite measured (attndistill) is shown against its own random-init student, the
+    teacher it learnt from and the other methods distilled from that teacher into that student (the control that
+    tells a weak method from a weak teacher); cells from other teachers or students are no control."""
+    import render
+
+    from distillctl.methods import measured
+
+    q = _quality()
+    dense = _dense()
+    dense["rows"]["k"] = _dense_row("compress-1q", VIT, "vit", 23.7, 12.5)  # the control: same teacher, student
+    dense["rows"]["o"] = _dense_row("mae-lite", VIT, "sup", 35.0, 13.0)  # another teacher: not a control
+    data = json.loads(json.dumps(render.measured_data(q, render.quality_facts(q), dense)))
+    assert measured.dense_context(data, "attndistill") == [
+        "30k 25.2: random-init student 28.2; its teacher 22.8; same teacher and student: compress-1q 23.7"]
+    assert measured.dense_context(data, "compress-1q") == []  # the main table measured it
+    assert measured.dense_context(data, "pcd") == [
+        "30k 36.0: random-init student 22.5; its teacher 86.0; same teacher and student: compress-1q 34.2"]
+    dense["rows"]["c"]["budget"] = 120000  # another budget is no control either
+    data = json.loads(json.dumps(render.measured_data(q, render.quality_facts(q), dense)))
+    assert measured.dense_context(data, "pcd") == ["30k 36.0: random-init student 22.5; its teacher 86.0"]
+
+
 def test_cli_lists_the_shipped_dense_suite_numbers():
     """The shipped measured.json (render.py's output for benchmarks/results) reaches `methods list`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
@@ -93,3 +120,16 @@ def test_cli_lists_the_shipped_dense_suite_numbers():
     line = next(text for text in (table.stdout + table.stderr).splitlines() if text.startswith("│ attndistill "))
     knn = shipped["attndistill"]["dense_suite"][0]["knn_top1"]
     assert f"30k {knn:.1f} (dense suite, " in line  # with the ViT student and teacher it ran with
+
+
+def test_cli_show_puts_the_shipped_vit_cells_beside_their_floor_and_teacher():
+    """`methods show attndistill` prints, from the shipped measured.json, each ViT cell next to the random-init ViT
+    student, its teacher and the control distilled from the same teacher (why the method is below random init)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    shown = subprocess.run([sys.executable, "-m", "distillctl", "methods", "show", "attndistill"], capture_output=True,
+                           text=True, cwd=REPO, env=env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    shipped = json.loads((REPO / "distillctl" / "methods" / "measured.json").read_text())["methods"]
+    for cell in shipped["attndistill"]["dense_suite"]:
+        assert (f"{cell['knn_top1']:.1f}: random-init student {cell['random_init_knn_top1']:.1f}; its teacher "
+                f"{cell['teacher_knn_top1']:.1f}; same teacher and student:") in shown.stdout + shown.stderr
