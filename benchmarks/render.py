@@ -1334,12 +1334,19 @@ def ssl_teacher_label(teacher: dict | None) -> str:
 
 def later_rows(main: dict, rows: dict, extra: dict, extra_rows: dict) -> tuple[dict, dict]:
     """``rows`` (of the ``main`` results) with ``extra_rows`` added, and when each row was measured (its file's finish
-    time): a cell both measured keeps the measurement of the run that finished later."""
+    time): a cell both measured keeps the measurement of the run that finished later. A finished measurement it
+    replaces that trained at another learning rate (the preset derives another lr since) is a different experiment:
+    it stays, under ``<key>@lr=<lr>``, so the table keeps the evidence for the change."""
     rows = dict(rows)
     measured_at = dict(main.get("row_finished_utc") or {key: main.get("finished_utc") or "" for key in rows})
     finished = extra.get("finished_utc") or ""
     for key, row in extra_rows.items():
         if key not in rows or finished > (measured_at.get(key) or ""):
+            old = rows.get(key)
+            if (old and old.get("status") == "done" and row.get("status") == "done"
+                    and cell_lr(old) is not None and cell_lr(row) is not None and cell_lr(old) != cell_lr(row)):
+                kept = f"{key}@lr={cell_lr(old):g}"
+                rows[kept], measured_at[kept] = old, measured_at.get(key) or ""
             rows[key], measured_at[key] = row, finished
     return rows, measured_at
 

@@ -251,6 +251,34 @@ def test_a_cell_measured_again_by_a_later_run_replaces_the_earlier_row(tmp_path)
     assert render.table_quality(results)["rows"]["x/ssl-small-120000"]["knn_top1"] == 28.0
 
 
+def test_a_later_run_at_another_lr_keeps_the_earlier_measurement_beside_it(tmp_path):
+    """A cell re-run after the preset changed its lr (compress-1q at 1,000,000 images: lr 0.01, then the short-run
+    0.05) is a new experiment: the table shows both, the earlier one under ``<key>@lr=<lr>``, and the method is
+    ranked by its better cell. A re-run at the same lr still replaces the row."""
+    import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    key = "mobilenetv2_100/sup/compress-1q-1000000-auto"
+    old = {**_quality({key: {**_row("compress-1q", 1_000_000, 54.4), "lr": 0.01, "preset": "auto"}}),
+           "finished_utc": "2026-11-28T00:00:00Z"}
+    new = {**_quality({key: {**_row("compress-1q", 1_000_000, 73.0), "lr": 0.05, "preset": "auto"}}),
+           "finished_utc": "2026-12-02T13:00:00Z"}
+    (results / "quality_1m.json").write_text(json.dumps(old))
+    (results / "quality_compress_1m.json").write_text(json.dumps(new))
+    q = render.table_quality(results)
+    assert q["rows"][key]["knn_top1"] == 73.0 and q["rows"][f"{key}@lr=0.01"]["knn_top1"] == 54.4
+    text, _ = render.quality_section(q, [])
+    assert "| 1,000,000 | 0.01 | 54.4 |" in text and "| 1,000,000 | 0.05 | 73.0 |" in text
+    cells = render.measured_data(q, render.quality_facts(q))["methods"]["compress-1q"]["cells"]
+    assert [(c["images_seen"], c["knn_top1"]) for c in cells] == [(1_000_000, 73.0)]  # ranked once, by the better
+    same = {**new, "finished_utc": "2026-12-03T00:00:00Z",
+            "rows": {key: {**new["rows"][key], "knn_top1": 73.5}}}
+    (results / "quality_compress_1m_again.json").write_text(json.dumps(same))
+    q = render.table_quality(results)
+    assert q["rows"][key]["knn_top1"] == 73.5 and not any("@lr=0.05" in k for k in q["rows"])
+
+
 def test_a_method_measured_twice_at_one_budget_is_ranked_and_counted_once():
     """Two cells of one method at one budget (the published preset's and auto's): the better one ranks it, the
     method is counted once, and the other methods' ranks are not shifted."""
