@@ -51,7 +51,7 @@ def dense_context(data: dict[str, Any], method: str) -> list[str]:
     """Per dense-suite cell of a method the main table did not measure: its kNN next to its own student at random
     init and the teacher it was distilled from, and the other methods distilled from that teacher into that
     student at that budget (the controls that tell a weak method from a weak teacher), e.g.
-    ``120k 26.5: random-init student 28.2, its teacher 25.9; same teacher and student: compress-1q 23.7``."""
+    ``120k 26.5: random-init student 28.2; its teacher 25.9; same teacher and student: compress-1q 23.7``."""
     if cells(data, method):
         return []
     lines = []
