@@ -1343,9 +1343,9 @@ def later_rows(main: dict, rows: dict, extra: dict, extra_rows: dict) -> tuple[d
     for key, row in extra_rows.items():
         if key not in rows or finished > (measured_at.get(key) or ""):
             old = rows.get(key)
-            if (old and old.get("status") == "done" and row.get("status") == "done"
-                    and cell_lr(old) is not None and cell_lr(row) is not None and cell_lr(old) != cell_lr(row)):
-                kept = f"{key}@lr={cell_lr(old):g}"
+            old_lr = cell_lr(old) if old and old.get("status") == "done" and row.get("status") == "done" else None
+            if old_lr is not None and cell_lr(row) not in (None, old_lr):
+                kept = f"{key}@lr={old_lr:g}"
                 rows[kept], measured_at[kept] = old, measured_at.get(key) or ""
             rows[key], measured_at[key] = row, finished
     return rows, measured_at
@@ -1393,7 +1393,7 @@ def table_quality(results: Path) -> dict | None:
 def _teacher_differs(a: dict, b: dict) -> bool:
     """Two records of the ViT teacher are different teachers when their scores differ (a rebuild's training is not
     bit-identical across thread counts)."""
-    return any(a.get(k) != b.get(k) for k in ("knn_top1", "linear_top1", "method", "budget", "student"))
+    return not _same_spec(a, b) or any(a.get(k) != b.get(k) for k in ("knn_top1", "linear_top1"))
 
 
 def _same_spec(a: dict, b: dict) -> bool:
