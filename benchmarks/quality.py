@@ -263,6 +263,8 @@ def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, arg
     key = {"teacher": teacher_key, "spec": spec_dict(teacher_views[0]),
            "outputs": sorted(requirements.teacher_outputs), "views": args.cache_views, "seed": args.seed,
            "size": args.image_size}
+    if requirements.teacher_taps:  # a cache with the teacher's maps (pcd, dense-reg); others keep their directory
+        key["taps"] = sorted(requirements.teacher_taps)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return WORK / "caches" / f"{teacher_key}-{digest}"
 

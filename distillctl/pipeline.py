@@ -231,14 +231,51 @@ def _apply_preset(recipe: Recipe, train_images: int, quiet: bool) -> Recipe:
 
 # --- stages ------------------------------------------------------------------------------------
 
-def _teacher_mode(recipe: Recipe, requirements, teacher_bn: str, quiet: bool) -> str:
-    """none | cached | online | co_trained, by the one cacheability rule (methods.base.teacher_plan)."""
+# ``--teacher-mode auto`` caches teacher taps (maps) only up to this size; above it the teacher runs online.
+# A constant, not the free disk space: a resumed run must decide as the interrupted one did.
+TAP_CACHE_AUTO_BYTES = 16 * 2**30
+
+
+def tap_cache_bytes(teacher: Teacher, requirements, num_images: int, views: int) -> int:
+    """The fp16 bytes the method's teacher taps would take in a feature cache of ``views`` views per image,
+    from one probe forward of the teacher (eval mode, no gradient; its modes are restored)."""
+    spec = next(view.spec for view in requirements.views if view.teacher)
+    device = next(iter(teacher.backbone.parameters())).device
+    modules = list(teacher.backbone.modules())
+    modes = [module.training for module in modules]
+    teacher.backbone.eval()
+    try:
+        with torch.no_grad():
+            probe = teacher.forward(torch.zeros(1, 3, spec.size, spec.size, device=device), set(),
+                                    taps=requirements.teacher_taps)
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+    values = sum(int(probe[tap][0].numel()) for tap in requirements.teacher_taps)
+    return 2 * values * views * num_images
+
+
+def _teacher_mode(recipe: Recipe, requirements, teacher_bn: str, quiet: bool, teacher: Teacher | None = None,
+                  num_images: int = 0) -> str:
+    """none | cached | online | co_trained, by the one cacheability rule (methods.base.teacher_plan); under
+    ``auto``, a method whose teacher taps would take more than :data:`TAP_CACHE_AUTO_BYTES` of cache runs its
+    teacher online (``--teacher-mode cached`` still forces the cache)."""
     from distillctl.methods.base import teacher_plan
 
     plan = teacher_plan(requirements, teacher_bn, recipe.teacher.mode, method=recipe.method.name)
-    if plan.note and not quiet and distributed.info().is_main:
-        log.info(f"note: {plan.note}")
-    return plan.mode
+    note, mode = plan.note, plan.mode
+    if mode == "cached" and recipe.teacher.mode == "auto" and requirements.teacher_taps and teacher is not None:
+        _, views = _cache_views(recipe, requirements)
+        size = tap_cache_bytes(teacher, requirements, num_images, views)
+        if size > TAP_CACHE_AUTO_BYTES:
+            mode = "online"
+            note = (f"{recipe.method.name}: teacher runs online, not from a feature cache: its teacher taps "
+                    f"({', '.join(requirements.teacher_taps)}) would take {size / 2**30:.1f} GiB for {num_images:,} "
+                    f"images x {views} views (auto caches up to {TAP_CACHE_AUTO_BYTES // 2**30} GiB; "
+                    "--teacher-mode cached forces it)")
+    if note and not quiet and distributed.info().is_main:
+        log.info(f"note: {note}")
+    return mode
 
 
 def _student_kwargs(recipe: Recipe, requirements=None) -> dict:
@@ -404,7 +441,7 @@ def _run_stages(recipe: Recipe, options: RunOptions, run: RunDir, train_data: Im
         raise UsageError(f"teacher.source: scratch is a random network, and method {recipe.method.name} does not "
                          "train its teacher", hint="use a trained teacher, or a co-trained method (dogo, oss, "
                          "simdis with online: true)")
-    mode = _teacher_mode(recipe, requirements, teacher_bn, options.quiet)
+    mode = _teacher_mode(recipe, requirements, teacher_bn, options.quiet, teacher, len(train_data))
     if teacher:
         summary["teacher"].update(bn_mode=teacher_bn, mode=mode)
 
@@ -583,7 +620,7 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
     if (cache_dir / "manifest.json").is_file():
         cache = FeatureCache.open(cache_dir, allow_incomplete=True)
         cache.check_compatible(teacher_sha256=teacher.sha256, outputs=outputs, dataset_hash=data_hash, spec=spec,
-                               mean=mean, std=std)
+                               mean=mean, std=std, taps=requirements.teacher_taps)
         if cache.is_complete():
             # A reused cache is re-hashed before training trusts it (about 1 GB/s): a flipped byte is exit 3.
             cache = FeatureCache.open(cache_dir, verify=True)
@@ -591,7 +628,7 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
             distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
             return cache
     cache = build_cache_guarded(teacher, train_data, cache_dir, spec=spec, views=cache_views,
-                                outputs=outputs, mean=mean, std=std, batch_size=recipe.eval.batch_size, device=device,
+                                outputs=outputs, taps=requirements.teacher_taps, mean=mean, std=std, batch_size=recipe.eval.batch_size, device=device,
                                 amp=recipe.train.amp, channels_last=recipe.train.channels_last, seed=recipe.train.seed,
                                 num_workers=recipe.data.num_workers, on_batch=_cache_kill_hook(),
                                 max_bad_fraction=recipe.data.max_bad_fraction)

@@ -50,11 +50,14 @@ class BatchInfo:
 
 
 def cache_fingerprint(teacher_sha256: str, outputs: Iterable[str], dataset_hash: str, spec: ViewSpec, views: int,
-                      mean: Iterable[float], std: Iterable[float], seed: int) -> str:
-    """sha256 of everything that determines the cached values: a different teacher/data/transform → another cache."""
+                      mean: Iterable[float], std: Iterable[float], seed: int, taps: Iterable[str] = ()) -> str:
+    """sha256 of everything that determines the cached values: a different teacher/data/transform → another cache.
+    A cache without teacher taps keeps the fingerprint it had before taps could be cached."""
     key = {"schema": layout.SCHEMA, "teacher_sha256": teacher_sha256, "outputs": sorted(outputs),
            "dataset": dataset_hash, "spec": spec_dict(spec), "views": int(views),
            "mean": [round(float(v), 8) for v in mean], "std": [round(float(v), 8) for v in std], "seed": int(seed)}
+    if taps:
+        key["taps"] = sorted(taps)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -131,7 +134,8 @@ def check_disk_space(root: Path, needed: int, detail: str = "") -> None:
 
 
 def _header(teacher: Teacher, dataset: ImageDataset, dataset_hash: str, fingerprint: str, spec: ViewSpec, views: int,
-            dims: dict[str, int], mean, std, seed: int, shard_size: int) -> dict:
+            dims: dict[str, int], mean, std, seed: int, shard_size: int,
+            tap_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     import torchvision
 
     if dataset.paths is not None:
@@ -140,11 +144,16 @@ def _header(teacher: Teacher, dataset: ImageDataset, dataset_hash: str, fingerpr
         decoder = f"PIL {PIL.__version__} (convert RGB)"
     else:
         decoder = "in-memory uint8 arrays"
+    outputs = {name: dim for name, dim in dims.items() if not layout.is_tap_dir(name)}
+    teacher_entry = {"name": teacher.name, "arch": teacher.arch, "sha256": teacher.sha256, "outputs": outputs,
+                     "bn_mode": "eval"}
+    if tap_shapes:
+        teacher_entry["taps"] = {tap: {"dir": layout.tap_dir(tap), "shape": list(shape)}
+                                 for tap, shape in sorted(tap_shapes.items())}
     return {
         "schema": layout.SCHEMA,
         "fingerprint": fingerprint,
-        "teacher": {"name": teacher.name, "arch": teacher.arch, "sha256": teacher.sha256, "outputs": dims,
-                    "bn_mode": "eval"},
+        "teacher": teacher_entry,
         "transform": {"spec": spec_dict(spec), "view0": "centre", "seed": seed, "sampler": "sample_rng(seed, 0, index, k)",
                       "mean": [float(v) for v in mean], "std": [float(v) for v in std],
                       "interpolation": "bilinear, antialias", "torchvision": torchvision.__version__,
@@ -180,16 +189,23 @@ def write_manifest(root: Path, header: dict, plans: list[ShardPlan], build: dict
 
 
 def _forward(teacher: Teacher, batch: torch.Tensor, outputs: set[str], device: torch.device, amp: str,
-             channels_last: bool, mean, std) -> dict[str, np.ndarray]:
+             channels_last: bool, mean, std, taps: tuple[str, ...] = ()
+             ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """The rows to store, ``{output or tap directory: (N, D) float16}``, and each tap's per-image shape."""
     images = normalize(batch.to(device, non_blocking=True), mean, std)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     autocast = (torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp]) if amp != "none"
                 else contextlib.nullcontext())
     with autocast:
-        result = teacher.forward(images, outputs)
+        result = teacher.forward(images, outputs, taps=taps)
+    shapes = {tap: tuple(int(extent) for extent in result[tap].shape[1:]) for tap in taps}
     with np.errstate(over="ignore"):  # fp16 overflow becomes inf, which _check_rows reports
-        return {name: result[name].float().cpu().numpy().astype(np.float16) for name in sorted(outputs)}
+        rows = {name: result[name].float().cpu().numpy().astype(np.float16) for name in sorted(outputs)}
+        for tap in taps:  # a map is stored flattened (C·h·w in its own memory order), reshaped on lookup
+            rows[layout.tap_dir(tap)] = (result[tap].float().reshape(result[tap].shape[0], -1)
+                                         .cpu().numpy().astype(np.float16))
+    return rows, shapes
 
 
 def _check_rows(features: dict[str, np.ndarray], indices: np.ndarray, views: int) -> None:
@@ -201,6 +217,10 @@ def _check_rows(features: dict[str, np.ndarray], indices: np.ndarray, views: int
                 raise TrainingError(f"teacher produced {int(bad.sum())} {label} {name} rows "
                                     f"(images {images[:5]}{'…' if len(images) > 5 else ''}); refusing to cache them",
                                     hint="check the teacher weights and input; with --amp fp16 try bf16 or none")
+
+
+def _taps_text(taps) -> str:
+    return f" and taps {sorted(taps)}" if taps else ""
 
 
 @contextlib.contextmanager
@@ -221,15 +241,21 @@ def _builder_lock(root: Path):
 
 
 def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spec: ViewSpec, views: int,
-                outputs: set[str], mean, std, batch_size: int = 256, device: str = "cpu", amp: str = "none",
+                outputs: set[str], mean, std, taps: Iterable[str] = (), batch_size: int = 256, device: str = "cpu",
+                amp: str = "none",
                 channels_last: bool = False, seed: int = 0, shard_size: int = 50000, num_workers: int = 0,
                 progress: bool = True, on_batch: Callable[[BatchInfo], None] | None = None,
                 flush_seconds: float = 2.0, max_bad_fraction: float = DEFAULT_MAX_FRACTION) -> FeatureCache:
     """Build (or resume, or reuse) the cache at ``out``; returns it opened. See the module docstring.
 
     Unreadable images get their keyed substitute's rows (as training substitutes them); they are counted,
-    listed in ``<out>/bad_images.txt`` and reported, and above ``max_bad_fraction`` the build stops (exit 2)."""
+    listed in ``<out>/bad_images.txt`` and reported, and above ``max_bad_fraction`` the build stops (exit 2).
+    ``taps``: teacher taps (``distillctl.taps`` names, e.g. ``stage:-1``) stored beside the outputs, for methods
+    that read the teacher's maps (PCD, dense-reg); each is stored flattened and reshaped on lookup."""
     outputs = set(outputs)
+    taps = tuple(sorted(set(taps)))
+    if len({layout.tap_dir(tap) for tap in taps}) != len(taps):
+        raise UsageError(f"cache taps {list(taps)} map to the same directory name; cache them separately")
     if views < 1 or batch_size < 1 or shard_size < 1:
         raise UsageError("--views, --batch-size and --shard-size must be >= 1")
     if not outputs or not all(layout.is_output_name(name) for name in outputs):
@@ -247,27 +273,29 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
     root = Path(out).expanduser()
     rank = distributed.info()
     dataset_hash = dataset.manifest_hash()
-    fingerprint = cache_fingerprint(teacher.sha256, outputs, dataset_hash, spec, views, mean, std, seed)
+    fingerprint = cache_fingerprint(teacher.sha256, outputs, dataset_hash, spec, views, mean, std, seed, taps)
     existing = read_manifest(root) if (root / layout.MANIFEST).is_file() else None
     if existing is None and root.is_dir():
         foreign = sorted(p.name for p in root.iterdir()
-                         if p.name not in LAYOUT_NAMES and not layout.is_output_name(p.name) and not p.name.startswith("."))
+                         if p.name not in LAYOUT_NAMES and not layout.is_output_name(p.name)
+                         and not layout.is_tap_dir(p.name) and not p.name.startswith("."))
         if foreign:
             raise InputError(f"--out {root} is not empty and holds no feature cache (found {', '.join(foreign[:3])})",
                              hint="choose a new or empty directory for the cache")
     if existing is not None:
         differences = manifest_differences(existing, teacher_sha256=teacher.sha256, outputs=outputs,
                                            dataset_hash=dataset_hash, spec=spec, mean=mean, std=std, views=views,
-                                           seed=seed)
+                                           seed=seed, taps=taps)
         if differences:
             raise GateError(f"{root} already holds a feature cache for another teacher/data/transform: "
                             + "; ".join(differences),
                             hint="choose another --out, or delete that directory to rebuild")
-        if existing.get("complete"):  # same inputs; its outputs may be a superset of the requested ones
+        if existing.get("complete"):  # same inputs; its outputs (and taps) may be a superset of the requested ones
             return FeatureCache.open(root)
         if existing.get("fingerprint") != fingerprint:
-            raise GateError(f"{root} holds an unfinished build of outputs {sorted(existing['teacher']['outputs'])}; "
-                            f"this build asks for {sorted(outputs)}",
+            raise GateError(f"{root} holds an unfinished build of outputs {sorted(existing['teacher']['outputs'])}"
+                            f"{_taps_text(existing['teacher'].get('taps'))}; this build asks for {sorted(outputs)}"
+                            f"{_taps_text(taps)}",
                             hint="resume it with the same --outputs, or choose another --out")
         if int(existing["shard_size"]) != shard_size:
             raise UsageError(f"{root} was started with shard size {existing['shard_size']}; resume with the same")
@@ -278,10 +306,14 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
         teacher.to(torch_device)
         if channels_last:
             teacher.backbone.to(memory_format=torch.channels_last)
+        if taps:
+            from distillctl.taps import check_taps
+
+            check_taps(teacher.backbone, taps, f"feature cache, teacher {teacher.name}")
         producer = ViewProducer(dataset, spec, views, seed)
         probe_index, probe_views, _, _ = _collate([producer[0]])
         bad = BadImages("cache", len(dataset), max_bad_fraction)
-        probe = _forward(teacher, probe_views, outputs, torch_device, amp, channels_last, mean, std)
+        probe, tap_shapes = _forward(teacher, probe_views, outputs, torch_device, amp, channels_last, mean, std, taps)
         dims = {name: int(values.shape[1]) for name, values in probe.items()}
 
         plans = _shard_plans(len(dataset), views, shard_size)
@@ -290,7 +322,8 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
         check_disk_space(root, max(0, estimate_bytes(len(dataset), views, dims, shard_size) - already),
                          f" = {len(dataset)} images x {views} views x {row_bytes} B"
                          + (f" + headers, minus {already:,} bytes already built" if already else " + headers"))
-        header = _header(teacher, dataset, dataset_hash, fingerprint, spec, views, dims, mean, std, seed, shard_size)
+        header = _header(teacher, dataset, dataset_hash, fingerprint, spec, views, dims, mean, std, seed, shard_size,
+                         tap_shapes)
         build_info = {"device": str(torch_device), "amp": amp, "channels_last": channels_last, "batch_size": batch_size,
                       "world_size": rank.world_size, "torch": torch.__version__,
                       "created": (existing or {}).get("build", {}).get("created")
@@ -323,7 +356,8 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
                         bad.add(unreadable)
                         if rank.world_size == 1:  # several ranks decide together once every shard is built
                             bad.check()
-                        features = _forward(teacher, pixels, outputs, torch_device, amp, channels_last, mean, std)
+                        features, _ = _forward(teacher, pixels, outputs, torch_device, amp, channels_last, mean, std,
+                                               taps)
                         for name, values in features.items():
                             if values.shape != (len(indices) * views, dims[name]):
                                 raise TrainingError(f"teacher returned {name} of shape {values.shape}; expected "

@@ -64,6 +64,8 @@ def _render_info(info: dict[str, Any]) -> None:
         ("fingerprint", info["fingerprint"]),
         ("teacher", f"{teacher['name']} ({teacher['arch']}), sha256 {teacher['sha256'][:16]}…, BN {teacher['bn_mode']}"),
         ("outputs", ", ".join(f"{name} {dim}-d" for name, dim in info["outputs"].items()) + f" ({info['dtype']})"),
+        *([("teacher taps", ", ".join(f"{tap} {'x'.join(str(v) for v in entry['shape'])} in {entry['dir']}/"
+                                      for tap, entry in info["taps"].items()))] if info.get("taps") else []),
         ("views (K)", f"{info['views']} (view 0 = centre crop, 1..K-1 = {spec['family']}, seed {transform['seed']})"),
         ("transform", f"{spec['size']} px, scale {spec['scale']}, crop_pct {spec['crop_pct']}, flip {spec['flip']}; "
                       f"mean {transform['mean']} std {transform['std']}"),
@@ -110,6 +112,8 @@ def build(
     scale: str = typer.Option("0.2,1.0", "--scale", help="RandomResizedCrop area range of views 1..K-1."),
     crop_pct: float = typer.Option(0.875, "--crop-pct", help="Centre-crop fraction of the short side (view 0)."),
     outputs: str = typer.Option("pooled", "--outputs", help="Teacher outputs to store: pooled, proj or pooled,proj."),
+    taps: str = typer.Option("", "--taps", help="Teacher taps to store too, comma-separated (e.g. stage:-1, the last "
+                                                "stage's map, which pcd and dense-reg read); none by default."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Views per teacher forward pass."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     amp: str = typer.Option("none", "--amp", help="none | bf16 | fp16 (autocast for the teacher)."),
@@ -152,6 +156,7 @@ def build(
     started = time.perf_counter()
     with _run_lock(out, distributed):
         cache = build_cache(loaded, dataset, out, spec=spec, views=views, outputs=wanted,
+                            taps=[tap.strip() for tap in taps.split(",") if tap.strip()],
                             mean=_floats(mean, "mean") or loaded.preprocess.mean,
                             std=_floats(std, "std") or loaded.preprocess.std, batch_size=batch_size,
                             device=run_device, amp=amp, channels_last=channels_last, seed=seed, shard_size=shard_size,

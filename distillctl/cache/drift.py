@@ -56,12 +56,14 @@ def spot_check(cache: FeatureCache, teacher: Teacher, dataset: ImageDataset, *, 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = torch.autocast(torch_device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
-        live = teacher.forward(normalize(pixels.to(torch_device), cache.mean, cache.std), set(cache.outputs))
-    cached = cache.lookup(torch.from_numpy(index), torch.from_numpy(k))
+        live = teacher.forward(normalize(pixels.to(torch_device), cache.mean, cache.std), set(cache.outputs),
+                               taps=tuple(cache.taps))
+    cached = cache.lookup(torch.from_numpy(index), torch.from_numpy(k), taps=tuple(cache.taps))
     result: dict = {"samples": int(count), "min_cosine": {}, "mean_cosine": {}, "threshold": min_cosine}
     worst: list[str] = []
-    for name in cache.outputs:
-        cosine = torch.nn.functional.cosine_similarity(live[name].float().cpu(), cached[name], dim=1)
+    for name in (*cache.outputs, *cache.taps):  # a tap's map is compared as one flattened vector per view
+        cosine = torch.nn.functional.cosine_similarity(live[name].float().cpu().flatten(1), cached[name].flatten(1),
+                                                       dim=1)
         result["min_cosine"][name] = float(cosine.min())
         result["mean_cosine"][name] = float(cosine.mean())
         if float(cosine.min()) < min_cosine:

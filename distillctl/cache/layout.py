@@ -6,6 +6,8 @@
   index/files.txt               canonical relative image paths (defines the image index), path datasets only
   params/shard_00000.npy        PARAMS_DTYPE, (images_in_shard * K,)   row = local_image * K + k
   <output>/shard_00000.npy      float16, (images_in_shard * K, D)      one directory per output (pooled, proj)
+  tap-<name>/shard_00000.npy    float16, (images_in_shard * K, C*h*w)  a teacher tap (e.g. tap-stage_-1 for the
+                                last stage's map), flattened; its tap name and shape are in the manifest
   done/shard_00000.bits         per-image done bitmap (np.packbits), rewritten atomically while building
   done/shard_00000.seal.json    the shard's commit record: file hashes and checks (written before the renames)
   artifacts/                    offline artefacts derived from the cache (kNN bags, k-means labels)
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 # one atomic write and one sha256 for the whole tool (re-exported: the cache modules use them as layout.*)
@@ -33,8 +36,31 @@ PARTIAL_SUFFIX = ".partial"
 OUTPUT_KINDS = ("pooled", "proj")
 
 
+TAP_DIR = re.compile(r"^tap-[A-Za-z0-9_.-]+$")
+
+
 def is_output_name(name: str) -> bool:
     return OUTPUT_NAME.match(name) is not None
+
+
+def tap_dir(tap: str) -> str:
+    """The directory a teacher tap's rows live in: ``stage:-1`` → ``tap-stage_-1`` (the manifest maps it back)."""
+    return "tap-" + re.sub(r"[^A-Za-z0-9.-]", "_", tap)
+
+
+def is_tap_dir(name: str) -> bool:
+    return TAP_DIR.match(name) is not None
+
+
+def stored_dims(manifest: dict) -> dict[str, int]:
+    """Every stored array of a cache with its row width: the outputs (pooled, proj) and the flattened taps."""
+    dims = {name: int(dim) for name, dim in manifest["teacher"]["outputs"].items()}
+    for entry in (manifest["teacher"].get("taps") or {}).values():
+        size = 1
+        for extent in entry["shape"]:
+            size *= int(extent)
+        dims[entry["dir"]] = size
+    return dims
 
 
 def shard_name(shard: int) -> str:

@@ -35,7 +35,7 @@ def centre_spec(spec: ViewSpec) -> ViewSpec:
 
 def manifest_differences(manifest: dict, *, teacher_sha256: str, outputs: Iterable[str], dataset_hash: str,
                          spec: ViewSpec, mean: Iterable[float], std: Iterable[float], views: int | None = None,
-                         seed: int | None = None) -> list[str]:
+                         seed: int | None = None, taps: Iterable[str] = ()) -> list[str]:
     """Human-readable list of what differs between a cache manifest and what a run or build expects."""
     differences: list[str] = []
     cached_sha = manifest["teacher"]["sha256"]
@@ -45,6 +45,10 @@ def manifest_differences(manifest: dict, *, teacher_sha256: str, outputs: Iterab
     missing = sorted(set(outputs) - set(cached_outputs))
     if missing:
         differences.append(f"teacher outputs {cached_outputs} (cache) lack {missing} (run)")
+    cached_taps = sorted(manifest["teacher"].get("taps") or {})
+    missing_taps = sorted(set(taps) - set(cached_taps))
+    if missing_taps:
+        differences.append(f"teacher taps {cached_taps} (cache) lack {missing_taps} (run)")
     cached_data = manifest["dataset"]["manifest_hash"]
     if cached_data != dataset_hash:
         differences.append(f"dataset manifest {cached_data[:12]}… (cache) vs {dataset_hash[:12]}… (run)")
@@ -143,6 +147,10 @@ class FeatureCache:
         self.num_images = int(manifest["dataset"]["num_images"])
         self.views = int(manifest["views"])
         self.outputs = {name: int(dim) for name, dim in manifest["teacher"]["outputs"].items()}
+        # teacher taps stored beside the outputs: tap name → (its directory, its per-image shape)
+        self.taps = {tap: (str(entry["dir"]), tuple(int(extent) for extent in entry["shape"]))
+                     for tap, entry in (manifest["teacher"].get("taps") or {}).items()}
+        self.stored = layout.stored_dims(manifest)  # every array's row width: outputs and flattened taps
         self.spec = spec_from_dict(manifest["transform"]["spec"])
         self.mean = tuple(float(v) for v in manifest["transform"]["mean"])
         self.std = tuple(float(v) for v in manifest["transform"]["std"])
@@ -187,12 +195,12 @@ class FeatureCache:
         return cache
 
     def _expected_shape(self, name: str, shard: dict) -> tuple[int, ...]:
-        return (int(shard["rows"]),) if name == "params" else (int(shard["rows"]), self.outputs[name])
+        return (int(shard["rows"]),) if name == "params" else (int(shard["rows"]), self.stored[name])
 
     def _check_files(self) -> None:
         """Cheap structural check at open: every shard file exists with the recorded shape and dtype."""
         for shard in self.manifest["shards"]:
-            for name in ("params", *self.outputs):
+            for name in ("params", *self.stored):
                 file = layout.data_file(self.path, name, int(shard["id"]))
                 if not file.is_file():
                     raise GateError(f"feature cache at {self.path} is missing {file.relative_to(self.path)}",
@@ -241,14 +249,24 @@ class FeatureCache:
             out[mask] = self._array(name, int(shard_id))[row[mask]]
         return out
 
-    def lookup(self, index: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Teacher outputs of view ``k[i]`` of image ``index[i]``: ``{output: (B, D) float32}`` on the CPU."""
+    def lookup(self, index: torch.Tensor, k: torch.Tensor, taps: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """Teacher outputs of view ``k[i]`` of image ``index[i]``: ``{output: (B, D) float32}`` on the CPU, plus
+        ``{tap: (B, *shape) float32}`` for each of the given ``taps`` (only those: maps are large)."""
         index_np = np.asarray(torch.as_tensor(index).detach().cpu(), dtype=np.int64).reshape(-1)
         k_np = np.asarray(torch.as_tensor(k).detach().cpu(), dtype=np.int64).reshape(-1)
         result: dict[str, torch.Tensor] = {}
         for name, dim in self.outputs.items():
             rows = self._gather(name, index_np, k_np, np.empty((index_np.size, dim), dtype=np.float16))
             result[name] = torch.from_numpy(rows).float()
+        for tap in taps:
+            if tap not in self.taps:
+                raise InputError(f"feature cache at {self.path} holds no teacher tap '{tap}' "
+                                 f"(has {', '.join(self.taps) or 'none'})",
+                                 hint="rebuild the cache for this method, or use --teacher-mode online")
+            directory, shape = self.taps[tap]
+            rows = self._gather(directory, index_np, k_np,
+                                np.empty((index_np.size, self.stored[directory]), dtype=np.float16))
+            result[tap] = torch.from_numpy(rows).float().reshape(index_np.size, *shape)
         return result
 
     def params_records(self, index: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -272,10 +290,10 @@ class FeatureCache:
 
     # ------------------------------------------------------------------------------ compatibility
     def check_compatible(self, *, teacher_sha256: str, outputs: Iterable[str], dataset_hash: str, spec: ViewSpec,
-                         mean: Iterable[float], std: Iterable[float]) -> None:
-        """Refuse (GateError, exit 3) a cache built for another teacher, dataset, output kind or transform."""
+                         mean: Iterable[float], std: Iterable[float], taps: Iterable[str] = ()) -> None:
+        """Refuse (GateError, exit 3) a cache built for another teacher, dataset, output kind, tap or transform."""
         differences = manifest_differences(self.manifest, teacher_sha256=teacher_sha256, outputs=outputs,
-                                           dataset_hash=dataset_hash, spec=spec, mean=mean, std=std)
+                                           dataset_hash=dataset_hash, spec=spec, mean=mean, std=std, taps=taps)
         if differences:
             raise GateError(f"feature cache at {self.path} does not match this run: " + "; ".join(differences),
                             hint="rebuild it with `distillctl cache build` for this teacher/data/transform "
@@ -298,7 +316,7 @@ def verify_store(root: Path, manifest: dict) -> VerifyReport:
     """The checks behind ``distillctl cache verify``; works on incomplete caches too (reports them)."""
     started = time.perf_counter()
     report = VerifyReport(path=str(root))
-    outputs = {name: int(dim) for name, dim in manifest["teacher"]["outputs"].items()}
+    outputs = layout.stored_dims(manifest)  # pooled/proj and the flattened teacher taps
     norm_stats: dict[str, list[tuple[int, int, float, float]]] = {name: [] for name in outputs}
     for shard in manifest.get("shards", []):
         shard_id = int(shard["id"])
@@ -380,6 +398,7 @@ def cache_info(root: Path, manifest: dict) -> dict[str, Any]:
         "dataset": manifest["dataset"],
         "views": manifest["views"],
         "outputs": manifest["teacher"]["outputs"],
+        "taps": manifest["teacher"].get("taps") or {},
         "dtype": manifest["dtype"],
         "shard_size": manifest["shard_size"],
         "size_bytes": size,

@@ -21,8 +21,10 @@ What a method can ask for (all optional; a method that asks for none of it is a 
   ``"stage:-1"`` (last CNN stage map), ``"tokens"`` (ViT CLS/register/patch tokens), ``"attn:-1"`` (last
   block's attention probabilities); see :mod:`distillctl.taps`. Student taps arrive in
   ``MethodInputs.student_taps`` (one dict per student view), teacher taps inside each teacher view's output
-  dict under the tap's name. Teacher taps are spatial, so they need the teacher online: the cacheability
-  rule (:func:`teacher_plan`) refuses a cached mode for them. The deployable student carries no hooks.
+  dict under the tap's name. A feature cache stores teacher taps beside the pooled outputs (flattened, one row
+  per stored view; ``distillctl/cache``), so a method that reads the teacher's map of the student's own view
+  (PCD, dense-reg) runs from the cache like any other; ``auto`` runs the teacher online instead when the maps
+  would not fit a sensible cache (:func:`distillctl.pipeline` sizes it). The deployable student carries no hooks.
 - **Grouped forward** (``grouping="by_resolution"``): views of one resolution go through the student as one
   concatenated batch (and through an online teacher likewise), split back per view, as the published
   multi-crop code does (DINO's MultiCropWrapper). BatchNorm then sees the whole group's statistics.
@@ -116,9 +118,10 @@ class TeacherPlan:
 def cacheability(requirements: Requirements, teacher_bn: str) -> tuple[str, str]:
     """``("cached_exact" | "cached_approx", "")`` when a feature cache can stand in for the teacher, else
     ``("no", reason)``. The cache is built once with eval-mode BatchNorm from views of one augmentation and
-    stores pooled/projected outputs only, so any of these rules it out: a teacher that is absent, co-trained
-    or declared online; teacher taps (spatial maps are not cached); teacher views of more than one
-    augmentation; teacher BatchNorm in train mode (the cache could not reproduce the recorded mode)."""
+    stores pooled/projected outputs and teacher taps of those views, so any of these rules it out: a teacher that
+    is absent, co-trained or declared online; teacher views of more than one augmentation; teacher BatchNorm in
+    train mode (the cache could not reproduce the recorded mode). Whether a tap cache is worth its disk is the
+    pipeline's size rule, not this one."""
     declared = requirements.teacher_mode
     if declared == "none":
         return "no", "the method uses no teacher"
@@ -126,8 +129,6 @@ def cacheability(requirements: Requirements, teacher_bn: str) -> tuple[str, str]
         return "no", "its teacher trains with the student"
     if declared == "online":
         return "no", "its teacher targets depend on per-step inputs, so the teacher must run online"
-    if requirements.teacher_taps:
-        return "no", f"it reads teacher taps ({', '.join(requirements.teacher_taps)}), which the cache does not store"
     specs = {view.spec for view in requirements.views if view.teacher}
     if len(specs) > 1:
         return "no", f"its teacher sees views of {len(specs)} different augmentations; a cache stores one"

@@ -52,7 +52,9 @@ class DenseRegression(Method):
         "then a 1×1 convolution with bias maps its channels to the teacher's (both linear, so the order only "
         "matters at the borders of the interpolation, not in value).",
         "ViT maps: the tokens of the tapped block without CLS/register tokens, reshaped to the square patch grid.",
-        "The teacher runs online (its maps are spatial; the feature cache stores pooled vectors only).",
+        "The teacher's map is of the student's own view, so a feature cache that stores it (the run's cache stores "
+        "the teacher tap beside the pooled vector) stands in for the teacher exactly (cached_exact); online when "
+        "the maps would be too large to cache.",
     )
     Params: ClassVar[type[DenseRegParams]] = DenseRegParams
 
@@ -70,7 +72,8 @@ class DenseRegression(Method):
 
     def requirements(self, image_size: int) -> Requirements:
         view = crop_view(self.params, image_size, "weak")
-        return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({"pooled"}), teacher_mode="online",
+        return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({"pooled"}),
+                            teacher_mode="cached_exact",
                             teacher_bn=self.params.teacher_bn, student_taps=(self.params.student_tap,),
                             teacher_taps=(self.params.teacher_tap,))
 

@@ -137,7 +137,9 @@ class PCD(Method):
         "position embedding, 8 heads; placed before the resize and the projection head.",
         "Student head: 1×1 conv (C → 2048) – BatchNorm – ReLU – 1×1 conv (→ the adapted teacher width).",
         "τ = 0.2 and a 65,536-row queue (MoCo v2's); every location of the batch is enqueued after each step.",
-        "The teacher runs online (spatial targets; the feature cache stores pooled vectors only).",
+        "The teacher sees the student's own view, so a feature cache holding its map (stored as a teacher tap beside "
+        "the pooled vector) stands in for it exactly (cached_exact); online when the maps would be too large to "
+        "cache. The SpatialAdaptor runs on the stored map at every step.",
     )
     Params: ClassVar[type[PCDParams]] = PCDParams
     queue_negatives: ClassVar[bool] = True
@@ -170,7 +172,8 @@ class PCD(Method):
 
     def requirements(self, image_size: int) -> Requirements:
         view = crop_view(self.params, image_size, "weak")
-        return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({"pooled"}), teacher_mode="online",
+        return Requirements(views=(MethodView(view),), teacher_outputs=frozenset({"pooled"}),
+                            teacher_mode="cached_exact",
                             teacher_bn=self.params.teacher_bn, student_taps=(self.params.student_tap,),
                             teacher_taps=(self.params.teacher_tap,))
 

@@ -66,8 +66,9 @@ def teacher_outputs(teacher, cache, requirements: Requirements, images: list[tor
     outputs: list[dict[str, torch.Tensor] | None] = [None] * len(images)
     if cache is not None:
         for slot in slots:
-            looked_up = cache.lookup(sources[:, slot], stored[:, slot])
-            outputs[slot] = {key: looked_up[key].to(device) for key in requirements.teacher_outputs}
+            looked_up = cache.lookup(sources[:, slot], stored[:, slot], taps=requirements.teacher_taps)
+            outputs[slot] = {key: looked_up[key].to(device)
+                             for key in (*requirements.teacher_outputs, *requirements.teacher_taps)}
         return outputs
     for group in requirements.forward_groups(slots):
         sizes = [images[slot].shape[0] for slot in group]

@@ -378,13 +378,16 @@ def _pause_hook() -> tuple[int, int | None]:
 
 
 def _check_teacher_mode(name: str, requirements: Requirements, job: TrainJob) -> bool:
-    """True for a co-trained teacher. A feature cache cannot serve teacher taps or a co-trained teacher
-    (the pipeline's teacher_plan refuses such runs first; this guards direct callers)."""
+    """True for a co-trained teacher. A feature cache cannot serve a co-trained teacher, nor teacher taps it
+    was built without (the pipeline's teacher_plan and cache stage refuse such runs first; this guards direct
+    callers)."""
     co_trained = requirements.teacher_mode == "co_trained"
-    if job.cache is not None and (co_trained or requirements.teacher_taps):
-        what = "a co-trained teacher" if co_trained else f"teacher taps {', '.join(requirements.teacher_taps)}"
-        raise InputError(f"method {name} needs {what}, which a feature cache cannot provide",
-                         hint="use --teacher-mode online")
+    missing = [tap for tap in requirements.teacher_taps if tap not in getattr(job.cache, "taps", {})]
+    if job.cache is not None and (co_trained or missing):
+        what = "a co-trained teacher" if co_trained else f"teacher taps {', '.join(missing)}"
+        raise InputError(f"method {name} needs {what}, which "
+                         + ("a feature cache cannot provide" if co_trained else "its feature cache does not hold"),
+                         hint="use --teacher-mode online" + ("" if co_trained else ", or rebuild the cache"))
     if co_trained and job.teacher is None:
         raise InputError(f"method {name} co-trains its teacher; the run has no teacher model")
     return co_trained

@@ -57,7 +57,7 @@ def test_method_resizes_then_projects_the_student_map():
     assert torch.allclose(loss, dense_regression_loss(projected, teacher_map, "cosine"), atol=1e-6)
     assert logs["cos"] == pytest.approx(float(F.cosine_similarity(projected, teacher_map, dim=1).mean().detach()), abs=1e-6)
     req = method.requirements(16)
-    assert req.student_taps == ("stage:-1",) and req.teacher_taps == ("stage:-1",) and req.teacher_mode == "online"
+    assert req.student_taps == ("stage:-1",) and req.teacher_taps == ("stage:-1",) and req.teacher_mode == "cached_exact"
 
 
 @pytest.mark.slow

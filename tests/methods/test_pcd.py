@@ -78,10 +78,23 @@ def test_queue_takes_every_teacher_location():
 
 
 @pytest.mark.slow
-def test_trains_and_resumes_exactly(tmp_path, tiny_teacher_file) -> None:
+@pytest.mark.parametrize("mode, expected", [("auto", "cached"), ("online", "online")])
+def test_trains_and_resumes_exactly(tmp_path, tiny_teacher_file, mode, expected) -> None:
+    """From a feature cache holding the teacher's stage map (the default) and with the teacher online."""
+    import json
+
     from pooled_e2e import train_and_resume
 
     train_and_resume(tmp_path, tiny_teacher_file, "pcd",
                      ["--image-size", "32", "--set", "method.params.student_tap=stage:-2",
                       "--set", "method.params.teacher_tap=stage:-2", "--set", "method.params.queue_size=100",
-                      "--set", "method.params.hidden_dim=64"])
+                      "--set", "method.params.hidden_dim=64", "--teacher-mode", mode])
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["teacher"]["mode"] == expected
+    cache = tmp_path / "full" / "cache"
+    if expected == "cached":
+        manifest = json.loads((cache / "manifest.json").read_text())
+        assert manifest["teacher"]["taps"]["stage:-2"]["shape"] == [256, 2, 2]  # resnet18 layer3 at 32 px
+        assert (cache / "tap-stage_-2" / "shard_00000.npy").is_file()
+    else:
+        assert not cache.exists()

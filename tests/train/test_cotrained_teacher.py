@@ -45,11 +45,11 @@ def test_frozen_teacher_stays_frozen(tmp_path):
     assert all(v.equal(before[k]) for k, v in job.teacher.state_dict().items())
 
 
-def test_cache_refused_for_cotrained_teacher_and_teacher_taps(tmp_path):
+def test_cache_refused_for_cotrained_teacher_and_teacher_taps_it_lacks(tmp_path):
     for params, words in (({"teacher_mode": "co_trained"}, "a co-trained teacher"),
-                          ({"teacher_taps": ("stage:-1",)}, "teacher taps stage:-1")):
+                          ({"teacher_taps": ("stage:-1",)}, "teacher taps stage:-1, which its feature cache does not")):
         job = probe_job(tmp_path / "run", **params)
-        job.cache = object()  # any cache: refused before it is touched
+        job.cache = object()  # a cache without taps: refused before it is touched
         with pytest.raises(InputError, match=words):
             train(job)
 

@@ -22,7 +22,8 @@ def req(mode="cached_exact", views=(VIEW, VIEW), taps=()) -> Requirements:
     (req("cached_approx"), "eval", "cached_approx"),
     (req(), "train", "no"),  # the cache is built with eval-mode BN
     (req("cached_approx"), "train", "no"),
-    (req(taps=("stage:-1",)), "eval", "no"),  # spatial taps are not cached
+    (req(taps=("stage:-1",)), "eval", "cached_exact"),  # the cache stores teacher taps beside the outputs
+    (req("online", taps=("attn:-1",)), "eval", "no"),  # a method declaring online stays online
     (req(views=(VIEW, SMALL)), "eval", "no"),  # two teacher augmentations, one stored spec
     (req("online"), "eval", "no"),
     (req("co_trained"), "train", "no"),
@@ -37,7 +38,9 @@ def test_cacheability_table(requirements, bn, expected):
     (req(), "eval", "online", "online"),
     (req(), "eval", "cached", "cached"),
     (req(), "train", "auto", "online"),
-    (req(taps=("attn:-1",)), "eval", "auto", "online"),
+    (req(taps=("stage:-1",)), "eval", "auto", "cached"),
+    (req(taps=("stage:-1",)), "train", "auto", "online"),
+    (req("online", taps=("attn:-1",)), "eval", "auto", "online"),
     (req("co_trained"), "train", "auto", "co_trained"),
     (req("co_trained"), "train", "online", "co_trained"),
     (req("none"), "eval", "cached", "none"),
@@ -48,7 +51,6 @@ def test_plan_table(requirements, bn, requested, mode):
 
 @pytest.mark.parametrize("requirements, bn, words", [
     (req(), "train", "BatchNorm runs in train mode"),
-    (req(taps=("stage:-1",)), "eval", "teacher taps (stage:-1)"),
     (req("co_trained"), "train", "trains with the student"),
     (req("online"), "eval", "must run online"),
     (req(views=(VIEW, SMALL)), "eval", "2 different augmentations"),
