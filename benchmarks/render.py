@@ -1343,17 +1343,24 @@ def ssl_teacher_label(teacher: dict | None) -> str:
 def later_rows(main: dict, rows: dict, extra: dict, extra_rows: dict) -> tuple[dict, dict]:
     """``rows`` (of the ``main`` results) with ``extra_rows`` added, and when each row was measured (its file's finish
     time): a cell both measured keeps the measurement of the run that finished later. A finished measurement it
-    replaces that trained at another learning rate (the preset derives another lr since) is a different experiment:
-    it stays, under ``<key>@lr=<lr>``, so the table keeps the evidence for the change."""
+    replaces that trained at another learning rate (the preset derives another lr since) or with another teacher
+    mode (the teacher online, then from the feature cache) is a different experiment: it stays, under
+    ``<key>@lr=<lr>`` / ``<key>@mode=<mode>``, so the table keeps the evidence for the change."""
     rows = dict(rows)
     measured_at = dict(main.get("row_finished_utc") or {key: main.get("finished_utc") or "" for key in rows})
     finished = extra.get("finished_utc") or ""
     for key, row in extra_rows.items():
         if key not in rows or finished > (measured_at.get(key) or ""):
             old = rows.get(key)
-            old_lr = cell_lr(old) if old and old.get("status") == "done" and row.get("status") == "done" else None
-            if old_lr is not None and cell_lr(row) not in (None, old_lr):
-                kept = f"{key}@lr={old_lr:g}"
+            differs = []
+            if old and old.get("status") == "done" and row.get("status") == "done":
+                old_lr, old_mode = cell_lr(old), old.get("teacher_mode")
+                if old_lr is not None and cell_lr(row) not in (None, old_lr):
+                    differs.append(f"lr={old_lr:g}")
+                if old_mode and row.get("teacher_mode") not in (None, old_mode):
+                    differs.append(f"mode={old_mode}")
+            if differs:
+                kept = f"{key}@{','.join(differs)}"
                 rows[kept], measured_at[kept] = old, measured_at.get(key) or ""
             rows[key], measured_at[key] = row, finished
     return rows, measured_at

@@ -279,6 +279,30 @@ def test_a_later_run_at_another_lr_keeps_the_earlier_measurement_beside_it(tmp_p
     assert q["rows"][key]["knn_top1"] == 73.5 and not any("@lr=0.05" in k for k in q["rows"])
 
 
+def test_a_later_run_with_another_teacher_mode_keeps_the_online_measurement_beside_it(tmp_path):
+    """pcd at 120,000 images ran its teacher online, then from a feature cache holding the teacher's maps: both rows
+    stay (the online one under ``<key>@mode=online``, its command pinned online), each with its mode."""
+    import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    key = "mobilenetv2_100/sup/pcd-120000-auto"
+    cell = {**_row("pcd", 120_000, 59.1), "lr": 0.05, "preset": "auto", "teacher_mode": "online",
+            "command": "distillctl run --method pcd --set method.preset=auto"}
+    old = {**_quality({key: cell}), "finished_utc": "2026-11-28T00:00:00Z"}
+    new = {**_quality({key: {**cell, "knn_top1": 58.0, "teacher_mode": "cached"}}),
+           "finished_utc": "2026-12-02T18:00:00Z"}
+    (results / "quality_pcd_120k.json").write_text(json.dumps(old))
+    (results / "quality_pcd_cached_120k.json").write_text(json.dumps(new))
+    q = render.table_quality(results)
+    assert q["rows"][key]["teacher_mode"] == "cached" and q["rows"][f"{key}@mode=online"]["knn_top1"] == 59.1
+    text, _ = render.quality_section(q, [])
+    assert "| 59.1 |" in text and "| 58.0 |" in text
+    assert "distillctl run --method pcd --set method.preset=auto --teacher-mode online" in text
+    cells = render.measured_data(q, render.quality_facts(q))["methods"]["pcd"]["cells"]
+    assert [(c["images_seen"], c["knn_top1"]) for c in cells] == [(120_000, 59.1)]  # ranked once, by the better
+
+
 def test_a_method_measured_twice_at_one_budget_is_ranked_and_counted_once():
     """Two cells of one method at one budget (the published preset's and auto's): the better one ranks it, the
     method is counted once, and the other methods' ranks are not shifted."""
