@@ -628,7 +628,8 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
             distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
             return cache
     cache = build_cache_guarded(teacher, train_data, cache_dir, spec=spec, views=cache_views,
-                                outputs=outputs, taps=requirements.teacher_taps, mean=mean, std=std, batch_size=recipe.eval.batch_size, device=device,
+                                outputs=outputs, taps=requirements.teacher_taps, mean=mean, std=std,
+                                batch_size=recipe.eval.batch_size, device=device,
                                 amp=recipe.train.amp, channels_last=recipe.train.channels_last, seed=recipe.train.seed,
                                 num_workers=recipe.data.num_workers, on_batch=_cache_kill_hook(),
                                 max_bad_fraction=recipe.data.max_bad_fraction)
