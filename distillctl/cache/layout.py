@@ -20,6 +20,7 @@ the partials, so a kill at any point leaves either a resumable partial shard or 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -56,10 +57,7 @@ def stored_dims(manifest: dict) -> dict[str, int]:
     """Every stored array of a cache with its row width: the outputs (pooled, proj) and the flattened taps."""
     dims = {name: int(dim) for name, dim in manifest["teacher"]["outputs"].items()}
     for entry in (manifest["teacher"].get("taps") or {}).values():
-        size = 1
-        for extent in entry["shape"]:
-            size *= int(extent)
-        dims[entry["dir"]] = size
+        dims[entry["dir"]] = math.prod(int(extent) for extent in entry["shape"])
     return dims
 
 
