@@ -265,6 +265,9 @@ def cache_dir_for(method: str, teacher_key: str, teacher_dims, student: str, arg
            "size": args.image_size}
     if requirements.teacher_taps:  # a cache with the teacher's maps (pcd, dense-reg); others keep their directory
         key["taps"] = sorted(requirements.teacher_taps)
+    turns = 1 + max(spec.quarter_turns for spec in teacher_views)
+    if turns > 1:  # a cache with rotated copies (dlkd); others keep their directory
+        key["turns"] = turns
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return WORK / "caches" / f"{teacher_key}-{digest}"
 

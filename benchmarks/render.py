@@ -25,10 +25,6 @@ SETUP_COMMAND = "python benchmarks/setup_data.py"
 # `distillctl run` took train.lr's default 0.05 (distillctl/config.py at commit 1580ee6) and `distillctl pretrain`
 # its --lr default 0.06 (distillctl/commands.py at 1580ee6). Their commands are pinned to those settings.
 LEGACY_LR = {"run": 0.05, "pretrain": 0.06}
-# Methods that read the teacher's feature map: until the feature cache stored teacher taps (CHANGELOG, 2026-12-02)
-# `--teacher-mode auto` ran their teacher online, and now it caches the maps (K stored views instead of a fresh
-# augmentation per step). Their cells that ran online are pinned `--teacher-mode online`.
-TAP_CACHE_METHODS = ("pcd", "dense-reg")
 ISSUE_REFERENCE = {"images": 120_000, "knn_top1": 42.3, "random": 25.6, "teacher": 86.6,
                    "what": "independent minimal cosine-regression distiller quoted in issue 8 (not measured here)"}
 
@@ -163,8 +159,10 @@ def reproducible_command(command: str, row: dict | None = None, train_images: in
         # the weights a run trains depend on its thread count (float reduction order): the command says it
         return f"OMP_NUM_THREADS={threads} " + reproducible_command(command, {**row, "threads": None}, train_images)
     verb = _verb(command)
-    if row and row.get("method") in TAP_CACHE_METHODS and row.get("teacher_mode") == "online" \
-            and _flag(command, "--teacher-mode") is None:
+    # A cell that ran its teacher online is pinned `--teacher-mode online`: `auto` has since learnt to cache methods
+    # that once had to run online (teacher taps for pcd and dense-reg, rotated copies for dlkd; CHANGELOG), and a
+    # cache replays K stored views instead of a fresh augmentation per step.
+    if row and row.get("teacher_mode") == "online" and _flag(command, "--teacher-mode") is None:
         command += " --teacher-mode online"
     if verb not in LEGACY_LR or "method.preset=" in command:
         pins = stale_pins(command, row, train_images) if row and verb in LEGACY_LR else []
@@ -410,7 +408,8 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
             "commands (`python benchmarks/quality.py …`) ran before `method.preset` existed: run today they use the "
             "default `--preset auto` and so re-measure; the per-cell commands are pinned (`--set "
             "method.preset=published` and the lr they ran with, and `--teacher-mode online` where a cell ran its "
-            "teacher online that `auto` now serves from the feature cache) and reproduce the rows.", "",
+            "teacher online, since `auto` now serves some of those methods from the feature cache) and reproduce the "
+            "rows.", "",
             "```", q.get("command", ""), *q.get("extra_commands", [])]
     images = _train_images(cfg)
     for ssl_teacher in ssl_teachers(q.get("reference", {})):  # make the teacher files the SSL-teacher cells read

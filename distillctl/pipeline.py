@@ -265,8 +265,8 @@ def _teacher_mode(recipe: Recipe, requirements, teacher_bn: str, quiet: bool, te
     plan = teacher_plan(requirements, teacher_bn, recipe.teacher.mode, method=recipe.method.name)
     note, mode = plan.note, plan.mode
     if mode == "cached" and recipe.teacher.mode == "auto" and requirements.teacher_taps and teacher is not None:
-        _, views = _cache_views(recipe, requirements)
-        size = tap_cache_bytes(teacher, requirements, num_images, views)
+        _, views, turns = _cache_views(recipe, requirements)
+        size = tap_cache_bytes(teacher, requirements, num_images, views * turns)
         if size > TAP_CACHE_AUTO_BYTES:
             mode = "online"
             note = (f"{recipe.method.name}: teacher runs online, not from a feature cache: its teacher taps "
@@ -546,9 +546,9 @@ class CacheStage(Stage):
     device: str
 
     def content(self) -> tuple[Any, ...]:
-        spec, views = _cache_views(self.recipe, self.requirements)
+        spec, views, turns = _cache_views(self.recipe, self.requirements)
         return (self.teacher.sha256, set(self.requirements.teacher_outputs), self.train_data.manifest_hash(), spec,
-                views, self.mean, self.std, self.recipe.train.seed)
+                views, self.mean, self.std, self.recipe.train.seed, tuple(self.requirements.teacher_taps), turns)
 
     def fingerprint(self) -> str:
         """The feature cache's own key (also stored in the cache's manifest)."""
@@ -600,19 +600,21 @@ class DistillStage(Stage):
                               self.device, self.fingerprint(), self.bags)
 
 
-def _cache_views(recipe: Recipe, requirements) -> tuple[Any, int]:
-    """The view family the cache stores and how many views per image."""
+def _cache_views(recipe: Recipe, requirements) -> tuple[Any, int, int]:
+    """The view family the cache stores (unrotated), how many views per image, and at how many rotations
+    (quarter turns 0..turns-1: the largest the method shows, +1; 1 for methods that do not rotate)."""
     teacher_specs = [view.spec for view in requirements.views if view.teacher]
     # a method that reads only an offline artefact (no teacher view: noroozi-kt, rekd) needs view 0 alone,
     # the centre crop of its first view's size
     spec = teacher_specs[0] if teacher_specs else requirements.views[0].spec
-    return spec, recipe.teacher.cache_views if teacher_specs else 1
+    turns = 1 + max((s.quarter_turns for s in teacher_specs), default=0)
+    return (replace(spec, quarter_turns=0), recipe.teacher.cache_views if teacher_specs else 1, turns)
 
 
 def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, device, cache_fp: str):
     from distillctl.cache.store import FeatureCache
 
-    spec, cache_views = _cache_views(recipe, requirements)
+    spec, cache_views, turns = _cache_views(recipe, requirements)
     outputs = set(requirements.teacher_outputs)
     cache_dir = Path(recipe.teacher.cache) if recipe.teacher.cache else run.path / "cache"
     data_hash = train_data.manifest_hash()
@@ -620,7 +622,7 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
     if (cache_dir / "manifest.json").is_file():
         cache = FeatureCache.open(cache_dir, allow_incomplete=True)
         cache.check_compatible(teacher_sha256=teacher.sha256, outputs=outputs, dataset_hash=data_hash, spec=spec,
-                               mean=mean, std=std, taps=requirements.teacher_taps)
+                               mean=mean, std=std, taps=requirements.teacher_taps, turns=turns)
         if cache.is_complete():
             # A reused cache is re-hashed before training trusts it (about 1 GB/s): a flipped byte is exit 3.
             cache = FeatureCache.open(cache_dir, verify=True)
@@ -628,7 +630,7 @@ def _cache_stage(recipe, run, teacher, train_data, requirements, mean, std, devi
             distributed.main_first(run.record_stage, "cache", cache_fp, "done", {"path": str(cache_dir), "views": cache.views})
             return cache
     cache = build_cache_guarded(teacher, train_data, cache_dir, spec=spec, views=cache_views,
-                                outputs=outputs, taps=requirements.teacher_taps, mean=mean, std=std,
+                                outputs=outputs, taps=requirements.teacher_taps, turns=turns, mean=mean, std=std,
                                 batch_size=recipe.eval.batch_size, device=device,
                                 amp=recipe.train.amp, channels_last=recipe.train.channels_last, seed=recipe.train.seed,
                                 num_workers=recipe.data.num_workers, on_batch=_cache_kill_hook(),

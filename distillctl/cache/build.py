@@ -3,12 +3,15 @@
 View 0 of every image is the deterministic centre crop; views 1..K-1 are drawn from ``spec`` with
 ``sample_rng(seed, 0, index, k)``. The parameters are stored, and the teacher sees exactly the pixels
 that replay produces (``apply_view_uint8`` + ``normalize``: the same functions the trainer calls).
+With ``turns`` T > 1 (methods that show rotated copies: DLKD) each of the K crops is also stored rotated by
+1..T-1 quarter turns: K·T rows per image, row j = crop j // T at j % T quarter turns.
 Under ``torch.distributed`` rank r builds shards r, r+W, ...; rank 0 writes the manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +28,7 @@ import torch
 from distillctl.cache import layout
 from distillctl.cache.progress import BuildProgress
 from distillctl.cache.shard import ShardPlan, ShardWriter, finish_sealed
-from distillctl.cache.store import FeatureCache, centre_spec, manifest_differences, read_manifest
+from distillctl.cache.store import FeatureCache, centre_spec, manifest_differences, read_manifest, rotated
 from distillctl.data.bad_images import DEFAULT_MAX_FRACTION, BadImages, load_or_substitute
 from distillctl.data.datasets import ImageDataset
 from distillctl.data.views import (PARAMS_DTYPE, ViewParams, ViewSpec, apply_view_uint8, normalize,
@@ -50,14 +53,17 @@ class BatchInfo:
 
 
 def cache_fingerprint(teacher_sha256: str, outputs: Iterable[str], dataset_hash: str, spec: ViewSpec, views: int,
-                      mean: Iterable[float], std: Iterable[float], seed: int, taps: Iterable[str] = ()) -> str:
+                      mean: Iterable[float], std: Iterable[float], seed: int, taps: Iterable[str] = (),
+                      turns: int = 1) -> str:
     """sha256 of everything that determines the cached values: a different teacher/data/transform → another cache.
-    A cache without teacher taps keeps the fingerprint it had before taps could be cached."""
+    A cache without teacher taps or rotations keeps the fingerprint it had before those could be cached."""
     key = {"schema": layout.SCHEMA, "teacher_sha256": teacher_sha256, "outputs": sorted(outputs),
            "dataset": dataset_hash, "spec": spec_dict(spec), "views": int(views),
            "mean": [round(float(v), 8) for v in mean], "std": [round(float(v), 8) for v in std], "seed": int(seed)}
     if taps:
         key["taps"] = sorted(taps)
+    if turns > 1:
+        key["turns"] = int(turns)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -69,10 +75,10 @@ def stored_view(spec: ViewSpec, seed: int, index: int, k: int, height: int, widt
 
 
 class ViewProducer(torch.utils.data.Dataset):
-    """Decode an image and produce its K uint8 views + parameter records (runs in DataLoader workers)."""
+    """Decode an image and produce its K·T uint8 views + parameter records (runs in DataLoader workers)."""
 
-    def __init__(self, dataset: ImageDataset, spec: ViewSpec, views: int, seed: int) -> None:
-        self.dataset, self.spec, self.views, self.seed = dataset, spec, views, seed
+    def __init__(self, dataset: ImageDataset, spec: ViewSpec, views: int, seed: int, turns: int = 1) -> None:
+        self.dataset, self.spec, self.views, self.seed, self.turns = dataset, spec, views, seed, turns
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -84,12 +90,14 @@ class ViewProducer(torch.utils.data.Dataset):
         if image is None:
             return index, None, None, bad
         height, width = int(image.shape[-2]), int(image.shape[-1])
-        records = np.zeros(self.views, dtype=PARAMS_DTYPE)
+        records = np.zeros(self.views * self.turns, dtype=PARAMS_DTYPE)
         pixels = []
         for k in range(self.views):
             params = stored_view(self.spec, self.seed, index, k, height, width)
-            records[k] = params_to_record(params)
-            pixels.append(apply_view_uint8(image, params, centre_spec(self.spec) if k == 0 else self.spec))
+            base = centre_spec(self.spec) if k == 0 else self.spec
+            for turns in range(self.turns):  # the same crop at each rotation: one parameter record per row
+                records[k * self.turns + turns] = params_to_record(params)
+                pixels.append(apply_view_uint8(image, params, rotated(base, turns)))
         return index, torch.stack(pixels), records, bad
 
 
@@ -135,7 +143,8 @@ def check_disk_space(root: Path, needed: int, detail: str = "") -> None:
 
 def _header(teacher: Teacher, dataset: ImageDataset, dataset_hash: str, fingerprint: str, spec: ViewSpec, views: int,
             dims: dict[str, int], mean, std, seed: int, shard_size: int,
-            tap_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+            tap_shapes: dict[str, tuple[int, ...]] | None = None, turns: int = 1) -> dict:
+    """The manifest's fixed part; ``views`` is rows per image (K crops x ``turns`` rotations)."""
     import torchvision
 
     if dataset.paths is not None:
@@ -157,7 +166,9 @@ def _header(teacher: Teacher, dataset: ImageDataset, dataset_hash: str, fingerpr
         "transform": {"spec": spec_dict(spec), "view0": "centre", "seed": seed, "sampler": "sample_rng(seed, 0, index, k)",
                       "mean": [float(v) for v in mean], "std": [float(v) for v in std],
                       "interpolation": "bilinear, antialias", "torchvision": torchvision.__version__,
-                      "decoder": decoder},
+                      "decoder": decoder,
+                      **({"turns": turns, "rows": "row j = crop j // turns rotated by j % turns quarter turns"}
+                         if turns > 1 else {})},
         "dataset": {"name": dataset.name, "manifest_hash": dataset_hash, "num_images": len(dataset),
                     "index_file": "index/files.txt" if dataset.paths is not None else None},
         "views": views,
@@ -241,8 +252,8 @@ def _builder_lock(root: Path):
 
 
 def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spec: ViewSpec, views: int,
-                outputs: set[str], mean, std, taps: Iterable[str] = (), batch_size: int = 256, device: str = "cpu",
-                amp: str = "none",
+                outputs: set[str], mean, std, taps: Iterable[str] = (), turns: int = 1, batch_size: int = 256,
+                device: str = "cpu", amp: str = "none",
                 channels_last: bool = False, seed: int = 0, shard_size: int = 50000, num_workers: int = 0,
                 progress: bool = True, on_batch: Callable[[BatchInfo], None] | None = None,
                 flush_seconds: float = 2.0, max_bad_fraction: float = DEFAULT_MAX_FRACTION) -> FeatureCache:
@@ -251,13 +262,18 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
     Unreadable images get their keyed substitute's rows (as training substitutes them); they are counted,
     listed in ``<out>/bad_images.txt`` and reported, and above ``max_bad_fraction`` the build stops (exit 2).
     ``taps``: teacher taps (``distillctl.taps`` names, e.g. ``stage:-1``) stored beside the outputs, for methods
-    that read the teacher's maps (PCD, dense-reg); each is stored flattened and reshaped on lookup."""
+    that read the teacher's maps (PCD, dense-reg); each is stored flattened and reshaped on lookup.
+    ``turns``: each crop is also stored at 1..turns-1 quarter turns (DLKD's rotated copies); ``views`` counts crops."""
     outputs = set(outputs)
     taps = tuple(sorted(set(taps)))
     if len({layout.tap_dir(tap) for tap in taps}) != len(taps):
         raise UsageError(f"cache taps {list(taps)} map to the same directory name; cache them separately")
     if views < 1 or batch_size < 1 or shard_size < 1:
         raise UsageError("--views, --batch-size and --shard-size must be >= 1")
+    if turns not in (1, 2, 3, 4):
+        raise UsageError(f"--rotations must be 1, 2, 3 or 4 (quarter turns 0..rotations-1); got {turns}")
+    spec = dataclasses.replace(spec, quarter_turns=0)  # the cache's spec is unrotated; rotations are its turns
+    rows = views * turns  # stored rows per image
     if not outputs or not all(layout.is_output_name(name) for name in outputs):
         raise UsageError(f"cache outputs must be a non-empty subset of {', '.join(layout.OUTPUT_KINDS)} (pooled_<k>/"
                          f"proj_<k> for teacher k of an ensemble); got {sorted(outputs)}")
@@ -273,7 +289,7 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
     root = Path(out).expanduser()
     rank = distributed.info()
     dataset_hash = dataset.manifest_hash()
-    fingerprint = cache_fingerprint(teacher.sha256, outputs, dataset_hash, spec, views, mean, std, seed, taps)
+    fingerprint = cache_fingerprint(teacher.sha256, outputs, dataset_hash, spec, views, mean, std, seed, taps, turns)
     existing = read_manifest(root) if (root / layout.MANIFEST).is_file() else None
     if existing is None and root.is_dir():
         foreign = sorted(p.name for p in root.iterdir()
@@ -285,7 +301,7 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
     if existing is not None:
         differences = manifest_differences(existing, teacher_sha256=teacher.sha256, outputs=outputs,
                                            dataset_hash=dataset_hash, spec=spec, mean=mean, std=std, views=views,
-                                           seed=seed, taps=taps)
+                                           seed=seed, taps=taps, turns=turns)
         if differences:
             raise GateError(f"{root} already holds a feature cache for another teacher/data/transform: "
                             + "; ".join(differences),
@@ -310,20 +326,21 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
             from distillctl.taps import check_taps
 
             check_taps(teacher.backbone, taps, f"feature cache, teacher {teacher.name}")
-        producer = ViewProducer(dataset, spec, views, seed)
+        producer = ViewProducer(dataset, spec, views, seed, turns)
         probe_index, probe_views, _, _ = _collate([producer[0]])
         bad = BadImages("cache", len(dataset), max_bad_fraction)
         probe, tap_shapes = _forward(teacher, probe_views, outputs, torch_device, amp, channels_last, mean, std, taps)
         dims = {name: int(values.shape[1]) for name, values in probe.items()}
 
-        plans = _shard_plans(len(dataset), views, shard_size)
+        plans = _shard_plans(len(dataset), rows, shard_size)
         already = layout.dir_size(root) if root.exists() else 0
         row_bytes = 2 * sum(dims.values()) + PARAMS_DTYPE.itemsize
-        check_disk_space(root, max(0, estimate_bytes(len(dataset), views, dims, shard_size) - already),
-                         f" = {len(dataset)} images x {views} views x {row_bytes} B"
+        check_disk_space(root, max(0, estimate_bytes(len(dataset), rows, dims, shard_size) - already),
+                         f" = {len(dataset)} images x {views} views"
+                         + (f" x {turns} rotations" if turns > 1 else "") + f" x {row_bytes} B"
                          + (f" + headers, minus {already:,} bytes already built" if already else " + headers"))
-        header = _header(teacher, dataset, dataset_hash, fingerprint, spec, views, dims, mean, std, seed, shard_size,
-                         tap_shapes)
+        header = _header(teacher, dataset, dataset_hash, fingerprint, spec, rows, dims, mean, std, seed, shard_size,
+                         tap_shapes, turns)
         build_info = {"device": str(torch_device), "amp": amp, "channels_last": channels_last, "batch_size": batch_size,
                       "world_size": rank.world_size, "torch": torch.__version__,
                       "created": (existing or {}).get("build", {}).get("created")
@@ -341,7 +358,7 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
         writers_done = sum(plan.images for plan in mine if finish_sealed(root, plan, names) is not None)
         todo = [plan for plan in mine if not layout.seal_file(root, plan.shard).is_file()]
         meter = BuildProgress(sum(plan.images for plan in mine), writers_done, enabled=progress and rank.is_main)
-        images_per_batch = max(1, batch_size // views)
+        images_per_batch = max(1, batch_size // rows)
         started = time.perf_counter()
         try:
             for plan in todo:
@@ -359,10 +376,10 @@ def build_cache(teacher: Teacher, dataset: ImageDataset, out: str | Path, *, spe
                         features, _ = _forward(teacher, pixels, outputs, torch_device, amp, channels_last, mean, std,
                                                taps)
                         for name, values in features.items():
-                            if values.shape != (len(indices) * views, dims[name]):
+                            if values.shape != (len(indices) * rows, dims[name]):
                                 raise TrainingError(f"teacher returned {name} of shape {values.shape}; expected "
-                                                    f"({len(indices) * views}, {dims[name]})")
-                        _check_rows(features, indices, views)
+                                                    f"({len(indices) * rows}, {dims[name]})")
+                        _check_rows(features, indices, rows)
                         writer.write(indices, records, features)
                         if time.perf_counter() - last_flush >= flush_seconds:
                             writer.flush()

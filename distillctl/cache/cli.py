@@ -66,7 +66,10 @@ def _render_info(info: dict[str, Any]) -> None:
         ("outputs", ", ".join(f"{name} {dim}-d" for name, dim in info["outputs"].items()) + f" ({info['dtype']})"),
         *([("teacher taps", ", ".join(f"{tap} {'x'.join(str(v) for v in entry['shape'])} in {entry['dir']}/"
                                       for tap, entry in info["taps"].items()))] if info.get("taps") else []),
-        ("views (K)", f"{info['views']} (view 0 = centre crop, 1..K-1 = {spec['family']}, seed {transform['seed']})"),
+        ("views (K)", f"{info['views'] // info.get('turns', 1)} (view 0 = centre crop, 1..K-1 = {spec['family']}, "
+                      f"seed {transform['seed']})"),
+        *([("rotations", f"{info['turns']}: each view also stored at 1..{info['turns'] - 1} quarter turns "
+                         f"({info['views']} rows per image)")] if info.get("turns", 1) > 1 else []),
         ("transform", f"{spec['size']} px, scale {spec['scale']}, crop_pct {spec['crop_pct']}, flip {spec['flip']}; "
                       f"mean {transform['mean']} std {transform['std']}"),
         ("replay", f"torchvision {transform['torchvision']}, {transform['interpolation']}; decoder {transform['decoder']}"),
@@ -106,6 +109,9 @@ def build(
     teacher_format: Optional[str] = typer.Option(None, "--teacher-format", help="Checkpoint format of a local file."),
     data: str = typer.Option(..., "--data", help="ImageFolder directory or builtin:digits."),
     views: int = typer.Option(5, "--views", min=1, help="Stored views per image (K); view 0 is the centre crop."),
+    rotations: int = typer.Option(1, "--rotations", min=1, max=4,
+                                  help="Also store each view rotated by 1..N-1 quarter turns (4 for dlkd, which shows "
+                                       "every image at 0/90/180/270°); 1 = unrotated only."),
     out: Path = typer.Option(..., "--out", help="Cache directory."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=8, help="View size in pixels (default: the teacher's input size, usually 224)."),
     family: str = typer.Option("weak", "--family", help="Augmentation family of views 1..K-1: weak, mocov2, simclr, byol1, byol2, ssl-small."),
@@ -156,7 +162,7 @@ def build(
     started = time.perf_counter()
     with _run_lock(out, distributed):
         cache = build_cache(loaded, dataset, out, spec=spec, views=views, outputs=wanted,
-                            taps=[tap.strip() for tap in taps.split(",") if tap.strip()],
+                            taps=[tap.strip() for tap in taps.split(",") if tap.strip()], turns=rotations,
                             mean=_floats(mean, "mean") or loaded.preprocess.mean,
                             std=_floats(std, "std") or loaded.preprocess.std, batch_size=batch_size,
                             device=run_device, amp=amp, channels_last=channels_last, seed=seed, shard_size=shard_size,

@@ -9,6 +9,7 @@ workers map the files themselves instead of copying them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,10 +34,23 @@ def centre_spec(spec: ViewSpec) -> ViewSpec:
     return ViewSpec(size=spec.size, family="centre", crop_pct=spec.crop_pct)
 
 
+def rotated(spec: ViewSpec, turns: int) -> ViewSpec:
+    """``spec`` with its finished view rotated by ``turns`` quarter turns (0: ``spec`` itself)."""
+    return dataclasses.replace(spec, quarter_turns=turns) if turns else spec
+
+
+def manifest_turns(manifest: dict) -> int:
+    """How many rotations each stored crop is cached in (1: unrotated only, the form before rotations)."""
+    return int(manifest["transform"].get("turns", 1))
+
+
 def manifest_differences(manifest: dict, *, teacher_sha256: str, outputs: Iterable[str], dataset_hash: str,
                          spec: ViewSpec, mean: Iterable[float], std: Iterable[float], views: int | None = None,
-                         seed: int | None = None, taps: Iterable[str] = ()) -> list[str]:
-    """Human-readable list of what differs between a cache manifest and what a run or build expects."""
+                         seed: int | None = None, taps: Iterable[str] = (), turns: int = 1) -> list[str]:
+    """Human-readable list of what differs between a cache manifest and what a run or build expects.
+
+    ``views`` is the number of stored crops per image (K) and ``turns`` the rotations the run needs of each
+    (quarter turns 0..turns-1); a cache holding more rotations than needed serves the run."""
     differences: list[str] = []
     cached_sha = manifest["teacher"]["sha256"]
     if cached_sha != teacher_sha256:
@@ -53,6 +67,7 @@ def manifest_differences(manifest: dict, *, teacher_sha256: str, outputs: Iterab
     if cached_data != dataset_hash:
         differences.append(f"dataset manifest {cached_data[:12]}… (cache) vs {dataset_hash[:12]}… (run)")
     cached_spec = spec_from_dict(manifest["transform"]["spec"])
+    spec = dataclasses.replace(spec, quarter_turns=0)  # rotations are the cache's turns, not part of its spec
     if spec != cached_spec:
         changed = [name for name in ("size", "family", "scale", "ratio", "flip", "crop_pct")
                    if getattr(spec, name) != getattr(cached_spec, name)]
@@ -63,8 +78,12 @@ def manifest_differences(manifest: dict, *, teacher_sha256: str, outputs: Iterab
         if len(cached) != len(wanted) or any(not math.isclose(float(a), float(b), abs_tol=1e-6)
                                              for a, b in zip(cached, wanted)):
             differences.append(f"normalisation {label} {list(cached)} (cache) vs {[float(v) for v in wanted]} (run)")
-    if views is not None and int(manifest["views"]) != views:
-        differences.append(f"views K={manifest['views']} (cache) vs {views} (run)")
+    cached_turns = manifest_turns(manifest)
+    if turns > cached_turns:
+        differences.append(f"rotations {cached_turns} (cache: quarter turns 0..{cached_turns - 1}) vs {turns} (run: "
+                           f"0..{turns - 1})")
+    if views is not None and int(manifest["views"]) // cached_turns != views:
+        differences.append(f"views K={int(manifest['views']) // cached_turns} (cache) vs {views} (run)")
     if seed is not None and int(manifest["transform"]["seed"]) != seed:
         differences.append(f"view seed {manifest['transform']['seed']} (cache) vs {seed} (run)")
     return differences
@@ -132,7 +151,11 @@ def _check_params(params: np.ndarray) -> int:
 
 
 class FeatureCache:
-    """A sealed cache of teacher outputs for K stored views per image."""
+    """A sealed cache of teacher outputs for K stored views per image.
+
+    With rotations (``turns`` T > 1, for methods that show rotated copies, e.g. DLKD) every stored crop is cached
+    at quarter turns 0..T-1: an image has ``views`` = K·T rows and row j is crop j // T rotated by j % T.
+    """
 
     path: Path
     manifest: dict
@@ -145,7 +168,9 @@ class FeatureCache:
         self.path = path
         self.manifest = manifest
         self.num_images = int(manifest["dataset"]["num_images"])
-        self.views = int(manifest["views"])
+        self.views = int(manifest["views"])  # rows per image: stored crops x rotations
+        self.turns = manifest_turns(manifest)
+        self.crops = self.views // self.turns
         self.outputs = {name: int(dim) for name, dim in manifest["teacher"]["outputs"].items()}
         # teacher taps stored beside the outputs: tap name → (its directory, its per-image shape)
         self.taps = {tap: (str(entry["dir"]), tuple(int(extent) for extent in entry["shape"]))
@@ -281,8 +306,10 @@ class FeatureCache:
         return record_to_params(record)
 
     def view_spec(self, k: int) -> ViewSpec:
-        """View 0 is the centre crop; views 1..K-1 were sampled from :attr:`spec`."""
-        return centre_spec(self.spec) if k == 0 else self.spec
+        """Crop 0 is the centre crop; crops 1..K-1 were sampled from :attr:`spec`; row ``k`` shows crop
+        ``k // turns`` rotated by ``k % turns`` quarter turns."""
+        crop, turns = divmod(k, self.turns)
+        return rotated(centre_spec(self.spec) if crop == 0 else self.spec, turns)
 
     def replay(self, image: torch.Tensor, index: int, k: int) -> torch.Tensor:
         """The exact uint8 (3, size, size) view the teacher saw for view ``k`` of image ``index``."""
@@ -290,10 +317,13 @@ class FeatureCache:
 
     # ------------------------------------------------------------------------------ compatibility
     def check_compatible(self, *, teacher_sha256: str, outputs: Iterable[str], dataset_hash: str, spec: ViewSpec,
-                         mean: Iterable[float], std: Iterable[float], taps: Iterable[str] = ()) -> None:
-        """Refuse (GateError, exit 3) a cache built for another teacher, dataset, output kind, tap or transform."""
+                         mean: Iterable[float], std: Iterable[float], taps: Iterable[str] = (),
+                         turns: int = 1) -> None:
+        """Refuse (GateError, exit 3) a cache built for another teacher, dataset, output kind, tap or transform,
+        or with fewer rotations than the run shows."""
         differences = manifest_differences(self.manifest, teacher_sha256=teacher_sha256, outputs=outputs,
-                                           dataset_hash=dataset_hash, spec=spec, mean=mean, std=std, taps=taps)
+                                           dataset_hash=dataset_hash, spec=spec, mean=mean, std=std, taps=taps,
+                                           turns=turns)
         if differences:
             raise GateError(f"feature cache at {self.path} does not match this run: " + "; ".join(differences),
                             hint="rebuild it with `distillctl cache build` for this teacher/data/transform "
@@ -397,6 +427,7 @@ def cache_info(root: Path, manifest: dict) -> dict[str, Any]:
         "transform": manifest["transform"],
         "dataset": manifest["dataset"],
         "views": manifest["views"],
+        "turns": manifest_turns(manifest),
         "outputs": manifest["teacher"]["outputs"],
         "taps": manifest["teacher"].get("taps") or {},
         "dtype": manifest["dtype"],

@@ -45,6 +45,7 @@ What a method can ask for (all optional; a method that asks for none of it is a 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
@@ -118,7 +119,8 @@ class TeacherPlan:
 def cacheability(requirements: Requirements, teacher_bn: str) -> tuple[str, str]:
     """``("cached_exact" | "cached_approx", "")`` when a feature cache can stand in for the teacher, else
     ``("no", reason)``. The cache is built once with eval-mode BatchNorm from views of one augmentation and
-    stores pooled/projected outputs and teacher taps of those views, so any of these rules it out: a teacher that
+    stores pooled/projected outputs and teacher taps of those views (each also at the quarter turns the method
+    shows, if it rotates them), so any of these rules it out: a teacher that
     is absent, co-trained or declared online; teacher views of more than one augmentation; teacher BatchNorm in
     train mode (the cache could not reproduce the recorded mode). Whether a tap cache is worth its disk is the
     pipeline's size rule, not this one."""
@@ -129,7 +131,8 @@ def cacheability(requirements: Requirements, teacher_bn: str) -> tuple[str, str]
         return "no", "its teacher trains with the student"
     if declared == "online":
         return "no", "its teacher targets depend on per-step inputs, so the teacher must run online"
-    specs = {view.spec for view in requirements.views if view.teacher}
+    # rotated copies of one augmentation (DLKD) are one spec: the cache stores each crop at every rotation
+    specs = {dataclasses.replace(view.spec, quarter_turns=0) for view in requirements.views if view.teacher}
     if len(specs) > 1:
         return "no", f"its teacher sees views of {len(specs)} different augmentations; a cache stores one"
     if teacher_bn == "train":

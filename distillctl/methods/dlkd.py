@@ -119,7 +119,9 @@ class DLKD(Method):
         "The four copies go through the student as one 4B batch (grouped forward), so its BatchNorm statistics "
         "cover all rotations as in the official stacked batch; the row order inside the batch differs (rotation-"
         "major instead of image-major), which changes no term.",
-        "Cache mode: online. The four rotated specs are four views the feature cache (one spec) cannot replay.",
+        "Cache mode: the teacher sees exactly the student's copies, so a feature cache serves it (cached_exact): "
+        "each of the K stored crops is cached at 0/90/180/270° (K·4 rows per image), and every step gives the four "
+        "copies of an image four different stored crops, one per rotation. --teacher-mode online draws fresh crops.",
         "Teacher feature: the pooled backbone feature (the release's supervised teachers have no projection); "
         "teacher_feature=projection/auto use a projection head where the teacher has one.",
         "Weights: the CIFAR script's α=50, β=1, δ=20 (the ImageNet script's 20/0.5/10 is the alternative); the "
@@ -146,8 +148,8 @@ class DLKD(Method):
         views = tuple(MethodView(ViewSpec(size=image_size, family="weak", scale=tuple(self.params.crop_scale),
                                           flip=self.params.flip, quarter_turns=turns)) for turns in range(ROTATIONS))
         # one 4B forward, as the official loader stacks the copies: BatchNorm sees all rotations together
-        return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), teacher_mode="online",
-                            grouping="by_resolution")
+        # the teacher sees the student's copies: a cache storing every crop at the four rotations serves it
+        return Requirements(views=views, teacher_outputs=frozenset({self.target_key}), grouping="by_resolution")
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         params = self.params

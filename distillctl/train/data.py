@@ -100,12 +100,14 @@ class ViewDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def stored_views(self, index: int) -> dict[int, int]:
-        """Which stored view (k) each cached slot replays this epoch: distinct when K allows."""
+        """Which stored row each cached slot replays this epoch: distinct crops when K allows, each at the
+        slot's rotation (a cache with rotations stores crop k at quarter turn t in row k·turns + t)."""
         rng = sample_rng(self.seed, self.epoch, index, 1 << 16)
-        total = self.cache.views
+        turns = self.cache.turns
+        total = self.cache.views // turns
         picks = rng.permutation(total)[: len(self.cached_slots)] if len(self.cached_slots) <= total else \
             rng.integers(0, total, size=len(self.cached_slots))
-        return {slot: int(k) for slot, k in zip(self.cached_slots, picks)}
+        return {slot: int(k) * turns + self.specs[slot].quarter_turns for slot, k in zip(self.cached_slots, picks)}
 
     def _load_or_substitute(self, index: int) -> tuple[int, torch.Tensor | None, list[tuple[str, str]]]:
         """Decode image ``index``; if it is unreadable, a keyed substitute (index + k·7919 mod N).

@@ -388,10 +388,13 @@ def test_methods_share_a_feature_cache_only_when_the_pipeline_would_store_the_sa
     assert cache("rekd") == cache("protocpc")  # both store moco-v2 views of the same teacher output
     # pcd stores the teacher's stage map beside the pooled vector: a cache of its own, never a plain one
     assert cache("pcd") == cache("dense-reg") != cache("simreg")
+    # dlkd stores each crop at four rotations: a cache of its own, keyed by its rotations
+    assert cache("dlkd") not in {cache("simreg"), cache("seed"), cache("pcd")}
 
 
-def test_cells_that_ran_a_tap_method_online_are_pinned_online():
-    """pcd and dense-reg ran their teacher online before the cache stored teacher maps; `auto` now caches them."""
+def test_cells_that_ran_online_are_pinned_online():
+    """pcd and dense-reg ran their teacher online before the cache stored teacher maps, dlkd before it stored
+    rotated copies; `auto` now caches them, so every online cell's command says --teacher-mode online."""
     import render
 
     command = "distillctl run --method pcd --teacher t --set method.preset=auto"
@@ -399,8 +402,11 @@ def test_cells_that_ran_a_tap_method_online_are_pinned_online():
     assert render.reproducible_command(command, row) == command + " --teacher-mode online"
     assert render.reproducible_command(command, {**row, "teacher_mode": "cached"}) == command
     assert render.reproducible_command(command + " --teacher-mode online", row) == command + " --teacher-mode online"
-    other = "distillctl run --method dlkd --teacher t --set method.preset=auto"  # online by its own declaration
-    assert render.reproducible_command(other, {"method": "dlkd", "teacher_mode": "online"}) == other
+    # any method's online cell: dlkd ran online before the cache stored rotated copies, and auto caches it now
+    other = "distillctl run --method dlkd --teacher t --set method.preset=auto"
+    assert render.reproducible_command(other, {"method": "dlkd", "teacher_mode": "online"}) == \
+        other + " --teacher-mode online"
+    assert render.reproducible_command(other, {"method": "dlkd", "teacher_mode": "cached"}) == other
 
 
 def test_a_sweep_variant_that_changes_the_stored_view_gets_that_views_cache():

@@ -147,3 +147,18 @@ def test_a_cache_another_process_is_building_is_refused_then_built_when_it_is_fr
         holder.wait()
     assert _cli(args) == 0
     assert FeatureCache.open(out, verify=True).manifest["complete"]
+
+
+def test_cli_builds_a_cache_with_rotations_and_info_says_so(teacher_file, image_folder, tmp_path, capsys):
+    """`cache build --rotations 4` (dlkd's cache): K crops x 4 rotations per image; out-of-range is exit 2."""
+    out = tmp_path / "rotated"
+    assert _cli(_build_args(teacher_file, image_folder.root, out, "--views", "2", "--rotations", "4",
+                            "--image-size", "24", "--json")) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["complete"] and (info["views"], info["turns"]) == (8, 4)
+    assert _cli(["cache", "info", str(out)]) == 0
+    shown = " ".join(capsys.readouterr().err.split())
+    assert "views (K) │ 2 (view 0 = centre crop" in shown, shown
+    assert "rotations │ 4: each view also stored at 1..3 quarter turns (8 rows per image)" in shown, shown
+    assert _cli(_build_args(teacher_file, image_folder.root, tmp_path / "bad", "--rotations", "5")) == 2
+    assert not (tmp_path / "bad").exists()

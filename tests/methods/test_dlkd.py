@@ -115,7 +115,7 @@ def test_method_assembles_weighted_terms_over_all_rotations() -> None:
     dims = TeacherDims(pooled=6)
     method = DLKD(DLKDParams(embed_dim=4, align_hidden_factor=2), 5, dims).double()
     req = method.requirements(16)
-    assert [v.spec.quarter_turns for v in req.views] == [0, 1, 2, 3] and req.teacher_mode == "online"
+    assert [v.spec.quarter_turns for v in req.views] == [0, 1, 2, 3] and req.teacher_mode == "cached_exact"
     assert req.forward_groups([0, 1, 2, 3]) == [[0, 1, 2, 3]]  # one 4B student forward, as the official batch
     batch = 2
     student = [torch.randn(batch, 5, dtype=torch.float64) for _ in range(4)]
@@ -152,7 +152,25 @@ def test_recipes_validate() -> None:
 
 
 @pytest.mark.slow
-def test_trains_and_resumes_exactly(tmp_path, tiny_teacher_file) -> None:
+@pytest.mark.parametrize("mode, expected", [("auto", "cached"), ("online", "online")])
+def test_trains_and_resumes_exactly(tmp_path, tiny_teacher_file, mode, expected) -> None:
+    """From a feature cache holding every stored crop at the four rotations (the default) and with the teacher
+    online."""
+    import json
+
     from pooled_e2e import train_and_resume
 
-    train_and_resume(tmp_path, tiny_teacher_file, "dlkd", ["--set", "method.params.align_hidden_factor=2"])
+    train_and_resume(tmp_path, tiny_teacher_file, "dlkd",
+                     ["--set", "method.params.align_hidden_factor=2", "--teacher-mode", mode])
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["teacher"]["mode"] == expected
+    cache = tmp_path / "full" / "cache"
+    if expected == "cached":
+        manifest = json.loads((cache / "manifest.json").read_text())
+        assert manifest["transform"]["turns"] == 4 and "quarter_turns" not in manifest["transform"]["spec"]
+        assert manifest["views"] == 4 * 4  # --cache-views 4 (the default) crops x 4 rotations
+        # the run records the cache stage under the cache's own key (rotations included)
+        stages = json.loads((tmp_path / "full" / "manifest.json").read_text())["stages"]
+        assert stages["cache"]["fingerprint"] == manifest["fingerprint"]
+    else:
+        assert not cache.exists()

@@ -96,5 +96,7 @@ def test_trains_and_resumes_exactly(tmp_path, tiny_teacher_file, mode, expected)
         manifest = json.loads((cache / "manifest.json").read_text())
         assert manifest["teacher"]["taps"]["stage:-2"]["shape"] == [256, 2, 2]  # resnet18 layer3 at 32 px
         assert (cache / "tap-stage_-2" / "shard_00000.npy").is_file()
+        stages = json.loads((tmp_path / "full" / "manifest.json").read_text())["stages"]
+        assert stages["cache"]["fingerprint"] == manifest["fingerprint"]  # the stage key names the taps too
     else:
         assert not cache.exists()
