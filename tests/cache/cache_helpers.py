@@ -19,6 +19,14 @@ MEAN = (0.5, 0.45, 0.4)
 STD = (0.25, 0.24, 0.23)
 
 
+def build_test_cache(teacher: Teacher, dataset, out: Path, **options):
+    """``build_cache`` with the tests' normalisation, 16-image shards and no progress bar; ``options`` override."""
+    from distillctl.cache.build import build_cache
+
+    return build_cache(teacher, dataset, out, **{"mean": MEAN, "std": STD, "shard_size": 16, "progress": False,
+                                                 **options})
+
+
 def make_teacher(seed: int = 0, sha256: str = TEACHER_SHA) -> Teacher:
     """timm ``test_resnet`` (96-d pooled) + a linear 16-d projection, initialised from ``seed``."""
     torch.manual_seed(seed)

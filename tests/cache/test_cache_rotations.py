@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache_helpers import MEAN, STD, make_teacher
-from distillctl.cache import FeatureCache, build_cache
+from cache_helpers import MEAN, STD, build_test_cache, make_teacher
+from distillctl.cache import FeatureCache
 from distillctl.cache.build import cache_fingerprint
 from distillctl.cache.drift import spot_check
 from distillctl.cache.store import manifest_differences
@@ -30,10 +30,8 @@ CROPS, TURNS = 3, 4
 
 
 def _build(teacher, dataset, out, **overrides) -> FeatureCache:
-    options = dict(spec=SPEC, views=CROPS, turns=TURNS, outputs={"pooled", "proj"}, mean=MEAN, std=STD, batch_size=24,
-                   shard_size=16, progress=False)
-    options.update(overrides)
-    return build_cache(teacher, dataset, out, **options)
+    return build_test_cache(teacher, dataset, out, **{"spec": SPEC, "views": CROPS, "turns": TURNS,
+                                                      "outputs": {"pooled", "proj"}, "batch_size": 24, **overrides})
 
 
 @pytest.fixture(scope="module")

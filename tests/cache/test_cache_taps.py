@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache_helpers import MEAN, STD, make_teacher
-from distillctl.cache import FeatureCache, build_cache
+from cache_helpers import MEAN, STD, build_test_cache, make_teacher
+from distillctl.cache import FeatureCache
 from distillctl.cache import layout
 from distillctl.cache.drift import spot_check
 from distillctl.data.views import ViewSpec, normalize
@@ -26,10 +26,8 @@ TAPS = ("stage:-1", "stage:-2")
 
 
 def _build(teacher, dataset, out: Path, **overrides) -> FeatureCache:
-    options = dict(spec=SPEC, views=3, outputs={"pooled"}, taps=TAPS, mean=MEAN, std=STD, batch_size=12,
-                   shard_size=16, progress=False)
-    options.update(overrides)
-    return build_cache(teacher, dataset, out, **options)
+    return build_test_cache(teacher, dataset, out, **{"spec": SPEC, "views": 3, "outputs": {"pooled"}, "taps": TAPS,
+                                                      "batch_size": 12, **overrides})
 
 
 @pytest.fixture(scope="module")
