@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from cache_helpers import MEAN, STD, make_teacher
-from distillctl.cache import FeatureCache, build_cache
+from cache_helpers import MEAN, STD, build_test_cache, make_teacher
+from distillctl.cache import FeatureCache
 from distillctl.cache import layout
 from distillctl.data.views import ViewSpec, centre_box, normalize
 from distillctl.errors import GateError, InputError, TrainingError
@@ -34,10 +34,8 @@ class Recorder(nn.Module):
 
 
 def _build(teacher, dataset, out: Path, **overrides) -> FeatureCache:
-    options = dict(spec=SPEC, views=3, outputs={"pooled", "proj"}, mean=MEAN, std=STD, batch_size=12,
-                   shard_size=16, progress=False)
-    options.update(overrides)
-    return build_cache(teacher, dataset, out, **options)
+    return build_test_cache(teacher, dataset, out, **{"spec": SPEC, "views": 3, "outputs": {"pooled", "proj"},
+                                                      "batch_size": 12, **overrides})
 
 
 def test_replay_is_pixel_identical_to_the_teacher_input(image_folder, tmp_path):
