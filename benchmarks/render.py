@@ -907,12 +907,50 @@ def measured_data(q: dict, facts: dict, dense: dict | None = None) -> dict:
             "rank": rank, "of": of, "lr": cell_lr(r), "preset": cell_preset(r)})
     for method, cells in dense_suite_cells(dense).items():
         methods.setdefault(method, {"kind": cells[0]["kind"], "cells": []})["dense_suite"] = cells
+    for method, cells in ssl_teacher_cells(q).items():
+        methods.setdefault(method, {"kind": "distill", "cells": []})["ssl_teacher"] = cells
     machine = q.get("machine") or {}
     return {"source": {"file": "benchmarks/RESULTS.md", "made_by": "python benchmarks/render.py",
                        "results": "benchmarks/results/quality*.json", "commit": machine.get("git_commit"),
                        "date": machine.get("date_utc"), "protocol": _protocol(q)},
             "reference": {"teacher_knn_top1": teacher, "random_init_knn_top1": (facts.get("random") or {}).get("knn_top1")},
             "methods": methods}
+
+
+def ssl_teacher_cells(q: dict) -> dict[str, list[dict]]:
+    """Per method, its finished cells distilled from a self-supervised teacher (the mission's case; the main table's
+    teacher is supervised), each with that teacher and the student/teacher kNN ratio against it."""
+    out: dict[str, list[dict]] = {}
+    rows = (r for r in q.get("rows", {}).values()
+            if r.get("status") == "done" and r.get("teacher") == "ssl" and r.get("kind") == "distill")
+    for r in sorted(rows, key=lambda r: (r["method"], r["budget"], -(r.get("knn_top1") or 0))):
+        teacher = r.get("ssl_teacher_ref") or q.get("reference", {}).get("ssl_teacher") or {}
+        teacher_knn = teacher.get("knn_top1")
+        out.setdefault(r["method"], []).append({
+            "images_seen": r["budget"], "knn_top1": r.get("knn_top1"), "linear_top1": r.get("linear_top1"),
+            "teacher": ssl_teacher_label(teacher), "teacher_knn_top1": teacher_knn,
+            "student_teacher": round(r["knn_top1"] / teacher_knn, 3) if teacher_knn and r.get("knn_top1") else None,
+            "lr": cell_lr(r), "preset": cell_preset(r), "collapsed": bool(r.get("collapse"))})
+    return out
+
+
+def ssl_teacher_line(methods: dict) -> str | None:
+    """The README's sentence on distilling from the strongest SSL teacher measured: its cells per budget, best first."""
+    cells = [(name, c) for name, m in methods.items() for c in m.get("ssl_teacher") or []
+             if c.get("knn_top1") is not None and c.get("teacher_knn_top1")]
+    if not cells:
+        return None
+    strongest = max(cells, key=lambda nc: nc[1]["teacher_knn_top1"])[1]["teacher"]
+    cells = [(name, c) for name, c in cells if c["teacher"] == strongest]
+    teacher_knn = cells[0][1]["teacher_knn_top1"]
+    parts = []
+    for budget in sorted({c["images_seen"] for _, c in cells}):
+        at = sorted(((n, c) for n, c in cells if c["images_seen"] == budget), key=lambda nc: -nc[1]["knn_top1"])
+        shown = ", ".join(f"{n}{_preset_tag(c)} {c['knn_top1']:.1f} ({c['knn_top1'] / c['teacher_knn_top1']:.2f})"
+                          + (" (collapsed)" if c.get("collapsed") else "") for n, c in at)
+        parts.append(f"at {budget:,} images seen: {shown}")
+    return (f"From a self-supervised teacher — {strongest}, kNN {teacher_knn:.1f}, made with `distillctl pretrain` "
+            f"(RESULTS.md's SSL-teacher rows) — best first, with student/teacher kNN: " + "; ".join(parts) + ".")
 
 
 def _preset_tag(cell: dict) -> str:
@@ -941,6 +979,9 @@ def which_method_section(data: dict) -> str:
                           for name, c in cells[:4]) + (f", … ({len(cells)} measured)" if len(cells) > 4 else "")
         best_ssl = f"{ssl[0][0]}{_preset_tag(ssl[0][1])} {ssl[0][1]['knn_top1']:.1f}" if ssl else "–"
         lines.append(f"| {budget:,} | {shown or '–'} | {best_ssl} | {pct(floor)} |")
+    ssl_line = ssl_teacher_line(methods)
+    if ssl_line:
+        lines += ["", ssl_line]
     below_cells = {name: [c for c in m["cells"] if c["knn_top1"] is not None and c["knn_top1"] < floor]
                    for name, m in methods.items() if m["kind"] == "distill" and floor is not None}
     below = sorted(name for name, cells_below in below_cells.items() if cells_below)

@@ -289,7 +289,8 @@ def methods_list(json_out: bool = typer.Option(False, "--json", help="JSON outpu
     bench = measured.load()
     # a static index while it matches the method files: no torch import
     rows = [{**row, "measured": measured.cells(bench, row["name"]),
-             "measured_dense_suite": measured.dense_suite_cells(bench, row["name"])} for row in catalogue_rows()]
+             "measured_dense_suite": measured.dense_suite_cells(bench, row["name"]),
+             "measured_ssl_teacher": measured.ssl_teacher_cells(bench, row["name"])} for row in catalogue_rows()]
     if json_out:
         print_json({"methods": rows, "measured_source": bench.get("source") or {}})
         return
@@ -332,7 +333,7 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
             "published": cls.published, "teacher_mode": mode, "teachers": _teacher_count(cls), "defaults": defaults,
             "sources": cls.sources, "assumptions": list(cls.assumptions), "preset": recipe_summary(cls),
             "measured": measured.cells(bench, name), "measured_dense_suite": measured.dense_suite_cells(bench, name),
-            "measured_source": bench.get("source") or {}}
+            "measured_ssl_teacher": measured.ssl_teacher_cells(bench, name), "measured_source": bench.get("source") or {}}
     if json_out:
         print_json(info)
         return
@@ -354,6 +355,8 @@ def methods_show(name: str, json_out: bool = typer.Option(False, "--json", help=
                       f"{escape(measured.summary(bench, name))}", highlight=False)
         for line in measured.dense_context(bench, name):
             console.print(f"  {escape(line)}", highlight=False)
+    for line in measured.ssl_teacher_summary(bench, name):
+        console.print(f"[bold]benchmark from an SSL teacher:[/] kNN {escape(line)}", highlight=False)
 
 
 def _print_lr(preset: dict | None, ran: str | None, measured_summary: str) -> None:

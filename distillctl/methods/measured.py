@@ -73,6 +73,25 @@ def dense_context(data: dict[str, Any], method: str) -> list[str]:
     return lines
 
 
+def ssl_teacher_cells(data: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """The method's cells distilled from a self-supervised teacher (the main table's teacher is supervised)."""
+    return list(((data.get("methods") or {}).get(method) or {}).get("ssl_teacher") or [])
+
+
+def ssl_teacher_summary(data: dict[str, Any], method: str) -> list[str]:
+    """``120k 51.5 (0.88 of ResNet-18 SSL (simclr, 1,000,000 images), kNN 58.2)`` per SSL-teacher cell."""
+    lines = []
+    for cell in ssl_teacher_cells(data, method):
+        if cell.get("knn_top1") is None:
+            continue
+        teacher_knn = cell.get("teacher_knn_top1")
+        ratio = f"{cell['knn_top1'] / teacher_knn:.2f} of " if teacher_knn else ""
+        knn = f", kNN {teacher_knn:.1f}" if teacher_knn else ""
+        lines.append(f"{_budget(cell['images_seen'])} {cell['knn_top1']:.1f} ({ratio}{cell.get('teacher')}{knn})"
+                     + (" (collapsed)" if cell.get("collapsed") else ""))
+    return lines
+
+
 def _dense_origin(cell: dict[str, Any]) -> str:
     """Where a dense-suite cell comes from: the main table's student and teacher, or its own (named)."""
     if cell.get("same_protocol"):
