@@ -344,7 +344,7 @@ def quality_section(q: dict | None, plots: list[str]) -> tuple[str, dict]:
                                                                   -r["budget"], r["kind"] != "distill",
                                                                   -(r.get("knn_top1") or -1)))
     for r in all_rows:
-        own_ssl = r.get("ssl_teacher_ref") or q.get("reference", {}).get("ssl_teacher") or {}
+        own_ssl = row_ssl_teacher(r, q)
         teacher_knn = teacher if r["teacher"] == "sup" else own_ssl.get("knn_top1")
         if r.get("status") != "done":
             rows.append([f"{label(r)} ({r['status']})", r["kind"], r["teacher"] or "–", f"{r['budget']:,}", "–",
@@ -924,7 +924,7 @@ def ssl_teacher_cells(q: dict) -> dict[str, list[dict]]:
     rows = (r for r in q.get("rows", {}).values()
             if r.get("status") == "done" and r.get("teacher") == "ssl" and r.get("kind") == "distill")
     for r in sorted(rows, key=lambda r: (r["method"], r["budget"], -(r.get("knn_top1") or 0))):
-        teacher = r.get("ssl_teacher_ref") or q.get("reference", {}).get("ssl_teacher") or {}
+        teacher = row_ssl_teacher(r, q)
         teacher_knn = teacher.get("knn_top1")
         out.setdefault(r["method"], []).append({
             "images_seen": r["budget"], "knn_top1": r.get("knn_top1"), "linear_top1": r.get("linear_top1"),
@@ -1372,6 +1372,11 @@ def tag_ssl_teacher(rows: dict, reference: dict) -> dict:
     teacher = reference.get("ssl_teacher")
     return {key: ({**row, "ssl_teacher_ref": teacher} if row.get("teacher") == "ssl" and teacher
                   and "ssl_teacher_ref" not in row else row) for key, row in rows.items()}
+
+
+def row_ssl_teacher(row: dict, q: dict) -> dict:
+    """The SSL teacher a row distilled from: the one of its own result file, else the merged file's ({} if none)."""
+    return row.get("ssl_teacher_ref") or q.get("reference", {}).get("ssl_teacher") or {}
 
 
 def ssl_teacher_label(teacher: dict | None) -> str:
