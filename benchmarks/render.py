@@ -664,10 +664,30 @@ def _delta(value: float | None, base: float | None) -> str:
     return f"{value - base:+.1f}" if value is not None and base is not None else "–"
 
 
-def sweep_group(plan: dict, rows: list[dict], table_rows: list[dict], floor: float | None) -> list[str]:
-    """One method's table (plan order, then any further rows), the quality table's own cell as context, the verdict
-    and the variants still to run."""
+def table_as_published(plan: dict, rows: list[dict], table_rows: list[dict]) -> dict | None:
+    """The quality table's finished cell standing in for a ``published`` variant that has not run, where it ran the
+    same values: the plan has no ``auto`` variant (``auto`` derives the paper's values for this run, so the table's
+    ``auto`` cell is ``published``) and its lr is the published one; None otherwise."""
     order = [v["name"] for v in plan.get("variants") or []]
+    if "published" not in order or "auto" in order or any(r.get("variant") == "published" for r in rows):
+        return None
+    lr = next((v.get("factors", {}).get("train.lr") for v in plan.get("variants") or [] if v["name"] == "published"),
+              None)
+    for t in table_rows:
+        if t.get("status") == "done" and t.get("knn_top1") is not None and cell_preset(t) in ("auto", "published") \
+                and (lr is None or cell_lr(t) is None or abs(cell_lr(t) - lr) < 1e-12):
+            return {**t, "variant": "published", "factors": {}, "overrides": [], "source": "published",
+                    "reused": t.get("id"), "table_cell": True}
+    return None
+
+
+def sweep_group(plan: dict, rows: list[dict], table_rows: list[dict], floor: float | None) -> list[str]:
+    """One method's table (plan order, then any further rows), the quality table's own cell as context (or as the
+    ``published`` row where it ran the published values: :func:`table_as_published`), the verdict and the variants
+    still to run."""
+    order = [v["name"] for v in plan.get("variants") or []]
+    stand_in = table_as_published(plan, rows, table_rows)
+    rows = rows + [stand_in] if stand_in else rows
     by_name = {r["variant"]: r for r in rows}
     # a row recorded under an older grid name counts for the plan's variant of the same preset and overrides
     by_settings = {(r.get("preset"), tuple(sorted(r.get("overrides") or []))): r for r in rows}
@@ -696,6 +716,8 @@ def sweep_group(plan: dict, rows: list[dict], table_rows: list[dict], floor: flo
         derived = "; ".join(f"{k.removeprefix('method.params.')} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
                             for k, v in sorted((r.get("factors") or {}).items())) if r["variant"] == "auto" else ""
         knn = r.get("knn_top1")
+        if r.get("table_cell"):
+            derived = "the quality table's cell: auto derives the published values here"
         out.append(f"| {r['variant']}{' (' + derived + ')' if derived else ''} | {r.get('preset')} | {overrides} | "
                    f"{num(cell_lr(r), 5).rstrip('0').rstrip('.') if cell_lr(r) else '–'} | {pct(knn)} | "
                    f"{pct(r.get('linear_top1'))} | "
@@ -771,6 +793,89 @@ def sweep_section(sw: dict | None, q: dict | None) -> str:
                 out.append(reproducible_command(row["command"], row, _train_images(sw.get("config"))))
         out += ["```", "", "</details>", ""]
     return "\n".join(out)
+
+
+SWEEP_SSL_RESULTS = "sweep_ssl_teacher.json"
+SWEEP_SSL_TITLE = "## What moves distillation from the SSL teacher (issue 16 §4)"
+
+
+def ssl_sweep_rows(sw: dict | None, q: dict | None) -> list[tuple[dict, list[dict], list[dict]]]:
+    """Per plan of the SSL-teacher sweep: the plan, its sweep rows and the quality table's SSL-teacher cells of the
+    same method and budget (context, or the ``published`` stand-in)."""
+    plans = (sw or {}).get("plans") or {}
+    rows = list(((sw or {}).get("rows") or {}).values())
+    table = [r for r in (q or {}).get("rows", {}).values() if r.get("status") == "done" and r.get("kind") == "distill"
+             and r.get("teacher") == "ssl"]
+    out = []
+    for key in sorted(plans, key=lambda k: (plans[k]["method"], plans[k]["budget"])):
+        plan = plans[key]
+        out.append((plan, [r for r in rows if r.get("method") == plan["method"] and r.get("budget") == plan["budget"]],
+                    [t for t in table if t["method"] == plan["method"] and t["budget"] == plan["budget"]]))
+    return out
+
+
+def ssl_sweep_best(sw: dict | None, q: dict | None) -> list[tuple[dict, dict]]:
+    """Per SSL-teacher plan, its best finished variant by kNN (the ``published`` stand-in included): (plan, row)."""
+    best = []
+    for plan, rows, table in ssl_sweep_rows(sw, q):
+        stand_in = table_as_published(plan, rows, table)
+        done = [r for r in rows + ([stand_in] if stand_in else []) if r.get("status") == "done"
+                and r.get("knn_top1") is not None]
+        if done:
+            best.append((plan, max(done, key=lambda r: (r["knn_top1"], r["variant"]))))
+    return best
+
+
+def ssl_sweep_section(sw: dict | None, q: dict | None) -> str:
+    """The one-factor sweep distilling from the SSL teacher (sweep.py --ssl-teacher): per method the rows as in the
+    supervised sweep, and each variant's student/teacher kNN against that teacher. Empty without such a sweep."""
+    groups = ssl_sweep_rows(sw, q)
+    if not groups:
+        return ""
+    teacher = (sw or {}).get("ssl_teacher") or {}
+    teacher_knn = teacher.get("knn_top1")
+    floor = (weak_methods(q)[1].get("random") or {}).get("knn_top1")
+    out = [SWEEP_SSL_TITLE, "",
+           f"The one-factor sweep of the section above (`benchmarks/sweep.py --ssl-teacher {teacher.get('spec')}`), "
+           f"distilling from the self-supervised ResNet-18 teacher that quality.py pretrained under that spec "
+           f"(kNN {pct(teacher_knn)} %, linear {pct(teacher.get('linear_top1'))} %) instead of the supervised one; "
+           "same data, student, batch, seed and evaluation. Where `auto` derives the published values, the quality "
+           "table's SSL-teacher cell is the `published` row. Student/teacher: a variant's kNN over the teacher's.", ""]
+    for plan, rows, table in groups:
+        out += sweep_group(plan, rows, table, floor)
+        stand_in = table_as_published(plan, rows, table)
+        done = sorted((r for r in rows + ([stand_in] if stand_in else []) if r.get("status") == "done"
+                       and r.get("knn_top1") is not None), key=lambda r: (-r["knn_top1"], r["variant"]))
+        if teacher_knn and done:
+            out += ["Student/teacher kNN (best first): " + ", ".join(
+                f"{r['variant']} {r['knn_top1'] / teacher_knn:.3f}" for r in done) + ".", ""]
+    commands = list((sw or {}).get("commands") or [])
+    if commands:
+        out += ["<details><summary>Exact commands (SSL-teacher sweep)</summary>", "",
+                f"Set-up as for the table (`{SETUP_COMMAND}`), and the SSL teacher as in the SSL-teacher rows of the "
+                "quality table (its `distillctl pretrain` command is listed there).", "", "```", *commands]
+        for key in sorted((sw.get("rows") or {})):
+            row = sw["rows"][key]
+            if row.get("command"):
+                out.append(reproducible_command(row["command"], row, _train_images(sw.get("config"))))
+        out += ["```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+def ssl_sweep_note(sw: dict | None, q: dict | None) -> str | None:
+    """One closing-note line: per swept method, the best variant from the SSL teacher and its student/teacher kNN."""
+    teacher = (sw or {}).get("ssl_teacher") or {}
+    teacher_knn = teacher.get("knn_top1")
+    best = ssl_sweep_best(sw, q)
+    if not best or not teacher_knn:
+        return None
+    parts = []
+    for plan, r in best:
+        setting = "published values" if r["variant"] == "published" else f"`{r['variant']}`"
+        parts.append(f"{plan['method']} at {plan['budget']:,} images, best variant {setting}: kNN "
+                     f"{r['knn_top1']:.1f}% (student/teacher **{r['knn_top1'] / teacher_knn:.2f}**)")
+    return (f"- From the SSL teacher ({teacher.get('spec')}, kNN {teacher_knn:.1f}%; one-factor sweep): "
+            + "; ".join(parts) + ".")
 
 
 def sweep_note(sw: dict | None, q: dict | None) -> str | None:
@@ -1523,6 +1628,7 @@ def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path 
         plots.append("scaling")
     quality_md, qf = quality_section(q, plots)
     sweep = load(results, SWEEP_RESULTS)
+    ssl_sweep = load(results, SWEEP_SSL_RESULTS)
     speed_md, sf = speed_section(s, cache_bench, plots)
     export_md, ef = export_section(e)
     export_md += random_weights_section([load(results, f.name) for f in sorted(results.glob("export_random_*.json"))])
@@ -1530,9 +1636,11 @@ def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path 
         "# distillctl benchmark results", "",
         "Generated by `python benchmarks/render.py` from `benchmarks/results/*.json` (made by `make bench` / "
         "`python benchmarks/run_all.py`). Do not edit by hand.", "",
-        summary_section(qf, sf, ef, q, dense, sweep_note(sweep, q)), machine_section(q, s, e), quality_md,
-        sweep_section(sweep, q), geometry_section(load(results, GEOMETRY_RESULTS), q), dense_section(dense), speed_md,
-        export_md, gpu_section(gpu),
+        summary_section(qf, sf, ef, q, dense, "\n".join(n for n in (sweep_note(sweep, q), ssl_sweep_note(ssl_sweep, q))
+                                                            if n) or None),
+        machine_section(q, s, e), quality_md, sweep_section(sweep, q),
+        *([ssl_sweep_section(ssl_sweep, q)] if ssl_sweep_section(ssl_sweep, q) else []),
+        geometry_section(load(results, GEOMETRY_RESULTS), q), dense_section(dense), speed_md, export_md, gpu_section(gpu),
     ])
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text)

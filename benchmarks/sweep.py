@@ -17,6 +17,9 @@ Every cell is a real ``distillctl run`` built by quality.py's command builder on
 train10k / test2k, 64 px, batch 64, the supervised ResNet-18 teacher, the shared feature caches), in
 benchmarks/work/sweep/. Resumable: a finished cell is skipped (a finished quality-table cell with the same
 settings is reused). Writes benchmarks/results/sweep.json after every cell; rows of other methods are kept.
+``--ssl-teacher METHOD:ARCH:IMAGES`` sweeps distillation from the self-supervised teacher quality.py pretrained
+under that spec instead (its cells in benchmarks/work/sweep/<student>/ssl/, its rows in
+benchmarks/results/sweep_ssl_teacher.json): what moves a method's student/teacher ratio from an SSL teacher.
 
 Example: python benchmarks/sweep.py --methods smd,disco --jobs 2 --threads 1
 """
@@ -81,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-linear", action="store_true", help="Skip the linear probe (kNN only; saves ~1 min a cell).")
     parser.add_argument("--no-channels-last", action="store_true", help="Train in NCHW (default channels_last).")
     parser.add_argument("--online", default="", metavar="METHODS", help="Methods run with the teacher online.")
+    parser.add_argument("--ssl-teacher", default="none", metavar="METHOD:ARCH:IMAGES",
+                        help="Distil from the SSL teacher quality.py pretrained under this spec (e.g. "
+                             "simclr:resnet18:1000000; it must have finished) instead of the supervised one.")
     parser.add_argument("--jobs", type=int, default=1, help="Cells run in parallel (cells sharing a cache still "
                                                             "in the making run in order).")
     parser.add_argument("--threads", type=int, default=None, help="OMP/torch threads per cell (default cores / jobs).")
@@ -89,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--collect", action="store_true", help="Run nothing: record the cells that already finished.")
     parser.add_argument("--dry-run", action="store_true",
                         help="Print the cells, their commands and a time estimate; run, unpack and write nothing.")
-    parser.add_argument("--out", default=None, help="Result JSON (default results/sweep.json; --quick: sweep_quick.json).")
+    parser.add_argument("--out", default=None, help="Result JSON (default results/sweep.json, with --ssl-teacher "
+                                                    "sweep_ssl_teacher.json; --quick: sweep_quick.json).")
     args = parser.parse_args(argv)
     defaults = ({"budget_images": 256, "batch_size": 32, "image_size": 32, "cache_views": 2} if args.quick else
                 {"budget_images": DEFAULT_BUDGET, "batch_size": 64, "image_size": 64, "cache_views": 4})
@@ -278,10 +285,16 @@ def row_key(method: str, budget: int, variant: str) -> str:
     return f"{method}-{budget}/{variant}"
 
 
+def teacher_key(args: argparse.Namespace) -> str:
+    """Which of quality.py's teachers the cells distil from: ``sup`` (the shared supervised one) or ``ssl``."""
+    return "sup" if args.ssl_teacher == "none" else "ssl"
+
+
 def sweep_cell(method: str, variant: Variant, args: argparse.Namespace) -> dict:
     """A quality.py cell (its command builder's input) for one variant, in its own run folder."""
-    folder = WORK / "sweep" / arch_tag(args.students) / "sup" / f"{method}-{args.budget_images}" / variant.slug
-    return {"kind": "distill", "method": method, "teacher": "sup", "student": args.students,
+    teacher = teacher_key(args)
+    folder = WORK / "sweep" / arch_tag(args.students) / teacher / f"{method}-{args.budget_images}" / variant.slug
+    return {"kind": "distill", "method": method, "teacher": teacher, "student": args.students,
             "budget": args.budget_images, "preset": variant.preset, "sets": list(variant.sets), "dir": str(folder),
             "variant": variant.name}
 
@@ -291,15 +304,23 @@ def cell_args(args: argparse.Namespace, cell: dict) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "preset": cell["preset"]})
 
 
-def table_twin(cell: dict, steps: int, published: dict[str, Any]) -> dict | None:
+def table_twin(cell: dict, steps: int, published: dict[str, Any], auto_is_published: bool = False) -> dict | None:
     """The quality table's finished cell with the same settings, reused instead of trained again (None: there is
-    none): a cell of the same preset without overrides, or for ``published`` a cell from before method.preset whose
-    recipe holds every published value (``published``: key → value; the lr it ran at included)."""
+    none): a cell of the same preset without overrides; for ``published`` also the table's ``auto`` cell when
+    ``auto`` derives every value as the paper for this run (``auto_is_published``: the plan has no ``auto``
+    variant), or a cell from before method.preset whose recipe holds every published value (``published``: key →
+    value; the lr it ran at included)."""
     if cell["sets"]:
         return None
     twin = {key: value for key, value in cell.items() if key not in ("dir", "sets", "variant")}
     if quality.finished(twin, steps) is not None:
         return twin
+    if cell["preset"] == PUBLISHED and auto_is_published:
+        same = {**twin, "preset": AUTO}
+        summary = quality.finished(same, steps)
+        recipe = (summary or {}).get("recipe") or {}
+        if summary is not None and all(_same(_at(recipe, key), value) for key, value in published.items()):
+            return {**same, "command_preset": AUTO}
     legacy = {**twin, "preset": None}
     summary = quality.finished(legacy, steps) if cell["preset"] == PUBLISHED else None
     recipe = (summary or {}).get("recipe") or {}
@@ -445,6 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     pre = teacher_preprocess()
     modes = {m["name"]: m["teacher_mode"] for m in registered_methods()}
     teachers = {"sup": {"path": str(TEACHER), "arch": pre["arch"], "dim": 512, "modes": modes}}
+    if args.ssl_teacher != "none":
+        try:
+            teachers["ssl"] = {**ssl_teacher_entry(args, require=not args.dry_run), "modes": modes}
+        except (SweepUsage, BenchError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     steps, _ = quality.schedule(args.budget_images, args.batch_size, data["train_images"])
     try:
         chosen = chosen_variants(args.variants, {m: planned for m, (planned, _) in variants.items()})
@@ -457,20 +484,42 @@ def main(argv: list[str] | None = None) -> int:
             if chosen is not None and variant.name not in chosen:
                 continue
             cell = sweep_cell(method, variant, args)
-            twin = table_twin(cell, steps, published)
+            twin = table_twin(cell, steps, published, auto_is_published=all(v.name != AUTO for v in planned))
             run = twin or cell
             shown = {**run, "preset": run.get("command_preset") or run["preset"]}
             command = quality.cell_command(shown, cell_args(args, shown), data, pre, teachers, False)
             cells.append((cell, variant, command, twin))
     if args.dry_run:
         return dry_run(args, data, cells)
-    out = Path(args.out) if args.out else RESULTS / ("sweep_quick.json" if args.quick else "sweep.json")
-    result, base_elapsed = start_result(args, argv, data, out, {m: planned for m, (planned, _) in variants.items()})
+    out = Path(args.out) if args.out else RESULTS / ("sweep_quick.json" if args.quick else
+                                                     "sweep.json" if args.ssl_teacher == "none" else
+                                                     "sweep_ssl_teacher.json")
+    result, base_elapsed = start_result(args, argv, data, out, {m: planned for m, (planned, _) in variants.items()},
+                                        teachers.get("ssl"))
     save = quality.start_saving(result, out, base_elapsed, started)
     run_sweep(cells, args, steps, result, save)
     save()
     log(f"sweep done in {time.time() - started:.0f} s → {out}")
     return 0
+
+
+def ssl_teacher_entry(args: argparse.Namespace, require: bool = True) -> dict:
+    """quality.py's entry for the ``--ssl-teacher`` it pretrained (under its default ``method.preset=auto``), with
+    the teacher's own kNN; a teacher that has not finished is a usage error naming the command that makes it
+    (``require=False``, the dry run: a note, and the plan is printed all the same)."""
+    table_args = argparse.Namespace(**{**vars(args), "preset": AUTO})
+    folder = quality.ssl_teacher_dir(table_args)
+    summary = read_json(folder / "summary.json") or {}
+    knn = (summary.get("student") or {}).get("knn_top1")
+    if knn is None:
+        message = (f"the SSL teacher {args.ssl_teacher} has not been pretrained ({folder} has no finished run): "
+                   f"python benchmarks/quality.py --methods none --ssl-methods none --ssl-teacher "
+                   f"{args.ssl_teacher} --ssl-teacher-methods none makes it")
+        if require:
+            raise SweepUsage(message)
+        print(f"# note: {message}")
+    return {**quality.teacher_entry(table_args, args.ssl_teacher), "spec": args.ssl_teacher, "knn_top1": knn,
+            "linear_top1": (summary.get("student") or {}).get("linear_top1")}
 
 
 def invocation(argv: list[str] | None, runs: bool = False) -> str:
@@ -514,8 +563,10 @@ def dry_run(args: argparse.Namespace, data: dict, cells: list) -> int:
     return 0
 
 
-def start_result(args, argv, data, out: Path, variants: dict[str, list[Variant]]) -> tuple[dict, float]:
-    """The result document: rows, plans and commands of earlier invocations kept (other methods, other budgets)."""
+def start_result(args, argv, data, out: Path, variants: dict[str, list[Variant]],
+                 ssl_teacher: dict | None = None) -> tuple[dict, float]:
+    """The result document: rows, plans and commands of earlier invocations kept (other methods, other budgets);
+    with ``ssl_teacher`` (its quality.py entry) the teacher the cells distilled from, with its own kNN."""
     previous = read_json(out) or {}
     plans = dict(previous.get("plans") or {})
     for method, planned in variants.items():
@@ -530,8 +581,10 @@ def start_result(args, argv, data, out: Path, variants: dict[str, list[Variant]]
                          "seed": args.seed, "student": args.students, "linear": not args.no_linear,
                          "train_images": data["train_images"], "test_images": data["test_images"],
                          "data": {"train": Path(data["train"]).name, "test": Path(data["test"]).name},
-                         "teacher": TEACHER.name},
+                         "teacher": TEACHER.name if ssl_teacher is None else ssl_teacher["path"]},
               "machine": machine_info(), "rows": dict(previous.get("rows") or {}),
+              **({"ssl_teacher": {key: ssl_teacher.get(key) for key in ("spec", "path", "arch", "knn_top1",
+                                                                         "linear_top1")}} if ssl_teacher else {}),
               "started_utc": previous.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return result, float(previous.get("elapsed_s") or 0)
 

@@ -469,3 +469,118 @@ def test_a_row_under_an_older_grid_name_counts_for_the_plan_variant_with_its_set
     assert "| times=0.1 | published | `method.params.times=0.1` |" in text
     assert text.index("+center (run as") < text.index("times=0.1")  # in plan order, extra rows after
     assert "Not run yet: +times —" in text and "+center," not in text
+
+
+# --- from the SSL teacher (issue 16 §4) -------------------------------------------------------------
+
+def _ssl_teacher_run(work: Path, knn: float | None) -> Path:
+    """quality.py's pretrained SSL teacher folder (finished when ``knn`` is given)."""
+    folder = work / "quality" / "ssl-teacher" / "simclr-resnet18-1000000-auto"
+    (folder / "student").mkdir(parents=True)
+    summary = {"student": {"knn_top1": knn, "linear_top1": None if knn is None else knn + 4}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_ssl_teacher_cells_distil_from_the_pretrained_teacher(tmp_path, monkeypatch):
+    import quality
+    import sweep
+
+    monkeypatch.setattr(quality, "WORK", tmp_path / "work")
+    monkeypatch.setattr(sweep, "WORK", tmp_path / "work")
+    args = sweep.parse_args(["--methods", "dlkd", "--budget-images", "120000", "--online", "dlkd",
+                             "--ssl-teacher", "simclr:resnet18:1000000", "--grid", "train.lr=0.1"])
+    with pytest.raises(sweep.SweepUsage, match="has not been pretrained .* python benchmarks/quality.py --methods none "
+                                               "--ssl-methods none --ssl-teacher simclr:resnet18:1000000"):
+        sweep.ssl_teacher_entry(args)
+    assert sweep.ssl_teacher_entry(args, require=False)["knn_top1"] is None  # the dry run prints its plan anyway
+    folder = _ssl_teacher_run(tmp_path / "work", None)
+    with pytest.raises(sweep.SweepUsage):  # a teacher still training is not a teacher yet
+        sweep.ssl_teacher_entry(args)
+    (folder / "summary.json").write_text(json.dumps({"student": {"knn_top1": 58.2, "linear_top1": 62.75}}))
+    entry = sweep.ssl_teacher_entry(args)
+    assert (entry["knn_top1"], entry["linear_top1"], entry["spec"]) == (58.2, 62.75, "simclr:resnet18:1000000")
+    assert entry["path"] == str(folder / "student" / "model.safetensors") and entry["arch"] == "resnet18"
+    data = {"train": "benchmarks/work/train10k", "test": "benchmarks/work/test2k", "train_images": 10_000}
+    pre = {"arch": "resnet18", "mean": [0.5] * 3, "std": [0.25] * 3}
+    teachers = {"sup": {"path": "t.safetensors", "arch": "resnet18", "dim": 512, "modes": {"dlkd": "cached_exact"}},
+                "ssl": {**entry, "modes": {"dlkd": "cached_exact"}}}
+    variants = {v.name: v for v in _plan("dlkd", ["train.lr=0.1"], size=(10_000, 64, 120_000))}
+    assert list(variants) == ["published", "train.lr=0.1"]  # auto derives dlkd's published values at this size
+    cell = sweep.sweep_cell("dlkd", variants["train.lr=0.1"], args)
+    assert cell["teacher"] == "ssl"
+    command = quality.cell_command(cell, sweep.cell_args(args, cell), data, pre, teachers, False)
+    assert command[command.index("--teacher") + 1] == entry["path"]
+    assert command[command.index("--out") + 1].endswith("sweep/mobilenetv2_100/ssl/dlkd-120000/published+train.lr=0.1")
+    assert "--teacher-mode online" in " ".join(command) and "--cache" not in command
+    assert "--set train.lr=0.1" in " ".join(command)
+    assert sweep.sweep_cell("dlkd", variants["train.lr=0.1"], sweep.parse_args(["--methods", "dlkd"]))["teacher"] == "sup"
+
+
+def test_published_reuses_the_table_auto_cell_where_auto_derives_the_published_values(tmp_path, monkeypatch):
+    import quality
+    import sweep
+
+    monkeypatch.setattr(quality, "WORK", tmp_path / "work")
+    monkeypatch.setattr(sweep, "WORK", tmp_path / "work")
+    args = sweep.parse_args(["--methods", "dlkd", "--budget-images", "120000", "--ssl-teacher", "simclr:resnet18:1000000"])
+    published = sweep.sweep_cell("dlkd", sweep.Variant("published", "published"), args)
+    folder = tmp_path / "work" / "quality" / "mobilenetv2_100" / "ssl" / "dlkd-120000-auto"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "recipe": {"train": {"max_steps": 1875, "lr": 0.05}, "method": {"preset": "auto", "params": {}}},
+        "student": {"knn_top1": 51.5}, "train": {"steps": 1875}}))
+    assert sweep.table_twin(published, 1875, {"train.lr": 0.05}) is None  # auto derives something else: not the same
+    twin = sweep.table_twin(published, 1875, {"train.lr": 0.05}, auto_is_published=True)
+    assert quality.cell_id(twin) == "mobilenetv2_100/ssl/dlkd-120000-auto" and twin["command_preset"] == "auto"
+    assert sweep.table_twin(published, 1875, {"train.lr": 0.01}, auto_is_published=True) is None  # another lr ran
+    lr = sweep.sweep_cell("dlkd", sweep.Variant("train.lr=0.1", "published", ("train.lr=0.1",), {"train.lr": 0.1}), args)
+    assert sweep.table_twin(lr, 1875, {"train.lr": 0.05}, auto_is_published=True) is None
+
+
+def test_render_ssl_teacher_sweep(tmp_path):
+    import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    _fake_table(results)
+    quality = json.loads((results / "quality.json").read_text())
+    teacher = {"id": "t", "method": "simclr", "student": "resnet18", "budget": 1_000_000, "knn_top1": 58.2}
+    base = {"kind": "distill", "teacher": "ssl", "student": "mobilenetv2_100", "status": "done", "budget": 120_000,
+            "train_wall_s": 2975.0, "images_per_sec": 40.0, "preset": "auto", "lr": 0.05, "ssl_teacher_ref": teacher}
+    quality["rows"]["s1"] = {**base, "id": "s1", "method": "dlkd", "knn_top1": 51.5, "linear_top1": 53.5,
+                             "command": "distillctl run --method dlkd --set method.preset=auto"}
+    quality["rows"]["s2"] = {**base, "id": "s2", "method": "pcd", "knn_top1": 49.35, "linear_top1": 51.7,
+                             "command": "distillctl run --method pcd --set method.preset=auto"}
+    (results / "quality.json").write_text(json.dumps(quality))
+    row = {**_sweep_row("dlkd", "train.lr=0.1", 53.0, 0.1, {"train.lr": 0.1}, ["train.lr=0.1"], source="grid"),
+           "budget": 120_000, "teacher": "ssl"}
+    low = {**_sweep_row("dlkd", "train.lr=0.025", 50.0, 0.025, {"train.lr": 0.025}, ["train.lr=0.025"],
+                        source="grid"), "budget": 120_000, "teacher": "ssl"}
+    plan = {"method": "dlkd", "budget": 120_000, "command": "python benchmarks/sweep.py --methods dlkd --ssl-teacher s",
+            "variants": [{"name": n} for n in ("published", "train.lr=0.1", "train.lr=0.025", "train.lr=0.2")]}
+    sweep = {"benchmark": "sweep", "plans": {"dlkd-120000": plan}, "commands": [plan["command"]],
+             "ssl_teacher": {"spec": "simclr:resnet18:1000000", "knn_top1": 58.2, "linear_top1": 62.75},
+             "rows": {"dlkd-120000/train.lr=0.1": row, "dlkd-120000/train.lr=0.025": low}}
+    (results / "sweep_ssl_teacher.json").write_text(json.dumps(sweep))
+    text = render.render(results, tmp_path / "RESULTS.md", plots_enabled=False, measured=None, readme=None)
+    section = text[text.index("## What moves distillation from the SSL teacher (issue 16 §4)"):
+                   text.index("## Dense features")]
+    assert "`benchmarks/sweep.py --ssl-teacher simclr:resnet18:1000000`" in section and "(kNN 58.2 %, linear 62.8 %)" \
+        in section
+    # the table's dlkd cell (auto, which derives the published values: the plan has no auto variant) is `published`
+    assert ("| published (the quality table's cell: auto derives the published values here) | auto | – | 0.05 | 51.5 | "
+            "53.5 | 0.0 | +26.5 | 2,975 |") in section
+    assert "context, not a sweep variant" not in section  # shown once, as the published row
+    assert "| train.lr=0.1 | published | `train.lr=0.1` | 0.1 | 53.0 | 54.0 | +1.5 | +28.0 | 100 |" in section
+    assert "Largest gain over `published` (51.5 %): **train.lr = 0.1**, +1.5 points kNN" in section
+    assert "Student/teacher kNN (best first): train.lr=0.1 0.911, published 0.885, train.lr=0.025 0.859." in section
+    assert "Not run yet: train.lr=0.2 — `python benchmarks/sweep.py --methods dlkd --ssl-teacher s` runs them" in section
+    assert "pcd" not in section  # not swept
+    note = text[text.index("## Closing note"):text.index("## Machine")]
+    assert ("- From the SSL teacher (simclr:resnet18:1000000, kNN 58.2%; one-factor sweep): dlkd at 120,000 images, "
+            "best variant `train.lr=0.1`: kNN 53.0% (student/teacher **0.91**).") in note
+    # without the SSL-teacher sweep file, neither the section nor the note
+    (results / "sweep_ssl_teacher.json").unlink()
+    text = render.render(results, tmp_path / "RESULTS.md", plots_enabled=False, measured=None, readme=None)
+    assert "What moves distillation from the SSL teacher" not in text and "From the SSL teacher (" not in text
