@@ -783,16 +783,20 @@ def sweep_section(sw: dict | None, q: dict | None) -> str:
         out += ["No sweep has run yet: `python benchmarks/sweep.py --methods METHOD --suspects` (`--dry-run` prints "
                 "every cell and a time estimate).", ""]
     if sw and rows:
-        out += ["<details><summary>Exact commands (sweeps)</summary>", "",
-                f"Set-up as for the table (`{SETUP_COMMAND}`). The sweep commands run every cell below (resumable); "
-                "a row marked as reused is the quality table's own finished cell with the same settings.", "", "```",
-                *(sw.get("commands") or [])]
-        for key in sorted((sw.get("rows") or {})):
-            row = sw["rows"][key]
-            if row.get("command"):
-                out.append(reproducible_command(row["command"], row, _train_images(sw.get("config"))))
-        out += ["```", "", "</details>", ""]
+        out += sweep_commands(sw, "sweeps", f"Set-up as for the table (`{SETUP_COMMAND}`). The sweep commands run "
+                              "every cell below (resumable); a row marked as reused is the quality table's own "
+                              "finished cell with the same settings.")
     return "\n".join(out)
+
+
+def sweep_commands(sw: dict, title: str, intro: str) -> list[str]:
+    """A sweep file's folded block of commands: its invocations, then every cell's own command (pinned as run)."""
+    out = [f"<details><summary>Exact commands ({title})</summary>", "", intro, "", "```", *(sw.get("commands") or [])]
+    for key in sorted((sw.get("rows") or {})):
+        row = sw["rows"][key]
+        if row.get("command"):
+            out.append(reproducible_command(row["command"], row, _train_images(sw.get("config"))))
+    return out + ["```", "", "</details>", ""]
 
 
 SWEEP_SSL_RESULTS = "sweep_ssl_teacher.json"
@@ -849,16 +853,10 @@ def ssl_sweep_section(sw: dict | None, q: dict | None) -> str:
         if teacher_knn and done:
             out += ["Student/teacher kNN (best first): " + ", ".join(
                 f"{r['variant']} {r['knn_top1'] / teacher_knn:.3f}" for r in done) + ".", ""]
-    commands = list((sw or {}).get("commands") or [])
-    if commands:
-        out += ["<details><summary>Exact commands (SSL-teacher sweep)</summary>", "",
-                f"Set-up as for the table (`{SETUP_COMMAND}`), and the SSL teacher as in the SSL-teacher rows of the "
-                "quality table (its `distillctl pretrain` command is listed there).", "", "```", *commands]
-        for key in sorted((sw.get("rows") or {})):
-            row = sw["rows"][key]
-            if row.get("command"):
-                out.append(reproducible_command(row["command"], row, _train_images(sw.get("config"))))
-        out += ["```", "", "</details>", ""]
+    if (sw or {}).get("commands"):
+        out += sweep_commands(sw, "SSL-teacher sweep", f"Set-up as for the table (`{SETUP_COMMAND}`), and the SSL "
+                              "teacher as in the SSL-teacher rows of the quality table (its `distillctl pretrain` "
+                              "command is listed there).")
     return "\n".join(out)
 
 
