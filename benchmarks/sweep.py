@@ -44,7 +44,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import quality  # noqa: E402
 from common import (RESULTS, TEACHER, WORK, BenchError, arch_tag, display_command, distillctl, log,  # noqa: E402
-                    default_threads, machine_info, read_json, registered_methods, require_shared, run_script,
+                    default_threads, machine_info, read_json, registered_methods, rel, require_shared, run_script,
                     teacher_preprocess)
 
 PUBLISHED, AUTO = "published", "auto"
@@ -518,8 +518,9 @@ def ssl_teacher_entry(args: argparse.Namespace, require: bool = True) -> dict:
         if require:
             raise SweepUsage(message)
         print(f"# note: {message}")
+    linear = (((summary.get("eval") or {}).get("student") or {}).get("linear") or {}).get("top1")
     return {**quality.teacher_entry(table_args, args.ssl_teacher), "spec": args.ssl_teacher, "knn_top1": knn,
-            "linear_top1": (summary.get("student") or {}).get("linear_top1")}
+            "linear_top1": linear}
 
 
 def invocation(argv: list[str] | None, runs: bool = False) -> str:
@@ -581,10 +582,10 @@ def start_result(args, argv, data, out: Path, variants: dict[str, list[Variant]]
                          "seed": args.seed, "student": args.students, "linear": not args.no_linear,
                          "train_images": data["train_images"], "test_images": data["test_images"],
                          "data": {"train": Path(data["train"]).name, "test": Path(data["test"]).name},
-                         "teacher": TEACHER.name if ssl_teacher is None else ssl_teacher["path"]},
+                         "teacher": TEACHER.name if ssl_teacher is None else rel(ssl_teacher["path"])},
               "machine": machine_info(), "rows": dict(previous.get("rows") or {}),
-              **({"ssl_teacher": {key: ssl_teacher.get(key) for key in ("spec", "path", "arch", "knn_top1",
-                                                                         "linear_top1")}} if ssl_teacher else {}),
+              **({"ssl_teacher": {**{key: ssl_teacher.get(key) for key in ("spec", "arch", "knn_top1", "linear_top1")},
+                                  "path": rel(ssl_teacher["path"])}} if ssl_teacher else {}),
               "started_utc": previous.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return result, float(previous.get("elapsed_s") or 0)
 

@@ -477,7 +477,7 @@ def _ssl_teacher_run(work: Path, knn: float | None) -> Path:
     """quality.py's pretrained SSL teacher folder (finished when ``knn`` is given)."""
     folder = work / "quality" / "ssl-teacher" / "simclr-resnet18-1000000-auto"
     (folder / "student").mkdir(parents=True)
-    summary = {"student": {"knn_top1": knn, "linear_top1": None if knn is None else knn + 4}}
+    summary = {"student": {"knn_top1": knn}, "eval": {"student": {"linear": {"top1": None if knn is None else knn + 4}}}}
     (folder / "summary.json").write_text(json.dumps(summary))
     return folder
 
@@ -497,7 +497,8 @@ def test_ssl_teacher_cells_distil_from_the_pretrained_teacher(tmp_path, monkeypa
     folder = _ssl_teacher_run(tmp_path / "work", None)
     with pytest.raises(sweep.SweepUsage):  # a teacher still training is not a teacher yet
         sweep.ssl_teacher_entry(args)
-    (folder / "summary.json").write_text(json.dumps({"student": {"knn_top1": 58.2, "linear_top1": 62.75}}))
+    (folder / "summary.json").write_text(json.dumps({"student": {"knn_top1": 58.2},  # as distillctl pretrain writes it
+                                                     "eval": {"student": {"linear": {"top1": 62.75}}}}))
     entry = sweep.ssl_teacher_entry(args)
     assert (entry["knn_top1"], entry["linear_top1"], entry["spec"]) == (58.2, 62.75, "simclr:resnet18:1000000")
     assert entry["path"] == str(folder / "student" / "model.safetensors") and entry["arch"] == "resnet18"
@@ -515,6 +516,11 @@ def test_ssl_teacher_cells_distil_from_the_pretrained_teacher(tmp_path, monkeypa
     assert "--teacher-mode online" in " ".join(command) and "--cache" not in command
     assert "--set train.lr=0.1" in " ".join(command)
     assert sweep.sweep_cell("dlkd", variants["train.lr=0.1"], sweep.parse_args(["--methods", "dlkd"]))["teacher"] == "sup"
+    result, _ = sweep.start_result(args, [], {**data, "test_images": 2_000}, tmp_path / "sweep_ssl_teacher.json", {"dlkd": list(variants.values())},
+                                   entry)
+    assert result["ssl_teacher"] == {"spec": "simclr:resnet18:1000000", "arch": "resnet18", "knn_top1": 58.2,
+                                     "linear_top1": 62.75, "path": entry["path"]}  # (outside the repo: as given)
+    assert result["config"]["teacher"] == entry["path"] and list(result["plans"]) == ["dlkd-120000"]
 
 
 def test_published_reuses_the_table_auto_cell_where_auto_derives_the_published_values(tmp_path, monkeypatch):
