@@ -869,8 +869,7 @@ def ssl_sweep_note(sw: dict | None, q: dict | None) -> str | None:
         return None
     parts = []
     for plan, r in best:
-        setting = "published values" if r["variant"] == "published" else f"`{r['variant']}`"
-        parts.append(f"{plan['method']} at {plan['budget']:,} images, best variant {setting}: kNN "
+        parts.append(f"{plan['method']} at {plan['budget']:,} images, best variant `{r['variant']}`: kNN "
                      f"{r['knn_top1']:.1f}% (student/teacher **{r['knn_top1'] / teacher_knn:.2f}**)")
     return (f"- From the SSL teacher ({teacher.get('spec')}, kNN {teacher_knn:.1f}%; one-factor sweep): "
             + "; ".join(parts) + ".")
