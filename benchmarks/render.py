@@ -1055,6 +1055,14 @@ def ssl_teacher_line(methods: dict) -> str | None:
             f"(RESULTS.md's SSL-teacher rows) — best first, with student/teacher kNN: " + "; ".join(parts) + ".")
 
 
+def _ratio_text(cell: dict, teacher: float | None) -> str:
+    """`` (0.96)``: student/teacher kNN from the unrounded kNNs, as RESULTS.md computes it (82.15 / 86.0 = 0.9552 →
+    0.96; measured.json's ratio, rounded to 0.955 first, would print 0.95)."""
+    if not cell.get("student_teacher"):
+        return ""
+    return f" ({cell['knn_top1'] / teacher:.2f})" if teacher else f" ({cell['student_teacher']:.2f})"
+
+
 def _preset_tag(cell: dict) -> str:
     return f" [{cell['preset']}]" if cell.get("preset") in ("auto", "published") else ""
 
@@ -1064,6 +1072,7 @@ def which_method_section(data: dict) -> str:
     methods = data["methods"]
     budgets = sorted({c["images_seen"] for m in methods.values() for c in m["cells"]})
     floor = data["reference"].get("random_init_knn_top1")
+    teacher = data["reference"].get("teacher_knn_top1")
     lines = [README_START, "## Which method?", "",
              f"Measured, not promised: kNN top-1 on the benchmark protocol ({data['source']['protocol']}); source "
              f"[`{data['source']['file']}`](benchmarks/RESULTS.md), commit {data['source']['commit']}. "
@@ -1076,8 +1085,7 @@ def which_method_section(data: dict) -> str:
                         if c["images_seen"] == budget and m["kind"] == "distill"), key=lambda nc: nc[1]["rank"])
         ssl = sorted(((name, c) for name, m in methods.items() for c in m["cells"]
                       if c["images_seen"] == budget and m["kind"] == "ssl"), key=lambda nc: nc[1]["rank"])
-        shown = ", ".join(f"{name}{_preset_tag(c)} {c['knn_top1']:.1f}"
-                          + (f" ({c['student_teacher']:.2f})" if c["student_teacher"] else "")
+        shown = ", ".join(f"{name}{_preset_tag(c)} {c['knn_top1']:.1f}" + _ratio_text(c, teacher)
                           for name, c in cells[:4]) + (f", … ({len(cells)} measured)" if len(cells) > 4 else "")
         best_ssl = f"{ssl[0][0]}{_preset_tag(ssl[0][1])} {ssl[0][1]['knn_top1']:.1f}" if ssl else "–"
         lines.append(f"| {budget:,} | {shown or '–'} | {best_ssl} | {pct(floor)} |")

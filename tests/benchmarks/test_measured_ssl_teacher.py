@@ -65,3 +65,15 @@ def test_methods_show_lines_for_ssl_teacher_cells():
         "30k 14.3 (0.25 of ResNet-18 SSL (simclr, 1,000,000 images), kNN 58.2) (collapsed)"]
     assert measured.ssl_teacher_summary(data, "compress-1q") == []
     assert render.ssl_teacher_line({"x": {"cells": []}}) is None
+
+
+def test_readme_budget_table_ratio_comes_from_the_unrounded_knns():
+    """The README's per-budget ratios agree with RESULTS.md: 82.15 / 86.0 = 0.9552 prints 0.96, not the 0.95 that
+    measured.json's ratio (rounded to 0.955 first) would give."""
+    import render
+
+    cell = {"knn_top1": 82.15, "student_teacher": round(82.15 / 86.0, 3)}
+    assert cell["student_teacher"] == 0.955 and f"{cell['student_teacher']:.2f}" == "0.95"
+    assert render._ratio_text(cell, 86.0) == " (0.96)"
+    assert render._ratio_text(cell, None) == " (0.95)"  # no reference teacher: the packaged ratio
+    assert render._ratio_text({"knn_top1": 30.0, "student_teacher": None}, 86.0) == ""  # an SSL-only cell
