@@ -514,7 +514,8 @@ def ssl_teacher_entry(args: argparse.Namespace, require: bool = True) -> dict:
     if knn is None:
         message = (f"the SSL teacher {args.ssl_teacher} has not been pretrained ({folder} has no finished run): "
                    f"python benchmarks/quality.py --methods none --ssl-methods none --ssl-teacher "
-                   f"{args.ssl_teacher} --ssl-teacher-methods none makes it")
+                   f"{args.ssl_teacher} --ssl-teacher-methods none --out benchmarks/results/quality_ssl_teacher.json "
+                   "makes it")
         if require:
             raise SweepUsage(message)
         print(f"# note: {message}")
