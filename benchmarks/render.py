@@ -666,16 +666,13 @@ def _delta(value: float | None, base: float | None) -> str:
 
 def table_as_published(plan: dict, rows: list[dict], table_rows: list[dict]) -> dict | None:
     """The quality table's finished cell standing in for a ``published`` variant that has not run, where it ran the
-    same values: the plan has no ``auto`` variant (``auto`` derives the paper's values for this run, so the table's
-    ``auto`` cell is ``published``) and its lr is the published one; None otherwise."""
+    same values: the plan has no ``auto`` variant (``auto`` derives the paper's values for this run, its lr
+    included, so the table's ``auto`` cell is ``published``); None otherwise."""
     order = [v["name"] for v in plan.get("variants") or []]
     if "published" not in order or "auto" in order or any(r.get("variant") == "published" for r in rows):
         return None
-    lr = next((v.get("factors", {}).get("train.lr") for v in plan.get("variants") or [] if v["name"] == "published"),
-              None)
     for t in table_rows:
-        if t.get("status") == "done" and t.get("knn_top1") is not None and cell_preset(t) in ("auto", "published") \
-                and (lr is None or cell_lr(t) is None or abs(cell_lr(t) - lr) < 1e-12):
+        if t.get("status") == "done" and t.get("knn_top1") is not None and cell_preset(t) in ("auto", "published"):
             return {**t, "variant": "published", "factors": {}, "overrides": [], "source": "published",
                     "reused": t.get("id"), "table_cell": True}
     return None
@@ -818,16 +815,17 @@ def ssl_sweep_rows(sw: dict | None, q: dict | None) -> list[tuple[dict, list[dic
     return out
 
 
+def ssl_sweep_done(plan: dict, rows: list[dict], table: list[dict]) -> list[dict]:
+    """One SSL-teacher plan's finished variants with a kNN (the ``published`` stand-in included), best first."""
+    stand_in = table_as_published(plan, rows, table)
+    return sorted((r for r in rows + ([stand_in] if stand_in else []) if r.get("status") == "done"
+                   and r.get("knn_top1") is not None), key=lambda r: (-r["knn_top1"], r["variant"]))
+
+
 def ssl_sweep_best(sw: dict | None, q: dict | None) -> list[tuple[dict, dict]]:
     """Per SSL-teacher plan, its best finished variant by kNN (the ``published`` stand-in included): (plan, row)."""
-    best = []
-    for plan, rows, table in ssl_sweep_rows(sw, q):
-        stand_in = table_as_published(plan, rows, table)
-        done = [r for r in rows + ([stand_in] if stand_in else []) if r.get("status") == "done"
-                and r.get("knn_top1") is not None]
-        if done:
-            best.append((plan, max(done, key=lambda r: (r["knn_top1"], r["variant"]))))
-    return best
+    return [(plan, done[0]) for plan, rows, table in ssl_sweep_rows(sw, q)
+            if (done := ssl_sweep_done(plan, rows, table))]
 
 
 def ssl_sweep_section(sw: dict | None, q: dict | None) -> str:
@@ -847,9 +845,7 @@ def ssl_sweep_section(sw: dict | None, q: dict | None) -> str:
            "table's SSL-teacher cell is the `published` row. Student/teacher: a variant's kNN over the teacher's.", ""]
     for plan, rows, table in groups:
         out += sweep_group(plan, rows, table, floor)
-        stand_in = table_as_published(plan, rows, table)
-        done = sorted((r for r in rows + ([stand_in] if stand_in else []) if r.get("status") == "done"
-                       and r.get("knn_top1") is not None), key=lambda r: (-r["knn_top1"], r["variant"]))
+        done = ssl_sweep_done(plan, rows, table)
         if teacher_knn and done:
             out += ["Student/teacher kNN (best first): " + ", ".join(
                 f"{r['variant']} {r['knn_top1'] / teacher_knn:.3f}" for r in done) + ".", ""]
@@ -1634,6 +1630,7 @@ def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path 
     quality_md, qf = quality_section(q, plots)
     sweep = load(results, SWEEP_RESULTS)
     ssl_sweep = load(results, SWEEP_SSL_RESULTS)
+    ssl_sweep_md = ssl_sweep_section(ssl_sweep, q)
     speed_md, sf = speed_section(s, cache_bench, plots)
     export_md, ef = export_section(e)
     export_md += random_weights_section([load(results, f.name) for f in sorted(results.glob("export_random_*.json"))])
@@ -1644,7 +1641,7 @@ def render(results: Path, out: Path, plots_enabled: bool = True, measured: Path 
         summary_section(qf, sf, ef, q, dense, "\n".join(n for n in (sweep_note(sweep, q), ssl_sweep_note(ssl_sweep, q))
                                                             if n) or None),
         machine_section(q, s, e), quality_md, sweep_section(sweep, q),
-        *([ssl_sweep_section(ssl_sweep, q)] if ssl_sweep_section(ssl_sweep, q) else []),
+        *([ssl_sweep_md] if ssl_sweep_md else []),
         geometry_section(load(results, GEOMETRY_RESULTS), q), dense_section(dense), speed_md, export_md, gpu_section(gpu),
     ])
     tmp = out.with_name(f".{out.name}.tmp")

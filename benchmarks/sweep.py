@@ -318,18 +318,23 @@ def table_twin(cell: dict, steps: int, published: dict[str, Any], auto_is_publis
     if cell["preset"] == PUBLISHED and auto_is_published:
         same = {**twin, "preset": AUTO}
         summary = quality.finished(same, steps)
-        recipe = (summary or {}).get("recipe") or {}
-        if summary is not None and all(_same(_at(recipe, key), value) for key, value in published.items()):
+        if summary is not None and _holds(summary, published):
             return {**same, "command_preset": AUTO}
     legacy = {**twin, "preset": None}
     summary = quality.finished(legacy, steps) if cell["preset"] == PUBLISHED else None
     recipe = (summary or {}).get("recipe") or {}
     if summary is None or (recipe.get("method") or {}).get("preset") not in (None, PUBLISHED):
         return None
-    if all(_same(_at(recipe, key), value) for key, value in published.items()):
+    if _holds(summary, published):
         # its command as the sweep would write it: same folder, the preset pinned (the lr is the published one)
         return {**legacy, "dir": str(quality.cell_dir(legacy)), "command_preset": PUBLISHED}
     return None
+
+
+def _holds(summary: dict, values: dict[str, Any]) -> bool:
+    """Does a finished run's recipe hold every ``values`` entry (dotted key → value; numbers compared closely)?"""
+    recipe = summary.get("recipe") or {}
+    return all(_same(_at(recipe, key), value) for key, value in values.items())
 
 
 def _at(recipe: dict, key: str) -> Any:
